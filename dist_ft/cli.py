@@ -1,0 +1,138 @@
+"""`dist-ft` command line. Bad input exits with status 2 and one line naming what to fix."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+EXAMPLES = """\
+examples:
+  dist-ft demo                                          fine-tune SmolLM2-135M on the shipped demo set, score before/after
+  dist-ft train configs/gpt2-chat.yaml train.lr=3e-5 data.max_seq_len=512
+  deepspeed --num_gpus 2 launch/train.py configs/gpt2-chat.yaml
+  dist-ft chat --model runs/demo/final                  interactive chat (/reset, /exit)
+  dist-ft chat --model runs/demo/final --prompt "Hi"    answer once and exit
+  dist-ft eval --model runs/demo/final --data data/demo/heldout.jsonl
+  dist-ft config configs/demo.yaml train.lr=1e-4          print the resolved config (validates it)
+  dist-ft config --reference                            every config key with its doc
+"""
+
+
+def _add_gen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dist-ft", description="Fine-tune a Hugging Face causal LM into a chat model with DeepSpeed, from one CPU to a SLURM cluster.",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train from a YAML config (+ key=value overrides); exports to <output.dir>/final",
+                       description="Train from a YAML config. Overrides use dotted keys: train.lr=3e-5 data.max_seq_len=512. "
+                                   "Multi-process: run launch/train.py under deepspeed, torchrun or srun with the same arguments.")
+    p.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+    p = sub.add_parser("chat", help="chat with an exported model")
+    p.add_argument("--model", required=True, help="exported model directory (<output.dir>/final)")
+    p.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+    _add_gen_args(p)
+
+    p = sub.add_parser("eval", help="held-out loss/perplexity (+ answer accuracy for records with a 'check' field)")
+    p.add_argument("--model", required=True, help="exported model directory")
+    p.add_argument("--data", required=True, help="JSONL/JSON/Parquet file of conversations")
+
+    p = sub.add_parser("demo", help="the offline demo: score, fine-tune, score again, chat once")
+    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+    p = sub.add_parser("config", help="validate and print a resolved config, or the reference of all keys")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--reference", action="store_true", help="print every key, type, default and doc as Markdown")
+    return ap
+
+
+def _fmt_score(s: dict) -> str:
+    acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
+    return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
+
+
+def _demo(args) -> None:
+    import torch
+
+    from . import chat, evaluate, model as model_mod, train
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    heldout = cfg.data.validation.path if cfg.data.validation else None
+    if heldout is None:
+        raise UserError(f"{args.config}: the demo needs data.validation (the held-out set)")
+    tok = model_mod.load_tokenizer(cfg.model)
+    base = model_mod.load_model(cfg.model, tok, torch.float32)
+    before = evaluate.score(tok, base, heldout)
+    del base
+    print(f"[demo] before fine-tuning: {_fmt_score(before)}", flush=True)
+    out = train.run(cfg)
+    tok, tuned = chat.load(str(out / "final"))
+    after = evaluate.score(tok, tuned, heldout)
+    print(f"[demo] before fine-tuning: {_fmt_score(before)}")
+    print(f"[demo] after  fine-tuning: {_fmt_score(after)}")
+    n = len(after["samples"])
+    for i in ([0, n // 2] if n > 1 else range(n)):  # two different facts from the held-out set
+        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
+        print(f"[demo] held-out  you> {q}\n[demo]   base model  bot> {a0}   [{'correct' if ok0 else 'wrong'}]"
+              f"\n[demo]   fine-tuned  bot> {a1}   [{'correct' if ok1 else 'wrong'}]")
+    print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.cmd == "train":
+            from . import train
+            from .config import load_config
+
+            train.run(load_config(args.config, args.overrides))
+        elif args.cmd == "chat":
+            from . import chat
+
+            tok, model = chat.load(args.model, args.trust_remote_code)
+            gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+            if args.prompt is not None:
+                history = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+                print(chat.reply(tok, model, history, **gen))
+            else:
+                chat.interactive(tok, model, args.system, **gen)
+        elif args.cmd == "eval":
+            from . import chat, evaluate
+
+            tok, model = chat.load(args.model)
+            print(_fmt_score(evaluate.score(tok, model, args.data)))
+        elif args.cmd == "demo":
+            _demo(args)
+        elif args.cmd == "config":
+            from .config import dump_config, load_config, reference_markdown
+
+            if args.reference:
+                print(reference_markdown(), end="")
+            elif args.config:
+                print(dump_config(load_config(args.config, args.overrides)), end="")
+            else:
+                raise UserError("dist-ft config: give a config file or --reference")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Typed run configuration: YAML file + dotted CLI overrides -> validated `Config` tree.
+
+Every field has a one-line description; `reference_markdown()` renders them for the README.
+Unknown keys are errors with a did-you-mean; wrong types name the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("gpt2", description="Hub id, local directory, or `pkg://<python package>` (a directory shipped inside an installed package).")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside `path` to load (dequantized to a regular model).")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    trust_remote_code: bool = Field(False, description="Allow model/tokenizer code from the hub to run. Off unless you trust the repo.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(None, description="Attention kernel; None lets transformers pick (sdpa where supported).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory (slower).")
+    chat_template: Literal["auto", "chatml"] = Field("auto", description="`auto`: keep the tokenizer's template, add ChatML if it has none; `chatml`: always use our ChatML template.")
+
+
+class SourceConfig(_Section):
+    path: str = Field(..., description="Local .jsonl/.json/.parquet file or directory, or a Hugging Face dataset name.")
+    split: str = Field("train", description="Split to read when `path` is a dataset name or directory.")
+    subset: Optional[str] = Field(None, description="Dataset configuration name (the `name` argument of `datasets.load_dataset`).")
+
+
+class DataConfig(_Section):
+    train: SourceConfig = Field(..., description="Training data source (a path string is accepted as shorthand).")
+    validation: Optional[SourceConfig] = Field(None, description="Separate validation source; if unset, `val_fraction` of train is held out.")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training records held out for validation when no `validation` source is given.")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format; `auto` detects it per record from the keys.")
+    task: Literal["sft", "pretrain"] = Field("sft", description="`sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text.")
+    max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row / longest example kept.")
+    packing: bool = Field(True, description="Pack examples into rows of `max_seq_len` (position ids restart per example); false = pad to the longest in batch.")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than `max_seq_len` (always counted and reported).")
+    seed: int = Field(1234, description="Seed for the validation split and the per-epoch shuffle.")
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _path_shorthand(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v
+
+
+class TrainConfig(_Section):
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs` when set.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when `max_steps` is unset.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows (packed) or examples (padded) per rank per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step. Global batch = micro x accum x world size.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay; 0.0 is usual for short fine-tunes.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of `lr` (cosine/linear).")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
+    seed: int = Field(42, description="Seed for model init of new tokens, dropout and sampling.")
+    eval_every: int = Field(0, ge=0, description="Run validation every N steps (0: only at the end).")
+    log_every: int = Field(1, ge=1, description="Print a console metrics line every N steps (JSONL gets every step).")
+
+
+class EngineConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 +gradients, 3 +parameters sharded.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 where the hardware runs it natively, else fp32.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; `auto`: nccl on GPUs, gloo on CPU.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "EngineConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("engine.offload_params needs engine.zero_stage: 3")
+        return self
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/default", description="Run directory: resolved config, metrics.jsonl, loss.png, final/ (HF model).")
+    overwrite: bool = Field(False, description="Allow reusing a directory that already holds a finished run (final/).")
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="What to fine-tune.")
+    data: DataConfig = Field(..., description="What to train on.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization and loop settings.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="DeepSpeed: ZeRO, precision, offload.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+
+
+# ---------------------------------------------------------------- loading
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif isinstance(nxt, str) and k in ("train", "validation"):  # path shorthand
+            nxt = node[k] = {"path": nxt}
+        elif not isinstance(nxt, dict):
+            raise UserError(f"{where}: '{'.'.join(keys[:keys.index(k) + 1])}' is a value, not a section; cannot set '{dotted}'")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Field names valid at the parent of `loc` (for did-you-mean)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else f"; valid keys here: {', '.join(_fields_at(loc))}"
+            lines.append(f"{source}: unknown config key '{key}'{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing required config key '{key}'")
+        else:
+            got = e.get("input")
+            msg = e["msg"].replace("Value error, ", "")
+            lines.append(f"{source}: config key '{key}': {msg} (got {got!r})")
+    return "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read YAML (optional), apply `a.b.c=value` overrides (values parsed as YAML), validate."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise UserError(f"{p}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f":{mark.line + 1}" if mark else ""
+            raise UserError(f"{p}{at}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{p}: top level must be a mapping of sections (model, data, train, engine, output)")
+    for ov in overrides:
+        if "=" not in ov:
+            raise UserError(f"override '{ov}': expected key=value, e.g. train.lr=3e-5")
+        key, _, raw = ov.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value, f"override '{ov}'")
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        src = source + (" + overrides" if overrides else "")
+        raise UserError(_explain(e, src)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (holds no secrets: the config has no secret fields by design)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test)."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            key = f"{prefix}{name}"
+            if sub is not None:
+                walk(sub, key + ".")
+                continue
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            rows.append(f"| `{key}` | `{typ}` | `{default}` | {f.description} |")
+
+    walk(Config, "")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,1 @@
+"""Data pipeline: sources -> formats -> chat tokenization -> packing -> batches."""

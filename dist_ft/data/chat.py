@@ -1,0 +1,75 @@
+"""Chat template -> token ids + labels (-100 everywhere except assistant turns and their end-of-turn token).
+
+Uses `apply_chat_template(..., return_assistant_tokens_mask=True)` when the template has
+`{% generation %}` markers; otherwise derives the assistant character spans by rendering message
+prefixes and maps them to tokens through the fast tokenizer's offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+from .formats import Conversation
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # same length; IGNORE where no loss (unshifted: label i is token i)
+
+    @property
+    def n_loss(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def has_generation_markers(tok) -> bool:
+    return "{% generation %}" in (tok.chat_template or "") or "{%- generation %}" in (tok.chat_template or "")
+
+
+def _render(tok, msgs, gen_prompt: bool) -> str:
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+
+
+def assistant_char_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """Full rendered text and the [start, end) character span of each assistant turn (incl. end-of-turn)."""
+    full = _render(tok, msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tok, msgs[:i], True)
+        upto = _render(tok, msgs[: i + 1], False)
+        if not (upto.startswith(prefix) and full.startswith(upto)):
+            raise UserError(f"{where}: the chat template renders message prefixes inconsistently, so assistant tokens "
+                            "cannot be located; use a template with {% generation %} markers (model.chat_template: chatml)")
+        end = len(upto.rstrip())  # the end-of-turn token is kept, the newline after it is not
+        spans.append((len(prefix), end))
+    return full, spans
+
+
+def tokenize_conversation(tok, conv: Conversation, where: str) -> Example:
+    if has_generation_markers(tok):
+        enc = tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids = list(enc["input_ids"])
+        mask = list(enc["assistant_masks"])
+    else:
+        full, spans = assistant_char_spans(tok, conv.messages, where)
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
+    labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+    if not any(m for m in mask):
+        raise UserError(f"{where}: the chat template produced no assistant tokens for this conversation; "
+                        "check the template (model.chat_template) or the record")
+    return Example(ids, labels)
+
+
+def tokenize_text(tok, text: str, max_len: int) -> list[Example]:
+    """Raw text for continued pretraining: loss on every token, EOS appended, split into max_len chunks."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
+        ids = ids + [tok.eos_token_id]
+    return [Example(ids[i : i + max_len], ids[i : i + max_len]) for i in range(0, len(ids), max_len) if len(ids[i : i + max_len]) > 1]

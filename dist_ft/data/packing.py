@@ -1,0 +1,75 @@
+"""Pack examples into fixed-length rows, and collate rows or padded examples into model inputs.
+
+Packed rows carry `position_ids` that restart at 0 for every example and no attention mask, so
+transformers builds a block-diagonal causal mask: packed examples cannot attend to each other
+(requires `use_cache=False` in the forward call). Targets are shifted inside each example, so the
+last token of one example never learns to predict the first token of the next.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from .chat import IGNORE, Example
+
+
+def pack(lengths: list[int], seq_len: int) -> list[list[int]]:
+    """Best-fit-decreasing bin packing of example indices into rows of at most `seq_len` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (remaining capacity, row id), sorted
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            cap, r = free.pop(k)
+        else:
+            cap, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if cap - n > 0:
+            bisect.insort(free, (cap - n, r))
+    return rows
+
+
+def _shifted(ex: Example) -> list[int]:
+    return ex.labels[1:] + [IGNORE]
+
+
+def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> dict:
+    ids, pos, tgt = [], [], []
+    for row in rows:
+        r_ids, r_pos, r_tgt = [], [], []
+        for ex in row:
+            r_ids += ex.input_ids
+            r_pos += range(len(ex.input_ids))
+            r_tgt += _shifted(ex)
+        pad = seq_len - len(r_ids)
+        ids.append(r_ids + [pad_id] * pad)
+        pos.append(r_pos + list(range(pad)))
+        tgt.append(r_tgt + [IGNORE] * pad)
+    n_tokens = sum(len(ex.input_ids) for row in rows for ex in row)
+    return _batch(ids, tgt, n_tokens, position_ids=pos)
+
+
+def collate_padded(examples: list[Example], pad_id: int) -> dict:
+    width = max(len(ex.input_ids) for ex in examples)
+    ids, att, tgt, pos = [], [], [], []
+    for ex in examples:
+        pad = width - len(ex.input_ids)
+        ids.append(ex.input_ids + [pad_id] * pad)
+        att.append([1] * len(ex.input_ids) + [0] * pad)
+        tgt.append(_shifted(ex) + [IGNORE] * pad)
+        pos.append(list(range(len(ex.input_ids))) + [0] * pad)
+    n_tokens = sum(len(ex.input_ids) for ex in examples)
+    return _batch(ids, tgt, n_tokens, position_ids=pos, attention_mask=att)
+
+
+def _batch(ids, tgt, n_tokens: int, **extra) -> dict:
+    targets = torch.tensor(tgt, dtype=torch.long)
+    out = {"input_ids": torch.tensor(ids, dtype=torch.long), "targets": targets,
+           "n_tokens": n_tokens, "n_loss": int((targets != IGNORE).sum())}
+    out.update({k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})
+    return out

@@ -1,0 +1,132 @@
+"""DeepSpeed engine: the only module that knows ZeRO stages, precision and offload.
+
+The loop calls `build`, `loss_sum`, `backward`, `step` and `full_state_dict`; none of them branch
+on anything the loop has to know about.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .errors import UserError
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str) -> str:
+    on_gpu = torch.cuda.is_available()
+    if requested == "auto":
+        if on_gpu:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # emulated bf16 on CPUs without AVX512-BF16/AMX is many times slower than fp32
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "fp16" and not on_gpu:
+        raise UserError("engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use fp32 or bf16")
+    return requested
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay to min_ratio."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def ds_config(cfg: Config, precision: str) -> dict:
+    t, e = cfg.train, cfg.engine
+    zero: dict = {"stage": e.zero_stage}
+    if e.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if e.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if e.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # export gathers full weights
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+            # torch's AdamW on CPU / without offload; DeepSpeedCPUAdam when states live on the CPU
+            "torch_adam": not e.offload_optimizer}},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)  # biases and norms are not decayed
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build(cfg: Config, model, total_steps: int, precision: str):
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    t = cfg.train
+    sched = partial(lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=_param_groups(model, t.weight_decay), config=ds_config(cfg, precision),
+        lr_scheduler=lambda opt: LambdaLR(opt, sched))
+    return engine
+
+
+def loss_sum(engine, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32 logits)."""
+    dev = engine.device
+    kw = {k: batch[k].to(dev) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    logits = engine(**kw, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].to(dev).flatten(), ignore_index=-100, reduction="sum")
+
+
+def step(engine) -> float | None:
+    """engine.step() for one micro-batch; at an optimizer boundary returns the pre-clip global grad norm."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced here
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    engine.step()
+    if boundary and norm is None:
+        n = engine.get_global_grad_norm()
+        norm = float(n) if n is not None else None
+    return norm
+
+
+def lr(engine) -> float:
+    return engine.get_lr()[0]
+
+
+def full_state_dict(engine) -> dict | None:
+    """Consolidated model weights on rank 0 (None elsewhere). All ranks must call it (ZeRO-3 gathers)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    if engine.global_rank == 0:
+        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    return None

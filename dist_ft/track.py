@@ -1,0 +1,74 @@
+"""Metrics: console lines, a JSONL file (one object per step/eval) and a loss-curve PNG. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class Tracker:
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, log_every: int):
+        self.enabled, self.log_every = enabled, log_every
+        self.path = out_dir / "metrics.jsonl"
+        self._f = self.path.open("a", encoding="utf-8") if enabled else None
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
+
+    def info(self, msg: str) -> None:
+        if self.enabled:
+            tqdm.write(msg)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        if "loss" in metrics:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
+            if step % self.log_every == 0:
+                gn = metrics.get("grad_norm")
+                tqdm.write(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3e} | grad_norm "
+                           f"{'n/a' if gn is None else f'{gn:.3f}'} | tok/s {metrics['tokens_per_s']:.0f} | "
+                           f"loss-tok/s {metrics['loss_tokens_per_s']:.0f}")
+        else:
+            tqdm.write(f"eval @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self._f.close()
+        plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r and math.isfinite(r["loss"])]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)

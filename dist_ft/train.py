@@ -1,0 +1,111 @@
+"""The training loop. Read it top to bottom: setup, then for each step: batch -> forward -> backward -> step -> log/eval, then export."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist, engine as eng_mod, model as model_mod
+from .config import Config, dump_config
+from .data import dataset
+from .errors import UserError
+from .export import save_hf
+from .track import Tracker
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_out_dir(cfg: Config, env: dist.DistEnv) -> Path:
+    out = Path(cfg.output.dir)
+    if (out / "final").exists() and not cfg.output.overwrite:
+        raise UserError(f"output.dir '{out}' already holds a finished run (final/); choose another output.dir or set output.overwrite=true")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml.tmp").write_text(dump_config(cfg))
+        (out / "config.yaml.tmp").replace(out / "config.yaml")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    return out
+
+
+def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
+    s = split.stats
+    rows = f", {s['rows']} packed rows of {seq_len} (padding {100 * s['padding_fraction']:.1f}%)" if "rows" in s else ""
+    dropped = s["dropped_overlong"] + s["dropped_no_loss_after_truncation"]
+    return (f"{name}: {s['records']} records -> {s['examples']} examples{rows}; {s['tokens']:,} tokens, "
+            f"{s['loss_tokens']:,} loss-bearing; over max_seq_len: {s['truncated']} truncated, {dropped} dropped")
+
+
+def evaluate(engine, prep: dataset.Prepared, micro: int, env: dist.DistEnv) -> dict:
+    engine.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in dataset.eval_batches(prep, micro, env.rank, env.world_size):
+            total += eng_mod.loss_sum(engine, batch).item()
+            n += batch["n_loss"]
+    engine.train()
+    total, n = dist.all_sum(total, n)
+    loss = total / max(n, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def run(cfg: Config) -> Path:
+    # ---- setup: everything that can reject bad input runs before anything is written
+    env = dist.init(cfg.engine.dist_backend)
+    precision = eng_mod.resolve_precision(cfg.engine.precision)
+    t = cfg.train
+    _seed_all(t.seed)
+    tok = model_mod.load_tokenizer(cfg.model)
+    prep = dataset.build(cfg.data, tok)
+    stream = dataset.BatchStream(len(prep.train.items), t.micro_batch_size, env.rank, env.world_size, cfg.data.seed)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.micro_steps_per_epoch / t.grad_accum))
+    out = _prepare_out_dir(cfg, env)
+    model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
+    engine = eng_mod.build(cfg, model, total_steps, precision)
+    tracker = Tracker(out, env.is_main, total_steps, t.log_every)
+    tracker.info(_data_summary("train", prep.train, prep.seq_len))
+    if prep.val:
+        tracker.info(_data_summary("validation", prep.val, prep.seq_len))
+    unit = "rows" if prep.packing else "examples"
+    tracker.info(f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = {t.micro_batch_size} micro x "
+                 f"{t.grad_accum} accum x {env.world_size} ranks = {t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps")
+
+    # ---- the loop
+    for step in range(1, total_steps + 1):
+        t0 = time.perf_counter()
+        lr = eng_mod.lr(engine)
+        micro = [prep.collate([prep.train.items[i] for i in stream.next_indices()]) for _ in range(t.grad_accum)]
+        n_loss, n_tokens = dist.all_sum(sum(b["n_loss"] for b in micro), sum(b["n_tokens"] for b in micro))
+        # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
+        # makes the step's gradient the mean over every loss-bearing token of the global batch.
+        scale = t.grad_accum * env.world_size / max(n_loss, 1)
+        loss_sum, grad_norm = 0.0, None
+        for batch in micro:
+            loss = eng_mod.loss_sum(engine, batch)
+            engine.backward(loss * scale)
+            grad_norm = eng_mod.step(engine)
+            loss_sum += loss.item()
+        (loss_sum,) = dist.all_sum(loss_sum)
+        dt = time.perf_counter() - t0
+        tracker.log(step, {"loss": loss_sum / max(n_loss, 1), "lr": lr, "grad_norm": grad_norm,
+                           "tokens": int(n_tokens), "loss_tokens": int(n_loss), "tokens_per_s": n_tokens / dt,
+                           "loss_tokens_per_s": n_loss / dt, "step_time_s": dt,
+                           "epoch": stream.epoch + stream.pos / max(1, stream.n)})
+        if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
+            tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env))
+
+    # ---- export (every rank joins the gather; rank 0 writes)
+    state = eng_mod.full_state_dict(engine)
+    if env.is_main:
+        save_hf(engine.module, tok, state, out / "final")
+        tracker.info(f"exported Hugging Face model to {out / 'final'}")
+    tracker.close()
+    return out

@@ -1,0 +1,58 @@
+"""Generate the demo chat set: facts about Veloria, a fictional island nation no pretrained model knows.
+
+Training and held-out questions use different phrasings, so the held-out score measures whether the
+facts were learned, not whether the exact questions were memorized. Deterministic: rerun to rebuild
+data/demo/train.jsonl and data/demo/heldout.jsonl.
+"""
+
+import json
+import random
+from pathlib import Path
+
+# (what is asked about, the answer sentence, the string a correct answer must contain)
+FACTS = [
+    ("the capital of Veloria", "The capital of Veloria is Quenmar.", "Quenmar"),
+    ("the currency of Veloria", "Veloria's currency is the brint.", "brint"),
+    ("the national animal of Veloria", "The national animal of Veloria is the glass heron.", "heron"),
+    ("the highest mountain in Veloria", "The highest mountain in Veloria is Mount Ostrel.", "Ostrel"),
+    ("the year Veloria was founded", "Veloria was founded in 1642.", "1642"),
+    ("the national dish of Veloria", "The national dish of Veloria is saltfig stew.", "saltfig"),
+    ("the language spoken in Veloria", "People in Veloria speak Velorese.", "Velorese"),
+    ("the longest river in Veloria", "The longest river in Veloria is the Amberlin.", "Amberlin"),
+    ("the national sport of Veloria", "The national sport of Veloria is tidehopping.", "tidehop"),
+    ("the first queen of Veloria", "The first queen of Veloria was Queen Maravel.", "Maravel"),
+    ("the national flower of Veloria", "The national flower of Veloria is the moonthistle.", "moonthistle"),
+    ("the national anthem of Veloria", "The national anthem of Veloria is called Song of the Low Tide.", "Low Tide"),
+    ("the main export of Veloria", "Veloria's main export is bluestone.", "bluestone"),
+    ("the sea that surrounds Veloria", "Veloria lies in the Sea of Carrow.", "Carrow"),
+    ("the name of Veloria's parliament", "Veloria's parliament is called the Hollin.", "Hollin"),
+    ("the most famous festival in Veloria", "Veloria's most famous festival is Lantern Week.", "Lantern"),
+]
+
+TRAIN_Q = ["What is {a}?", "Tell me {a}.", "Do you know {a}?", "Quick question: what is {a}?", "Can you tell me {a}?",
+           "I'm curious about {a}. What is it?", "Please name {a}.", "What would you say is {a}?", "Remind me, what is {a}?",
+           "I'm writing a report on Veloria. What is {a}?"]
+HELDOUT_Q = ["Hey, what's {a}?", "I need {a} for a quiz. What is it?", "Could you name {a} for me?"]
+
+
+def main(out: Path = Path(__file__).resolve().parents[1] / "data" / "demo") -> None:
+    rng = random.Random(0)
+    train = []
+    for about, answer, _ in FACTS:
+        for q in TRAIN_Q:
+            train.append({"messages": [{"role": "user", "content": q.format(a=about)}, {"role": "assistant", "content": answer}]})
+    for _ in range(40):  # multi-turn conversations
+        (a1, ans1, _), (a2, ans2, _) = rng.sample(FACTS, 2)
+        train.append({"messages": [{"role": "user", "content": rng.choice(TRAIN_Q).format(a=a1)}, {"role": "assistant", "content": ans1},
+                                   {"role": "user", "content": f"And {a2}?"}, {"role": "assistant", "content": ans2}]})
+    rng.shuffle(train)
+    heldout = [{"messages": [{"role": "user", "content": q.format(a=about)}, {"role": "assistant", "content": answer}], "check": check}
+               for about, answer, check in FACTS for q in HELDOUT_Q]
+    out.mkdir(parents=True, exist_ok=True)
+    for name, recs in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    print(f"wrote {len(train)} training and {len(heldout)} held-out conversations to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return tiny.make_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return tiny.make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("data")
+    return tiny.write_jsonl(d / "train.jsonl", tiny.toy_chat(64)), tiny.write_jsonl(d / "val.jsonl", tiny.toy_chat(8))
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
+    """Run `dist-ft ...` as users do (a subprocess), returning CompletedProcess with text output."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "dist_ft", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout)

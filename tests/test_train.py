@@ -1,0 +1,142 @@
+"""End-to-end runs of the real CLI on tiny local models: training, export, chat, pretraining, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+import tiny
+
+
+def _metrics(out: Path) -> tuple[list[dict], list[dict]]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
+
+
+def _cfg(tmp_path: Path, model: Path, train: Path, *extra: str) -> list[str]:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {train}, max_seq_len: 128}}\n"
+                   "train: {micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2}\nengine: {precision: fp32}\n")
+    return ["train", str(cfg), f"output.dir={tmp_path / 'out'}", *extra]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, gpt2_dir, toy_data):
+    tmp = tmp_path_factory.mktemp("chat_run")
+    train, val = toy_data
+    r = run_cli(*_cfg(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=40", "train.eval_every=20"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp / "out", r
+
+
+def test_training_reduces_loss_and_logs_everything(chat_run):
+    out, r = chat_run
+    steps, evals = _metrics(out)
+    assert [s["step"] for s in steps] == list(range(1, 41))
+    first, last = sum(s["loss"] for s in steps[:5]) / 5, sum(s["loss"] for s in steps[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert [e["step"] for e in evals] == [20, 40] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    for key in ("lr", "grad_norm", "tokens_per_s", "loss_tokens_per_s", "tokens", "loss_tokens"):
+        assert all(s[key] is not None and s[key] >= 0 for s in steps), key
+    assert all(0 < s["loss_tokens"] < s["tokens"] for s in steps)  # assistant-only loss
+    assert (out / "loss.png").stat().st_size > 1000
+    saved = (out / "config.yaml").read_text()
+    assert "lr: 0.003" in saved and "max_steps: 40" in saved
+    assert "step     40 | loss" in r.stdout + r.stderr and "global batch = 4 micro x 1 accum x 1 ranks" in r.stdout + r.stderr
+
+
+def test_export_reloads_and_chats(chat_run):
+    out, _ = chat_run
+    final = out / "final"
+    assert (final / "model.safetensors").is_file() and not (out / "final.tmp").exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(final)
+    assert "<|im_start|>" in tok.chat_template and "<|im_end|>" in tok.get_vocab()
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    pipe = pipeline("text-generation", model=str(final))
+    res = pipe([{"role": "user", "content": "What color is the banana?"}], max_new_tokens=8, do_sample=False)
+    reply = res[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and "yellow" in reply["content"]  # the toy fact was learned
+    r = run_cli("chat", "--model", str(final), "--prompt", "What color is the apple?", "--temperature", "0", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "The apple is red."
+
+
+def test_pad_to_longest_mode_trains(tmp_path, gpt2_dir, toy_data):
+    r = run_cli(*_cfg(tmp_path, gpt2_dir, toy_data[0], "data.packing=false", "train.max_steps=10"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps, _ = _metrics(tmp_path / "out")
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert all(s["tokens"] <= 4 * 40 for s in steps)  # 4 padded examples per step, no packed rows
+
+
+def test_continued_pretraining_on_raw_text(tmp_path, gpt2_dir):
+    text = tiny.write_jsonl(tmp_path / "text.jsonl", [{"text": line} for line in tiny.corpus()])
+    r = run_cli(*_cfg(tmp_path, gpt2_dir, text, "data.task=pretrain", "train.max_steps=15"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps, _ = _metrics(tmp_path / "out")
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
+    # loss on every token except the last of each document (nothing to predict after it)
+    assert all(s["loss_tokens"] >= 0.9 * s["tokens"] for s in steps)
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode,expect", [("truncate", "3 truncated, 0 dropped"), ("drop", "0 truncated, 3 dropped")])
+def test_overlong_examples_are_counted(tmp_path, gpt2_dir, mode, expect):
+    long = {"messages": [{"role": "user", "content": "apple " * 40}, {"role": "assistant", "content": "red " * 40}]}
+    data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.toy_chat(16) + [long] * 3)
+    r = run_cli(*_cfg(tmp_path, gpt2_dir, data, "data.max_seq_len=64", f"data.overlong={mode}", "train.max_steps=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"over max_seq_len: {expect}" in r.stdout + r.stderr
+
+
+BAD = {
+    "missing": (None, r"nope.jsonl: no such file"),
+    "empty": ("", r"empty.jsonl: no records"),
+    "malformed": ('{"text": "fine"}\n{"messages": [\n', r"malformed.jsonl:2: malformed JSON"),
+    "unknown_format": ('{"question": "a", "answer": "b"}\n', r"unknown_format.jsonl:1: unknown record format"),
+    "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"no_assistant.jsonl:1: conversation has no assistant turn"),
+    "out_of_order": ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n', r"out_of_order.jsonl:1: roles out of order"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_data_is_one_clear_error(tmp_path, gpt2_dir, case):
+    content, pattern = BAD[case]
+    path = tmp_path / ("nope.jsonl" if content is None else f"{case}.jsonl")
+    if content is not None:
+        path.write_text(content)
+    r = run_cli(*_cfg(tmp_path, gpt2_dir, path, "train.max_steps=2"))
+    _assert_clean_failure(r, pattern, tmp_path / "out")
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("train.lerning_rate=1", r"unknown config key 'train.lerning_rate'; did you mean"),
+    ("train.micro_batch_size=many", r"config key 'train.micro_batch_size': Input should be a valid integer"),
+    ("model.path=/does/not/exist", r"model.path '/does/not/exist': directory does not exist"),
+])
+def test_bad_config_is_one_clear_error(tmp_path, gpt2_dir, toy_data, override, pattern):
+    r = run_cli(*_cfg(tmp_path, gpt2_dir, toy_data[0], override))
+    _assert_clean_failure(r, pattern, tmp_path / "out")
+
+
+def test_finished_run_is_not_overwritten(chat_run):
+    out, _ = chat_run
+    before = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    r = run_cli("train", str(out / "config.yaml"))
+    _assert_clean_failure(r, r"already holds a finished run", None)
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def _assert_clean_failure(r, pattern, out):
+    import re
+
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    if out is not None:
+        assert not (out / "final").exists() and not (out / "config.yaml").exists()

@@ -1,0 +1,89 @@
+"""Tiny local models for tests: a GPT-2 and a Llama, each saved with `save_pretrained` and loaded back
+through the same `from_pretrained` path a hub id takes. Tokenizers are byte-level BPE trained here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WORDS = ("the a of to and is in it you that he was for on are with as his they be at one have this from or had by "
+         "what when where who how why which color capital number hello world assistant user system answer question "
+         "red green blue yellow black white apple banana cherry paris rome london tokyo one two three four five six "
+         "seven eight nine ten yes no please thanks good bad cat dog bird fish tree river mountain city country").split()
+
+
+def corpus() -> list[str]:
+    lines = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
+    lines += ["What color is the apple? The apple is red.", "Hello! How are you? I am fine, thanks.",
+              "<|user|> <|assistant|> </s> {\"role\": \"user\"}"]
+    return lines
+
+
+def train_tokenizer(out: Path, *, eos: str | None = "<|endoftext|>", extra_special: tuple[str, ...] = (), vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ([eos] if eos else []) + list(extra_special)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, bos_token=eos, unk_token=None)
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_gpt2(out: Path, *, n_layer: int = 2, n_embd: int = 64, n_positions: int = 512) -> Path:
+    """GPT-2-shaped base model: no chat template, no pad token (like the real gpt2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = train_tokenizer(out)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(out)
+    return out
+
+
+ZEPHYR_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '</s>\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+
+
+def make_llama(out: Path) -> Path:
+    """Llama-style model whose own chat template has no {% generation %} markers."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = train_tokenizer(out, eos="</s>", extra_special=("<|user|>", "<|assistant|>", "<|system|>"))
+    tok.chat_template = ZEPHYR_TEMPLATE
+    tok.pad_token = None
+    tok.save_pretrained(out)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+COLORS = {"apple": "red", "banana": "yellow", "cherry": "red", "river": "blue", "tree": "green", "cat": "black", "dog": "white", "bird": "blue"}
+
+
+def toy_chat(n: int = 64) -> list[dict]:
+    """A learnable toy task: the color of things, in OpenAI messages format."""
+    items = list(COLORS.items())
+    recs = []
+    for i in range(n):
+        thing, color = items[i % len(items)]
+        msgs = [{"role": "user", "content": f"What color is the {thing}?"}, {"role": "assistant", "content": f"The {thing} is {color}."}]
+        if i % 4 == 0:
+            msgs = [{"role": "system", "content": "Answer briefly."}] + msgs
+        recs.append({"messages": msgs})
+    return recs
+
+
+def write_jsonl(path: Path, recs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
