@@ -25,7 +25,7 @@ def _cfg(tmp_path: Path, model: Path, train: Path, *extra: str) -> list[str]:
 def chat_run(tmp_path_factory, gpt2_dir, toy_data):
     tmp = tmp_path_factory.mktemp("chat_run")
     train, val = toy_data
-    r = run_cli(*_cfg(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=40", "train.eval_every=20"))
+    r = run_cli(*_cfg(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=150", "train.lr=5e-3", "train.eval_every=75"))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "out", r
 
@@ -33,17 +33,17 @@ def chat_run(tmp_path_factory, gpt2_dir, toy_data):
 def test_training_reduces_loss_and_logs_everything(chat_run):
     out, r = chat_run
     steps, evals = _metrics(out)
-    assert [s["step"] for s in steps] == list(range(1, 41))
+    assert [s["step"] for s in steps] == list(range(1, 151))
     first, last = sum(s["loss"] for s in steps[:5]) / 5, sum(s["loss"] for s in steps[-5:]) / 5
     assert last < 0.5 * first, (first, last)
-    assert [e["step"] for e in evals] == [20, 40] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert [e["step"] for e in evals] == [75, 150] and evals[1]["val_loss"] < evals[0]["val_loss"] < 0.5
     for key in ("lr", "grad_norm", "tokens_per_s", "loss_tokens_per_s", "tokens", "loss_tokens"):
         assert all(s[key] is not None and s[key] >= 0 for s in steps), key
     assert all(0 < s["loss_tokens"] < s["tokens"] for s in steps)  # assistant-only loss
     assert (out / "loss.png").stat().st_size > 1000
     saved = (out / "config.yaml").read_text()
-    assert "lr: 0.003" in saved and "max_steps: 40" in saved
-    assert "step     40 | loss" in r.stdout + r.stderr and "global batch = 4 micro x 1 accum x 1 ranks" in r.stdout + r.stderr
+    assert "lr: 0.005" in saved and "max_steps: 150" in saved
+    assert "step    150 | loss" in r.stdout + r.stderr and "global batch = 4 micro x 1 accum x 1 ranks" in r.stdout + r.stderr
 
 
 def test_export_reloads_and_chats(chat_run):
@@ -60,9 +60,9 @@ def test_export_reloads_and_chats(chat_run):
     res = pipe([{"role": "user", "content": "What color is the banana?"}], max_new_tokens=8, do_sample=False)
     reply = res[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and "yellow" in reply["content"]  # the toy fact was learned
-    r = run_cli("chat", "--model", str(final), "--prompt", "What color is the apple?", "--temperature", "0", "--max-new-tokens", "8")
+    r = run_cli("chat", "--model", str(final), "--prompt", "What color is the cat?", "--temperature", "0", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.strip().splitlines()[-1] == "The apple is red."
+    assert r.stdout.strip().splitlines()[-1] == "The cat is black."
 
 
 def test_pad_to_longest_mode_trains(tmp_path, gpt2_dir, toy_data):
@@ -99,7 +99,7 @@ BAD = {
     "malformed": ('{"text": "fine"}\n{"messages": [\n', r"malformed.jsonl:2: malformed JSON"),
     "unknown_format": ('{"question": "a", "answer": "b"}\n', r"unknown_format.jsonl:1: unknown record format"),
     "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"no_assistant.jsonl:1: conversation has no assistant turn"),
-    "out_of_order": ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}\n', r"out_of_order.jsonl:1: roles out of order"),
+    "out_of_order": ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n', r"out_of_order.jsonl:1: roles out of order"),
 }
 
 
