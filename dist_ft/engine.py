@@ -104,10 +104,13 @@ def loss_sum(engine, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].to(dev).flatten(), ignore_index=-100, reduction="sum")
 
 
-def step(engine) -> float | None:
-    """engine.step() for one micro-batch; at an optimizer boundary returns the pre-clip global grad norm."""
+def step(engine, on_boundary=None) -> float | None:
+    """engine.step() for one micro-batch; at an optimizer boundary returns the pre-clip global grad norm.
+    `on_boundary(engine)` runs at a boundary just before the optimizer step (memory accounting)."""
     boundary = engine.is_gradient_accumulation_boundary()
     norm = None
+    if boundary and on_boundary is not None:
+        on_boundary(engine)
     if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced here
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

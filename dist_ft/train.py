@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, engine as eng_mod, model as model_mod
+from . import dist, engine as eng_mod, model as model_mod, perf
 from .config import Config, dump_config
 from .data import dataset
 from .errors import UserError
@@ -77,6 +77,14 @@ def run(cfg: Config) -> Path:
     unit = "rows" if prep.packing else "examples"
     tracker.info(f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = {t.micro_batch_size} micro x "
                  f"{t.grad_accum} accum x {env.world_size} ranks = {t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps")
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    expected = perf.expected_model_state_bytes(n_params, cfg.engine.zero_stage, env.world_size, precision)
+    flops_tok, peak = perf.flops_per_token(engine.module.config, n_params, prep.seq_len), perf.peak_flops()
+    measured = {}  # filled at the second optimizer boundary: gradients exist and Adam has made its states
+
+    def measure(e):
+        if e.global_steps == 1:
+            measured.update(perf.measured_model_state_bytes(e))
 
     # ---- the loop
     for step in range(1, total_steps + 1):
@@ -91,14 +99,19 @@ def run(cfg: Config) -> Path:
         for batch in micro:
             loss = eng_mod.loss_sum(engine, batch)
             engine.backward(loss * scale)
-            grad_norm = eng_mod.step(engine)
+            grad_norm = eng_mod.step(engine, on_boundary=measure)
             loss_sum += loss.item()
         (loss_sum,) = dist.all_sum(loss_sum)
         dt = time.perf_counter() - t0
+        if measured and "params" in measured and step == 2:
+            tracker.info(f"{n_params / 1e6:.2f}M params | model states per rank: {perf.format_table(expected, measured)}")
+            tracker.log(step, {**{f"mem_{k}_bytes": v for k, v in measured.items()},
+                               **{f"mem_formula_{k}_bytes": v for k, v in expected.items()}})
         tracker.log(step, {"loss": loss_sum / max(n_loss, 1), "lr": lr, "grad_norm": grad_norm,
                            "tokens": int(n_tokens), "loss_tokens": int(n_loss), "tokens_per_s": n_tokens / dt,
                            "loss_tokens_per_s": n_loss / dt, "step_time_s": dt,
-                           "epoch": stream.epoch + stream.pos / max(1, stream.n)})
+                           "mfu": flops_tok * n_tokens / dt / (peak * env.world_size) if peak else None,
+                           "epoch": stream.epoch + stream.pos / max(1, stream.n), **perf.device_memory_mb()})
         if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env))
 

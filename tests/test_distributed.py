@@ -74,6 +74,14 @@ def test_zero_stages_on_two_ranks_match_one_process(setup, stage):
     assert f"world 2 | ZeRO {stage} | fp32 | global batch = 2 micro x 2 accum x 2 ranks = 8 rows" in r.stdout
     assert r.stdout.count("step      8 | loss") == 1  # only rank 0 prints
     _assert_matches_single(tmp, out)
+    mem = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "mem_params_bytes" in line)
+    psi = mem["mem_formula_params_bytes"] * (2 if stage == 3 else 1) / 4  # fp32: 4 bytes per parameter
+    # measured per-rank bytes against the ZeRO formula (fp32: 4Ψ params, 4Ψ grads, 8Ψ Adam m+v, each /N when sharded)
+    assert mem["mem_params_bytes"] == pytest.approx(mem["mem_formula_params_bytes"], rel=0.02)
+    if stage != 1:  # stage 1 keeps only the reduced gradient partition at the boundary (measured 2Ψ of 4Ψ)
+        assert mem["mem_grads_bytes"] == pytest.approx(mem["mem_formula_grads_bytes"], rel=0.02)
+    ds_master = 4 * psi / 2 if stage in (1, 2) else 0  # DeepSpeed keeps an fp32 master partition at stages 1-2
+    assert mem["mem_optimizer_bytes"] == pytest.approx(mem["mem_formula_optimizer_bytes"] + ds_master, rel=0.02)
     if stage == 3:  # the consolidated export reloads through from_pretrained
         from transformers import AutoModelForCausalLM
 

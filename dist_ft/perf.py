@@ -1,0 +1,77 @@
+"""Memory and throughput accounting: ZeRO model-state formula vs measured bytes, RSS/GPU memory, MFU."""
+
+from __future__ import annotations
+
+import torch
+
+# dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets); MFU is not shown for others/CPU
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+def expected_model_state_bytes(n_params: int, stage: int, world: int, precision: str) -> dict:
+    """Per-rank bytes by the ZeRO paper: mixed precision 2Ψ params + 2Ψ grads + 12Ψ optimizer (fp32 master,
+    m, v); in fp32, 4Ψ + 4Ψ + 8Ψ (m, v; DeepSpeed adds a 4Ψ/N fp32 master partition at stages 1-2)."""
+    kp, kg, ko = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    return {"params": kp * n_params / (world if stage >= 3 else 1),
+            "grads": kg * n_params / (world if stage >= 2 else 1),
+            "optimizer": ko * n_params / (world if stage >= 1 else 1)}
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def measured_model_state_bytes(engine) -> dict:
+    """Bytes this rank holds for parameters, gradients and optimizer state. Call at an accumulation
+    boundary before `engine.step()` (gradients are freed or reused after it), after the first optimizer
+    step (Adam creates its states lazily)."""
+    stage, opt = engine.zero_optimization_stage(), engine.optimizer
+    params = list(engine.module.parameters())
+    own = {id(p) for p in params}
+    if stage == 3:
+        p_bytes = _nbytes(p.ds_tensor for p in params)
+        grads = getattr(opt, "grad_partitions_flat_buffer", None)
+        g_bytes = _nbytes([grads]) if grads is not None else None
+    else:
+        p_bytes = _nbytes(params)
+        buf = getattr(opt, "grads_in_partition", None)
+        averaged = getattr(opt, "averaged_gradients", None)
+        if torch.is_tensor(buf):
+            g_bytes = _nbytes([buf])
+        elif averaged:
+            g_bytes = _nbytes(g for gs in averaged.values() for g in gs)
+        else:
+            g_bytes = _nbytes(p.grad for p in params)
+    inner = getattr(opt, "optimizer", opt)
+    o_bytes = _nbytes(v for st in inner.state.values() for v in st.values())
+    o_bytes += _nbytes(p for g in inner.param_groups for p in g["params"] if id(p) not in own)  # fp32 master partitions
+    return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}
+
+
+def device_memory_mb() -> dict:
+    if torch.cuda.is_available():
+        return {"gpu_alloc_mb": torch.cuda.memory_allocated() / 2**20, "gpu_peak_mb": torch.cuda.max_memory_allocated() / 2**20}
+    import psutil
+
+    return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+
+
+def flops_per_token(model_config, n_params: int, seq_len: int) -> float:
+    """6N + 12·L·H·Q·T (PaLM appendix B): dense matmuls plus attention over a T-token context."""
+    c = model_config
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0)
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
+    return 6 * n_params + 12 * layers * heads * (hidden // max(heads, 1)) * seq_len
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def format_table(expected: dict, measured: dict) -> str:
+    mb = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MB"  # noqa: E731
+    return " | ".join(f"{k} {mb(measured[k])} (formula {mb(expected[k])})" for k in ("params", "grads", "optimizer"))
