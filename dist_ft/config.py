@@ -88,6 +88,14 @@ class EngineConfig(_Section):
         return self
 
 
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: only at the end and on a signal).")
+    every_minutes: float = Field(0.0, ge=0, description="Also save when this many minutes passed since the last save (0: off); ranks agree.")
+    keep: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted only after a new one is complete.")
+    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in output.dir; `never`; or a checkpoint path.")
+    signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(["SIGTERM", "SIGUSR1"], description="Signals that make every rank save at the next step boundary and exit with status 75 (requeue me).")
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/default", description="Run directory: resolved config, metrics.jsonl, loss.png, final/ (HF model).")
     overwrite: bool = Field(False, description="Allow reusing a directory that already holds a finished run (final/).")
@@ -98,6 +106,7 @@ class Config(_Section):
     data: DataConfig = Field(..., description="What to train on.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimization and loop settings.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="DeepSpeed: ZeRO, precision, offload.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Fault tolerance: saving and resuming.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
 
 

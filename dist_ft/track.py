@@ -10,11 +10,11 @@ from tqdm.auto import tqdm
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, log_every: int):
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, log_every: int, start_step: int = 0):
         self.enabled, self.log_every = enabled, log_every
         self.path = out_dir / "metrics.jsonl"
         self._f = self.path.open("a", encoding="utf-8") if enabled else None
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -23,7 +23,7 @@ class Tracker:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        rec = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        rec = {"step": step, **metrics}  # full float precision: resume tests compare losses bitwise
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         if "loss" in metrics:
@@ -43,6 +43,14 @@ class Tracker:
         self.bar.close()
         self._f.close()
         plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only records up to `last_step` (0: none), atomically."""
+    keep = [r for r in read_metrics(path) if r["step"] <= last_step] if path.is_file() else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -11,11 +13,16 @@ import numpy as np
 import torch
 
 from . import dist, engine as eng_mod, model as model_mod, perf
-from .config import Config, dump_config
+from .checkpoint import Checkpointer
+from .config import Config, dump_config, load_config
 from .data import dataset
 from .errors import UserError
 from .export import save_hf
-from .track import Tracker
+from .track import Tracker, truncate_metrics
+
+EXIT_PREEMPTED = 75  # saved on a signal; rerun (or requeue) the same command to continue
+# changing these between a checkpoint and its resume would break exactness, so it is refused
+RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
 
 
 def _seed_all(seed: int) -> None:
@@ -32,8 +39,35 @@ def _prepare_out_dir(cfg: Config, env: dist.DistEnv) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml.tmp").write_text(dump_config(cfg))
         (out / "config.yaml.tmp").replace(out / "config.yaml")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
     return out
+
+
+def _resume_point(cfg: Config, ckpt: Checkpointer):
+    """The checkpoint to resume from (or None), after checking the saved config is compatible."""
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        done = ckpt.complete()
+        if not done:
+            return None
+        path = done[-1][1]
+    else:
+        path = Path(mode)
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"checkpoint.resume '{path}': no checkpoint there (expected <output.dir>/checkpoints/step-N)")
+    saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
+
+    def pick(tree, dotted):
+        for k in dotted.split("."):
+            tree = tree[k]
+        return tree
+
+    changed = [k for k in RESUME_MUST_MATCH if pick(saved, k) != pick(now, k)]
+    if changed:
+        raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
+                        "restore those values, or set checkpoint.resume=never with a new output.dir")
+    return path
 
 
 def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
@@ -70,7 +104,29 @@ def run(cfg: Config) -> Path:
     out = _prepare_out_dir(cfg, env)
     model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
     engine = eng_mod.build(cfg, model, total_steps, precision)
-    tracker = Tracker(out, env.is_main, total_steps, t.log_every)
+    ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size)
+    start = 0
+    resume_from = _resume_point(cfg, ckpt)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, engine)
+        stream.load_state_dict(state["data"])
+        start = state["step"]
+    if env.is_main:
+        truncate_metrics(out / "metrics.jsonl", start)  # a resumed run rewrites the steps after its checkpoint
+    tracker = Tracker(out, env.is_main, total_steps, t.log_every, start)
+    if resume_from is not None:
+        tracker.info(f"resumed from {resume_from}: step {start}, data epoch {stream.epoch} position {stream.pos}, "
+                     "model + optimizer + LR schedule + RNG restored")
+    signalled = []  # a signal only sets a flag; ranks agree on it at the next step boundary
+    for name in cfg.checkpoint.signals:
+        signal.signal(getattr(signal, name), lambda signum, frame: signalled.append(signum))
+    last_save = time.monotonic()
+
+    def save(step: int) -> None:
+        nonlocal last_save
+        path = ckpt.save(step, engine, {"step": step, "data": stream.state_dict()}, dump_config(cfg))
+        last_save = time.monotonic()
+        tracker.info(f"saved checkpoint {path}")
     tracker.info(_data_summary("train", prep.train, prep.seq_len))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, prep.seq_len))
@@ -87,7 +143,7 @@ def run(cfg: Config) -> Path:
             measured.update(perf.measured_model_state_bytes(e))
 
     # ---- the loop
-    for step in range(1, total_steps + 1):
+    for step in range(start + 1, total_steps + 1):
         t0 = time.perf_counter()
         lr = eng_mod.lr(engine)
         micro = [prep.collate([prep.train.items[i] for i in stream.next_indices()]) for _ in range(t.grad_accum)]
@@ -101,7 +157,9 @@ def run(cfg: Config) -> Path:
             engine.backward(loss * scale)
             grad_norm = eng_mod.step(engine, on_boundary=measure)
             loss_sum += loss.item()
-        (loss_sum,) = dist.all_sum(loss_sum)
+        every_min = cfg.checkpoint.every_minutes
+        due_by_time = bool(every_min) and time.monotonic() - last_save >= 60 * every_min
+        loss_sum, n_signalled, n_due = dist.all_sum(loss_sum, len(signalled), due_by_time)
         dt = time.perf_counter() - t0
         if measured and "params" in measured and step == 2:
             tracker.info(f"{n_params / 1e6:.2f}M params | model states per rank: {perf.format_table(expected, measured)}")
@@ -114,6 +172,14 @@ def run(cfg: Config) -> Path:
                            "epoch": stream.epoch + stream.pos / max(1, stream.n), **perf.device_memory_mb()})
         if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env))
+        if n_signalled:
+            save(step)
+            tracker.info(f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command to resume")
+            tracker.close()
+            raise SystemExit(EXIT_PREEMPTED)
+        if step == total_steps or n_due or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
+            save(step)
+        _kill_for_tests(step)
 
     # ---- export (every rank joins the gather; rank 0 writes)
     state = eng_mod.full_state_dict(engine)
@@ -122,3 +188,9 @@ def run(cfg: Config) -> Path:
         tracker.info(f"exported Hugging Face model to {out / 'final'}")
     tracker.close()
     return out
+
+
+def _kill_for_tests(step: int) -> None:
+    """Test hook: SIGKILL this job's whole process group right after `step` (a hard crash)."""
+    if os.environ.get("DIST_FT_TEST_KILL_AT_STEP") == str(step) and os.environ.get("RANK", "0") == "0":
+        os.killpg(os.getpgid(0), signal.SIGKILL)

@@ -1,0 +1,143 @@
+"""Fault tolerance: bit-exact resume after SIGKILL, crash during save, signal -> save + exit 75."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+from test_distributed import _port
+import tiny
+
+STEPS = 12
+
+
+def _losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    assert _losses(a) == _losses(b)  # bitwise: floats are stored at full precision
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _cmd(cfg: Path, out: Path, ranks: int, *extra: str) -> list[str]:
+    args = [str(cfg), f"output.dir={out}", *extra]
+    if ranks == 1:
+        return [sys.executable, "-m", "dist_ft", "train", *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(_port()), "launch/train.py", *args]
+
+
+def _run(cmd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    # own session: the kill hook SIGKILLs the whole process group, as a node failure would
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory, gpt2_dir):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.toy_chat(96))
+    path = tmp / "cfg.yaml"
+    path.write_text(f"model: {{path: {gpt2_dir}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
+                    f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2}}\n"
+                    "engine: {precision: fp32}\ncheckpoint: {every_steps: 3}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(cfg):
+    refs = {}
+    for ranks, stage in ((1, 0), (2, 2)):
+        out = cfg.parent / f"ref-{ranks}"
+        r = _run(_cmd(cfg, out, ranks, f"engine.zero_stage={stage}"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        refs[ranks] = out
+    return refs
+
+
+@pytest.mark.parametrize("ranks,kill_at", [(1, 4), (1, 7), (1, 11), (2, 5), (2, 10)])
+def test_resume_after_sigkill_is_bit_exact(cfg, reference, ranks, kill_at):
+    out = cfg.parent / f"kill-{ranks}-{kill_at}"
+    stage = "engine.zero_stage=0" if ranks == 1 else "engine.zero_stage=2"
+    r = _run(_cmd(cfg, out, ranks, stage), {"DIST_FT_TEST_KILL_AT_STEP": str(kill_at)})
+    assert r.returncode != 0 and not (out / "final").exists()
+    r = _run(_cmd(cfg, out, ranks, stage))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{kill_at // 3 * 3}'}" in r.stdout
+    _assert_identical(reference[ranks], out)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-9"]  # keep: 2
+
+
+def test_crash_during_save_keeps_previous_checkpoint(cfg, reference):
+    out = cfg.parent / "crash-in-save"
+    proc = subprocess.Popen(_cmd(cfg, out, 1), cwd=REPO, env={**os.environ, "DIST_FT_TEST_PAUSE_IN_SAVE": "6"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = out / "checkpoints" / "step-6.tmp"
+    deadline = time.time() + 300
+    while not (partial / "config.yaml").exists():  # engine state written, manifest not yet
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step-6").exists()
+    r = _run(_cmd(cfg, out, 1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step-3" in r.stdout
+    _assert_identical(reference[1], out)
+
+
+def test_signal_saves_and_exits_75_then_resumes_exactly(cfg, tmp_path):
+    n = 60
+    ref = tmp_path / "ref"
+    assert _run(_cmd(cfg, ref, 1, f"train.max_steps={n}", "checkpoint.every_steps=0")).returncode == 0
+    out = tmp_path / "sig"
+    proc = subprocess.Popen(_cmd(cfg, out, 1, f"train.max_steps={n}", "checkpoint.every_steps=0"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    sent = time.time()
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert time.time() - sent < 60
+    saved = [p.name for p in (out / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-") and int(saved[0][5:]) < n
+    r = _run(_cmd(cfg, out, 1, f"train.max_steps={n}", "checkpoint.every_steps=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_identical(ref, out)
+
+
+def test_resume_refuses_incompatible_config_but_allows_more_steps(cfg, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "cont"
+    shutil.copytree(reference[1], out)
+    shutil.rmtree(out / "final")
+    r = _run(_cmd(cfg, out, 1, "train.micro_batch_size=3"))
+    assert r.returncode == 2 and "config differs from the checkpoint in train.micro_batch_size" in r.stderr
+    r = _run(_cmd(cfg, out, 1, f"train.max_steps={STEPS + 3}"))
+    assert r.returncode == 0 and "resumed from" in r.stdout and "step 12" in r.stdout
+    assert len(_losses(out)) == STEPS + 3
+
+
+def test_corrupt_latest_checkpoint_falls_back(cfg, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "corrupt"
+    shutil.copytree(reference[1], out)
+    shutil.rmtree(out / "final")
+    victim = next((out / "checkpoints" / "step-12" / "ds").rglob("*model_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated: size no longer matches the manifest
+    r = _run(_cmd(cfg, out, 1))
+    assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-9'}" in r.stdout
