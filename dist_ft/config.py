@@ -99,6 +99,7 @@ class CheckpointConfig(_Section):
 class OutputConfig(_Section):
     dir: str = Field("runs/default", description="Run directory: resolved config, metrics.jsonl, loss.png, final/ (HF model).")
     overwrite: bool = Field(False, description="Allow reusing a directory that already holds a finished run (final/).")
+    log_all_ranks: bool = Field(False, description="Debugging: every rank > 0 also writes rank-R.log and metrics-rank-R.jsonl.")
 
 
 class Config(_Section):

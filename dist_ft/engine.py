@@ -76,6 +76,20 @@ def ds_config(cfg: Config, precision: str) -> dict:
     }
 
 
+def zero3_loading(cfg: Config, precision: str):
+    """For ZeRO-3, an HfDeepSpeedConfig that makes `from_pretrained` build the model under zero.Init, so
+    each rank only ever holds its shard; keep the returned object alive while the model loads."""
+    if cfg.engine.zero_stage != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import torch.distributed as tdist
+
+    conf = ds_config(cfg, precision)
+    conf["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * tdist.get_world_size()
+    return HfDeepSpeedConfig(conf)
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -117,7 +117,7 @@ def load_model(cfg: ModelConfig, tok, dtype):
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
-    if model.get_input_embeddings().weight.shape[0] < len(tok):
+    if model.get_input_embeddings().num_embeddings < len(tok):  # (weight.shape is empty under ZeRO-3)
         model.resize_token_embeddings(len(tok))  # new rows start at the mean embedding
     model.config.pad_token_id = tok.pad_token_id
     eot = end_of_turn_id(tok)

@@ -36,10 +36,13 @@ def measured_model_state_bytes(engine) -> dict:
         p_bytes = _nbytes(params)
         buf = getattr(opt, "grads_in_partition", None)
         averaged = getattr(opt, "averaged_gradients", None)
+        masters = getattr(opt, "single_partition_of_fp32_groups", None) or []
         if torch.is_tensor(buf):
             g_bytes = _nbytes([buf])
-        elif averaged:
-            g_bytes = _nbytes(g for gs in averaged.values() for g in gs)
+        elif averaged and any(averaged.values()):
+            g_bytes = _nbytes(g for gs in averaged.values() for g in (gs or []))
+        elif any(m.grad is not None for m in masters):  # CPU offload: gradients live on the master partitions
+            g_bytes = _nbytes(m.grad for m in masters)
         else:
             g_bytes = _nbytes(p.grad for p in params)
     inner = getattr(opt, "optimizer", opt)

@@ -1,4 +1,5 @@
-"""Metrics: console lines, a JSONL file (one object per step/eval) and a loss-curve PNG. Rank 0 only."""
+"""Metrics: console lines, a JSONL file (one object per step/eval) and a loss-curve PNG, from rank 0.
+With `output.log_all_ranks`, every other rank writes its own `rank-R.log` and `metrics-rank-R.jsonl`."""
 
 from __future__ import annotations
 
@@ -10,22 +11,32 @@ from tqdm.auto import tqdm
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, log_every: int, start_step: int = 0):
-        self.enabled, self.log_every = enabled, log_every
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, log_every: int, start_step: int = 0, all_ranks: bool = False):
+        self.enabled, self.log_every = rank == 0, log_every
         self.path = out_dir / "metrics.jsonl"
-        self._f = self.path.open("a", encoding="utf-8") if enabled else None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not enabled)
+        self._f = self._side = None
+        if self.enabled:
+            self._f = self.path.open("a", encoding="utf-8")
+        elif all_ranks:  # debugging: this rank's own view (memory, step times, messages)
+            self._f = (out_dir / f"metrics-rank-{rank}.jsonl").open("a", encoding="utf-8")
+            self._side = (out_dir / f"rank-{rank}.log").open("a", encoding="utf-8")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not self.enabled)
 
     def info(self, msg: str) -> None:
         if self.enabled:
             tqdm.write(msg)
+        elif self._side:
+            self._side.write(msg + "\n")
+            self._side.flush()
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
+        if self._f is None:
             return
         rec = {"step": step, **metrics}  # full float precision: resume tests compare losses bitwise
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
+        if not self.enabled:
+            return
         if "loss" in metrics:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
@@ -38,10 +49,12 @@ class Tracker:
             tqdm.write(f"eval @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
     def close(self) -> None:
+        for f in (self._f, self._side):
+            if f is not None:
+                f.close()
         if not self.enabled:
             return
         self.bar.close()
-        self._f.close()
         plot_losses(self.path, self.path.parent / "loss.png")
 
 

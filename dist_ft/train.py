@@ -102,6 +102,7 @@ def run(cfg: Config) -> Path:
     stream = dataset.BatchStream(len(prep.train.items), t.micro_batch_size, env.rank, env.world_size, cfg.data.seed)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.micro_steps_per_epoch / t.grad_accum))
     out = _prepare_out_dir(cfg, env)
+    zero3_loading = eng_mod.zero3_loading(cfg, precision)  # noqa: F841 - alive while the model loads sharded
     model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
     engine = eng_mod.build(cfg, model, total_steps, precision)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size)
@@ -113,7 +114,7 @@ def run(cfg: Config) -> Path:
         start = state["step"]
     if env.is_main:
         truncate_metrics(out / "metrics.jsonl", start)  # a resumed run rewrites the steps after its checkpoint
-    tracker = Tracker(out, env.is_main, total_steps, t.log_every, start)
+    tracker = Tracker(out, env.rank, total_steps, t.log_every, start, cfg.output.log_all_ranks)
     if resume_from is not None:
         tracker.info(f"resumed from {resume_from}: step {start}, data epoch {stream.epoch} position {stream.pos}, "
                      "model + optimizer + LR schedule + RNG restored")

@@ -70,7 +70,9 @@ def _assert_matches_single(tmp: Path, out: Path, tol: float = TOL) -> None:
 def test_zero_stages_on_two_ranks_match_one_process(setup, stage):
     tmp, cfg = setup
     out = tmp / f"zero{stage}"
-    r = _deepspeed(cfg, out, f"engine.zero_stage={stage}")
+    r = _deepspeed(cfg, out, f"engine.zero_stage={stage}", f"output.log_all_ranks={stage == 1}")
+    # per-rank debugging logs only when asked for
+    assert (out / "rank-1.log").exists() == (out / "metrics-rank-1.jsonl").exists() == (stage == 1)
     assert f"world 2 | ZeRO {stage} | fp32 | global batch = 2 micro x 2 accum x 2 ranks = 8 rows" in r.stdout
     assert r.stdout.count("step      8 | loss") == 1  # only rank 0 prints
     _assert_matches_single(tmp, out)
