@@ -32,13 +32,17 @@ def _barrier() -> None:
         tdist.barrier()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")) + [root]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(p)
 
 
 def rng_state() -> dict:
@@ -101,7 +105,7 @@ class Checkpointer:
             if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
                 shutil.rmtree(final)
             tmp.rename(final)
-            _fsync_tree(self.root)
+            _fsync(self.root)  # persist the rename; the files themselves were synced above
             for _, old in self.complete()[: -self.keep]:  # only after the new one is complete
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()

@@ -162,7 +162,7 @@ def run(cfg: Config) -> Path:
         due_by_time = bool(every_min) and time.monotonic() - last_save >= 60 * every_min
         loss_sum, n_signalled, n_due = dist.all_sum(loss_sum, len(signalled), due_by_time)
         dt = time.perf_counter() - t0
-        if measured and "params" in measured and step == 2:
+        if step == 2 and measured:
             tracker.info(f"{n_params / 1e6:.2f}M params | model states per rank: {perf.format_table(expected, measured)}")
             tracker.log(step, {**{f"mem_{k}_bytes": v for k, v in measured.items()},
                                **{f"mem_formula_{k}_bytes": v for k, v in expected.items()}})
