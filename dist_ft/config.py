@@ -102,6 +102,21 @@ class OutputConfig(_Section):
     log_all_ranks: bool = Field(False, description="Debugging: every rank > 0 also writes rank-R.log and metrics-rank-R.jsonl.")
 
 
+class TrackConfig(_Section):
+    wandb: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="Weights & Biases on rank 0. `auto`: online when WANDB_API_KEY is set, else offline files under output.dir/wandb (WANDB_MODE wins).")
+    project: str = Field("dist-ft", description="W&B project.")
+    entity: Optional[str] = Field(None, description="W&B entity (team or user); None: your default.")
+    run_name: Optional[str] = Field(None, description="W&B run name; None: the output directory's name.")
+    tags: list[str] = Field([], description="W&B run tags.")
+    sample_prompts: list[str] = Field([], description="User prompts answered by the final model; answers go to samples.jsonl and a W&B table.")
+    sample_max_new_tokens: int = Field(64, ge=1, description="Tokens generated per sample prompt.")
+
+    @field_validator("wandb", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "disabled" if v is False else v  # YAML reads `off` / `false` as False
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What to fine-tune.")
     data: DataConfig = Field(..., description="What to train on.")
@@ -109,6 +124,7 @@ class Config(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="DeepSpeed: ZeRO, precision, offload.")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Fault tolerance: saving and resuming.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
+    track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking: Weights & Biases and sample generations.")
 
 
 # ---------------------------------------------------------------- loading

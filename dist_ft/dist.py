@@ -85,6 +85,16 @@ def init(backend: str = "auto") -> DistEnv:
     return env
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: all ranks meet, then the group (and its gloo/NCCL threads) is torn
+    down before interpreter exit, where a still-running communication thread aborts the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_sum(*values: float) -> list[float]:
     """Sum scalars over all ranks (one collective)."""
     import torch

@@ -1,26 +1,53 @@
-"""Metrics: console lines, a JSONL file (one object per step/eval) and a loss-curve PNG, from rank 0.
-With `output.log_all_ranks`, every other rank writes its own `rank-R.log` and `metrics-rank-R.jsonl`."""
+"""Metrics: console lines, a JSONL file (one object per step/eval), a loss-curve PNG and, optionally,
+Weights & Biases - all from rank 0. With `output.log_all_ranks`, every other rank writes its own
+`rank-R.log` and `metrics-rank-R.jsonl`."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
+from typing import Optional
 
 from tqdm.auto import tqdm
 
+from .config import TrackConfig
+
+
+def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[str]:
+    """online / offline, or None for no W&B. `auto` never needs a network: offline unless a key is set."""
+    if track.wandb == "disabled":
+        return None
+    if track.wandb != "auto":
+        return track.wandb
+    env_mode = environ.get("WANDB_MODE", "").lower()
+    if env_mode in ("disabled", "off"):
+        return None
+    if env_mode in ("online", "offline"):
+        return env_mode
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
+
 
 class Tracker:
-    def __init__(self, out_dir: Path, rank: int, total_steps: int, log_every: int, start_step: int = 0, all_ranks: bool = False):
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, log_every: int, start_step: int = 0,
+                 all_ranks: bool = False, track: Optional[TrackConfig] = None, run_id: Optional[str] = None,
+                 config: Optional[dict] = None):
         self.enabled, self.log_every = rank == 0, log_every
         self.path = out_dir / "metrics.jsonl"
-        self._f = self._side = None
+        self._f = self._side = self.wandb = None
+        self.run_id = run_id
         if self.enabled:
             self._f = self.path.open("a", encoding="utf-8")
+            mode = wandb_mode(track) if track is not None else None
+            if mode:
+                self.wandb = _wandb_init(track, mode, out_dir, run_id, config or {})
+                self.run_id = self.wandb.id
         elif all_ranks:  # debugging: this rank's own view (memory, step times, messages)
             self._f = (out_dir / f"metrics-rank-{rank}.jsonl").open("a", encoding="utf-8")
             self._side = (out_dir / f"rank-{rank}.log").open("a", encoding="utf-8")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not self.enabled)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not self.enabled or not sys.stderr.isatty())  # no bar in log files
 
     def info(self, msg: str) -> None:
         if self.enabled:
@@ -37,6 +64,8 @@ class Tracker:
         self._f.flush()
         if not self.enabled:
             return
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
         if "loss" in metrics:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
@@ -45,10 +74,22 @@ class Tracker:
                 tqdm.write(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3e} | grad_norm "
                            f"{'n/a' if gn is None else f'{gn:.3f}'} | tok/s {metrics['tokens_per_s']:.0f} | "
                            f"loss-tok/s {metrics['loss_tokens_per_s']:.0f}")
-        else:
+        elif any(k.startswith("val_") for k in metrics):
             tqdm.write(f"eval @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
-    def close(self) -> None:
+    def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
+        """Sample generations: samples.jsonl and a W&B table."""
+        if not self.enabled or not rows:
+            return
+        with (self.path.parent / "samples.jsonl").open("a", encoding="utf-8") as f:
+            for prompt, answer in rows:
+                f.write(json.dumps({"step": step, "prompt": prompt, "answer": answer}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Table(columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows])}, step=step)
+
+    def close(self, exit_code: int = 0) -> None:
         for f in (self._f, self._side):
             if f is not None:
                 f.close()
@@ -56,6 +97,20 @@ class Tracker:
             return
         self.bar.close()
         plot_losses(self.path, self.path.parent / "loss.png")
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=exit_code)
+
+
+def _wandb_init(track: TrackConfig, mode: str, out_dir: Path, run_id: Optional[str], config: dict):
+    import wandb
+
+    run = wandb.init(
+        project=track.project, entity=track.entity, name=track.run_name or out_dir.resolve().name, tags=track.tags,
+        id=run_id, resume="allow",  # a resumed or requeued job continues the run its checkpoint names
+        dir=str(out_dir), mode=mode, config=config,
+        settings=wandb.Settings(console="off", silent=True, save_code=False, disable_git=True),
+    )
+    return run
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -6,11 +6,13 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from . import dist, engine as eng_mod, model as model_mod, perf
 from .checkpoint import Checkpointer
@@ -106,15 +108,16 @@ def run(cfg: Config) -> Path:
     model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
     engine = eng_mod.build(cfg, model, total_steps, precision)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size)
-    start = 0
+    start, run_id = 0, None
     resume_from = _resume_point(cfg, ckpt)
     if resume_from is not None:
         state = ckpt.load(resume_from, engine)
         stream.load_state_dict(state["data"])
-        start = state["step"]
+        start, run_id = state["step"], state.get("run_id")
     if env.is_main:
         truncate_metrics(out / "metrics.jsonl", start)  # a resumed run rewrites the steps after its checkpoint
-    tracker = Tracker(out, env.rank, total_steps, t.log_every, start, cfg.output.log_all_ranks)
+    tracker = Tracker(out, env.rank, total_steps, t.log_every, start, cfg.output.log_all_ranks,
+                      cfg.track, run_id, yaml.safe_load(dump_config(cfg)))
     if resume_from is not None:
         tracker.info(f"resumed from {resume_from}: step {start}, data epoch {stream.epoch} position {stream.pos}, "
                      "model + optimizer + LR schedule + RNG restored")
@@ -125,7 +128,7 @@ def run(cfg: Config) -> Path:
 
     def save(step: int) -> None:
         nonlocal last_save
-        path = ckpt.save(step, engine, {"step": step, "data": stream.state_dict()}, dump_config(cfg))
+        path = ckpt.save(step, engine, {"step": step, "data": stream.state_dict(), "run_id": tracker.run_id}, dump_config(cfg))
         last_save = time.monotonic()
         tracker.info(f"saved checkpoint {path}")
     tracker.info(_data_summary("train", prep.train, prep.seq_len))
@@ -134,6 +137,8 @@ def run(cfg: Config) -> Path:
     unit = "rows" if prep.packing else "examples"
     tracker.info(f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = {t.micro_batch_size} micro x "
                  f"{t.grad_accum} accum x {env.world_size} ranks = {t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps")
+    tracker.info(f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) | master {env.master_addr}:{env.master_port}"
+                 f" | {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no'} process group")
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     expected = perf.expected_model_state_bytes(n_params, cfg.engine.zero_stage, env.world_size, precision)
     flops_tok, peak = perf.flops_per_token(engine.module.config, n_params, prep.seq_len), perf.peak_flops()
@@ -176,8 +181,8 @@ def run(cfg: Config) -> Path:
         if n_signalled:
             save(step)
             tracker.info(f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command to resume")
-            tracker.close()
-            raise SystemExit(EXIT_PREEMPTED)
+            _close(engine, tracker, EXIT_PREEMPTED)
+            _exit_preempted(env.is_main)
         if step == total_steps or n_due or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
             save(step)
         _kill_for_tests(step)
@@ -187,8 +192,35 @@ def run(cfg: Config) -> Path:
     if env.is_main:
         save_hf(engine.module, tok, state, out / "final")
         tracker.info(f"exported Hugging Face model to {out / 'final'}")
-    tracker.close()
+        if cfg.track.sample_prompts:
+            tracker.samples(total_steps, _answers(out / "final", cfg.track))
+    _close(engine, tracker)
     return out
+
+
+def _answers(model_dir: Path, track) -> list[tuple[str, str]]:
+    from . import chat
+
+    tok, model = chat.load(str(model_dir))
+    return [(p, chat.reply(tok, model, [{"role": "user", "content": p}], max_new_tokens=track.sample_max_new_tokens, temperature=0.0))
+            for p in track.sample_prompts]
+
+
+def _close(engine, tracker: Tracker, exit_code: int = 0) -> None:
+    engine.destroy()  # stops the optimizer's helper threads (ZeRO-3 offload) before the group goes
+    dist.shutdown()  # every rank is past its last collective
+    tracker.close(exit_code)
+
+
+def _exit_preempted(is_main: bool) -> None:
+    """The checkpoint is complete. Rank 0 alone exits 75 (requeue me), and last: the other ranks leave
+    first with 0, so `srun --kill-on-bad-exit` has no one left to kill and reports 75, not a signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not is_main:
+        os._exit(0)
+    time.sleep(1.0)
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 def _kill_for_tests(step: int) -> None:

@@ -108,6 +108,9 @@ def test_signal_saves_and_exits_75_then_resumes_exactly(cfg, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
     sent = time.time()
+    while not (out / "checkpoints").exists():  # a second signal while the save is under way changes nothing
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 75, stderr[-3000:]
     assert time.time() - sent < 60
@@ -116,6 +119,27 @@ def test_signal_saves_and_exits_75_then_resumes_exactly(cfg, tmp_path):
     r = _run(_cmd(cfg, out, 1, f"train.max_steps={n}", "checkpoint.every_steps=0"))
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_identical(ref, out)
+
+
+def _wandb_run_ids(out: Path) -> list[str]:
+    """Ids of the offline W&B runs written under out/wandb (dirs are offline-run-<time>-<id>)."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((out / "wandb").glob("offline-run-*"))]
+
+
+def test_resumed_job_continues_the_same_wandb_run_and_leaks_no_secret(cfg, reference):
+    out = cfg.parent / "wandb-resume"
+    secret = {"WANDB_API_KEY": "sk-dist-ft-test-" + "7" * 24, "HF_TOKEN": "hf_dist_ft_test_token_123456"}
+    r = _run(_cmd(cfg, out, 1, "track.wandb=offline"), {"DIST_FT_TEST_KILL_AT_STEP": "7", **secret})
+    assert r.returncode != 0
+    r = _run(_cmd(cfg, out, 1, "track.wandb=offline"), secret)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ids = _wandb_run_ids(out)
+    assert len(ids) == 2 and ids[0] == ids[1], ids  # one run, two parts
+    _assert_identical(reference[1], out)  # tracking does not change training
+    for f in out.rglob("*"):
+        if f.is_file():
+            blob = f.read_bytes()
+            assert all(v.encode() not in blob for v in secret.values()), f
 
 
 def test_resume_refuses_incompatible_config_but_allows_more_steps(cfg, reference, tmp_path):

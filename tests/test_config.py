@@ -57,3 +57,16 @@ def test_shipped_configs_validate():
         head = p.read_text().splitlines()[0]
         assert head.startswith("# ") and ("dist-ft" in head or "deepspeed" in head or "sbatch" in head), f"{p.name}: first line must be its launch command"
         load_config(p)
+
+
+def test_wandb_mode_is_offline_without_a_key_and_never_needs_network():
+    from dist_ft.config import TrackConfig
+    from dist_ft.track import wandb_mode
+
+    auto = TrackConfig()
+    assert wandb_mode(auto, {}) == "offline"
+    assert wandb_mode(auto, {"WANDB_API_KEY": "k"}) == "online"
+    assert wandb_mode(auto, {"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}) == "offline"
+    assert wandb_mode(auto, {"WANDB_MODE": "disabled"}) is None
+    assert wandb_mode(TrackConfig(wandb=False), {"WANDB_API_KEY": "k"}) is None  # YAML `wandb: off`
+    assert wandb_mode(TrackConfig(wandb="online"), {}) == "online"

@@ -25,7 +25,8 @@ def _cfg(tmp_path: Path, model: Path, train: Path, *extra: str) -> list[str]:
 def chat_run(tmp_path_factory, gpt2_dir, toy_data):
     tmp = tmp_path_factory.mktemp("chat_run")
     train, val = toy_data
-    r = run_cli(*_cfg(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=150", "train.lr=5e-3", "train.eval_every=75"))
+    r = run_cli(*_cfg(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=150", "train.lr=5e-3", "train.eval_every=75",
+                        "track.wandb=offline", 'track.sample_prompts=["What color is the cat?"]', "track.sample_max_new_tokens=8"))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "out", r
 
@@ -63,6 +64,10 @@ def test_export_reloads_and_chats(chat_run):
     r = run_cli("chat", "--model", str(final), "--prompt", "What color is the cat?", "--temperature", "0", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "The cat is black."
+    # the run's sample generations (samples.jsonl + W&B table) are what chat answers
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples == [{"step": 150, "prompt": "What color is the cat?", "answer": "The cat is black."}]
+    assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
 
 
 def test_pad_to_longest_mode_trains(tmp_path, gpt2_dir, toy_data):
