@@ -111,11 +111,28 @@ def build(cfg: Config, model, total_steps: int, precision: str):
 
 
 def loss_sum(engine, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32 logits)."""
+    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32 logits).
+
+    The output layer runs only on positions that carry loss: a pre-hook on it keeps those hidden states.
+    With a 50k vocabulary the output layer is much of a small model's compute and nearly all of its
+    activation memory, and in chat SFT a third or more of the positions (prompts, system turns,
+    padding) carry no loss. Works with any engine or plain HF model (the engine's ZeRO-3 hooks
+    still gather the layer's weights)."""
+    model = getattr(engine, "module", engine)
     dev = engine.device
     kw = {k: batch[k].to(dev) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    logits = engine(**kw, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].to(dev).flatten(), ignore_index=-100, reduction="sum")
+    targets = batch["targets"].to(dev)
+    keep = targets != -100
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][keep],)) if head is not None else None
+    try:
+        logits = engine(**kw, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is None:
+        logits = logits[keep]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 def step(engine, on_boundary=None) -> float | None:

@@ -59,6 +59,15 @@ def device_memory_mb() -> dict:
     return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (time-to-first-step and friends)."""
+    import time
+
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def flops_per_token(model_config, n_params: int, seq_len: int) -> float:
     """6N + 12·L·H·Q·T (PaLM appendix B): dense matmuls plus attention over a T-token context."""
     c = model_config

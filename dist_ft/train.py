@@ -111,7 +111,9 @@ def run(cfg: Config) -> Path:
     start, run_id = 0, None
     resume_from = _resume_point(cfg, ckpt)
     if resume_from is not None:
+        t_load = time.perf_counter()
         state = ckpt.load(resume_from, engine)
+        t_load = time.perf_counter() - t_load
         stream.load_state_dict(state["data"])
         start, run_id = state["step"], state.get("run_id")
     if env.is_main:
@@ -120,7 +122,8 @@ def run(cfg: Config) -> Path:
                       cfg.track, run_id, yaml.safe_load(dump_config(cfg)))
     if resume_from is not None:
         tracker.info(f"resumed from {resume_from}: step {start}, data epoch {stream.epoch} position {stream.pos}, "
-                     "model + optimizer + LR schedule + RNG restored")
+                     f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s")
+        tracker.log(start, {"checkpoint_load_s": t_load})
     signalled = []  # a signal only sets a flag; ranks agree on it at the next step boundary
     for name in cfg.checkpoint.signals:
         signal.signal(getattr(signal, name), lambda signum, frame: signalled.append(signum))
@@ -128,9 +131,11 @@ def run(cfg: Config) -> Path:
 
     def save(step: int) -> None:
         nonlocal last_save
+        t_save = time.perf_counter()
         path = ckpt.save(step, engine, {"step": step, "data": stream.state_dict(), "run_id": tracker.run_id}, dump_config(cfg))
         last_save = time.monotonic()
-        tracker.info(f"saved checkpoint {path}")
+        tracker.info(f"saved checkpoint {path} in {time.perf_counter() - t_save:.1f} s")
+        tracker.log(step, {"checkpoint_save_s": time.perf_counter() - t_save})
     tracker.info(_data_summary("train", prep.train, prep.seq_len))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, prep.seq_len))
@@ -153,7 +158,8 @@ def run(cfg: Config) -> Path:
         t0 = time.perf_counter()
         lr = eng_mod.lr(engine)
         micro = [prep.collate([prep.train.items[i] for i in stream.next_indices()]) for _ in range(t.grad_accum)]
-        n_loss, n_tokens = dist.all_sum(sum(b["n_loss"] for b in micro), sum(b["n_tokens"] for b in micro))
+        n_loss, n_tokens, n_pos = dist.all_sum(sum(b["n_loss"] for b in micro), sum(b["n_tokens"] for b in micro),
+                                               sum(b["input_ids"].numel() for b in micro))
         # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
         # makes the step's gradient the mean over every loss-bearing token of the global batch.
         scale = t.grad_accum * env.world_size / max(n_loss, 1)
@@ -172,10 +178,12 @@ def run(cfg: Config) -> Path:
             tracker.log(step, {**{f"mem_{k}_bytes": v for k, v in measured.items()},
                                **{f"mem_formula_{k}_bytes": v for k, v in expected.items()}})
         tracker.log(step, {"loss": loss_sum / max(n_loss, 1), "lr": lr, "grad_norm": grad_norm,
-                           "tokens": int(n_tokens), "loss_tokens": int(n_loss), "tokens_per_s": n_tokens / dt,
+                           "tokens": int(n_tokens), "loss_tokens": int(n_loss), "padding": 1 - n_tokens / n_pos,
+                           "tokens_per_s": n_tokens / dt,
                            "loss_tokens_per_s": n_loss / dt, "step_time_s": dt,
                            "mfu": flops_tok * n_tokens / dt / (peak * env.world_size) if peak else None,
-                           "epoch": stream.epoch + stream.pos / max(1, stream.n), **perf.device_memory_mb()})
+                           "epoch": stream.epoch + stream.pos / max(1, stream.n), "elapsed_s": perf.process_age_s(),
+                           **perf.device_memory_mb()})
         if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env))
         if n_signalled:

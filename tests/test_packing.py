@@ -55,3 +55,28 @@ def test_packed_logits_equal_unpacked(which, gpt2_dir, llama_dir):
         # sanity: the same row with plain 0..N positions (cross-attention allowed) really differs
         leaky = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
         assert not torch.allclose(leaky[len(examples[0].input_ids):start], logits[len(examples[0].input_ids):start], atol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, gpt2_dir, llama_dir):
+    """engine.loss_sum runs the output layer only where targets carry loss; loss and every gradient must
+    equal the plain full-logits cross-entropy."""
+    from dist_ft.engine import loss_sum
+
+    cfg = ModelConfig(path=str(gpt2_dir if which == "gpt2" else llama_dir))
+    tok = load_tokenizer(cfg)
+    examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(6)]
+    batch = collate_packed([examples[:3], examples[3:]], 160, tok.pad_token_id)  # 2 rows, with padding
+    model = load_model(cfg, tok, torch.float32)
+    ours = loss_sum(model, batch)
+    ours.backward()
+    g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    assert logits.shape[:2] == batch["input_ids"].shape  # the hook is gone after loss_sum
+    ref = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE, reduction="sum")
+    ref.backward()
+    assert 0 < (batch["targets"] != IGNORE).sum() < batch["targets"].numel() / 2  # the case it is for
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(g_ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)

