@@ -12,6 +12,7 @@ the same tokens per step, fp32, AdamW (constant LR, clip 1.0), 2 threads. Measur
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -64,9 +65,17 @@ def run_dist_ft(spec: dict) -> dict:
     recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in recs if "loss" in r]
     saves = [r["checkpoint_save_s"] for r in recs if "checkpoint_save_s" in r]
+    loads = []
+    if spec.get("every_steps"):  # checkpoint timing: resume the finished run for one more step
+        import subprocess  # a fresh process, as a requeued job would be
+
+        subprocess.run([sys.executable, "-m", "dist_ft", "train", str(out / "cfg.yaml"), f"train.max_steps={spec['steps'] + 1}",
+                        "checkpoint.resume=auto"], check=True,
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
+        loads = [json.loads(x)["checkpoint_load_s"] for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if "checkpoint_load_s" in x]
     return _result([START + r["elapsed_s"] for r in steps], [r["loss_tokens"] for r in steps], [r["tokens"] for r in steps],
                    [round(r["tokens"] / (1 - r["padding"])) for r in steps], [r["loss"] for r in steps],
-                   {"checkpoint_save_s": saves[-1] if saves else None})
+                   {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None})
 
 
 class _Counting:

@@ -15,11 +15,15 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
 from . import __version__
 from .errors import UserError
@@ -73,8 +77,9 @@ def validate(path: Path) -> dict | None:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int):
+    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0):
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
+        self.keep_every = keep_every
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, path) of every valid checkpoint, oldest first."""
@@ -90,7 +95,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save_checkpoint(str(tmp), tag="ds", client_state={}, save_latest=False)
+        # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage
+        engine.save_checkpoint(str(tmp), tag="ds", client_state={UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}},
+                               save_latest=False)
         torch.save({**state, "rng": rng_state()}, tmp / f"rank-{self.rank}.pt")
         _barrier()
         if self.rank == 0:
@@ -106,24 +113,57 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             _fsync(self.root)  # persist the rename; the files themselves were synced above
-            for _, old in self.complete()[: -self.keep]:  # only after the new one is complete
+            for st, old in self.complete()[: -self.keep]:  # only after the new one is complete
+                if self.keep_every and st % self.keep_every == 0:
+                    continue  # a milestone: kept for good
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
         return final
 
-    def load(self, path: Path, engine) -> dict:
-        """Restore engine + this rank's state from a validated checkpoint; returns our state dict."""
+    def universal(self, path: Path) -> Path:
+        """Convert a checkpoint to DeepSpeed's universal format (per-parameter fp32 weights and optimizer
+        states, independent of world size and ZeRO stage) next to it, once; all ranks call this."""
+        out = self.root / f".universal-{path.name}"
+        if self.rank == 0 and not (out / "COMPLETE").is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
+                                "--output_folder", str(tmp / "ds"), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise UserError(f"{path}: converting to a universal checkpoint for the new world size / ZeRO stage failed: "
+                                f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+            # DeepSpeed looks the common state up as mp_rank_00_* (ZeRO 1-2) or zero_pp_rank_0_mp_rank_00_* (ZeRO-3):
+            # provide both names, so any stage can load what any stage saved
+            names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+            have = [n for n in names if (tmp / "ds" / n).is_file()]
+            if not have:
+                raise UserError(f"{path}: the universal conversion wrote no model states file")
+            for n in names:
+                if n not in have:
+                    shutil.copyfile(tmp / "ds" / have[0], tmp / "ds" / n)
+            (tmp / "COMPLETE").write_text("ok\n")
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        _barrier()
+        return out
+
+    def load(self, path: Path, engine, universal: Path | None = None) -> dict:
+        """Restore engine + this rank's state from a validated checkpoint; returns our state dict.
+        With `universal` (another world size / ZeRO stage), the engine state comes from that conversion."""
         manifest = validate(path)
         if manifest is None:
             raise UserError(f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from manifest.json)")
-        if manifest["world_size"] != self.world:
-            raise UserError(f"{path}: saved with {manifest['world_size']} ranks, this run has {self.world}; "
-                            "resuming on a different world size is not supported yet - relaunch with the same number of ranks")
-        load_path, _ = engine.load_checkpoint(str(path), tag="ds")
+        load_path, _ = engine.load_checkpoint(str(universal or path), tag="ds")
         if load_path is None:
             raise UserError(f"{path}: DeepSpeed could not load the engine state")
-        state = torch.load(path / f"rank-{self.rank}.pt", weights_only=True)
+        # data position is global (the same in every rank's file); RNG streams of new ranks start from the last old one
+        state = torch.load(path / f"rank-{min(self.rank, manifest['world_size'] - 1)}.pt", weights_only=True)
         set_rng_state(state.pop("rng"))
+        if universal is not None:  # loaded everywhere: the conversion has served (the next save is in the new layout)
+            _barrier()
+            if self.rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
         return state
 
 

@@ -92,6 +92,7 @@ class CheckpointConfig(_Section):
     every_steps: int = Field(0, ge=0, description="Save a resumable checkpoint every N optimizer steps (0: only at the end and on a signal).")
     every_minutes: float = Field(0.0, ge=0, description="Also save when this many minutes passed since the last save (0: off); ranks agree.")
     keep: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted only after a new one is complete.")
+    keep_every: int = Field(0, ge=0, description="Besides the newest `keep`, also keep for good every checkpoint whose step is a multiple of this (0: off).")
     resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in output.dir; `never`; or a checkpoint path.")
     signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(["SIGTERM", "SIGUSR1"], description="Signals that make every rank save at the next step boundary and exit with status 75 (requeue me).")
 

@@ -98,14 +98,18 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build(cfg: Config, model, total_steps: int, precision: str):
+def build(cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False):
+    """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO stage)."""
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
     t = cfg.train
     sched = partial(lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
+    config = ds_config(cfg, precision)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=_param_groups(model, t.weight_decay), config=ds_config(cfg, precision),
+        model=model, model_parameters=_param_groups(model, t.weight_decay), config=config,
         lr_scheduler=lambda opt: LambdaLR(opt, sched))
     return engine
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from . import dist, engine as eng_mod, model as model_mod, perf
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, validate
 from .config import Config, dump_config, load_config
 from .data import dataset
 from .errors import UserError
@@ -25,6 +25,7 @@ from .track import Tracker, truncate_metrics
 EXIT_PREEMPTED = 75  # saved on a signal; rerun (or requeue) the same command to continue
 # changing these between a checkpoint and its resume would break exactness, so it is refused
 RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
+RESHARD_MAY_CHANGE = ("train.micro_batch_size", "train.grad_accum", "engine.zero_stage")  # with the global batch kept
 
 
 def _seed_all(seed: int) -> None:
@@ -44,20 +45,23 @@ def _prepare_out_dir(cfg: Config, env: dist.DistEnv) -> Path:
     return out
 
 
-def _resume_point(cfg: Config, ckpt: Checkpointer):
-    """The checkpoint to resume from (or None), after checking the saved config is compatible."""
+def _resume_point(cfg: Config, ckpt: Checkpointer, world: int) -> tuple[Path | None, bool]:
+    """(checkpoint to resume from or None, whether it must be resharded), after checking the saved config.
+    Another world size or ZeRO stage is allowed when the global batch stays the same (resharded through
+    DeepSpeed's universal checkpoint: the same global sample order, the optimizer state kept)."""
     mode = cfg.checkpoint.resume
     if mode == "never":
-        return None
+        return None, False
     if mode == "auto":
         done = ckpt.complete()
         if not done:
-            return None
+            return None, False
         path = done[-1][1]
     else:
         path = Path(mode)
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"checkpoint.resume '{path}': no checkpoint there (expected <output.dir>/checkpoints/step-N)")
+    manifest = validate(path)
+    if manifest is None or not (path / "config.yaml").is_file():
+        raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there (expected <output.dir>/checkpoints/step-N)")
     saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
 
     def pick(tree, dotted):
@@ -65,11 +69,25 @@ def _resume_point(cfg: Config, ckpt: Checkpointer):
             tree = tree[k]
         return tree
 
-    changed = [k for k in RESUME_MUST_MATCH if pick(saved, k) != pick(now, k)]
+    reshard = manifest["world_size"] != world or manifest["zero_stage"] != cfg.engine.zero_stage
+    must = [k for k in RESUME_MUST_MATCH if not (reshard and k in RESHARD_MAY_CHANGE)]
+    changed = [k for k in must if pick(saved, k) != pick(now, k)]
     if changed:
         raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
                         "restore those values, or set checkpoint.resume=never with a new output.dir")
-    return path
+    if reshard:
+        st, nt = saved["train"], now["train"]
+        g_old, g_new = st["micro_batch_size"] * st["grad_accum"] * manifest["world_size"], nt["micro_batch_size"] * nt["grad_accum"] * world
+        if g_old != g_new:
+            raise UserError(f"{path}: saved with {manifest['world_size']} ranks (global batch {g_old}), this run has {world} ranks "
+                            f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}")
+        if not {manifest["zero_stage"], cfg.engine.zero_stage} <= {1, 2}:
+            # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads but
+            # does not continue the run exactly (tested), so neither is offered
+            raise UserError(f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
+                            f"(saved {manifest['zero_stage']}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
+                            "and engine.zero_stage, or set checkpoint.resume=never to start over")
+    return path, reshard
 
 
 def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
@@ -106,13 +124,13 @@ def run(cfg: Config) -> Path:
     out = _prepare_out_dir(cfg, env)
     zero3_loading = eng_mod.zero3_loading(cfg, precision)  # noqa: F841 - alive while the model loads sharded
     model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
-    engine = eng_mod.build(cfg, model, total_steps, precision)
-    ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size)
+    ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
+    resume_from, reshard = _resume_point(cfg, ckpt, env.world_size)
+    engine = eng_mod.build(cfg, model, total_steps, precision, load_universal=reshard)
     start, run_id = 0, None
-    resume_from = _resume_point(cfg, ckpt)
     if resume_from is not None:
         t_load = time.perf_counter()
-        state = ckpt.load(resume_from, engine)
+        state = ckpt.load(resume_from, engine, ckpt.universal(resume_from) if reshard else None)
         t_load = time.perf_counter() - t_load
         stream.load_state_dict(state["data"])
         start, run_id = state["step"], state.get("run_id")
@@ -121,7 +139,8 @@ def run(cfg: Config) -> Path:
     tracker = Tracker(out, env.rank, total_steps, t.log_every, start, cfg.output.log_all_ranks,
                       cfg.track, run_id, yaml.safe_load(dump_config(cfg)))
     if resume_from is not None:
-        tracker.info(f"resumed from {resume_from}: step {start}, data epoch {stream.epoch} position {stream.pos}, "
+        tracker.info(f"resumed from {resume_from}{' (resharded to this world size / ZeRO stage)' if reshard else ''}: "
+                     f"step {start}, data epoch {stream.epoch} position {stream.pos}, "
                      f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s")
         tracker.log(start, {"checkpoint_load_s": t_load})
     signalled = []  # a signal only sets a flag; ranks agree on it at the next step boundary
@@ -183,6 +202,7 @@ def run(cfg: Config) -> Path:
                            "loss_tokens_per_s": n_loss / dt, "step_time_s": dt,
                            "mfu": flops_tok * n_tokens / dt / (peak * env.world_size) if peak else None,
                            "epoch": stream.epoch + stream.pos / max(1, stream.n), "elapsed_s": perf.process_age_s(),
+                           **({"skipped_steps": engine.skipped_steps} if precision == "fp16" else {}),  # fp16 overflows
                            **perf.device_memory_mb()})
         if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
             tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env))

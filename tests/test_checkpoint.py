@@ -165,3 +165,47 @@ def test_corrupt_latest_checkpoint_falls_back(cfg, reference, tmp_path):
     victim.write_bytes(victim.read_bytes()[:100])  # truncated: size no longer matches the manifest
     r = _run(_cmd(cfg, out, 1))
     assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-9'}" in r.stdout
+
+
+def test_keep_every_holds_milestones_and_rotation_keeps_the_newest(cfg, tmp_path):
+    out = tmp_path / "milestones"
+    r = _run(_cmd(cfg, out, 1, "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_every=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir()) == [4, 8, 10, 12]
+    saves = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "checkpoint_save_s" in x]
+    assert [s["step"] for s in saves] == [2, 4, 6, 8, 10, 12] and all(s["checkpoint_save_s"] > 0 for s in saves)
+
+
+@pytest.mark.parametrize("stage_before,ranks_after,stage_after", [(2, 1, 2), (2, 2, 1), (1, 1, 2)])
+def test_resume_on_another_world_size_or_zero_stage_keeps_the_run(cfg, reference, tmp_path, stage_before, ranks_after, stage_after):
+    """2 ranks die after step 7 (checkpoint 6); the job continues on `ranks_after` ranks with ZeRO
+    `stage_after`, the same global batch (micro x world constant), through DeepSpeed's universal checkpoint.
+    The rest of the run equals the uninterrupted 2-rank run up to reduction-order rounding."""
+    out = tmp_path / "elastic"
+    r = _run(_cmd(cfg, out, 2, f"engine.zero_stage={stage_before}"), {"DIST_FT_TEST_KILL_AT_STEP": "7"})
+    assert r.returncode != 0 and (out / "checkpoints" / "step-6").is_dir()
+    micro = 2 * 2 // ranks_after
+    r = _run(_cmd(cfg, out, ranks_after, f"engine.zero_stage={stage_after}", f"train.micro_batch_size={micro}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step-6'} (resharded to this world size / ZeRO stage): step 6" in r.stdout
+    ref, got = _losses(reference[2]), _losses(out)
+    assert len(got) == STEPS and max(abs(a - b) for a, b in zip(ref[:6], got[:6])) < 2e-5
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 2e-5, (ref, got)  # the same samples, the same optimizer state
+    wa, wb = load_file(reference[2] / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=0)
+
+
+def test_reshard_refuses_a_changed_global_batch(cfg, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "elastic-bad"
+    shutil.copytree(reference[2], out)
+    shutil.rmtree(out / "final")
+    r = _run(_cmd(cfg, out, 1, "engine.zero_stage=2"))  # 1 rank x micro 2 = 2 rows, the checkpoint had 4
+    assert r.returncode == 2
+    assert "saved with 2 ranks (global batch 4), this run has 1 ranks (global batch 2)" in r.stderr
+    assert "micro x accum x world = 4" in r.stderr
+    r = _run(_cmd(cfg, out, 2, "engine.zero_stage=3"))  # ZeRO-3 is not resharded (not exact): said up front
+    assert r.returncode == 2 and "resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2" in r.stderr
+
