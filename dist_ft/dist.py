@@ -93,6 +93,23 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _remove_shm_buffers()
+
+
+def _remove_shm_buffers() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (~66 MB per rank) and never unlinks it: every multi-rank CPU run would leak RAM until reboot. After the
+    last collective no rank opens them again, so local rank 0 unlinks this job's set."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return
+    import glob
+
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_*"
+    for path in glob.glob(pattern):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def all_sum(*values: float) -> list[float]:

@@ -14,6 +14,21 @@ import tiny  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_shm_leftovers():
+    """Runs this session SIGKILLs on purpose cannot unlink DeepSpeed's /dev/shm buffers; remove them at the end."""
+    import time
+
+    start = time.time()
+    yield
+    for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if p.stat().st_mtime >= start - 1:
+                p.unlink()
+        except OSError:
+            pass
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return tiny.make_gpt2(tmp_path_factory.mktemp("gpt2"))
