@@ -122,3 +122,20 @@ def test_torchrun_two_nodes_on_localhost(setup):
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
     _assert_matches_single(tmp, out)
+
+
+def test_deepspeed_hostfile_two_nodes_on_localhost(setup):
+    """The multi-node form, `deepspeed --hostfile`, as two "nodes" on this machine (--no_ssh: each node
+    starts its own ranks, as a cluster launcher would, instead of DeepSpeed ssh-ing into the hosts)."""
+    tmp, cfg = setup
+    out, port = tmp / "hostfile", _port()
+    hostfile = tmp / "hostfile.txt"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+                               "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "launch/train.py", str(cfg), f"output.dir={out}", "engine.zero_stage=1"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    assert "world 2 | ZeRO 1" in outs[0][0]
+    _assert_matches_single(tmp, out)
