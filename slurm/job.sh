@@ -48,5 +48,8 @@ set -e
 if [ "$rc" -eq 75 ]; then
     echo "[dist-ft] checkpoint saved after a preemption notice; requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
     scontrol requeue "$SLURM_JOB_ID"
+    # requeueing ends this script; exiting on our own first could record the job as failed (exit 75)
+    # before the requeue lands
+    sleep 300
 fi
 exit "$rc"

@@ -62,10 +62,14 @@ def _job(jid: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", text))
 
 
-def _wait(jid: str, timeout: float = 600) -> dict:
+def _wait(jid: str, timeout: float = 600, restarts: int = 0) -> dict:
+    """Wait until the job ends for good (a job being requeued passes through ended-looking states)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = _job(jid)
+        if int(job.get("Restarts", 0)) < restarts:
+            time.sleep(0.5)
+            continue
         if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
             # a requeued job is held ~2 min by default; start it now (test speed only)
             subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
@@ -126,7 +130,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_
         assert time.time() < deadline and _job(jid).get("JobState") in ("PENDING", "RUNNING"), _job(jid)
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # what --signal=USR1@grace sends before the limit
-    job = _wait(jid)
+    job = _wait(jid, restarts=1)
     log = Path(str(out) + f"-{jid}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", (job, log[-3000:])
     stopped = int(re.search(r"stopped by signal after step (\d+); exit 75", log).group(1))
