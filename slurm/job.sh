@@ -47,9 +47,9 @@ set -e
 
 if [ "$rc" -eq 75 ]; then
     echo "[dist-ft] checkpoint saved after a preemption notice; requeueing job $SLURM_JOB_ID (it resumes from that checkpoint)"
-    scontrol requeue "$SLURM_JOB_ID"
-    # requeueing ends this script; exiting on our own first could record the job as failed (exit 75)
-    # before the requeue lands
-    sleep 300
+    # this run ends here either way; once requeued, its end is not a failure
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
 fi
 exit "$rc"

@@ -62,12 +62,15 @@ def _job(jid: str) -> dict:
     return dict(re.findall(r"(\w+)=(\S+)", text))
 
 
-def _wait(jid: str, timeout: float = 600, restarts: int = 0) -> dict:
-    """Wait until the job ends for good (a job being requeued passes through ended-looking states)."""
+def _wait(jid: str, timeout: float = 600, finished: Path | None = None) -> dict:
+    """Wait until the job ends for good. A job being requeued passes through ended-looking states, so with
+    `finished` (a file the last part writes) an ended state counts only once that file exists."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = _job(jid)
-        if int(job.get("Restarts", 0)) < restarts:
+        if finished is not None and not finished.exists():
+            if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
+                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
             time.sleep(0.5)
             continue
         if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
@@ -130,7 +133,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_
         assert time.time() < deadline and _job(jid).get("JobState") in ("PENDING", "RUNNING"), _job(jid)
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # what --signal=USR1@grace sends before the limit
-    job = _wait(jid, restarts=1)
+    job = _wait(jid, finished=out / "final" / "model.safetensors")
     log = Path(str(out) + f"-{jid}.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" and job["Restarts"] == "1", (job, log[-3000:])
     stopped = int(re.search(r"stopped by signal after step (\d+); exit 75", log).group(1))
