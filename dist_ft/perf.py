@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets); MFU is not shown for others/CPU
@@ -60,12 +62,17 @@ def device_memory_mb() -> dict:
 
 
 def process_age_s() -> float:
-    """Seconds since this process started (time-to-first-step and friends)."""
+    """Seconds since this process started (time-to-first-step and friends); called every step."""
     import time
 
+    return time.time() - _process_start()
+
+
+@functools.cache
+def _process_start() -> float:
     import psutil
 
-    return time.time() - psutil.Process().create_time()
+    return psutil.Process().create_time()
 
 
 def flops_per_token(model_config, n_params: int, seq_len: int) -> float:

@@ -153,8 +153,9 @@ def run(cfg: Config) -> Path:
         t_save = time.perf_counter()
         path = ckpt.save(step, engine, {"step": step, "data": stream.state_dict(), "run_id": tracker.run_id}, dump_config(cfg))
         last_save = time.monotonic()
-        tracker.info(f"saved checkpoint {path} in {time.perf_counter() - t_save:.1f} s")
-        tracker.log(step, {"checkpoint_save_s": time.perf_counter() - t_save})
+        t_save = time.perf_counter() - t_save
+        tracker.info(f"saved checkpoint {path} in {t_save:.1f} s")
+        tracker.log(step, {"checkpoint_save_s": t_save})
     tracker.info(_data_summary("train", prep.train, prep.seq_len))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, prep.seq_len))

@@ -19,12 +19,8 @@ import tiny
 STEPS = 12
 
 
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-
 def _assert_identical(a: Path, b: Path) -> None:
-    assert _losses(a) == _losses(b)  # bitwise: floats are stored at full precision
+    assert tiny.losses(a) == tiny.losses(b)  # bitwise: floats are stored at full precision
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -44,13 +40,8 @@ def _run(cmd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, gpt2_dir):
-    tmp = tmp_path_factory.mktemp("ckpt")
-    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.toy_chat(96))
-    path = tmp / "cfg.yaml"
-    path.write_text(f"model: {{path: {gpt2_dir}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
-                    f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2}}\n"
-                    "engine: {precision: fp32}\ncheckpoint: {every_steps: 3}\n")
-    return path
+    return tiny.run_config(tmp_path_factory.mktemp("ckpt"), gpt2_dir, 96, f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+                           "precision: fp32", "checkpoint: {every_steps: 3}\n")
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +112,6 @@ def test_signal_saves_and_exits_75_then_resumes_exactly(cfg, tmp_path):
     _assert_identical(ref, out)
 
 
-def _wandb_run_ids(out: Path) -> list[str]:
-    """Ids of the offline W&B runs written under out/wandb (dirs are offline-run-<time>-<id>)."""
-    return [p.name.rsplit("-", 1)[1] for p in sorted((out / "wandb").glob("offline-run-*"))]
-
-
 def test_resumed_job_continues_the_same_wandb_run_and_leaks_no_secret(cfg, reference):
     out = cfg.parent / "wandb-resume"
     secret = {"WANDB_API_KEY": "sk-dist-ft-test-" + "7" * 24, "HF_TOKEN": "hf_dist_ft_test_token_123456"}
@@ -133,7 +119,7 @@ def test_resumed_job_continues_the_same_wandb_run_and_leaks_no_secret(cfg, refer
     assert r.returncode != 0
     r = _run(_cmd(cfg, out, 1, "track.wandb=offline"), secret)
     assert r.returncode == 0, r.stderr[-3000:]
-    ids = _wandb_run_ids(out)
+    ids = tiny.wandb_run_ids(out)
     assert len(ids) == 2 and ids[0] == ids[1], ids  # one run, two parts
     _assert_identical(reference[1], out)  # tracking does not change training
     for f in out.rglob("*"):
@@ -152,7 +138,7 @@ def test_resume_refuses_incompatible_config_but_allows_more_steps(cfg, reference
     assert r.returncode == 2 and "config differs from the checkpoint in train.micro_batch_size" in r.stderr
     r = _run(_cmd(cfg, out, 1, f"train.max_steps={STEPS + 3}"))
     assert r.returncode == 0 and "resumed from" in r.stdout and "step 12" in r.stdout
-    assert len(_losses(out)) == STEPS + 3
+    assert len(tiny.losses(out)) == STEPS + 3
 
 
 def test_corrupt_latest_checkpoint_falls_back(cfg, reference, tmp_path):
@@ -188,7 +174,7 @@ def test_resume_on_another_world_size_or_zero_stage_keeps_the_run(cfg, reference
     r = _run(_cmd(cfg, out, ranks_after, f"engine.zero_stage={stage_after}", f"train.micro_batch_size={micro}"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / 'step-6'} (resharded to this world size / ZeRO stage): step 6" in r.stdout
-    ref, got = _losses(reference[2]), _losses(out)
+    ref, got = tiny.losses(reference[2]), tiny.losses(out)
     assert len(got) == STEPS and max(abs(a - b) for a, b in zip(ref[:6], got[:6])) < 2e-5
     assert max(abs(a - b) for a, b in zip(ref, got)) < 2e-5, (ref, got)  # the same samples, the same optimizer state
     wa, wb = load_file(reference[2] / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")

@@ -27,18 +27,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, gpt2_dir):
     tmp = tmp_path_factory.mktemp("dist")
-    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.toy_chat(160))
-    cfg = tmp / "cfg.yaml"
-    cfg.write_text(f"model: {{path: {gpt2_dir}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
-                   "train: {max_steps: 8, micro_batch_size: 2, grad_accum: 2, lr: 3.0e-3, warmup_steps: 2}\n"
-                   "engine: {precision: fp32}\n")
+    cfg = tiny.run_config(tmp, gpt2_dir, 160, "max_steps: 8, micro_batch_size: 2, grad_accum: 2, lr: 3.0e-3, warmup_steps: 2", "precision: fp32")
     # one process with the same global batch: 4 rows x 2 accumulation steps
     r = run_cli("train", str(cfg), "train.micro_batch_size=4", f"output.dir={tmp / 'single'}")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -61,7 +53,7 @@ def _deepspeed(cfg: Path, out: Path, *overrides: str) -> subprocess.CompletedPro
 
 
 def _assert_matches_single(tmp: Path, out: Path, tol: float = TOL) -> None:
-    ref, got = _losses(tmp / "single"), _losses(out)
+    ref, got = tiny.losses(tmp / "single"), tiny.losses(out)
     assert len(got) == len(ref) == 8
     assert max(abs(a - b) for a, b in zip(ref, got)) <= tol, (ref, got)
     w_ref, w = load_file(tmp / "single" / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")

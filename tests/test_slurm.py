@@ -39,13 +39,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def job_cfg(tmp_path_factory, gpt2_dir) -> Path:
-    tmp = tmp_path_factory.mktemp("slurm")
-    data = tiny.write_jsonl(tmp / "train.jsonl", tiny.toy_chat(96))
-    cfg = tmp / "cfg.yaml"
-    cfg.write_text(f"model: {{path: {gpt2_dir}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
-                   f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2}}\n"
-                   "engine: {precision: fp32, zero_stage: 2}\n")
-    return cfg
+    return tiny.run_config(tmp_path_factory.mktemp("slurm"), gpt2_dir, 96, f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+                           "precision: fp32, zero_stage: 2")
 
 
 def _sbatch(cfg: Path, out: Path, *overrides: str) -> str:
@@ -68,23 +63,15 @@ def _wait(jid: str, timeout: float = 600, finished: Path | None = None) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = _job(jid)
-        if finished is not None and not finished.exists():
-            if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
-                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
-            time.sleep(0.5)
-            continue
         if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
             # a requeued job is held ~2 min by default; start it now (test speed only)
             subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
-        if job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+        ended = job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+        if ended and (finished is None or finished.exists()):
             return job
-        time.sleep(1)
+        time.sleep(0.5)
     subprocess.run(["scancel", jid])
     pytest.fail(f"job {jid} did not finish in {timeout} s: {_job(jid)}")
-
-
-def _losses(out: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 def test_templates_are_shellcheck_clean():
@@ -141,9 +128,9 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_
     assert f"requeueing job {jid}" in log and f"job {jid} restart 1" in log
     assert f"resumed from {out / 'checkpoints' / f'step-{stopped}'}: step {stopped}" in log
     # the two parts equal one uninterrupted job: every loss and every weight, bitwise
-    assert _losses(out) == _losses(uninterrupted)
+    assert tiny.losses(out) == tiny.losses(uninterrupted)
     wa, wb = load_file(uninterrupted / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # one W&B run across both parts
-    ids = [p.name.rsplit("-", 1)[1] for p in sorted((out / "wandb").glob("offline-run-*"))]
+    ids = tiny.wandb_run_ids(out)
     assert len(ids) == 2 and ids[0] == ids[1], ids

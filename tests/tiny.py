@@ -87,3 +87,23 @@ def toy_chat(n: int = 64) -> list[dict]:
 def write_jsonl(path: Path, recs: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
+
+
+def run_config(tmp: Path, model: Path, records: int, train: str, engine: str, extra: str = "") -> Path:
+    """tmp/cfg.yaml training `model` on `records` toy conversations (tmp/train.jsonl), 128-token rows.
+    `train` / `engine` are the YAML flow mappings' insides, e.g. "max_steps: 8, micro_batch_size: 2"."""
+    data = write_jsonl(tmp / "train.jsonl", toy_chat(records))
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
+                   f"train: {{{train}}}\nengine: {{{engine}}}\n{extra}")
+    return cfg
+
+
+def losses(out: Path) -> list[float]:
+    """The per-step training losses of a run directory, at the full precision metrics.jsonl keeps."""
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def wandb_run_ids(out: Path) -> list[str]:
+    """Ids of the offline W&B runs written under out/wandb (dirs are offline-run-<time>-<id>), oldest first."""
+    return [p.name.rsplit("-", 1)[1] for p in sorted((out / "wandb").glob("offline-run-*"))]
