@@ -11,6 +11,8 @@ from .errors import UserError
 EXAMPLES = """\
 examples:
   dist-ft demo                                          fine-tune SmolLM2-135M on the shipped demo set, score before/after
+  dist-ft prepare configs/gpt2-chat.yaml --out /data/ultrachat-gpt2   tokenize + pack once into token shards
+  dist-ft train configs/gpt2-chat.yaml data.prepared=/data/ultrachat-gpt2
   dist-ft train configs/gpt2-chat.yaml train.lr=3e-5 data.max_seq_len=512
   deepspeed --num_gpus 2 launch/train.py configs/gpt2-chat.yaml
   dist-ft chat --model runs/demo/final                  interactive chat (/reset, /exit)
@@ -37,6 +39,14 @@ def parser() -> argparse.ArgumentParser:
                                    "Multi-process: run launch/train.py under deepspeed, torchrun or srun with the same arguments.")
     p.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+
+    p = sub.add_parser("prepare", help="tokenize, pack and write token shards once (train then reads them, on any number of ranks)",
+                       description="Read data.train (and data.validation / val_fraction), apply the chat template and labels, pack, and "
+                                   "write token shards + manifest. Without --out they go to the cache train looks in, so train with the same "
+                                   "config tokenizes nothing; with --out, train with data.prepared=DIR. An interrupted prepare resumes.")
+    p.add_argument("config", help="YAML config file (its model and data sections are used)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.num_proc=8")
+    p.add_argument("--out", help="directory to write (default: the on-the-fly cache under data.cache_dir)")
 
     p = sub.add_parser("chat", help="chat with an exported model")
     p.add_argument("--model", required=True, help="exported model directory (<output.dir>/final)")
@@ -93,6 +103,29 @@ def _demo(args) -> None:
     print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")
 
 
+def _prepare(args) -> None:
+    from pathlib import Path
+
+    from . import model as model_mod
+    from .config import load_config
+    from .data import shards
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.train is None:
+        raise UserError(f"{args.config}: dist-ft prepare needs data.train (the source to tokenize)")
+    tok = model_mod.load_tokenizer(cfg.model)
+    key = shards.dataset_key(cfg.data, tok)
+    out = Path(args.out).expanduser() if args.out else cfg.data.cache_path() / "shards" / key["sha256"][:16]
+    manifest = shards.prepare(cfg.data, tok, out)
+    for split, info in manifest["splits"].items():
+        st = info["stats"]
+        print(f"{split}: {st['records']:,} records, {st['examples']:,} examples, {st['tokens']:,} tokens "
+              f"({st['loss_tokens']:,} loss-bearing), {len(info['shards'])} shard(s)")
+    print(f"wrote {out} ({manifest['dtype']}, {manifest['tokens_per_s']:,} tokens/s)")
+    print(f"train on it: dist-ft train {args.config} {' '.join(args.overrides)}"
+          + (f" data.prepared={out}" if args.out else "   (same config: found in the cache)"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -102,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_config
 
             train.run(load_config(args.config, args.overrides))
+        elif args.cmd == "prepare":
+            _prepare(args)
         elif args.cmd == "chat":
             from . import chat
 

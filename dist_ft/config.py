@@ -35,10 +35,11 @@ class SourceConfig(_Section):
     path: str = Field(..., description="Local .jsonl/.json/.parquet file or directory, or a Hugging Face dataset name.")
     split: str = Field("train", description="Split to read when `path` is a dataset name or directory.")
     subset: Optional[str] = Field(None, description="Dataset configuration name (the `name` argument of `datasets.load_dataset`).")
+    streaming: bool = Field(False, description="Read a hub dataset as a stream (`load_dataset(streaming=True)`): nothing is downloaded whole.")
 
 
 class DataConfig(_Section):
-    train: SourceConfig = Field(..., description="Training data source (a path string is accepted as shorthand).")
+    train: Optional[SourceConfig] = Field(None, description="Training data source (a path string is accepted as shorthand); not needed with `prepared`.")
     validation: Optional[SourceConfig] = Field(None, description="Separate validation source; if unset, `val_fraction` of train is held out.")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training records held out for validation when no `validation` source is given.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format; `auto` detects it per record from the keys.")
@@ -47,6 +48,21 @@ class DataConfig(_Section):
     packing: bool = Field(True, description="Pack examples into rows of `max_seq_len` (position ids restart per example); false = pad to the longest in batch.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than `max_seq_len` (always counted and reported).")
     seed: int = Field(1234, description="Seed for the validation split and the per-epoch shuffle.")
+    prepared: Optional[str] = Field(None, description="Directory or fsspec URL (s3://...) written by `dist-ft prepare`: train reads its shards and tokenizes nothing.")
+    cache_dir: Optional[str] = Field(None, description="Where train builds shards on the fly (keyed by data, tokenizer and settings) and caches remote ones; None: $DIST_FT_CACHE or ~/.cache/dist_ft.")
+    shard_tokens: int = Field(1 << 25, ge=1, description="Tokens per shard file (the last one of a split may hold fewer).")
+    shuffle_window: int = Field(1 << 16, ge=1, description="Rows shuffled together in an epoch, after the shard order is shuffled; memory is O(window).")
+    num_proc: int = Field(0, ge=0, description="Processes that tokenize in prepare (0: every core); sources under 2048 records use one.")
+    verify_shards: bool = Field(True, description="Check each shard's sha256 against the manifest when a run opens it (sizes are always checked).")
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "DataConfig":
+        if self.train is None and self.prepared is None:
+            raise ValueError("give data.train (a file, directory or hub dataset) or data.prepared (shards from dist-ft prepare)")
+        return self
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or os.environ.get("DIST_FT_CACHE") or "~/.cache/dist_ft").expanduser()
 
     @field_validator("train", "validation", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from .track import Tracker, truncate_metrics
 EXIT_PREEMPTED = 75  # saved on a signal; rerun (or requeue) the same command to continue
 # changing these between a checkpoint and its resume would break exactness, so it is refused
 RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
+DATA_MAY_CHANGE = ("cache_dir", "num_proc", "verify_shards")
 RESHARD_MAY_CHANGE = ("train.micro_batch_size", "train.grad_accum", "engine.zero_stage")  # with the global batch kept
 
 
@@ -63,6 +64,9 @@ def _resume_point(cfg: Config, ckpt: Checkpointer, world: int) -> tuple[Path | N
     if manifest is None or not (path / "config.yaml").is_file():
         raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there (expected <output.dir>/checkpoints/step-N)")
     saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
+    for tree in (saved, now):  # where shards are cached and how they are built or checked does not change the data
+        for k in DATA_MAY_CHANGE:
+            tree["data"].pop(k)
 
     def pick(tree, dotted):
         for k in dotted.split("."):
@@ -118,9 +122,11 @@ def run(cfg: Config) -> Path:
     t = cfg.train
     _seed_all(t.seed)
     tok = model_mod.load_tokenizer(cfg.model)
-    prep = dataset.build(cfg.data, tok)
-    stream = dataset.BatchStream(len(prep.train.items), t.micro_batch_size, env.rank, env.world_size, cfg.data.seed)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * stream.micro_steps_per_epoch / t.grad_accum))
+    prep = dataset.build(cfg.data, tok, env.local_rank, lambda x: dist.all_sum(x)[0],
+                         log=print if env.local_rank == 0 else lambda *_: None)
+    stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
+    micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)  # the ragged tail is not counted
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
     out = _prepare_out_dir(cfg, env)
     zero3_loading = eng_mod.zero3_loading(cfg, precision)  # noqa: F841 - alive while the model loads sharded
     model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
@@ -140,7 +146,7 @@ def run(cfg: Config) -> Path:
                       cfg.track, run_id, yaml.safe_load(dump_config(cfg)))
     if resume_from is not None:
         tracker.info(f"resumed from {resume_from}{' (resharded to this world size / ZeRO stage)' if reshard else ''}: "
-                     f"step {start}, data epoch {stream.epoch} position {stream.pos}, "
+                     f"step {start}, data epoch {stream.epoch} sample {stream.index:,}, "
                      f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s")
         tracker.log(start, {"checkpoint_load_s": t_load})
     signalled = []  # a signal only sets a flag; ranks agree on it at the next step boundary
@@ -156,6 +162,7 @@ def run(cfg: Config) -> Path:
         t_save = time.perf_counter() - t_save
         tracker.info(f"saved checkpoint {path} in {t_save:.1f} s")
         tracker.log(step, {"checkpoint_save_s": t_save})
+    tracker.info(f"data: shards {prep.root} (dataset {prep.fingerprint})")
     tracker.info(_data_summary("train", prep.train, prep.seq_len))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, prep.seq_len))
@@ -202,7 +209,7 @@ def run(cfg: Config) -> Path:
                            "tokens_per_s": n_tokens / dt,
                            "loss_tokens_per_s": n_loss / dt, "step_time_s": dt,
                            "mfu": flops_tok * n_tokens / dt / (peak * env.world_size) if peak else None,
-                           "epoch": stream.epoch + stream.pos / max(1, stream.n), "elapsed_s": perf.process_age_s(),
+                           "epoch": stream.epoch_progress, "elapsed_s": perf.process_age_s(),
                            **({"skipped_steps": engine.skipped_steps} if precision == "fp16" else {}),  # fp16 overflows
                            **perf.device_memory_mb()})
         if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):

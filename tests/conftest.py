@@ -8,6 +8,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# token shards built on the fly go to a per-session cache, not the user's ~/.cache/dist_ft
+os.environ["DIST_FT_CACHE"] = __import__("tempfile").mkdtemp(prefix="dist_ft_cache_")
 
 import tiny  # noqa: E402
 
@@ -45,8 +47,9 @@ def toy_data(tmp_path_factory) -> tuple[Path, Path]:
     return tiny.write_jsonl(d / "train.jsonl", tiny.toy_chat(64)), tiny.write_jsonl(d / "val.jsonl", tiny.toy_chat(8))
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600):
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run `dist-ft ...` as users do (a subprocess), returning CompletedProcess with text output."""
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "dist_ft", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "dist_ft", *args], capture_output=True, text=True, cwd=cwd or REPO,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,36 +1,101 @@
-"""Per-rank data partition and launcher environment mapping."""
+"""The global sample order, each rank's slice of it, exact and elastic resume; launcher environment mapping."""
 
-from dist_ft.data.dataset import BatchStream
+import pytest
+
+from dist_ft.data.stream import GlobalOrder, SampleStream
 from dist_ft.dist import env_from
+from dist_ft.errors import UserError
+
+SHARDS = [7, 13, 5, 11, 9]  # rows per shard: uneven on purpose (45 rows)
 
 
-def _global_sequence(world: int, micro: int, steps: int, n: int = 50) -> list[list[int]]:
-    streams = [BatchStream(n, micro, r, world, seed=7) for r in range(world)]
-    return [[i for s in streams for i in s.next_indices()] for _ in range(steps)]
+def _order(window: int = 8, seed: int = 7) -> GlobalOrder:
+    return GlobalOrder(SHARDS, seed, window)
 
 
-def test_ranks_partition_the_same_global_order():
-    one = _global_sequence(1, 4, 30)
-    two = _global_sequence(2, 2, 30)
-    assert one == two  # 2 ranks x 2 = 1 rank x 4: identical global batches
-    for batch in two:
-        assert len(set(batch)) == len(batch)  # no two ranks share an example within a step
+def _global(streams: list[SampleStream], steps: int) -> list[int]:
+    """The global sequence: per step, rank 0's rows, then rank 1's, ..."""
+    return [i for _ in range(steps) for s in streams for i in s.next_indices()]
 
 
-def test_epoch_covers_every_item_once_and_reshuffles():
-    s = BatchStream(48, 4, 0, 1, seed=3)
-    epoch0 = [i for _ in range(12) for i in s.next_indices()]
-    epoch1 = [i for _ in range(12) for i in s.next_indices()]
-    assert sorted(epoch0) == sorted(epoch1) == list(range(48)) and epoch0 != epoch1
+@pytest.mark.parametrize("world,micro", [(1, 6), (2, 3), (3, 2), (2, 5), (3, 4)])
+def test_ranks_partition_one_ordered_stream(world, micro):
+    order = _order()
+    seq = _global([SampleStream(order, micro, r, world) for r in range(world)], 20)
+    assert seq == [order.row(g) for g in range(len(seq))]  # every world size walks the same stream
+    span = micro * world
+    for k in range(20):  # ranks hold disjoint rows in a step (one straddling two epochs may meet a row again)
+        if (k * span) // 45 == ((k + 1) * span - 1) // 45:
+            step = seq[k * span:(k + 1) * span]
+            assert len(set(step)) == len(step)
 
 
-def test_state_round_trip():
-    a = BatchStream(40, 3, 1, 2, seed=1)
-    for _ in range(9):
-        a.next_indices()
-    b = BatchStream(40, 3, 1, 2, seed=1)
-    b.load_state_dict(a.state_dict())
-    assert [a.next_indices() for _ in range(10)] == [b.next_indices() for _ in range(10)]
+def test_every_row_once_per_epoch_and_a_new_order_each_epoch():
+    order = _order()
+    n = sum(SHARDS)
+    e0, e1 = [order.row(g) for g in range(n)], [order.row(g) for g in range(n, 2 * n)]
+    assert sorted(e0) == sorted(e1) == list(range(n)) and e0 != e1
+
+
+def test_shards_are_shuffled_as_units_then_rows_within_windows():
+    starts = [0, 7, 20, 25, 36]
+    shard_of = lambda row: max(i for i, s in enumerate(starts) if row >= s)  # noqa: E731
+    order = GlobalOrder(SHARDS, seed=3, window=1)  # window 1: shard order only
+    rows = [order.row(g) for g in range(45)]
+    runs = [shard_of(r) for r in rows]
+    assert [runs[0]] + [b for a, b in zip(runs, runs[1:]) if a != b] == sorted(set(runs), key=runs.index)  # each shard one run
+    assert runs != sorted(runs)  # the shard order is shuffled
+    for k in range(5):  # rows within a shard stay in order with window 1
+        mine = [r for r in rows if shard_of(r) == k]
+        assert mine == sorted(mine)
+    windowed = GlobalOrder(SHARDS, seed=3, window=8)
+    pos = [windowed.row(g) for g in range(45)]
+    for w in range(0, 45, 8):  # a window permutes exactly the rows the unwindowed order has there
+        assert sorted(pos[w:w + 8]) == sorted(rows[w:w + 8]) and pos != rows
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 9, 17])
+def test_interrupt_restore_continues_the_exact_stream(stop_after):
+    order = _order()
+    ref = [SampleStream(order, 3, r, 2, "ds") for r in range(2)]
+    reference = [[s.next_indices() for s in ref] for _ in range(30)]
+    run = [SampleStream(_order(), 3, r, 2, "ds") for r in range(2)]
+    for _ in range(stop_after):
+        for s in run:
+            s.next_indices()
+    state = run[0].state_dict()
+    resumed = [SampleStream(_order(), 3, r, 2, "ds") for r in range(2)]
+    for s in resumed:
+        s.load_state_dict(state)
+    assert [[s.next_indices() for s in resumed] for _ in range(30 - stop_after)] == reference[stop_after:]
+
+
+@pytest.mark.parametrize("new_world,new_micro", [(3, 2), (3, 3), (1, 4)])
+def test_resume_on_another_world_size_keeps_the_global_order(new_world, new_micro):
+    order = _order()
+    before = [SampleStream(order, 3, r, 2, "ds") for r in range(2)]
+    seq = _global(before, 5)  # 30 samples on 2 ranks
+    after = [SampleStream(_order(), new_micro, r, new_world, "ds") for r in range(new_world)]
+    for s in after:
+        s.load_state_dict(before[0].state_dict())
+    seq += _global(after, 12)
+    assert seq == [order.row(g) for g in range(len(seq))]  # nothing skipped, nothing repeated
+    n = sum(SHARDS)
+    assert sorted(seq[:n]) == list(range(n))  # the epoch spanning the change still sees each row once
+
+
+def test_state_from_other_data_is_refused():
+    s = SampleStream(_order(), 2, 0, 1, "dataset-a")
+    state = s.state_dict()
+    with pytest.raises(UserError, match=r"other data \(dataset differ"):
+        SampleStream(_order(), 2, 0, 1, "dataset-b").load_state_dict(state)
+    with pytest.raises(UserError, match=r"n, seed differ"):
+        SampleStream(GlobalOrder([3, 4], 9, 8), 2, 0, 1, "dataset-a").load_state_dict(state)
+
+
+def test_global_batch_larger_than_the_data_is_refused():
+    with pytest.raises(UserError, match=r"45 training rows but one global micro-batch needs 48"):
+        SampleStream(_order(), 16, 0, 3)
 
 
 def test_env_mapping_launchers():

@@ -48,11 +48,11 @@ def _json(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path}[{i}]", rec
 
 
-def _hf(name: str, split: str, subset: str | None, **kw) -> Iterator[tuple[str, dict]]:
+def _hf(name: str, split: str, subset: str | None, streaming: bool = False, **kw) -> Iterator[tuple[str, dict]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, subset, split=split, **kw)
+        ds = datasets.load_dataset(name, subset, split=split, streaming=streaming, **kw)
     except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"data source '{name}' (split '{split}'): could not load: {first}. "
@@ -61,25 +61,32 @@ def _hf(name: str, split: str, subset: str | None, **kw) -> Iterator[tuple[str, 
         yield f"{name}[{split}]#{i}", dict(rec)
 
 
-def read_records(src: SourceConfig) -> list[tuple[str, dict]]:
-    """All records of one source, each as (location, record). Raises UserError on missing/empty/malformed input."""
+def iter_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
+    """Records of one source, one at a time, each as (location, record); never holds the source in memory
+    (hub datasets with `streaming: true` are not even downloaded whole). Raises UserError on missing/malformed input."""
     path = Path(src.path).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            records = list(_jsonl(path))
+            yield from _jsonl(path)
         elif suffix == ".json":
-            records = list(_json(path))
+            yield from _json(path)
         elif suffix == ".parquet":
-            records = [(f"{path}#{i}", r) for i, (_, r) in enumerate(_hf("parquet", "train", None, data_files=str(path)))]
+            for i, (_, r) in enumerate(_hf("parquet", "train", None, src.streaming, data_files=str(path))):
+                yield f"{path}#{i}", r
         else:
             raise UserError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}")
     elif path.is_dir():
-        records = list(_hf(str(path), src.split, src.subset))
+        yield from _hf(str(path), src.split, src.subset, src.streaming)
     elif path.suffix.lower() in FILE_SUFFIXES or src.path.startswith((".", "/", "~")):
         raise UserError(f"{src.path}: no such file; check data.train.path / data.validation.path")
     else:
-        records = list(_hf(src.path, src.split, src.subset))
+        yield from _hf(src.path, src.split, src.subset, src.streaming)
+
+
+def read_records(src: SourceConfig) -> list[tuple[str, dict]]:
+    """All records of one source as a list (small sources: evaluation sets). Raises UserError when empty."""
+    records = list(iter_records(src))
     if not records:
         raise UserError(f"{src.path}: no records (the file is empty); add data or point the config at another file")
     return records
