@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from collections import deque
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -249,11 +249,23 @@ def _kept_shards(split_dir: Path) -> list[dict]:
     return metas
 
 
+def _ordered_map(pool, batches, depth: int):
+    """Results of `_encode_in_worker` in input order, with at most `depth` batches in flight (Pool.imap
+    would read the whole source ahead into memory)."""
+    pending: deque = deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+        if len(pending) >= depth:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _num_proc(n: int) -> int:
     return n if n > 0 else len(os.sched_getaffinity(0))
 
 
-def _prepare_split(cfg: DataConfig, tok, split: str, split_dir: Path, dtype, log, progress: bool) -> dict | None:
+def _prepare_split(cfg: DataConfig, tok, split: str, split_dir: Path, dtype, log, progress: bool | None) -> dict | None:
     src, records = _split_records(cfg, split)
     metas = _kept_shards(split_dir)
     if metas:
@@ -276,12 +288,12 @@ def _prepare_split(cfg: DataConfig, tok, split: str, split_dir: Path, dtype, log
         import multiprocessing as mp
 
         pool = mp.get_context("fork").Pool(procs, _init_worker, (cfg, tok))
-        results = pool.imap(_encode_in_worker, (b for part in (head, gen) for b in part))
+        results = _ordered_map(pool, (b for part in (head, gen) for b in part), depth=4 * procs)
     else:
         results = (_encode(b, cfg, tok) for part in (head, gen) for b in part)
     from tqdm import tqdm
 
-    bar = tqdm(desc=f"prepare {split}", unit=" records", disable=not progress, mininterval=1.0)
+    bar = tqdm(desc=f"prepare {split}", unit=" records", disable=None if progress is None else not progress, mininterval=1.0)
     t0 = time.perf_counter()
     tokens = 0
     try:
@@ -446,25 +458,30 @@ def fetch(url: str, local: Path, log=print) -> Path:
     Files already there with the right size and checksum are not downloaded again."""
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(url)
-    local.mkdir(parents=True, exist_ok=True)
     try:
-        raw = fs.cat_file(f"{root.rstrip('/')}/{MANIFEST}")
-    except FileNotFoundError:
-        raise UserError(f"data.prepared '{url}': no {MANIFEST} there; give the directory dist-ft prepare wrote") from None
-    manifest = json.loads(raw)
-    got = 0
-    for split, info in manifest.get("splits", {}).items():
-        (local / split).mkdir(exist_ok=True)
-        for meta in info["shards"]:
-            for ext, k in ((".bin", "bin"), (".idx.npz", "idx")):
-                dst = local / split / f"{meta['name']}{ext}"
-                if dst.is_file() and dst.stat().st_size == meta[f"{k}_bytes"] and file_sha256(dst) == meta[f"{k}_sha256"]:
-                    continue
-                tmp = dst.with_name(dst.name + ".tmp")
-                fs.get_file(f"{root.rstrip('/')}/{split}/{dst.name}", str(tmp))
-                tmp.replace(dst)
-                got += 1
+        fs, root = fsspec.core.url_to_fs(url)
+        root = root.rstrip("/")
+        raw = fs.cat_file(f"{root}/{MANIFEST}")
+        manifest = json.loads(raw)
+        local.mkdir(parents=True, exist_ok=True)
+        got = 0
+        for split, info in manifest.get("splits", {}).items():
+            (local / split).mkdir(exist_ok=True)
+            for meta in info["shards"]:
+                for ext, k in ((".bin", "bin"), (".idx.npz", "idx")):
+                    dst = local / split / f"{meta['name']}{ext}"
+                    if dst.is_file() and dst.stat().st_size == meta[f"{k}_bytes"] and file_sha256(dst) == meta[f"{k}_sha256"]:
+                        continue
+                    tmp = dst.with_name(dst.name + ".tmp")
+                    fs.get_file(f"{root}/{split}/{dst.name}", str(tmp))
+                    tmp.replace(dst)
+                    got += 1
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types (auth, network, missing)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"data.prepared '{url}': could not copy the prepared dataset ({type(e).__name__}: {first[:300]}); "
+                        "check the URL and your credentials for it") from None
     _write_atomic(local / MANIFEST, raw)
     log(f"data.prepared {url}: {got} file(s) downloaded to {local}")
     return local
