@@ -7,9 +7,10 @@
    with all processes; beside it, in the same run, the common peer recipe: `datasets.map(num_proc=N)`
    with `apply_chat_template(return_assistant_tokens_mask=True)` (TRL's assistant-only path) or a
    plain batched tokenizer call for text. The peer only tokenizes into an Arrow cache (no packing).
-2. Reader overhead: a tiny GPT-2 (4x256) trains on the shards; its median `step_time_s` (which
-   includes reading its batch) against the median time this rank spends getting the same batch from
-   the memory-mapped shards (stream position -> rows -> collate).
+2. Reader overhead: the test suite's tiny GPT-2 (2x64, 128-token rows) and the bench's GPT-2 4x256
+   (512-token rows) train on the shards; the median `step_time_s` (which includes reading the batch)
+   against the median time a rank spends getting one batch from the memory-mapped shards (stream
+   position -> rows -> collate).
 """
 
 from __future__ import annotations
@@ -80,17 +81,27 @@ def time_peer(tok, source: Path, task: str, num_proc: int) -> dict:
     return {"tokens": tokens, "records": len(out), "seconds": dt, "tokens_per_s": tokens / dt}
 
 
-def reader_overhead(tok_dir: Path, chat: Path) -> dict:
-    """Median training step of a tiny config vs. the median time to get its batch from the shards."""
-    from transformers import AutoTokenizer
+def tiny_model() -> Path:
+    """The test suite's tiny GPT-2 (2 layers x 64, 600-token BPE vocabulary)."""
+    out = prep.CACHE / "gpt2-tiny"
+    if not (out / "model.safetensors").exists():
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        import tiny
 
+        out.mkdir(parents=True, exist_ok=True)
+        tiny.make_gpt2(out)
+    return out
+
+
+def reader_overhead(model: Path, chat: Path, seq_len: int) -> dict:
+    """Median training step vs. the median time to get the same batch from the shards."""
     from dist_ft.config import load_config
     from dist_ft.data import dataset
+    from dist_ft.model import load_tokenizer
 
-    model = prep.model_dir("gpt2-4x256")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cfg.yaml"
-        cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {chat}, max_seq_len: 512}}\n"
+        cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {chat}, max_seq_len: {seq_len}}}\n"
                        "train: {max_steps: 25, micro_batch_size: 4, lr: 1.0e-4}\nengine: {precision: fp32}\n"
                        f"track: {{wandb: disabled}}\noutput: {{dir: {tmp}/out}}\n")
         env = {**os.environ, "DIST_FT_CACHE": f"{tmp}/cache", "OMP_NUM_THREADS": str(os.cpu_count()), "PYTHONPATH": str(HERE.parent)}
@@ -101,16 +112,20 @@ def reader_overhead(tok_dir: Path, chat: Path) -> dict:
         step_s = statistics.median(s["step_time_s"] for s in steps[2:])
         os.environ["DIST_FT_CACHE"] = f"{tmp}/cache"
         c = load_config(cfg)
-        tok = AutoTokenizer.from_pretrained(model)
+        tok = load_tokenizer(c.model)  # as train loads it (ChatML added to a base model): the cached shards match
         prep_ = dataset.build(c.data, tok, log=lambda *_: None)
         stream = prep_.stream(4, 0, 1)
-        times = []
-        for _ in range(200):
+        read, total = [], []
+        for _ in range(500):
             t0 = time.perf_counter()
-            prep_.collate([prep_.train.items[i] for i in stream.next_indices()])
-            times.append(time.perf_counter() - t0)
-        read_s = statistics.median(times)
-    return {"step_s": step_s, "read_s": read_s, "fraction": read_s / step_s, "rows_per_step": 4, "seq_len": 512}
+            rows = [prep_.train.items[i] for i in stream.next_indices()]  # the reader: position -> row ids -> mmap rows
+            t1 = time.perf_counter()
+            prep_.collate(rows)  # tensors for the model (the same code as before shards existed)
+            read.append(t1 - t0)
+            total.append(time.perf_counter() - t0)
+        read_s, batch_s = statistics.median(read), statistics.median(total)
+    return {"model": model.name, "step_s": step_s, "read_s": read_s, "batch_s": batch_s, "fraction": read_s / step_s,
+            "batch_fraction": batch_s / step_s, "rows_per_step": 4, "seq_len": seq_len}
 
 
 def main() -> None:
@@ -126,18 +141,21 @@ def main() -> None:
             rows.append({"task": task, "run": "dist-ft prepare", "processes": n, **time_prepare(tok, source, task, n)})
             rows.append({"task": task, "run": "datasets.map (tokenize only)", "processes": n, **time_peer(tok, source, task, n)})
             print(rows[-2], rows[-1], flush=True)
-    reader = reader_overhead(tok_dir, chat)
-    print(reader, flush=True)
+    readers = [reader_overhead(tiny_model(), chat, 128), reader_overhead(prep.model_dir("gpt2-4x256"), chat, 512)]
+    print(readers, flush=True)
     md = ["| data | run | processes | records | tokens | seconds | tokens/s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {'chat SFT (SmolLM2 tokenizer, ChatML)' if r['task'] == 'sft' else 'raw text (pretrain)'} | {r['run']} | "
                   f"{r['processes']} | {r['records']:,} | {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} |")
     md.append("")
-    md.append(f"Reader overhead (gpt2-4x256, 4 x 512-token packed rows per step): batch from shards {1e3 * reader['read_s']:.2f} ms "
-              f"vs training step {1e3 * reader['step_s']:.0f} ms = **{100 * reader['fraction']:.2f}%** of a step (target < 2%).")
+    md += ["| model | rows per step | training step (median) | reader: rows from shards | share | reader + collate to tensors | share |",
+           "|---|---|---|---|---|---|---|"]
+    for r in readers:
+        md.append(f"| {r['model']} | 4 x {r['seq_len']} tokens, packed | {1e3 * r['step_s']:.1f} ms | {1e3 * r['read_s']:.3f} ms | "
+                  f"**{100 * r['fraction']:.2f}%** | {1e3 * r['batch_s']:.3f} ms | {100 * r['batch_fraction']:.2f}% |")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    (out / "data.json").write_text(json.dumps({"prepare": rows, "reader": reader}, indent=1))
+    (out / "data.json").write_text(json.dumps({"prepare": rows, "reader": readers}, indent=1))
     (out / "data.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -55,6 +55,7 @@ def run_one(spec: dict) -> dict:
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "out": tmp}
+        env["DIST_FT_CACHE"] = tmp  # every run tokenizes its data anew, as the peers do: no shard cache carried over
         r = subprocess.run([sys.executable, str(HERE / "worker.py"), json.dumps(spec)], capture_output=True, text=True, env=env)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:

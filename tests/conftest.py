@@ -31,6 +31,14 @@ def _no_shm_leftovers():
             pass
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shard_cache():
+    yield
+    import shutil
+
+    shutil.rmtree(os.environ["DIST_FT_CACHE"], ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def gpt2_dir(tmp_path_factory) -> Path:
     return tiny.make_gpt2(tmp_path_factory.mktemp("gpt2"))
