@@ -161,3 +161,24 @@ def test_reader_memory_maps_instead_of_loading(prepared, gpt2_dir):
     s = shards.ShardSet(prepared, manifest, "train")
     assert all(isinstance(t, np.memmap) for t in s._tokens)
     assert len(s) == sum(m["rows"] for m in manifest["splits"]["train"]["shards"])
+
+
+def test_a_bad_record_fails_every_rank_instead_of_hanging(tmp_path, gpt2_dir):
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    recs = tiny.toy_chat(40)
+    recs[17] = {"messages": [{"role": "user", "content": "no answer"}]}
+    data = tiny.write_jsonl(tmp_path / "bad.jsonl", recs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+                        "launch/train.py", str(_cfg(tmp_path, gpt2_dir, data)), f"output.dir={tmp_path / 'out'}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode != 0 and f"error: {data}:18: conversation has no assistant turn" in r.stdout + r.stderr
+    assert "preparing the shards failed on another rank" in r.stdout + r.stderr  # rank 1 was told, did not wait forever
+    assert not (tmp_path / "out").exists()
