@@ -61,11 +61,16 @@ def _wait(jid: str, timeout: float = 600, finished: Path | None = None) -> dict:
     """Wait until the job ends for good. A job being requeued passes through ended-looking states, so with
     `finished` (a file the last part writes) an ended state counts only once that file exists."""
     deadline = time.time() + timeout
+    held_since = None
     while time.time() < deadline:
         job = _job(jid)
         if job.get("JobState") == "PENDING" and job.get("Reason") == "BeginTime":
-            # a requeued job is held ~2 min by default; start it now (test speed only)
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+            # a requeued job is held ~2 min by default (until the old job credential expires); start it sooner
+            # (test speed only), but not within seconds of the requeue: slurmd compares credential times in whole
+            # seconds and kills a start in the same second as "Job credential revoked" (seen here)
+            held_since = held_since or time.time()
+            if time.time() - held_since >= 3:
+                subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
         ended = job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
         if ended and (finished is None or finished.exists()):
             return job
