@@ -72,12 +72,14 @@ def locate(cfg: DataConfig, tok, local_rank: int = 0, sync: Callable[[int], int]
             root = Path(cfg.prepared).expanduser()
         where = f"data.prepared '{cfg.prepared}'"
     else:
-        key = shards.dataset_key(cfg, tok)
-        root = cache / "shards" / key["sha256"][:16]
-        if not (root / shards.MANIFEST).is_file():
-            log(f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)")
-        _on_local_main(lambda: shards.prepare(cfg, tok, root, log=log, progress=None) if not (root / shards.MANIFEST).is_file() else None,
-                       local_rank, sync)
+        root = cache / "shards" / shards.dataset_key(cfg, tok)["sha256"][:16]
+
+        def build_once() -> None:
+            if not (root / shards.MANIFEST).is_file():
+                log(f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)")
+                shards.prepare(cfg, tok, root, log=log, progress=None)
+
+        _on_local_main(build_once, local_rank, sync)
         where = str(root)
     manifest = shards.read_manifest(root)
     shards.check_compatible(manifest, where, cfg, tok)
