@@ -52,7 +52,7 @@ def run_dist_ft(spec: dict) -> dict:
     packing = spec["variant"] == "packed"
     cfg = {
         "model": {"path": spec["model"]},
-        "data": {"train": spec["data"], "max_seq_len": spec["seq_len"], "packing": packing},
+        "data": {"train": spec["data"], "max_seq_len": spec["seq_len"], "packing": packing, "num_proc": spec.get("num_proc", 0)},
         "train": {"max_steps": spec["steps"], "micro_batch_size": spec["rows"] if packing else spec["examples"],
                   "lr": spec["lr"], "schedule": "constant", "warmup_steps": 0},
         "engine": {"precision": "fp32", "zero_stage": spec.get("zero_stage", 0)},
