@@ -114,8 +114,7 @@ def _prepare(args) -> None:
     if cfg.data.train is None:
         raise UserError(f"{args.config}: dist-ft prepare needs data.train (the source to tokenize)")
     tok = model_mod.load_tokenizer(cfg.model)
-    key = shards.dataset_key(cfg.data, tok)
-    out = Path(args.out).expanduser() if args.out else cfg.data.cache_path() / "shards" / key["sha256"][:16]
+    out = Path(args.out).expanduser() if args.out else shards.cache_entry(cfg.data, tok)
     manifest = shards.prepare(cfg.data, tok, out)
     for split, info in manifest["splits"].items():
         st = info["stats"]

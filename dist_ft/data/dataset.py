@@ -33,8 +33,8 @@ class Prepared:
     pad_id: int
     root: Path  # the shard directory read
     fingerprint: str  # identity of the train shards' contents
-    shuffle_seed: int = 0
-    shuffle_window: int = 1
+    shuffle_seed: int
+    shuffle_window: int
 
     def collate(self, items: list) -> dict:
         if self.packing:
@@ -63,16 +63,15 @@ def _on_local_main(fn: Callable[[], None], local_rank: int, sync: Callable[[int]
 
 def locate(cfg: DataConfig, tok, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> tuple[Path, dict]:
     """The shard directory for this config (prepared, fetched or built now) and its checked manifest."""
-    cache = cfg.cache_path()
     if cfg.prepared:
         if "://" in cfg.prepared:  # fsspec URL: each node's local rank 0 copies it into the cache
-            root = shards.remote_copy_dir(cfg.prepared, cache)
+            root = shards.remote_copy_dir(cfg.prepared, cfg.cache_path())
             _on_local_main(lambda: shards.fetch(cfg.prepared, root, log), local_rank, sync)
         else:
             root = Path(cfg.prepared).expanduser()
         where = f"data.prepared '{cfg.prepared}'"
     else:
-        root = cache / "shards" / shards.dataset_key(cfg, tok)["sha256"][:16]
+        root = shards.cache_entry(cfg, tok)
 
         def build_once() -> None:
             if not (root / shards.MANIFEST).is_file():

@@ -12,7 +12,7 @@ Layout of a prepared dataset directory:
 
 A prepare builds into `<dir>.partial/`; each shard's files are fsynced and renamed, then its
 `shard-N.json` is written: an interrupted prepare resumes after its last complete shard (records are
-read again but not re-tokenized). The manifest is written after every shard, then the whole directory
+read again but not re-tokenized). The manifest is written once every shard is complete, then the directory
 is renamed into place, so a manifest never points at a partial shard. A lock file beside the directory
 makes concurrent prepares of it (ranks, jobs) take turns: the first writes, the others reuse.
 """
@@ -20,6 +20,7 @@ makes concurrent prepares of it (ranks, jobs) take turns: the first writes, the 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 _BATCH = 256  # records per worker task
 _POOL_AFTER = 2048  # smaller sources are tokenized in-process: a pool costs more than it saves
+SHARD_FILES = ((".bin", "bin"), (".idx.npz", "idx"))  # each shard's files, and their key prefix in its meta
 COUNTERS = ("records", "examples", "tokens", "loss_tokens", "truncated", "dropped_overlong", "dropped_no_loss_after_truncation")
 
 
@@ -59,6 +61,11 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _intact(path: Path, meta: dict, k: str) -> bool:
+    """Whether a shard file is there with the size and sha256 its meta records."""
+    return path.is_file() and path.stat().st_size == meta[f"{k}_bytes"] and file_sha256(path) == meta[f"{k}_sha256"]
 
 
 def tokenizer_identity(tok) -> dict:
@@ -90,6 +97,11 @@ def dataset_key(cfg: DataConfig, tok) -> dict:
            "val_fraction": cfg.val_fraction if cfg.validation is None else 0.0, "split_seed": cfg.seed}
     key["sha256"] = _sha256_bytes(json.dumps(key, sort_keys=True).encode())
     return key
+
+
+def cache_entry(cfg: DataConfig, tok) -> Path:
+    """Where `train` builds (and `dist-ft prepare` without --out writes) the shards of this config."""
+    return cfg.cache_path() / "shards" / dataset_key(cfg, tok)["sha256"][:16]
 
 
 def check_compatible(manifest: dict, where: str, cfg: DataConfig, tok) -> None:
@@ -166,13 +178,15 @@ def _encode_in_worker(batch):
 
 # ---------------------------------------------------------------- writing
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data: bytes) -> dict:
+    """Write, fsync, rename; returns the size and sha256 of what was written (hashed in memory, not read back)."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    return {"bytes": len(data), "sha256": _sha256_bytes(data)}
 
 
 class _ShardWriter:
@@ -205,16 +219,12 @@ class _ShardWriter:
         mask = np.concatenate([masks[i] for i in order]) if order else np.zeros(0, np.uint8)
         name = f"shard-{number:05d}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.dir / f"{name}.bin", tokens.tobytes() + mask.tobytes())
-        import io
-
         buf = io.BytesIO()
         np.savez(buf, example_offsets=ex_offsets, row_offsets=row_offsets)
-        _write_atomic(self.dir / f"{name}.idx.npz", buf.getvalue())
+        written = {"bin": _write_atomic(self.dir / f"{name}.bin", tokens.tobytes() + mask.tobytes()),
+                   "idx": _write_atomic(self.dir / f"{name}.idx.npz", buf.getvalue())}
         meta = {"name": name, "rows": len(rows), "record_end": record_end,
-                "bin_bytes": (self.dir / f"{name}.bin").stat().st_size, "bin_sha256": file_sha256(self.dir / f"{name}.bin"),
-                "idx_bytes": (self.dir / f"{name}.idx.npz").stat().st_size, "idx_sha256": file_sha256(self.dir / f"{name}.idx.npz"),
-                "counts": self.counts}
+                **{f"{k}_{what}": v for k, w in written.items() for what, v in w.items()}, "counts": self.counts}
         _write_atomic(self.dir / f"{name}.json", json.dumps(meta).encode())  # the shard is complete once this exists
         self.ids, self.masks, self.tokens, self.counts = [], [], 0, dict.fromkeys(COUNTERS, 0)
         return meta
@@ -242,8 +252,7 @@ def _kept_shards(split_dir: Path) -> list[dict]:
         if not p.is_file():
             break
         meta = json.loads(p.read_text())
-        if not all((split_dir / f"{meta['name']}{ext}").is_file() and file_sha256(split_dir / f"{meta['name']}{ext}") == meta[f"{k}_sha256"]
-                   for ext, k in ((".bin", "bin"), (".idx.npz", "idx"))):
+        if not all(_intact(split_dir / f"{meta['name']}{ext}", meta, k) for ext, k in SHARD_FILES):
             break
         metas.append(meta)
     return metas
@@ -413,7 +422,7 @@ class ShardSet:
         dtype = np.dtype(manifest["dtype"])
         self._tokens, self._mask, self._ex, self._rows = [], [], [], []
         for meta in info["shards"]:
-            paths = {k: root / split / f"{meta['name']}{ext}" for k, ext in (("bin", ".bin"), ("idx", ".idx.npz"))}
+            paths = {k: root / split / f"{meta['name']}{ext}" for ext, k in SHARD_FILES}
             for k, p in paths.items():
                 if not p.is_file():
                     raise UserError(f"{p}: shard listed in {root / MANIFEST} is missing; restore it or re-run dist-ft prepare")
@@ -468,9 +477,9 @@ def fetch(url: str, local: Path, log=print) -> Path:
         for split, info in manifest.get("splits", {}).items():
             (local / split).mkdir(exist_ok=True)
             for meta in info["shards"]:
-                for ext, k in ((".bin", "bin"), (".idx.npz", "idx")):
+                for ext, k in SHARD_FILES:
                     dst = local / split / f"{meta['name']}{ext}"
-                    if dst.is_file() and dst.stat().st_size == meta[f"{k}_bytes"] and file_sha256(dst) == meta[f"{k}_sha256"]:
+                    if _intact(dst, meta, k):
                         continue
                     tmp = dst.with_name(dst.name + ".tmp")
                     fs.get_file(f"{root}/{split}/{dst.name}", str(tmp))
