@@ -182,3 +182,19 @@ def test_a_bad_record_fails_every_rank_instead_of_hanging(tmp_path, gpt2_dir):
     assert r.returncode != 0 and f"error: {data}:18: conversation has no assistant turn" in r.stdout + r.stderr
     assert "preparing the shards failed on another rank" in r.stdout + r.stderr  # rank 1 was told, did not wait forever
     assert not (tmp_path / "out").exists()
+
+
+def test_shards_rendered_with_another_chat_template_are_refused(tmp_path, llama_dir, chat_jsonl):
+    other = tmp_path / "llama-other-template"
+    shutil.copytree(llama_dir, other)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other)  # same vocabulary, only the template differs
+    tok.chat_template = tiny.ZEPHYR_TEMPLATE.replace("</s>\n", "</s>\n\n")
+    tok.save_pretrained(other)
+    ds = tmp_path / "ds"
+    r = run_cli("prepare", str(_cfg(tmp_path, llama_dir, chat_jsonl)), "--out", str(ds))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train(_cfg(tmp_path, other, chat_jsonl, f"prepared: {ds}"), tmp_path / "out")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "shards were rendered with another chat template" in errors[0], r.stderr[-2000:]
