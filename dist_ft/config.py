@@ -94,6 +94,8 @@ class EngineConfig(_Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; `auto`: nccl on GPUs, gloo on CPU.")
+    collective_timeout_minutes: float = Field(30.0, gt=0, description="A collective (all-reduce, broadcast) that waits longer than this fails the job; waits for one rank's own work (tokenizing, checkpoint fsync, export) never count against it.")
+    loss_chunk_tokens: int = Field(4096, ge=0, description="Loss-bearing positions per chunk of the fused output layer + cross-entropy, so the tokens x vocab logits are never held whole (memory ~ chunk x vocab); 0: the plain path (all logits, then cross-entropy).")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "EngineConfig":

@@ -1,16 +1,24 @@
-"""Map the launcher's environment to rank / world size / local rank / master, and start torch.distributed.
+"""Map the launcher's environment to rank / world size / local rank / master / device, and start torch.distributed.
 
-The only module that reads launcher variables. Supported: deepspeed and torchrun (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT), SLURM `srun` (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
-SLURM_JOB_NODELIST, SLURM_JOB_ID), and a plain single process (none of them).
+The only module that reads launcher variables. Supported: deepspeed, torchrun and `accelerate launch`
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), SLURM `srun` (SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID), and a plain single process (none of them).
+
+Each rank picks its GPU once, before the first collective (`device_index`), and every tensor a
+collective touches lives there. Waits for work that one rank does alone (tokenizing, checkpoint
+fsync, universal conversion, export, W&B start) go through the rendezvous store (`wait_for_all`),
+never through a collective, so no collective timeout applies to honest work of any length.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping
 
 
@@ -68,21 +76,134 @@ def env_from(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=int(environ.get("MASTER_PORT") or _free_port()))
 
 
-def init(backend: str = "auto") -> DistEnv:
-    """Export the resolved layout as the variables torch.distributed expects, then init the process group."""
+def device_index(local_rank: int, visible_gpus: int) -> int | None:
+    """The CUDA device of a rank: its node-local rank modulo the GPUs this process can see; None on CPU.
+
+    Covers every launcher layout: 8 tasks on a node that sees 8 GPUs (local rank i -> GPU i), SLURM
+    `--gpus-per-task=1` (each task sees one GPU: always 0), torchrun / deepspeed / accelerate (LOCAL_RANK)."""
+    if visible_gpus <= 0:
+        return None
+    return local_rank % visible_gpus
+
+
+def _device_id_supported(torch) -> bool:
+    """`init_process_group(device_id=...)` binds NCCL to the rank's GPU eagerly (torch >= 2.3); it hangs in
+    2.6.0 < torch < 2.7.1 (pytorch#153960), so it is not passed there."""
+    import inspect
+
+    return ("device_id" in inspect.signature(torch.distributed.init_process_group).parameters
+            and not ("2.6.0" < torch.__version__ < "2.7.1"))
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    index: int | None  # CUDA device of this rank; None on CPU
+    backend: str  # nccl | gloo
+    exported: dict  # variables set for torch.distributed and DeepSpeed
+    bind_device: bool  # pass device_id to init_process_group (NCCL binds this rank's GPU eagerly)
+
+
+def plan_devices(env: DistEnv, visible_gpus: int, backend: str = "auto", device_id_ok: bool = True) -> DevicePlan:
+    """What `init` does for a rank, decided without touching a device (unit-tested per launcher layout)."""
+    index = device_index(env.local_rank, visible_gpus)
+    if backend == "auto":
+        backend = "nccl" if index is not None else "gloo"
+    exported = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+                    # DeepSpeed takes LOCAL_RANK as the device index (engine, zero.Init): with one visible GPU per
+                    # task that index is 0 whatever the task's local rank
+                    LOCAL_RANK=str(env.local_rank if index is None else index))
+    # binding makes torch split every later group from this one; a 1-rank job has no peer for that (DeepSpeed#8248)
+    bind = index is not None and backend == "nccl" and env.world_size > 1 and device_id_ok
+    return DevicePlan(index, backend, exported, bind)
+
+
+def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+    """Pick this rank's device and make it current before any collective, export the layout as the variables
+    torch.distributed and DeepSpeed read, then start the process group (each collective then times out
+    after `timeout_minutes`)."""
     import deepspeed
     import torch
 
     env = env_from(os.environ)
-    os.environ.update(
-        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
-    )
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    plan = plan_devices(env, torch.cuda.device_count() if torch.cuda.is_available() else 0, backend, _device_id_supported(torch))
+    if plan.index is not None:
+        torch.cuda.set_device(plan.index)  # NCCL and every tensor of a collective live on the current device
+    os.environ.update(plan.exported)
+    timeout = timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        kw = {"device_id": torch.device("cuda", plan.index)} if plan.bind_device else {}
+        torch.distributed.init_process_group(backend=plan.backend, timeout=timeout, **kw)
+    deepspeed.init_distributed(dist_backend=plan.backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return env
+
+
+def device() -> "torch.device":  # noqa: F821 - torch is imported lazily
+    """The device this rank computes and communicates on (set by `init`)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+_WAIT = "dist_ft/wait"
+_FAILED = "dist_ft/failed"
+_waits = itertools.count()
+
+
+def wait_for_all(what: str, poll_s: float = 0.05) -> None:
+    """Barrier for work of any length that some ranks do alone (rank 0 exporting, fsyncing a checkpoint,
+    converting one, one rank per node tokenizing): each rank marks its arrival in the rendezvous TCP store
+    and polls until all have, so no collective (and its timeout) is pending meanwhile. Every rank must call
+    it in the same order. Raises if a rank reported a failure (`report_failure`) or the store went away
+    (rank 0 died)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() < 2:
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    from .errors import UserError
+
+    store, rank, world = _get_default_store(), tdist.get_rank(), tdist.get_world_size()
+    prefix = f"{_WAIT}/{next(_waits)}"
+    store.set(f"{prefix}/{rank}", what)
+    keys = [f"{prefix}/{r}" for r in range(world)]
+    delay = poll_s
+    while not store.check(keys):
+        if store.check([_FAILED]):
+            raise UserError(f"stopped while waiting for the other ranks ({what}): {store.get(_FAILED).decode()}")
+        time.sleep(delay)
+        delay = min(1.0, delay * 1.5)
+
+
+def patient_sum(what: str, value: float) -> float:
+    """`all_sum` of one value after `wait_for_all`: for a result (e.g. a failure count) of work some ranks do alone."""
+    wait_for_all(what)
+    return all_sum(value)[0]
+
+
+def report_failure(message: str) -> None:
+    """Tell ranks waiting in `wait_for_all` that this rank failed, so they stop instead of waiting forever."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() < 2:
+        return
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    try:
+        _get_default_store().set(_FAILED, f"rank {tdist.get_rank()} failed: {message}"[:2000])
+    except Exception:  # noqa: BLE001 - the store may be gone already; the launcher ends the job then
+        pass
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (one collective; rank 0 decides, the others follow)."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() < 2:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, device=device())
+    return box[0]
 
 
 def shutdown() -> None:
@@ -91,7 +212,7 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        wait_for_all("shutdown")  # rank 0 may still be exporting or answering sample prompts
         dist.destroy_process_group()
     _remove_shm_buffers()
 
@@ -112,13 +233,15 @@ def _remove_shm_buffers() -> None:
             pass
 
 
-def all_sum(*values: float) -> list[float]:
-    """Sum scalars over all ranks (one collective)."""
+def all_sum(*values) -> list[float]:
+    """Sum scalars (Python numbers or 0-d tensors, e.g. a loss still on the GPU) over all ranks: one collective
+    on this rank's device, and one host sync to read the result."""
     import torch
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-    t = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
+    dev = device()
+    t = torch.stack([v.detach().to(dev, torch.float64) if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
+                     for v in values])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.cpu().tolist()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .errors import UserError
+from .loss import linear_cross_entropy
 
 
 def cpu_has_native_bf16() -> bool:
@@ -114,29 +115,62 @@ def build(cfg: Config, model, total_steps: int, precision: str, load_universal: 
     return engine
 
 
-def loss_sum(engine, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32 logits).
+# config attributes of models that transform the output layer's logits (softcapping, scaling): the fused loss
+# would skip that, so these take the plain path
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-    The output layer runs only on positions that carry loss: a pre-hook on it keeps those hidden states.
-    With a 50k vocabulary the output layer is much of a small model's compute and nearly all of its
-    activation memory, and in chat SFT a third or more of the positions (prompts, system turns,
-    padding) carry no loss. Works with any engine or plain HF model (the engine's ZeRO-3 hooks
-    still gather the layer's weights)."""
+
+def _fusable(model, head, chunk: int) -> bool:
+    if not chunk or not isinstance(head, torch.nn.Linear):
+        return False
+    return all(getattr(model.config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
+
+
+def loss_sum(engine, batch: dict, chunk: int = 4096) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32), a 0-d tensor on the device.
+
+    The output layer runs only on positions that carry loss: with a 50k vocabulary it is much of a small
+    model's compute and nearly all of its activation memory, and in chat SFT a third or more of the
+    positions (prompts, system turns, padding) carry no loss. With `chunk` > 0 the output layer and the
+    loss are fused and run `chunk` positions at a time (`loss.py`): tokens x vocab logits never exist
+    whole. The call goes through the output layer module itself, so ZeRO-3's hooks gather its weight.
+    Works with any engine or plain HF model. Nothing here waits for the device (no host sync)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
-    kw = {k: batch[k].to(dev) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    targets = batch["targets"].to(dev)
-    keep = targets != -100
+    kw = {k: batch[k].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    index = batch["loss_index"].to(dev, non_blocking=True)
+    targets = batch["targets"].to(dev, non_blocking=True).flatten().index_select(0, index)
     head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _, args: (args[0][keep],)) if head is not None else None
+
+    def kept(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.flatten(0, -2).index_select(0, index)
+
+    if _fusable(model, head, chunk):
+        fused = []
+
+        def fused_head(hidden: torch.Tensor) -> torch.Tensor:  # runs inside the head module's call (and its hooks)
+            fused.append(linear_cross_entropy(kept(hidden), head.weight, head.bias, targets, chunk))
+            return fused[-1]
+
+        head.forward = fused_head
+        try:
+            out = engine(**kw, use_cache=False).logits
+        finally:
+            del head.forward
+        # the same numbers, maybe re-wrapped (ZeRO-3's backward hook returns a detached view of the output); a
+        # model that softcaps or scales its logits would return new ones, and the fused loss would be wrong for it
+        if out.shape != () or out.data_ptr() != fused[-1].data_ptr():
+            raise RuntimeError(f"{type(model).__name__} changes its output layer's result before returning it; set engine.loss_chunk_tokens=0")
+        return out
+    handle = head.register_forward_pre_hook(lambda _, args: (kept(args[0]),)) if head is not None else None
     try:
         logits = engine(**kw, use_cache=False).logits
     finally:
         if handle is not None:
             handle.remove()
     if handle is None:
-        logits = logits[keep]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        logits = kept(logits)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def step(engine, on_boundary=None) -> float | None:

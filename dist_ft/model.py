@@ -99,6 +99,20 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def attn_implementation(requested: str) -> str:
+    """`flash_attention_2` where it can run (a CUDA GPU and the flash-attn package; packed rows then take its
+    varlen path, from the restarting position_ids), else sdpa, said once on stderr."""
+    import torch
+
+    if requested == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+        import sys
+
+        why = "the flash-attn package is not installed" if torch.cuda.is_available() else "there is no CUDA GPU"
+        print(f"note: model.attn_implementation: flash_attention_2 is unavailable ({why}); using sdpa", file=sys.stderr)
+        return "sdpa"
+    return requested
+
+
 def load_model(cfg: ModelConfig, tok, dtype):
     import torch
     from transformers import AutoModelForCausalLM
@@ -106,7 +120,7 @@ def load_model(cfg: ModelConfig, tok, dtype):
     path = resolve_path(cfg.path)
     kw = _hub_kwargs(cfg)
     if cfg.attn_implementation:
-        kw["attn_implementation"] = cfg.attn_implementation
+        kw["attn_implementation"] = attn_implementation(cfg.attn_implementation)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kw)
     except (OSError, ValueError, EnvironmentError) as e:

@@ -6,8 +6,10 @@ import functools
 
 import torch
 
-# dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets); MFU is not shown for others/CPU
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+# dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets), most specific name first (the device
+# name is matched by substring: "NVIDIA H100 PCIe" must not take the SXM figure); MFU is not shown for others/CPU
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12, "H200": 989e12, "H100": 989e12, "H800": 989e12,
+              "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
 
 
 def expected_model_state_bytes(n_params: int, stage: int, world: int, precision: str) -> dict:
@@ -84,11 +86,13 @@ def flops_per_token(model_config, n_params: int, seq_len: int) -> float:
     return 6 * n_params + 12 * layers * heads * (hidden // max(heads, 1)) * seq_len
 
 
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device_name: str | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of the named GPU (default: this rank's); None on CPU or an unknown GPU."""
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
 
 
 def format_table(expected: dict, measured: dict) -> str:

@@ -15,18 +15,15 @@ import torch
 import yaml
 
 from . import dist, engine as eng_mod, model as model_mod, perf
-from .checkpoint import Checkpointer, validate
-from .config import Config, dump_config, load_config
+from .checkpoint import Checkpointer, resume_point
+from .config import Config, dump_config
 from .data import dataset
+from .data.loader import StepLoader
 from .errors import UserError
 from .export import save_hf
 from .track import Tracker, truncate_metrics
 
 EXIT_PREEMPTED = 75  # saved on a signal; rerun (or requeue) the same command to continue
-# changing these between a checkpoint and its resume would break exactness, so it is refused
-RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
-DATA_MAY_CHANGE = ("cache_dir", "num_proc", "verify_shards")
-RESHARD_MAY_CHANGE = ("train.micro_batch_size", "train.grad_accum", "engine.zero_stage")  # with the global batch kept
 
 
 def _seed_all(seed: int) -> None:
@@ -46,54 +43,6 @@ def _prepare_out_dir(cfg: Config, env: dist.DistEnv) -> Path:
     return out
 
 
-def _resume_point(cfg: Config, ckpt: Checkpointer, world: int) -> tuple[Path | None, bool]:
-    """(checkpoint to resume from or None, whether it must be resharded), after checking the saved config.
-    Another world size or ZeRO stage is allowed when the global batch stays the same (resharded through
-    DeepSpeed's universal checkpoint: the same global sample order, the optimizer state kept)."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        return None, False
-    if mode == "auto":
-        done = ckpt.complete()
-        if not done:
-            return None, False
-        path = done[-1][1]
-    else:
-        path = Path(mode)
-    manifest = validate(path)
-    if manifest is None or not (path / "config.yaml").is_file():
-        raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there (expected <output.dir>/checkpoints/step-N)")
-    saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
-    for tree in (saved, now):  # where shards are cached and how they are built or checked does not change the data
-        for k in DATA_MAY_CHANGE:
-            tree["data"].pop(k)
-
-    def pick(tree, dotted):
-        for k in dotted.split("."):
-            tree = tree[k]
-        return tree
-
-    reshard = manifest["world_size"] != world or manifest["zero_stage"] != cfg.engine.zero_stage
-    must = [k for k in RESUME_MUST_MATCH if not (reshard and k in RESHARD_MAY_CHANGE)]
-    changed = [k for k in must if pick(saved, k) != pick(now, k)]
-    if changed:
-        raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
-                        "restore those values, or set checkpoint.resume=never with a new output.dir")
-    if reshard:
-        st, nt = saved["train"], now["train"]
-        g_old, g_new = st["micro_batch_size"] * st["grad_accum"] * manifest["world_size"], nt["micro_batch_size"] * nt["grad_accum"] * world
-        if g_old != g_new:
-            raise UserError(f"{path}: saved with {manifest['world_size']} ranks (global batch {g_old}), this run has {world} ranks "
-                            f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}")
-        if not {manifest["zero_stage"], cfg.engine.zero_stage} <= {1, 2}:
-            # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads but
-            # does not continue the run exactly (tested), so neither is offered
-            raise UserError(f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
-                            f"(saved {manifest['zero_stage']}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
-                            "and engine.zero_stage, or set checkpoint.resume=never to start over")
-    return path, reshard
-
-
 def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
     s = split.stats
     rows = f", {s['rows']} packed rows of {seq_len} (padding {100 * s['padding_fraction']:.1f}%)" if "rows" in s else ""
@@ -102,12 +51,12 @@ def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
             f"{s['loss_tokens']:,} loss-bearing; over max_seq_len: {s['truncated']} truncated, {dropped} dropped")
 
 
-def evaluate(engine, prep: dataset.Prepared, micro: int, env: dist.DistEnv) -> dict:
+def evaluate(engine, prep: dataset.Prepared, micro: int, env: dist.DistEnv, chunk: int) -> dict:
     engine.eval()
-    total, n = 0.0, 0
+    total, n = torch.zeros((), dtype=torch.float64, device=engine.device), 0
     with torch.no_grad():
         for batch in dataset.eval_batches(prep, micro, env.rank, env.world_size):
-            total += eng_mod.loss_sum(engine, batch).item()
+            total += eng_mod.loss_sum(engine, batch, chunk)
             n += batch["n_loss"]
     engine.train()
     total, n = dist.all_sum(total, n)
@@ -116,13 +65,21 @@ def evaluate(engine, prep: dataset.Prepared, micro: int, env: dist.DistEnv) -> d
 
 
 def run(cfg: Config) -> Path:
+    try:
+        return _run(cfg)
+    except Exception as e:
+        dist.report_failure(str(e))  # ranks waiting on this one stop instead of waiting forever
+        raise
+
+
+def _run(cfg: Config) -> Path:
     # ---- setup: everything that can reject bad input runs before anything is written
-    env = dist.init(cfg.engine.dist_backend)
+    env = dist.init(cfg.engine.dist_backend, cfg.engine.collective_timeout_minutes)
     precision = eng_mod.resolve_precision(cfg.engine.precision)
     t = cfg.train
     _seed_all(t.seed)
     tok = model_mod.load_tokenizer(cfg.model)
-    prep = dataset.build(cfg.data, tok, env.local_rank, lambda x: dist.all_sum(x)[0],
+    prep = dataset.build(cfg.data, tok, env.local_rank, lambda failed: dist.patient_sum("token shards", failed),
                          log=print if env.local_rank == 0 else lambda *_: None)
     stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
     micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)  # the ragged tail is not counted
@@ -131,7 +88,7 @@ def run(cfg: Config) -> Path:
     zero3_loading = eng_mod.zero3_loading(cfg, precision)  # noqa: F841 - alive while the model loads sharded
     model = model_mod.load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to bf16/fp16 itself
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
-    resume_from, reshard = _resume_point(cfg, ckpt, env.world_size)
+    resume_from, reshard = resume_point(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = eng_mod.build(cfg, model, total_steps, precision, load_universal=reshard)
     start, run_id = 0, None
     if resume_from is not None:
@@ -157,7 +114,7 @@ def run(cfg: Config) -> Path:
     def save(step: int) -> None:
         nonlocal last_save
         t_save = time.perf_counter()
-        path = ckpt.save(step, engine, {"step": step, "data": stream.state_dict(), "run_id": tracker.run_id}, dump_config(cfg))
+        path = ckpt.save(step, engine, {"step": step, "data": data_state, "run_id": tracker.run_id}, dump_config(cfg))
         last_save = time.monotonic()
         t_save = time.perf_counter() - t_save
         tracker.info(f"saved checkpoint {path} in {t_save:.1f} s")
@@ -180,22 +137,28 @@ def run(cfg: Config) -> Path:
         if e.global_steps == 1:
             measured.update(perf.measured_model_state_bytes(e))
 
+    chunk = cfg.engine.loss_chunk_tokens
+    loader = StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda")
+    data_state = stream.state_dict()  # the position a checkpoint saved now would resume from
+    dist.wait_for_all("setup")  # rank 0 may still be starting W&B; the loop's first collective must not time out on it
+
     # ---- the loop
     for step in range(start + 1, total_steps + 1):
         t0 = time.perf_counter()
         lr = eng_mod.lr(engine)
-        micro = [prep.collate([prep.train.items[i] for i in stream.next_indices()]) for _ in range(t.grad_accum)]
+        batch = loader.next()  # collated on a background thread while the previous step ran
+        micro, data_state = batch.batches, batch.data_state
         n_loss, n_tokens, n_pos = dist.all_sum(sum(b["n_loss"] for b in micro), sum(b["n_tokens"] for b in micro),
                                                sum(b["input_ids"].numel() for b in micro))
         # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
         # makes the step's gradient the mean over every loss-bearing token of the global batch.
         scale = t.grad_accum * env.world_size / max(n_loss, 1)
-        loss_sum, grad_norm = 0.0, None
-        for batch in micro:
-            loss = eng_mod.loss_sum(engine, batch)
+        loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device), None
+        for b in micro:
+            loss = eng_mod.loss_sum(engine, b, chunk)
             engine.backward(loss * scale)
             grad_norm = eng_mod.step(engine, on_boundary=measure)
-            loss_sum += loss.item()
+            loss_sum += loss.detach()  # stays on the device: no host sync per micro-batch
         every_min = cfg.checkpoint.every_minutes
         due_by_time = bool(every_min) and time.monotonic() - last_save >= 60 * every_min
         loss_sum, n_signalled, n_due = dist.all_sum(loss_sum, len(signalled), due_by_time)
@@ -209,14 +172,15 @@ def run(cfg: Config) -> Path:
                            "tokens_per_s": n_tokens / dt,
                            "loss_tokens_per_s": n_loss / dt, "step_time_s": dt,
                            "mfu": flops_tok * n_tokens / dt / (peak * env.world_size) if peak else None,
-                           "epoch": stream.epoch_progress, "elapsed_s": perf.process_age_s(),
+                           "epoch": batch.epoch_progress, "elapsed_s": perf.process_age_s(),
                            **({"skipped_steps": engine.skipped_steps} if precision == "fp16" else {}),  # fp16 overflows
                            **perf.device_memory_mb()})
         if prep.val and ((t.eval_every and step % t.eval_every == 0) or step == total_steps):
-            tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env))
+            tracker.log(step, evaluate(engine, prep, t.micro_batch_size, env, chunk))
         if n_signalled:
             save(step)
             tracker.info(f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command to resume")
+            loader.close()
             _close(engine, tracker, EXIT_PREEMPTED)
             _exit_preempted(env.is_main)
         if step == total_steps or n_due or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0):
@@ -224,6 +188,7 @@ def run(cfg: Config) -> Path:
         _kill_for_tests(step)
 
     # ---- export (every rank joins the gather; rank 0 writes)
+    loader.close()
     state = eng_mod.full_state_dict(engine)
     if env.is_main:
         save_hf(engine.module, tok, state, out / "final")

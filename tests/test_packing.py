@@ -58,9 +58,11 @@ def test_packed_logits_equal_unpacked(which, gpt2_dir, llama_dir):
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
-def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, gpt2_dir, llama_dir):
-    """engine.loss_sum runs the output layer only where targets carry loss; loss and every gradient must
-    equal the plain full-logits cross-entropy."""
+@pytest.mark.parametrize("chunk", [0, 5, 4096])
+def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, chunk, gpt2_dir, llama_dir):
+    """engine.loss_sum runs the output layer only where targets carry loss, fused with the loss in chunks of
+    `chunk` positions (0: plain cross-entropy on those logits); loss and every gradient must equal the plain
+    full-logits cross-entropy (GPT-2 ties its output layer to the input embeddings: both gradients meet)."""
     from dist_ft.engine import loss_sum
 
     cfg = ModelConfig(path=str(gpt2_dir if which == "gpt2" else llama_dir))
@@ -68,7 +70,7 @@ def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, gpt2
     examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(6)]
     batch = collate_packed([examples[:3], examples[3:]], 160, tok.pad_token_id)  # 2 rows, with padding
     model = load_model(cfg, tok, torch.float32)
-    ours = loss_sum(model, batch)
+    ours = loss_sum(model, batch, chunk)
     ours.backward()
     g_ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -78,5 +80,5 @@ def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, gpt2
     ref.backward()
     assert 0 < (batch["targets"] != IGNORE).sum() < batch["targets"].numel() / 2  # the case it is for
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-6)
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters():  # gradients of the summed loss over ~70 tokens
         torch.testing.assert_close(g_ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)

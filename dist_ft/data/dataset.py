@@ -110,6 +110,7 @@ def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[dict
         else:  # keep collectives (ZeRO-3 gathers) in step across ranks
             batch = prep.collate(items[:1])
             batch["targets"].fill_(-100)
+            batch["loss_index"] = batch["loss_index"][:0]
             batch["n_loss"] = batch["n_tokens"] = 0
             out.append(batch)
     return out

@@ -69,7 +69,9 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict:
 
 def _batch(ids, tgt, n_tokens: int, **extra) -> dict:
     targets = torch.tensor(tgt, dtype=torch.long)
-    out = {"input_ids": torch.tensor(ids, dtype=torch.long), "targets": targets,
-           "n_tokens": n_tokens, "n_loss": int((targets != IGNORE).sum())}
+    # flat positions that carry loss, found here on the host: selecting them on the GPU needs no sync
+    loss_index = torch.nonzero(targets.flatten() != IGNORE).squeeze(1)
+    out = {"input_ids": torch.tensor(ids, dtype=torch.long), "targets": targets, "loss_index": loss_index,
+           "n_tokens": n_tokens, "n_loss": len(loss_index)}
     out.update({k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})
     return out

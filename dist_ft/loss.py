@@ -1,0 +1,71 @@
+"""Summed next-token cross-entropy fused with the output layer, in chunks of positions.
+
+The plain way, `cross_entropy(head(h).float(), y)`, holds tokens x vocab logits in the model dtype, their
+fp32 copy and log-softmax for backward: with a 50k-150k vocabulary that is most of a small model's
+activation memory (8 x 1024 tokens x 128k vocab x 4 B = 4 GiB for the fp32 copy alone). Here the output
+layer and the loss run one chunk of positions at a time, and each chunk's gradients (w.r.t. the hidden
+states, the output weight and bias) are computed right there, in the forward pass, from that chunk's
+softmax; backward only scales them by the incoming gradient. Peak extra memory is one chunk's logits plus
+the gradient buffers (n x hidden, vocab x hidden) - the same three matmuls as forward + backward, no
+recomputation. Equal to the plain loss and gradients to fp32 rounding (tests/test_loss.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, need_b: bool):
+    """The summed loss, and (where asked) its gradients w.r.t. h, weight and bias, `chunk` positions at a time."""
+    n = h.shape[0]
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    g_h = torch.empty_like(h) if need_h else None
+    g_w = g_b = None
+    chunk = chunk or max(n, 1)
+    for s in range(0, n, chunk):
+        hc, tc = h[s : s + chunk], targets[s : s + chunk]
+        logits = F.linear(hc, weight, bias).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+        if not (need_h or need_w or need_b):
+            continue
+        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        g[torch.arange(len(tc), device=g.device), tc] -= 1.0  # d(sum of -log p[target]) / d logits
+        if need_b:
+            g_b = g.sum(0) if g_b is None else g_b.add_(g.sum(0))
+        g = g.to(h.dtype)
+        if need_h:
+            g_h[s : s + chunk] = g @ weight
+        if need_w:
+            gw = (g.t() @ hc).float()
+            g_w = gw if g_w is None else g_w.add_(gw)  # accumulated in fp32 across chunks
+    return total, g_h, g_w, g_b
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk: int):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        total, g_h, g_w, g_b = _chunked(h, weight, bias, targets, chunk, need_h, need_w, bias is not None and need_b)
+        if g_w is not None:  # kept until backward: in the weight's dtype, as autograd would hand it over
+            g_w = g_w.to(weight.dtype)
+        ctx.save_for_backward(g_h, g_w, g_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        g_h, g_w, g_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = lambda g, dtype: None if g is None else (g * grad_out.to(g.dtype)).to(dtype)  # noqa: E731
+        return scale(g_h, None if g_h is None else g_h.dtype), scale(g_w, w_dtype), scale(g_b, b_dtype), None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                         chunk: int) -> torch.Tensor:
+    """sum_i -log softmax(h_i W^T + b)[targets_i], fp32, `chunk` positions at a time (0: all at once).
+    `h` is [n, hidden] (only loss-bearing positions), `targets` [n]."""
+    if not torch.is_grad_enabled():  # evaluation: no gradients to compute ahead
+        return _chunked(h, weight, bias, targets, chunk, False, False, False)[0]
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, chunk)
