@@ -90,6 +90,7 @@ def _run(cfg: Config) -> Path:
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
     resume_from, reshard = resume_point(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = eng_mod.build(cfg, model, total_steps, precision, load_universal=reshard)
+    engine.train()  # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
     start, run_id = 0, None
     if resume_from is not None:
         t_load = time.perf_counter()

@@ -45,6 +45,11 @@ def gpt2_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_dropout_dir(tmp_path_factory) -> Path:
+    return tiny.make_gpt2(tmp_path_factory.mktemp("gpt2-dropout"), dropout=0.1)
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return tiny.make_llama(tmp_path_factory.mktemp("llama"))
 

@@ -195,3 +195,20 @@ def test_reshard_refuses_a_changed_global_batch(cfg, reference, tmp_path):
     r = _run(_cmd(cfg, out, 2, "engine.zero_stage=3"))  # ZeRO-3 is not resharded (not exact): said up front
     assert r.returncode == 2 and "resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2" in r.stderr
 
+
+
+def test_resume_with_dropout_is_bit_exact(tmp_path, gpt2_dropout_dir):
+    """Dropout 0.1: the resumed run draws the same masks as the uninterrupted one only if every RNG state
+    (Python, NumPy, torch CPU, and each rank's CUDA generator on GPUs) was saved and restored."""
+    cfg = tiny.run_config(tmp_path, gpt2_dropout_dir, 48, "max_steps: 6, micro_batch_size: 2, lr: 3.0e-3", "precision: fp32",
+                          "checkpoint: {every_steps: 2}\n")
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    assert _run(_cmd(cfg, ref, 1)).returncode == 0
+    r = _run(_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "3"})
+    assert r.returncode != 0
+    r = _run(_cmd(cfg, out, 1))
+    assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[-3000:]
+    _assert_identical(ref, out)
+    plain = tmp_path / "other-seed"
+    r = _run(_cmd(cfg, plain, 1, "checkpoint.resume=never", "train.max_steps=2", "train.seed=43"))  # dropout is live: another seed, another loss
+    assert r.returncode == 0 and tiny.losses(plain)[1] != tiny.losses(ref)[1]

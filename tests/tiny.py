@@ -34,13 +34,14 @@ def train_tokenizer(out: Path, *, eos: str | None = "<|endoftext|>", extra_speci
     return fast
 
 
-def make_gpt2(out: Path, *, n_layer: int = 2, n_embd: int = 64, n_positions: int = 512) -> Path:
-    """GPT-2-shaped base model: no chat template, no pad token (like the real gpt2)."""
+def make_gpt2(out: Path, *, n_layer: int = 2, n_embd: int = 64, n_positions: int = 512, dropout: float = 0.0) -> Path:
+    """GPT-2-shaped base model: no chat template, no pad token (like the real gpt2). With `dropout`, training
+    draws random masks, so an exact resume needs the RNG states restored too."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = train_tokenizer(out)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     import torch
 
     torch.manual_seed(0)
