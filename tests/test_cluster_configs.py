@@ -1,0 +1,46 @@
+"""Every shipped config validates through `dist-ft config`, names its own launch command on its first line, and the
+cluster configs (GPT-2 XL ZeRO-3, Llama 8B ZeRO-3 + offload) carry the settings they advertise."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, run_cli
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+LAUNCHERS = ("dist-ft ", "deepspeed ", "torchrun ", "srun ", "sbatch ")
+
+
+def test_configs_exist():
+    assert {"gpt2-xl-zero3.yaml", "llama-8b-zero3-offload.yaml"} <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_validates_and_names_its_launch_command(path: Path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: first line must be a comment with the launch command"
+    assert f"configs/{path.name}" in first and any(l in first for l in LAUNCHERS), first
+    r = run_cli("config", str(path.relative_to(REPO)))
+    assert r.returncode == 0, r.stderr
+    assert isinstance(yaml.safe_load(r.stdout), dict)
+
+
+def _resolved(name: str) -> dict:
+    r = run_cli("config", f"configs/{name}")
+    assert r.returncode == 0, r.stderr
+    return yaml.safe_load(r.stdout)
+
+
+@pytest.mark.parametrize("name,offload_optimizer", [("gpt2-xl-zero3.yaml", False), ("llama-8b-zero3-offload.yaml", True)])
+def test_cluster_configs_have_advertised_settings(name, offload_optimizer):
+    c = _resolved(name)
+    assert c["engine"]["zero_stage"] == 3
+    assert c["engine"]["precision"] == "bf16"
+    assert c["model"]["gradient_checkpointing"] is True
+    assert c["engine"]["offload_optimizer"] is offload_optimizer
+    assert c["checkpoint"]["every_minutes"] > 0
+    if name.startswith("gpt2-xl"):
+        assert c["model"]["path"] == "gpt2-xl" and c["data"]["max_seq_len"] == 1024
+    else:
+        assert "8B" in c["model"]["path"] and c["data"]["max_seq_len"] in (2048, 4096)
