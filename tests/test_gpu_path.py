@@ -144,3 +144,15 @@ def test_mfu_peak_of_each_gpu(name, peak):
     from dist_ft.perf import peak_flops
 
     assert peak_flops(name) == peak
+
+
+def test_flash_attention_falls_back_to_sdpa_where_it_cannot_run(capsys):
+    import torch
+
+    from dist_ft.model import attn_implementation
+
+    assert attn_implementation("sdpa") == "sdpa" and attn_implementation("eager") == "eager"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the fallback is for machines without one")
+    assert attn_implementation("flash_attention_2") == "sdpa"
+    assert "flash_attention_2 is unavailable (there is no CUDA GPU); using sdpa" in capsys.readouterr().err
