@@ -149,6 +149,17 @@ _FAILED = "dist_ft/failed"
 _waits = itertools.count()
 
 
+def _store():
+    """The rendezvous TCP store of a multi-rank process group; None for a single process."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized() or tdist.get_world_size() < 2:
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
 def wait_for_all(what: str, poll_s: float = 0.05) -> None:
     """Barrier for work of any length that some ranks do alone (rank 0 exporting, fsyncing a checkpoint,
     converting one, one rank per node tokenizing): each rank marks its arrival in the rendezvous TCP store
@@ -157,13 +168,12 @@ def wait_for_all(what: str, poll_s: float = 0.05) -> None:
     (rank 0 died)."""
     import torch.distributed as tdist
 
-    if not tdist.is_initialized() or tdist.get_world_size() < 2:
-        return
-    from torch.distributed.distributed_c10d import _get_default_store
-
     from .errors import UserError
 
-    store, rank, world = _get_default_store(), tdist.get_rank(), tdist.get_world_size()
+    store = _store()
+    if store is None:
+        return
+    rank, world = tdist.get_rank(), tdist.get_world_size()
     prefix = f"{_WAIT}/{next(_waits)}"
     store.set(f"{prefix}/{rank}", what)
     keys = [f"{prefix}/{r}" for r in range(world)]
@@ -185,12 +195,11 @@ def report_failure(message: str) -> None:
     """Tell ranks waiting in `wait_for_all` that this rank failed, so they stop instead of waiting forever."""
     import torch.distributed as tdist
 
-    if not tdist.is_initialized() or tdist.get_world_size() < 2:
+    store = _store()
+    if store is None:
         return
-    from torch.distributed.distributed_c10d import _get_default_store
-
     try:
-        _get_default_store().set(_FAILED, f"rank {tdist.get_rank()} failed: {message}"[:2000])
+        store.set(_FAILED, f"rank {tdist.get_rank()} failed: {message}"[:2000])
     except Exception:  # noqa: BLE001 - the store may be gone already; the launcher ends the job then
         pass
 

@@ -48,18 +48,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, bias, targets, chunk: int):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         total, g_h, g_w, g_b = _chunked(h, weight, bias, targets, chunk, need_h, need_w, bias is not None and need_b)
-        if g_w is not None:  # kept until backward: in the weight's dtype, as autograd would hand it over
-            g_w = g_w.to(weight.dtype)
-        ctx.save_for_backward(g_h, g_w, g_b)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        # kept until backward in the dtype of what they are gradients of, as autograd would hand them over
+        ctx.save_for_backward(g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        g_h, g_w, g_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        scale = lambda g, dtype: None if g is None else (g * grad_out.to(g.dtype)).to(dtype)  # noqa: E731
-        return scale(g_h, None if g_h is None else g_h.dtype), scale(g_w, w_dtype), scale(g_b, b_dtype), None, None
+        return *(None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors), None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,

@@ -5,7 +5,6 @@ that follow rank 0's resume decision, and waits for one rank's work that no coll
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from test_distributed import _port
 import tiny
 from dist_ft.dist import DistEnv, device_index, env_from, plan_devices
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SLURM = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "77"}

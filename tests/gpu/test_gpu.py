@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,18 +27,13 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 from conftest import REPO, run_cli  # noqa: E402  (tests/conftest.py)
+from test_distributed import _port  # noqa: E402
 import tiny  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STAGES = (0, 2, 3)
 BF16_REL = 5e-2  # loss curves of different ZeRO stages / launchers in bf16: reduction order differs, bf16 rounding grows
 STEPS = 8
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
