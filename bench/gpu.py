@@ -52,37 +52,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-FULL = {"name": "gpt2-124m", "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "seq_len": 1024, "micro": 8, "steps": 200}
-SMOKE = {"name": "gpt2-2x64-smoke", "n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 128, "seq_len": 128, "micro": 4, "steps": 3}
+FULL = {"name": "gpt2-124m", "seq_len": 1024, "micro": 8, "steps": 200}  # model dimensions: prep.GPT2_SHAPES
+SMOKE = {"name": "gpt2-2x64-smoke", "seq_len": 128, "micro": 4, "steps": 3}
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
 
 
 # ---------------------------------------------------------------- inputs (parent process)
-
-def model_dir(shape: dict) -> Path:
-    """GPT-2-shaped random-init model + SmolLM2 tokenizer, saved once under bench/.cache/<name>."""
-    import prep
-
-    out = prep.CACHE / shape["name"]
-    if (out / "model.safetensors").exists():
-        return out
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    tok = AutoTokenizer.from_pretrained(prep.tokenizer_dir())
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=shape["n_positions"], n_embd=shape["n_embd"], n_layer=shape["n_layer"],
-                     n_head=shape["n_head"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    tmp = out.with_name(out.name + ".tmp")
-    GPT2LMHeadModel(cfg).save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
 
 def model_facts(model: Path, seq_len: int) -> dict:
     """Parameter count (tied weights once, as dist_ft counts them) and FLOPs per token, without loading weights."""
@@ -113,97 +88,14 @@ def device_info() -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-# ---------------------------------------------------------------- one measured run (worker process)
+# ---------------------------------------------------------------- one measured run (bench/worker.py, fresh process)
 
-def _peak_gpu_mb() -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-
-
-def run_dist_ft(spec: dict) -> dict:
-    import yaml
-
-    import worker
-    from dist_ft import train
-    from dist_ft.config import load_config
-
-    out = Path(spec["out"])
-    model = {"path": spec["model"], **({"attn_implementation": spec["attn"]} if spec.get("attn") else {})}
-    cfg = {
-        "model": model,
-        "data": {"train": spec["data"], "max_seq_len": spec["seq_len"], "packing": True},
-        "train": {"max_steps": spec["steps"], "micro_batch_size": spec["rows"], "lr": spec["lr"], "schedule": "constant",
-                  "warmup_steps": 0, "max_grad_norm": 1.0, "weight_decay": 0.0},
-        "engine": {"precision": spec["precision"], "zero_stage": 0, "dist_backend": "auto"},
-        "checkpoint": {"resume": "never"},
-        "track": {"wandb": "disabled"},
-        "output": {"dir": str(out / "run"), "overwrite": True},
-    }
-    (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    train.run(load_config(out / "cfg.yaml", []))
-    steps = [r for r in (json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    peaks = [r["gpu_peak_mb"] for r in steps if r.get("gpu_peak_mb") is not None]  # peak while training (not the export)
-    return worker._result([worker.START + r["elapsed_s"] for r in steps], [r["loss_tokens"] for r in steps],
-                          [r["tokens"] for r in steps], [round(r["tokens"] / (1 - r["padding"])) for r in steps],
-                          [r["loss"] for r in steps], {"peak_gpu_mb": max(peaks) if peaks else None,
-                                                       "dist_ft_logged_mfu": steps[-1].get("mfu")})
-
-
-def run_hf_trainer(spec: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer, TrainerCallback,
-                              TrainingArguments)
-
-    import worker
-
-    cuda = torch.cuda.is_available()
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(spec["model"])
-    kw = {"attn_implementation": spec["attn"]} if spec.get("attn") else {}
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, **kw)
-    rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
-    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
-    enc = tok(texts, truncation=True, max_length=spec["seq_len"])
-    t0 = time.time()  # bookkeeping (assistant-token counts), not part of the recipe: excluded from time to first step
-    n_assist = [sum(tok.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)
-                    ["assistant_masks"][: spec["seq_len"]]) for r in rows]
-    book = time.time() - t0
-    ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "n_assist": n_assist})
-    collator = worker._Counting(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.ends, self.losses, self.peak = [], [], None
-
-        def on_step_end(self, args, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()  # the step's kernels are done: the same point dist_ft's step end is taken at
-            self.ends.append(time.time())
-            self.peak = _peak_gpu_mb()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.losses.append(logs["loss"])
-
-    clock = Clock()
-    args = TrainingArguments(output_dir=spec["out"], max_steps=spec["steps"], per_device_train_batch_size=spec["examples"],
-                             learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                             max_grad_norm=1.0, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none",
-                             use_cpu=not cuda, bf16=spec["precision"] == "bf16", dataloader_num_workers=0, disable_tqdm=True,
-                             seed=0, remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[clock]).train()
-    b = collator.batches[: len(clock.ends)]
-    return worker._result([t - book for t in clock.ends], [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
-                          {"peak_gpu_mb": clock.peak, "note": "loss over all tokens (recipe); assistant tokens counted as loss-bearing"})
-
-
-RUNS = {"dist_ft": ("dist_ft packed", run_dist_ft), "hf_trainer": ("HF Trainer padded", run_hf_trainer)}
+RUNS = {"dist_ft": "dist_ft packed", "hf_trainer": "HF Trainer padded"}
 
 
 def run_one(spec: dict) -> dict:
-    """One run in a fresh process (`bench/gpu.py --worker SPEC`), with its own on-the-fly shard cache."""
+    """One run in a fresh process (`bench/worker.py SPEC`, as bench/run.py runs it), pinned to one GPU, with its own
+    on-the-fly shard cache."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     env.update(TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
@@ -212,7 +104,7 @@ def run_one(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "out": tmp}
         env["DIST_FT_CACHE"] = tmp  # tokenized anew, as the HF recipe does: no shard cache carried over
-        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        r = subprocess.run([sys.executable, str(HERE / "worker.py"), json.dumps(spec)],
                            capture_output=True, text=True, env=env)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
@@ -238,12 +130,12 @@ def table(results: list[dict], facts: dict, info: dict) -> str:
         mfu = facts["flops_per_token"] * r["tokens_per_s"] / peak if peak else None
         r["mfu"] = mfu
         mem = _fmt_mb(r.get("peak_gpu_mb")) if r.get("peak_gpu_mb") is not None else f"n/a (CPU; peak RSS {r['peak_rss_mb']:,.0f} MB)"
-        lines.append(f"| {RUNS[r['framework']][0]} | {r['tokens_per_s']:,.0f} | {r['loss_tokens_per_s']:,.0f} | "
+        lines.append(f"| {RUNS[r['framework']]} | {r['tokens_per_s']:,.0f} | {r['loss_tokens_per_s']:,.0f} | "
                      f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {mem} | {r['time_to_first_step_s']:.1f} s | "
                      f"{r['padding']:.1%} | {r['loss_tokens']:,} |")
     for r in results:
         if "error" in r:
-            lines.append(f"| {RUNS[r['framework']][0]} | FAILED | | | | | | |")
+            lines.append(f"| {RUNS[r['framework']]} | FAILED | | | | | | |")
     by = {r["framework"]: r for r in ok}
     if "dist_ft" in by and "hf_trainer" in by:
         a, b = by["dist_ft"], by["hf_trainer"]
@@ -273,14 +165,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default 200; smoke 3)")
     ap.add_argument("--micro", type=int, help="dist_ft packed rows per step (default 8; smoke 4)")
     ap.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel for both (default: the model's, sdpa)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measured run, in a fresh process
     args = ap.parse_args()
-
-    if args.worker:
-        spec = json.loads(args.worker)
-        res = RUNS[spec["framework"]][1](spec)
-        print("RESULT " + json.dumps({**spec, **res}), flush=True)
-        return 0
 
     import torch
 
@@ -297,21 +182,21 @@ def main() -> int:
     info = device_info()
     print(f"device: {info['device']} | torch {info['torch']} | DeepSpeed {info['deepspeed']} | transformers {info['transformers']}", flush=True)
     data = prep.chat_data()
-    model = model_dir(shape)
+    model = prep.model_dir(shape["name"])
     facts = model_facts(model, seq)
     work = cpu_bench.work_shape(model, data, seq, micro * seq)  # HF examples per step for the same tokens per step
     spec = {"model": str(model), "data": str(data), "seq_len": seq, "steps": steps, "lr": 1e-4, "rows": micro,
             "examples": work["examples"], "mean_example_tokens": work["mean_example_tokens"],
-            "precision": "bf16" if cuda else "fp32", "attn": args.attn}
+            "precision": "bf16" if cuda else "fp32", "attn": args.attn, "threads": os.cpu_count()}
     print(f"{shape['name']}: {facts['n_params'] / 1e6:.1f}M params, seq {seq}, {micro * seq:,} tokens/step "
           f"({micro} packed rows / {work['examples']} padded examples), {steps} steps, {spec['precision']}", flush=True)
     results = []
     for framework in RUNS:
         t = time.time()
-        results.append(run_one({**spec, "framework": framework}))
+        results.append(run_one({**spec, "framework": framework, "variant": "packed" if framework == "dist_ft" else "padded"}))
         r = results[-1]
         if "error" not in r:
-            print(f"  {RUNS[framework][0]:<18} {r['tokens_per_s']:>10,.0f} tok/s {r['loss_tokens_per_s']:>10,.0f} loss-tok/s  "
+            print(f"  {RUNS[framework]:<18} {r['tokens_per_s']:>10,.0f} tok/s {r['loss_tokens_per_s']:>10,.0f} loss-tok/s  "
                   f"TTFS {r['time_to_first_step_s']:5.1f} s  GPU peak {_fmt_mb(r.get('peak_gpu_mb'))}  ({time.time() - t:.0f} s)", flush=True)
     md = header(info, facts, shape, spec, args.smoke) + "\n\n" + table(results, facts, info) + "\n"
     out_dir = prep.CACHE if args.smoke else HERE / "results"

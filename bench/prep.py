@@ -9,10 +9,12 @@ import random
 from pathlib import Path
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-GPT2_SHAPES = {  # name: (layers, width, heads)
-    "gpt2-4x256": (4, 256, 4),
-    "gpt2-6x384": (6, 384, 6),
-    "gpt2-8x512": (8, 512, 8),
+GPT2_SHAPES = {  # name: (layers, width, heads, positions)
+    "gpt2-4x256": (4, 256, 4, 2048),
+    "gpt2-6x384": (6, 384, 6, 2048),
+    "gpt2-8x512": (8, 512, 8, 2048),
+    "gpt2-124m": (12, 768, 12, 1024),  # GPT-2 small's shape (bench/gpu.py)
+    "gpt2-2x64-smoke": (2, 64, 4, 128),  # bench/gpu.py --smoke
 }
 
 
@@ -82,9 +84,9 @@ def model_dir(name: str) -> Path:
         model = load_model(_smollm2(), tok, torch.float32)  # dequantized, GGUF quantizer marker dropped
         model.config.use_cache = True  # as the model ships; dist_ft turns it off for training, peers get the default
     else:
-        layers, width, heads = GPT2_SHAPES[name]
+        layers, width, heads, positions = GPT2_SHAPES[name]
         torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=len(tok), n_positions=2048, n_embd=width, n_layer=layers, n_head=heads,
+        cfg = GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out)

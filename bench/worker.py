@@ -51,11 +51,11 @@ def run_dist_ft(spec: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     packing = spec["variant"] == "packed"
     cfg = {
-        "model": {"path": spec["model"]},
+        "model": {"path": spec["model"], **({"attn_implementation": spec["attn"]} if spec.get("attn") else {})},
         "data": {"train": spec["data"], "max_seq_len": spec["seq_len"], "packing": packing, "num_proc": spec.get("num_proc", 0)},
         "train": {"max_steps": spec["steps"], "micro_batch_size": spec["rows"] if packing else spec["examples"],
                   "lr": spec["lr"], "schedule": "constant", "warmup_steps": 0},
-        "engine": {"precision": "fp32", "zero_stage": spec.get("zero_stage", 0)},
+        "engine": {"precision": spec.get("precision", "fp32"), "zero_stage": spec.get("zero_stage", 0)},
         "checkpoint": {"every_steps": spec.get("every_steps", 0), "resume": "never"},
         "track": {"wandb": "disabled"},
         "output": {"dir": str(out / "run"), "overwrite": True},
@@ -73,9 +73,11 @@ def run_dist_ft(spec: dict) -> dict:
                         "checkpoint.resume=auto"], check=True,
                        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
         loads = [json.loads(x)["checkpoint_load_s"] for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if "checkpoint_load_s" in x]
+    peaks = [r["gpu_peak_mb"] for r in steps if r.get("gpu_peak_mb") is not None]  # while training (not the export)
     return _result([START + r["elapsed_s"] for r in steps], [r["loss_tokens"] for r in steps], [r["tokens"] for r in steps],
                    [round(r["tokens"] / (1 - r["padding"])) for r in steps], [r["loss"] for r in steps],
-                   {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None})
+                   {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None,
+                    "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].get("mfu")})
 
 
 class _Counting:
@@ -98,16 +100,21 @@ def _hf_common(spec: dict):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    kw = {"attn_implementation": spec["attn"]} if spec.get("attn") else {}
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, **kw)
     rows = [json.loads(x) for x in Path(spec["data"]).read_text().splitlines()]
 
     class Clock(TrainerCallback):
         def __init__(self):
-            self.ends, self.losses = [], []
+            self.ends, self.losses, self.peak_gpu_mb = [], [], None
 
         def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()  # the step's kernels are done: the same point dist_ft's step end is taken at
+                self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
             self.ends.append(time.time())
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -116,7 +123,7 @@ def _hf_common(spec: dict):
 
     common = dict(output_dir=spec["out"], max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant",
                   warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
-                  save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+                  save_strategy="no", report_to="none", use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True, seed=0)
     return tok, model, rows, Clock(), common
 
 
@@ -134,11 +141,12 @@ def run_hf_trainer(spec: dict) -> dict:
     book = time.time() - t0
     ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "n_assist": n_assist})
     collator = _Counting(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
-    args = TrainingArguments(per_device_train_batch_size=spec["examples"], remove_unused_columns=False, **common)
+    args = TrainingArguments(per_device_train_batch_size=spec["examples"], remove_unused_columns=False,
+                             bf16=spec.get("precision") == "bf16", **common)  # bf16: autocast over fp32 weights
     Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[clock]).train()
     b = collator.batches[: len(clock.ends)]
     return _result([t - book for t in clock.ends], [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
-                   {"note": "loss over all tokens (recipe); assistant tokens counted as useful"})
+                   {"note": "loss over all tokens (recipe); assistant tokens counted as useful", "peak_gpu_mb": clock.peak_gpu_mb})
 
 
 def run_trl(spec: dict) -> dict:
