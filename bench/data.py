@@ -50,15 +50,16 @@ def data_cfg(source: Path, task: str, num_proc: int, seq_len: int = 1024):
 
 
 def time_prepare(tok, source: Path, task: str, num_proc: int) -> dict:
+    from dist_ft import tasks
     from dist_ft.data import shards
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        m = shards.prepare(data_cfg(source, task, num_proc), tok, Path(tmp) / "ds", log=lambda *_: None, progress=False)
+        m = shards.prepare(data_cfg(source, task, num_proc), tok, Path(tmp) / "ds", tasks.get(task), log=lambda *_: None, progress=False)
         dt = time.perf_counter() - t0
-    st = m["splits"]["train"]["stats"]
-    return {"tokens": st["tokens"], "records": st["records"], "seconds": dt, "tokens_per_s": st["tokens"] / dt,
-            "shards": len(m["splits"]["train"]["shards"])}
+    st = m.splits["train"].stats
+    return {"tokens": st.tokens, "records": st.records, "seconds": dt, "tokens_per_s": st.tokens / dt,
+            "shards": len(m.splits["train"].shards)}
 
 
 def time_peer(tok, source: Path, task: str, num_proc: int) -> dict:
@@ -96,8 +97,9 @@ def tiny_model() -> Path:
 def reader_overhead(model: Path, chat: Path, seq_len: int) -> dict:
     """Median training step vs. the median time to get the same batch from the shards."""
     from dist_ft.config import load_config
+    from dist_ft import tasks
     from dist_ft.data import dataset
-    from dist_ft.model import load_tokenizer
+    from dist_ft.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cfg.yaml"
@@ -113,7 +115,7 @@ def reader_overhead(model: Path, chat: Path, seq_len: int) -> dict:
         os.environ["DIST_FT_CACHE"] = f"{tmp}/cache"
         c = load_config(cfg)
         tok = load_tokenizer(c.model)  # as train loads it (ChatML added to a base model): the cached shards match
-        prep_ = dataset.build(c.data, tok, log=lambda *_: None)
+        prep_ = dataset.build(c.data, tok, tasks.get(c.data.task), log=lambda *_: None)
         stream = prep_.stream(4, 0, 1)
         read, total = [], []
         for _ in range(500):

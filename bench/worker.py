@@ -46,6 +46,7 @@ def run_dist_ft(spec: dict) -> dict:
 
     from dist_ft import train
     from dist_ft.config import load_config
+    from dist_ft.track import read_metrics, read_steps
 
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -62,8 +63,8 @@ def run_dist_ft(spec: dict) -> dict:
     }
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     train.run(load_config(out / "cfg.yaml", []))
-    recs = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if "loss" in r]
+    recs = read_metrics(out / "run" / "metrics.jsonl")
+    steps = read_steps(out / "run" / "metrics.jsonl")
     saves = [r["checkpoint_save_s"] for r in recs if "checkpoint_save_s" in r]
     loads = []
     if spec.get("every_steps"):  # checkpoint timing: resume the finished run for one more step
@@ -72,12 +73,12 @@ def run_dist_ft(spec: dict) -> dict:
         subprocess.run([sys.executable, "-m", "dist_ft", "train", str(out / "cfg.yaml"), f"train.max_steps={spec['steps'] + 1}",
                         "checkpoint.resume=auto"], check=True,
                        env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
-        loads = [json.loads(x)["checkpoint_load_s"] for x in (out / "run" / "metrics.jsonl").read_text().splitlines() if "checkpoint_load_s" in x]
-    peaks = [r["gpu_peak_mb"] for r in steps if r.get("gpu_peak_mb") is not None]  # while training (not the export)
-    return _result([START + r["elapsed_s"] for r in steps], [r["loss_tokens"] for r in steps], [r["tokens"] for r in steps],
-                   [round(r["tokens"] / (1 - r["padding"])) for r in steps], [r["loss"] for r in steps],
+        loads = [r["checkpoint_load_s"] for r in read_metrics(out / "run" / "metrics.jsonl") if "checkpoint_load_s" in r]
+    peaks = [s.memory["gpu_peak_mb"] for s in steps if s.memory.get("gpu_peak_mb") is not None]  # while training (not the export)
+    return _result([START + s.elapsed_s for s in steps], [s.loss_tokens for s in steps], [s.tokens for s in steps],
+                   [round(s.tokens / (1 - s.padding)) for s in steps], [s.loss for s in steps],
                    {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None,
-                    "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].get("mfu")})
+                    "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].mfu})
 
 
 class _Counting:

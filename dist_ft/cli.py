@@ -78,21 +78,23 @@ def _fmt_score(s: dict) -> str:
 def _demo(args) -> None:
     import torch
 
-    from . import chat, evaluate, model as model_mod, train
+    from . import inference, train
     from .config import load_config
+    from .model import load_model
+    from .tokenizer import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     heldout = cfg.data.validation.path if cfg.data.validation else None
     if heldout is None:
         raise UserError(f"{args.config}: the demo needs data.validation (the held-out set)")
-    tok = model_mod.load_tokenizer(cfg.model)
-    base = model_mod.load_model(cfg.model, tok, torch.float32)
-    before = evaluate.score(tok, base, heldout)
+    tok = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, tok, torch.float32)
+    before = inference.score(tok, base, heldout, cfg.data.task)
     del base
     print(f"[demo] before fine-tuning: {_fmt_score(before)}", flush=True)
     out = train.run(cfg)
-    tok, tuned = chat.load(str(out / "final"))
-    after = evaluate.score(tok, tuned, heldout)
+    tok, tuned = inference.load(str(out / "final"))
+    after = inference.score(tok, tuned, heldout, cfg.data.task)
     print(f"[demo] before fine-tuning: {_fmt_score(before)}")
     print(f"[demo] after  fine-tuning: {_fmt_score(after)}")
     n = len(after["samples"])
@@ -106,21 +108,22 @@ def _demo(args) -> None:
 def _prepare(args) -> None:
     from pathlib import Path
 
-    from . import model as model_mod
+    from . import tasks
     from .config import load_config
     from .data import shards
+    from .tokenizer import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     if cfg.data.train is None:
         raise UserError(f"{args.config}: dist-ft prepare needs data.train (the source to tokenize)")
-    tok = model_mod.load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model)
     out = Path(args.out).expanduser() if args.out else shards.cache_entry(cfg.data, tok)
-    manifest = shards.prepare(cfg.data, tok, out)
-    for split, info in manifest["splits"].items():
-        st = info["stats"]
-        print(f"{split}: {st['records']:,} records, {st['examples']:,} examples, {st['tokens']:,} tokens "
-              f"({st['loss_tokens']:,} loss-bearing), {len(info['shards'])} shard(s)")
-    print(f"wrote {out} ({manifest['dtype']}, {manifest['tokens_per_s']:,} tokens/s)")
+    manifest = shards.prepare(cfg.data, tok, out, tasks.get(cfg.data.task))
+    for split, info in manifest.splits.items():
+        st = info.stats
+        print(f"{split}: {st.records:,} records, {st.examples:,} examples, {st.tokens:,} tokens "
+              f"({st.loss_tokens:,} loss-bearing), {len(info.shards)} shard(s)")
+    print(f"wrote {out} ({manifest.dtype}, {manifest.tokens_per_s:,} tokens/s)")
     print(f"train on it: dist-ft train {args.config} {' '.join(args.overrides)}"
           + (f" data.prepared={out}" if args.out else "   (same config: found in the cache)"))
 
@@ -137,20 +140,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "prepare":
             _prepare(args)
         elif args.cmd == "chat":
-            from . import chat
+            from . import chat, inference
 
-            tok, model = chat.load(args.model, args.trust_remote_code)
+            tok, model = inference.load(args.model, args.trust_remote_code)
             gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
             if args.prompt is not None:
                 history = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-                print(chat.reply(tok, model, history, **gen))
+                print(inference.reply(tok, model, history, **gen))
             else:
                 chat.interactive(tok, model, args.system, **gen)
         elif args.cmd == "eval":
-            from . import chat, evaluate
+            from . import inference
 
-            tok, model = chat.load(args.model)
-            print(_fmt_score(evaluate.score(tok, model, args.data)))
+            tok, model = inference.load(args.model)
+            print(_fmt_score(inference.score(tok, model, args.data)))
         elif args.cmd == "demo":
             _demo(args)
         elif args.cmd == "config":

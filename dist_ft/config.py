@@ -43,7 +43,7 @@ class DataConfig(_Section):
     validation: Optional[SourceConfig] = Field(None, description="Separate validation source; if unset, `val_fraction` of train is held out.")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training records held out for validation when no `validation` source is given.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format; `auto` detects it per record from the keys.")
-    task: Literal["sft", "pretrain"] = Field("sft", description="`sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text.")
+    task: str = Field("sft", description="What is learned: a module of dist_ft/tasks. `sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text.")
     max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row / longest example kept.")
     packing: bool = Field(True, description="Pack examples into rows of `max_seq_len` (position ids restart per example); false = pad to the longest in batch.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than `max_seq_len` (always counted and reported).")
@@ -63,6 +63,17 @@ class DataConfig(_Section):
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir or os.environ.get("DIST_FT_CACHE") or "~/.cache/dist_ft").expanduser()
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        import pkgutil
+
+        have = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")]) if not m.name.startswith("_"))
+        if v not in have:
+            close = difflib.get_close_matches(v, have, n=1)
+            raise ValueError(f"unknown task '{v}'{f' (did you mean {close[0]!r}?)' if close else ''}; tasks: {', '.join(have)}")
+        return v
 
     @field_validator("train", "validation", mode="before")
     @classmethod

@@ -120,8 +120,7 @@ def plan_devices(env: DistEnv, visible_gpus: int, backend: str = "auto", device_
 def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     """Pick this rank's device and make it current before any collective, export the layout as the variables
     torch.distributed and DeepSpeed read, then start the process group (each collective then times out
-    after `timeout_minutes`)."""
-    import deepspeed
+    after `timeout_minutes`). DeepSpeed's layer on top of the group is started by `engine.init_distributed`."""
     import torch
 
     env = env_from(os.environ)
@@ -133,7 +132,6 @@ def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     if not torch.distributed.is_initialized():
         kw = {"device_id": torch.device("cuda", plan.index)} if plan.bind_device else {}
         torch.distributed.init_process_group(backend=plan.backend, timeout=timeout, **kw)
-    deepspeed.init_distributed(dist_backend=plan.backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     return env
 
 

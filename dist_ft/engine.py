@@ -1,20 +1,25 @@
-"""DeepSpeed engine: the only module that knows ZeRO stages, precision and offload.
+"""The one DeepSpeed boundary: nothing outside this module (and `engine_state.py`, its checkpoint and
+memory half) imports DeepSpeed or reads its objects.
 
-The loop calls `build`, `loss_sum`, `backward`, `step` and `full_state_dict`; none of them branch
-on anything the loop has to know about.
+`Engine.build` turns our config into a DeepSpeed engine (ZeRO 0-3, offload, fp32/bf16/fp16) and hands back
+a small wrapper: call it like the model, then `backward`, `step` (returns the grad norm at an optimizer
+boundary), `save` / `load` (incl. DeepSpeed's universal checkpoints for another world size or ZeRO stage),
+`full_state_dict` for export, `take_model_states` (measured bytes per rank), `close`. The loop calls these and
+never branches on ZeRO stage, precision or offload.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from . import dist, engine_state
 from .config import Config
 from .errors import UserError
-from .loss import linear_cross_entropy
 
 
 def cpu_has_native_bf16() -> bool:
@@ -77,18 +82,34 @@ def ds_config(cfg: Config, precision: str) -> dict:
     }
 
 
-def zero3_loading(cfg: Config, precision: str):
-    """For ZeRO-3, an HfDeepSpeedConfig that makes `from_pretrained` build the model under zero.Init, so
-    each rank only ever holds its shard; keep the returned object alive while the model loads."""
+@contextmanager
+def zero3_init(cfg: Config, precision: str):
+    """`with zero3_init(...)`: for ZeRO-3, `from_pretrained` inside builds the model under zero.Init, so each
+    rank only ever holds its shard of the weights; a no-op for the other stages."""
     if cfg.engine.zero_stage != 3:
-        return None
-    from transformers.integrations import HfDeepSpeedConfig
-
+        yield
+        return
     import torch.distributed as tdist
+    from transformers.integrations import HfDeepSpeedConfig
 
     conf = ds_config(cfg, precision)
     conf["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * tdist.get_world_size()
-    return HfDeepSpeedConfig(conf)
+    alive = HfDeepSpeedConfig(conf)  # transformers holds only a weak reference: it is on while this lives
+    try:
+        yield
+    finally:
+        del alive
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> dist.DistEnv:
+    """The process group on this rank's own device (`dist.init`), then DeepSpeed's communication layer on it."""
+    import deepspeed
+    from datetime import timedelta
+
+    env = dist.init(backend, timeout_minutes)
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(minutes=timeout_minutes))
+    return env
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -99,106 +120,112 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build(cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False):
-    """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO stage)."""
-    import deepspeed
-    from torch.optim.lr_scheduler import LambdaLR
+class Engine:
+    """A DeepSpeed engine behind the few calls the loop, evaluation, checkpoints and export make."""
 
-    t = cfg.train
-    sched = partial(lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
-    config = ds_config(cfg, precision)
-    if load_universal:
-        config["checkpoint"] = {"load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=_param_groups(model, t.weight_decay), config=config,
-        lr_scheduler=lambda opt: LambdaLR(opt, sched))
-    return engine
+    def __init__(self, ds_engine, precision: str):
+        self._ds, self.precision = ds_engine, precision
+        self._model_states: dict | None = None  # bytes this rank holds for params / grads / optimizer, once measured
+        self._states_taken = False
 
+    @classmethod
+    def build(cls, cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False) -> "Engine":
+        """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO stage)."""
+        import deepspeed
+        from torch.optim.lr_scheduler import LambdaLR
 
-# config attributes of models that transform the output layer's logits (softcapping, scaling): the fused loss
-# would skip that, so these take the plain path
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+        t = cfg.train
+        sched = partial(lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
+        config = ds_config(cfg, precision)
+        if load_universal:
+            config["checkpoint"] = {"load_universal": True}
+        ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, t.weight_decay), config=config,
+                                           lr_scheduler=lambda opt: LambdaLR(opt, sched))
+        engine = cls(ds, precision)
+        engine.train()  # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
+        return engine
 
+    # ---- the model
+    @property
+    def module(self):
+        return self._ds.module
 
-def _fusable(model, head, chunk: int) -> bool:
-    if not chunk or not isinstance(head, torch.nn.Linear):
-        return False
-    return all(getattr(model.config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
+    @property
+    def device(self) -> torch.device:
+        return self._ds.device
 
+    def __call__(self, **inputs):
+        return self._ds(**inputs)
 
-def loss_sum(engine, batch: dict, chunk: int = 4096) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32), a 0-d tensor on the device.
+    def train(self) -> None:
+        self._ds.train()
 
-    The output layer runs only on positions that carry loss: with a 50k vocabulary it is much of a small
-    model's compute and nearly all of its activation memory, and in chat SFT a third or more of the
-    positions (prompts, system turns, padding) carry no loss. With `chunk` > 0 the output layer and the
-    loss are fused and run `chunk` positions at a time (`loss.py`): tokens x vocab logits never exist
-    whole. The call goes through the output layer module itself, so ZeRO-3's hooks gather its weight.
-    Works with any engine or plain HF model. Nothing here waits for the device (no host sync)."""
-    model = getattr(engine, "module", engine)
-    dev = engine.device
-    kw = {k: batch[k].to(dev, non_blocking=True) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
-    index = batch["loss_index"].to(dev, non_blocking=True)
-    targets = batch["targets"].to(dev, non_blocking=True).flatten().index_select(0, index)
-    head = model.get_output_embeddings()
+    def eval(self) -> None:
+        self._ds.eval()
 
-    def kept(hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.flatten(0, -2).index_select(0, index)
+    @property
+    def n_params(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters())  # full sizes under ZeRO-3
 
-    if _fusable(model, head, chunk):
-        fused = []
+    @property
+    def zero_stage(self) -> int:
+        return self._ds.zero_optimization_stage()
 
-        def fused_head(hidden: torch.Tensor) -> torch.Tensor:  # runs inside the head module's call (and its hooks)
-            fused.append(linear_cross_entropy(kept(hidden), head.weight, head.bias, targets, chunk))
-            return fused[-1]
+    # ---- one micro-batch at a time
+    def backward(self, loss: torch.Tensor) -> None:
+        self._ds.backward(loss)
 
-        head.forward = fused_head
-        try:
-            out = engine(**kw, use_cache=False).logits
-        finally:
-            del head.forward
-        # the same numbers, maybe re-wrapped (ZeRO-3's backward hook returns a detached view of the output); a
-        # model that softcaps or scales its logits would return new ones, and the fused loss would be wrong for it
-        if out.shape != () or out.data_ptr() != fused[-1].data_ptr():
-            raise RuntimeError(f"{type(model).__name__} changes its output layer's result before returning it; set engine.loss_chunk_tokens=0")
-        return out
-    handle = head.register_forward_pre_hook(lambda _, args: (kept(args[0]),)) if head is not None else None
-    try:
-        logits = engine(**kw, use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    if handle is None:
-        logits = kept(logits)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    def step(self) -> float | None:
+        """engine.step() for one micro-batch; at an optimizer boundary returns the pre-clip global grad norm.
+        At the second boundary (gradients exist and Adam has made its states) it measures the model states."""
+        ds = self._ds
+        boundary = ds.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and self._model_states is None and ds.global_steps == 1:
+            self._model_states = engine_state.model_state_bytes(ds)
+        if boundary and ds.zero_optimization_stage() == 0 and not (ds.bfloat16_enabled() or ds.fp16_enabled()):
+            # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced here
+            grads = [p.grad for p in ds.module.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        ds.step()
+        if boundary and norm is None:
+            n = ds.get_global_grad_norm()
+            norm = float(n) if n is not None else None
+        return norm
 
+    def take_model_states(self) -> dict | None:
+        """The measured model-state bytes, once (None before they are measured and after they were taken)."""
+        if self._model_states is None or self._states_taken:
+            return None
+        self._states_taken = True
+        return self._model_states
 
-def step(engine, on_boundary=None) -> float | None:
-    """engine.step() for one micro-batch; at an optimizer boundary returns the pre-clip global grad norm.
-    `on_boundary(engine)` runs at a boundary just before the optimizer step (memory accounting)."""
-    boundary = engine.is_gradient_accumulation_boundary()
-    norm = None
-    if boundary and on_boundary is not None:
-        on_boundary(engine)
-    if boundary and engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced here
-        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-    engine.step()
-    if boundary and norm is None:
-        n = engine.get_global_grad_norm()
-        norm = float(n) if n is not None else None
-    return norm
+    @property
+    def lr(self) -> float:
+        return self._ds.get_lr()[0]
 
+    @property
+    def skipped_steps(self) -> int | None:
+        """fp16 steps skipped on loss-scale overflow; None for the other precisions."""
+        return self._ds.skipped_steps if self.precision == "fp16" else None
 
-def lr(engine) -> float:
-    return engine.get_lr()[0]
+    # ---- state
+    def save(self, directory: Path) -> None:
+        """Every rank writes its part of the engine state (model, optimizer, ZeRO partitions, LR schedule)."""
+        engine_state.save(self._ds, Path(directory))
 
+    def load(self, directory: Path) -> None:
+        engine_state.load(self._ds, Path(directory))
 
-def full_state_dict(engine) -> dict | None:
-    """Consolidated model weights on rank 0 (None elsewhere). All ranks must call it (ZeRO-3 gathers)."""
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    if engine.global_rank == 0:
-        return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-    return None
+    to_universal = staticmethod(engine_state.to_universal)
+
+    def full_state_dict(self) -> dict | None:
+        """Consolidated model weights on rank 0 (None elsewhere). All ranks must call it (ZeRO-3 gathers)."""
+        if self.zero_stage == 3:
+            return self._ds._zero3_consolidated_16bit_state_dict()
+        if self._ds.global_rank == 0:
+            return {k: v.detach().cpu() for k, v in self._ds.module.state_dict().items()}
+        return None
+
+    def close(self) -> None:
+        self._ds.destroy()  # stops the optimizer's helper threads (ZeRO-3 offload) before the group goes

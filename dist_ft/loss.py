@@ -1,4 +1,4 @@
-"""Summed next-token cross-entropy fused with the output layer, in chunks of positions.
+"""Summed next-token cross-entropy of a batch (`token_loss_sum`), fused with the output layer in chunks of positions.
 
 The plain way, `cross_entropy(head(h).float(), y)`, holds tokens x vocab logits in the model dtype, their
 fp32 copy and log-softmax for backward: with a 50k-150k vocabulary that is most of a small model's
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .contracts import Batch
 
 
 def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, need_b: bool):
@@ -64,3 +66,61 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not torch.is_grad_enabled():  # evaluation: no gradients to compute ahead
         return _chunked(h, weight, bias, targets, chunk, False, False, False)[0]
     return _LinearCrossEntropy.apply(h, weight, bias, targets, chunk)
+
+
+# config attributes of models that transform the output layer's logits (softcapping, scaling): the fused loss
+# would skip that, so these take the plain path
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _fusable(model, head, chunk: int) -> bool:
+    if not chunk or not isinstance(head, torch.nn.Linear):
+        return False
+    return all(getattr(model.config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
+
+
+def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32), a 0-d tensor on the device.
+
+    The output layer runs only on positions that carry loss: with a 50k vocabulary it is much of a small
+    model's compute and nearly all of its activation memory, and in chat SFT a third or more of the
+    positions (prompts, system turns, padding) carry no loss. With `chunk` > 0 the output layer and the
+    loss are fused and run `chunk` positions at a time (``linear_cross_entropy` above): tokens x vocab logits never exist
+    whole. The call goes through the output layer module itself, so ZeRO-3's hooks gather its weight.
+    Works with any engine or plain HF model. Nothing here waits for the device (no host sync)."""
+    model = getattr(engine, "module", engine)
+    dev = engine.device
+    kw = batch.model_inputs(dev)
+    index = batch.loss_index.to(dev, non_blocking=True)
+    targets = batch.targets.to(dev, non_blocking=True).flatten().index_select(0, index)
+    head = model.get_output_embeddings()
+
+    def kept(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.flatten(0, -2).index_select(0, index)
+
+    if _fusable(model, head, chunk):
+        fused = []
+
+        def fused_head(hidden: torch.Tensor) -> torch.Tensor:  # runs inside the head module's call (and its hooks)
+            fused.append(linear_cross_entropy(kept(hidden), head.weight, head.bias, targets, chunk))
+            return fused[-1]
+
+        head.forward = fused_head
+        try:
+            out = engine(**kw, use_cache=False).logits
+        finally:
+            del head.forward
+        # the same numbers, maybe re-wrapped (ZeRO-3's backward hook returns a detached view of the output); a
+        # model that softcaps or scales its logits would return new ones, and the fused loss would be wrong for it
+        if out.shape != () or out.data_ptr() != fused[-1].data_ptr():
+            raise RuntimeError(f"{type(model).__name__} changes its output layer's result before returning it; set engine.loss_chunk_tokens=0")
+        return out
+    handle = head.register_forward_pre_hook(lambda _, args: (kept(args[0]),)) if head is not None else None
+    try:
+        logits = engine(**kw, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is None:
+        logits = kept(logits)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")

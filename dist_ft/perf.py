@@ -1,4 +1,4 @@
-"""Memory and throughput accounting: ZeRO model-state formula vs measured bytes, RSS/GPU memory, MFU."""
+"""Memory and throughput accounting: the ZeRO model-state formula (measured bytes come from the engine), RSS/GPU memory, MFU."""
 
 from __future__ import annotations
 
@@ -19,40 +19,6 @@ def expected_model_state_bytes(n_params: int, stage: int, world: int, precision:
     return {"params": kp * n_params / (world if stage >= 3 else 1),
             "grads": kg * n_params / (world if stage >= 2 else 1),
             "optimizer": ko * n_params / (world if stage >= 1 else 1)}
-
-
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
-def measured_model_state_bytes(engine) -> dict:
-    """Bytes this rank holds for parameters, gradients and optimizer state. Call at an accumulation
-    boundary before `engine.step()` (gradients are freed or reused after it), after the first optimizer
-    step (Adam creates its states lazily)."""
-    stage, opt = engine.zero_optimization_stage(), engine.optimizer
-    params = list(engine.module.parameters())
-    own = {id(p) for p in params}
-    if stage == 3:
-        p_bytes = _nbytes(p.ds_tensor for p in params)
-        grads = getattr(opt, "grad_partitions_flat_buffer", None)
-        g_bytes = _nbytes([grads]) if grads is not None else None
-    else:
-        p_bytes = _nbytes(params)
-        buf = getattr(opt, "grads_in_partition", None)
-        averaged = getattr(opt, "averaged_gradients", None)
-        masters = getattr(opt, "single_partition_of_fp32_groups", None) or []
-        if torch.is_tensor(buf):
-            g_bytes = _nbytes([buf])
-        elif averaged and any(averaged.values()):
-            g_bytes = _nbytes(g for gs in averaged.values() for g in (gs or []))
-        elif any(m.grad is not None for m in masters):  # CPU offload: gradients live on the master partitions
-            g_bytes = _nbytes(m.grad for m in masters)
-        else:
-            g_bytes = _nbytes(p.grad for p in params)
-    inner = getattr(opt, "optimizer", opt)
-    o_bytes = _nbytes(v for st in inner.state.values() for v in st.values())
-    o_bytes += _nbytes(p for g in inner.param_groups for p in g["params"] if id(p) not in own)  # fp32 master partitions
-    return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}
 
 
 def device_memory_mb() -> dict:

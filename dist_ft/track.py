@@ -13,7 +13,9 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from . import fsio
 from .config import TrackConfig
+from .contracts import StepMetrics
 
 
 def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[str]:
@@ -31,9 +33,10 @@ def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[str]:
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, rank: int, total_steps: int, log_every: int, start_step: int = 0,
+    def __init__(self, out_dir: Path, rank: int, *, total_steps: int, log_every: int, start_step: int = 0,
                  all_ranks: bool = False, track: Optional[TrackConfig] = None, run_id: Optional[str] = None,
                  config: Optional[dict] = None):
+        """`run_id`: the W&B run to continue (from a checkpoint); `config`: the resolved config W&B shows."""
         self.enabled, self.log_every = rank == 0, log_every
         self.path = out_dir / "metrics.jsonl"
         self._f = self._side = self.wandb = None
@@ -55,6 +58,14 @@ class Tracker:
         elif self._side:
             self._side.write(msg + "\n")
             self._side.flush()
+
+    def log_step(self, step: int, m: StepMetrics) -> None:
+        if m.model_states is not None:
+            from .perf import format_table
+
+            self.info(f"{m.model_states.n_params / 1e6:.2f}M params | model states per rank: "
+                      f"{format_table(m.model_states.formula, m.model_states.measured)}")
+        self.log(step, m.record())
 
     def log(self, step: int, metrics: dict) -> None:
         if self._f is None:
@@ -116,13 +127,16 @@ def _wandb_init(track: TrackConfig, mode: str, out_dir: Path, run_id: Optional[s
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only records up to `last_step` (0: none), atomically."""
     keep = [r for r in read_metrics(path) if r["step"] <= last_step] if path.is_file() else []
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    fsio.write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_steps(path: Path) -> list[StepMetrics]:
+    """The training steps recorded in a metrics.jsonl, in order (evaluations and checkpoint timings left out)."""
+    return [StepMetrics.from_record(r) for r in read_metrics(path) if "loss" in r]
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
@@ -147,4 +161,4 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     tmp = png_path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(png_path)
+    fsio.replace_file(tmp, png_path)

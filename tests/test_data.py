@@ -9,7 +9,7 @@ from dist_ft.data.chat import IGNORE, has_generation_markers, tokenize_conversat
 from dist_ft.data.formats import to_conversation
 from dist_ft.data.sources import read_records
 from dist_ft.errors import UserError
-from dist_ft.model import load_tokenizer
+from dist_ft.tokenizer import load_tokenizer
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the apple?"},
         {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And the banana?"},

@@ -69,7 +69,7 @@ def _fake_checkpoint(out: Path, step: int, config_yaml: str) -> None:
 def _resume_on_rank(rank: int, port: int, dirs: list[str], result: str) -> None:
     import torch.distributed as tdist
 
-    from dist_ft.checkpoint import Checkpointer, resume_point
+    from dist_ft.checkpoint import Checkpointer, resume_plan
     from dist_ft.config import load_config
     from dist_ft.errors import UserError
 
@@ -78,8 +78,8 @@ def _resume_on_rank(rank: int, port: int, dirs: list[str], result: str) -> None:
     for d in dirs:
         cfg = load_config(Path(d) / "cfg.yaml", [f"output.dir={d}-rank{rank}"])
         try:
-            path, reshard = resume_point(cfg, Checkpointer(Path(cfg.output.dir), 2, rank, 2), 2)
-            got.append([str(path), reshard])
+            plan = resume_plan(cfg, Checkpointer(Path(cfg.output.dir), 2, rank, 2), 2)
+            got.append([str(plan.path), plan.reshard])
         except UserError as e:
             got.append(["error", str(e)])
     Path(f"{result}-{rank}.json").write_text(json.dumps(got))

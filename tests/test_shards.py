@@ -11,10 +11,11 @@ import pytest
 
 from conftest import run_cli
 import tiny
+from dist_ft import tasks
 from dist_ft.config import load_config
 from dist_ft.data import dataset, shards
 from dist_ft.data.sources import iter_records
-from dist_ft.model import load_tokenizer
+from dist_ft.tokenizer import load_tokenizer
 
 
 def _cfg(tmp: Path, model: Path, data: Path, *lines: str) -> Path:
@@ -49,17 +50,17 @@ def prepared(tmp_path_factory, gpt2_dir, chat_jsonl) -> Path:
 
 def test_shards_hold_exactly_the_tokenized_records(prepared, gpt2_dir, chat_jsonl):
     manifest = shards.read_manifest(prepared)
-    assert manifest["dtype"] == "uint16" and len(manifest["splits"]["train"]["shards"]) >= 3  # 400-token shards
+    assert manifest.dtype == "uint16" and len(manifest.splits["train"].shards) >= 3  # 400-token shards
     cfg = load_config(prepared.parent / "ds.yaml")
     tok = load_tokenizer(cfg.model)
-    prep = dataset.build(cfg.data.model_copy(update={"prepared": str(prepared)}), tok)
+    prep = dataset.build(cfg.data.model_copy(update={"prepared": str(prepared)}), tok, tasks.get("sft"))
     got = [(tuple(e.input_ids), tuple(e.labels)) for split in (prep.train.items, prep.val.items)
            for i in range(len(split)) for e in split[i]]
     want = [(tuple(e.input_ids), tuple(e.labels)) for where, rec in iter_records(cfg.data.train)
-            for e in shards.tokenize_record(rec, where, cfg.data, tok)[0]]
+            for e in tasks.get(cfg.data.task).examples(rec, where, cfg.data, tok)[0]]
     assert sorted(got) == sorted(want)  # every example once, token for token, label for label
-    st_train, st_val = manifest["splits"]["train"]["stats"], manifest["splits"]["validation"]["stats"]
-    assert st_train["records"] + st_val["records"] == 64 and 5 <= st_val["records"] <= 24  # ~20% held out
+    st_train, st_val = manifest.splits["train"].stats, manifest.splits["validation"].stats
+    assert st_train.records + st_val.records == 64 and 5 <= st_val.records <= 24  # ~20% held out
     for i in range(len(prep.train.items)):  # packed rows fit, and every row carries loss
         row = prep.train.items[i]
         assert sum(len(e.input_ids) for e in row) <= 128 and any(x != -100 for e in row for x in e.labels)
@@ -69,10 +70,10 @@ def test_pretraining_text_puts_loss_on_every_token(tmp_path, gpt2_dir):
     data = tiny.write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(tiny.WORDS[i:i + 40])} for i in range(30)])
     cfg = load_config(_cfg(tmp_path, gpt2_dir, data, "task: pretrain"))
     tok = load_tokenizer(cfg.model)
-    prep = dataset.build(cfg.data, tok)
+    prep = dataset.build(cfg.data, tok, tasks.get("pretrain"))
     rows = [prep.train.items[i] for i in range(len(prep.train.items))]
     assert all(e.labels == e.input_ids for row in rows for e in row)
-    assert sum(len(e.input_ids) for row in rows for e in row) == prep.train.stats["tokens"] > 30 * 40
+    assert sum(len(e.input_ids) for row in rows for e in row) == prep.train.stats.tokens > 30 * 40
 
 
 def test_a_parallel_prepare_and_a_streamed_source_write_the_same_shards(tmp_path, gpt2_dir):
@@ -160,7 +161,7 @@ def test_reader_memory_maps_instead_of_loading(prepared, gpt2_dir):
     manifest = shards.read_manifest(prepared)
     s = shards.ShardSet(prepared, manifest, "train")
     assert all(isinstance(t, np.memmap) for t in s._tokens)
-    assert len(s) == sum(m["rows"] for m in manifest["splits"]["train"]["shards"])
+    assert len(s) == sum(m.rows for m in manifest.splits["train"].shards)
 
 
 def test_a_bad_record_fails_every_rank_instead_of_hanging(tmp_path, gpt2_dir):

@@ -102,7 +102,9 @@ def run_config(tmp: Path, model: Path, records: int, train: str, engine: str, ex
 
 def losses(out: Path) -> list[float]:
     """The per-step training losses of a run directory, at the full precision metrics.jsonl keeps."""
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    from dist_ft.track import read_steps
+
+    return [s.loss for s in read_steps(out / "metrics.jsonl")]
 
 
 def wandb_run_ids(out: Path) -> list[str]:

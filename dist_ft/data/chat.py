@@ -1,4 +1,6 @@
-"""Chat template -> token ids + labels (-100 everywhere except assistant turns and their end-of-turn token).
+"""The chat template, in one place: our ChatML template for base models, where an assistant turn ends
+(the end-of-turn token generation stops at), and conversation -> token ids + labels (-100 everywhere
+except assistant turns and their end-of-turn token).
 
 Uses `apply_chat_template(..., return_assistant_tokens_mask=True)` when the template has
 `{% generation %}` markers; otherwise derives the assistant character spans by rendering message
@@ -13,6 +15,16 @@ from ..errors import UserError
 from .formats import Conversation
 
 IGNORE = -100
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+    "{%- else %}{{- message['content'] + '<|im_end|>' + '\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 
 
 @dataclass
@@ -23,6 +35,12 @@ class Example:
     @property
     def n_loss(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+
+def install_chatml(tok) -> None:
+    """Give a tokenizer our ChatML template and its two special tokens (the model's embeddings grow to match)."""
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.chat_template = CHATML_TEMPLATE
 
 
 def has_generation_markers(tok) -> bool:
@@ -48,6 +66,23 @@ def assistant_char_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[t
         end = len(upto.rstrip())  # the end-of-turn token is kept, the newline after it is not
         spans.append((len(prefix), end))
     return full, spans
+
+
+def end_of_turn_id(tok) -> int | None:
+    """Token that closes an assistant turn in the tokenizer's template (e.g. <|im_end|>): generation stops there."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    try:
+        full, spans = assistant_char_spans(tok, msgs, "chat template probe")
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe: fall back to EOS
+        return tok.eos_token_id
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [t for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if spans[0][0] <= a < spans[0][1]]
+    return inside[-1] if inside else tok.eos_token_id
+
+
+def stop_token_ids(tok) -> list[int]:
+    """Ids that end a reply: the template's end-of-turn token, then EOS (deduplicated)."""
+    return [i for i in dict.fromkeys([end_of_turn_id(tok), tok.eos_token_id]) if i is not None]
 
 
 def tokenize_conversation(tok, conv: Conversation, where: str) -> Example:

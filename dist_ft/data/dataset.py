@@ -1,6 +1,6 @@
 """The run's data: token shards (prepared, or built on the fly into a keyed cache), ready to stream per rank.
 
-`build` finds or writes the shards (`shards.py`), checks they match this run's tokenizer, template and
+`build` finds or writes the shards (`shards/`), checks they match this run's tokenizer, template and
 sequence settings, and memory-maps them. `Prepared.stream` gives each rank its slice of one global,
 deterministic order (`stream.py`); validation rows are few and are held in memory.
 """
@@ -14,14 +14,15 @@ from typing import Callable, Sequence
 from ..config import DataConfig
 from ..errors import UserError
 from . import shards
-from .packing import collate_packed, collate_padded
+from ..contracts import Batch
+from .shards import Manifest, SplitStats
 from .stream import GlobalOrder, SampleStream
 
 
 @dataclass
 class Split:
     items: Sequence  # packed rows (list[Example]) or single Examples; a memory-mapped ShardSet for train
-    stats: dict = field(default_factory=dict)
+    stats: SplitStats = field(default_factory=SplitStats)
 
 
 @dataclass
@@ -35,11 +36,10 @@ class Prepared:
     fingerprint: str  # identity of the train shards' contents
     shuffle_seed: int
     shuffle_window: int
+    task: object  # the run's task (`dist_ft/tasks`): how rows become a Batch
 
-    def collate(self, items: list) -> dict:
-        if self.packing:
-            return collate_packed(items, self.seq_len, self.pad_id)
-        return collate_padded(items, self.pad_id)
+    def collate(self, items: list) -> Batch:
+        return self.task.collate(items, self.seq_len, self.pad_id, self.packing)
 
     def stream(self, micro: int, rank: int, world: int) -> SampleStream:
         order = GlobalOrder(self.train.items.shard_rows, self.shuffle_seed, self.shuffle_window)
@@ -61,7 +61,7 @@ def _on_local_main(fn: Callable[[], None], local_rank: int, sync: Callable[[int]
         raise UserError("data: preparing the shards failed on another rank (its error is printed above)")
 
 
-def locate(cfg: DataConfig, tok, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> tuple[Path, dict]:
+def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> tuple[Path, Manifest]:
     """The shard directory for this config (prepared, fetched or built now) and its checked manifest."""
     if cfg.prepared:
         if "://" in cfg.prepared:  # fsspec URL: each node's local rank 0 copies it into the cache
@@ -76,7 +76,7 @@ def locate(cfg: DataConfig, tok, local_rank: int = 0, sync: Callable[[int], int]
         def build_once() -> None:
             if not (root / shards.MANIFEST).is_file():
                 log(f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)")
-                shards.prepare(cfg, tok, root, log=log, progress=None)
+                shards.prepare(cfg, tok, root, task, log=log, progress=None)
 
         _on_local_main(build_once, local_rank, sync)
         where = str(root)
@@ -85,19 +85,20 @@ def locate(cfg: DataConfig, tok, local_rank: int = 0, sync: Callable[[int], int]
     return root, manifest
 
 
-def build(cfg: DataConfig, tok, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> Prepared:
-    """Find or write the shards, check them, and open them. Every bad record or shard raises UserError naming it."""
-    root, manifest = locate(cfg, tok, local_rank, sync, log)
+def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> Prepared:
+    """Find or write the shards (records become examples through `task`), check them, and open them. Every bad
+    record or shard raises UserError naming it."""
+    root, manifest = locate(cfg, tok, task, local_rank, sync, log)
     train = shards.ShardSet(root, manifest, "train", cfg.verify_shards)
     val = None
-    if "validation" in manifest["splits"]:
+    if "validation" in manifest.splits:
         vs = shards.ShardSet(root, manifest, "validation", cfg.verify_shards)
         val = Split([vs[i] for i in range(len(vs))], vs.stats) if len(vs) else None
     return Prepared(Split(train, train.stats), val, cfg.packing, cfg.max_seq_len, tok.pad_token_id, root,
-                    shards.fingerprint(manifest), cfg.seed, cfg.shuffle_window)
+                    shards.fingerprint(manifest), cfg.seed, cfg.shuffle_window, task)
 
 
-def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[dict]:
+def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[Batch]:
     """This rank's validation batches; every rank gets the same count (padding batches carry no loss)."""
     items = prep.val.items
     mine = items[rank::world]
@@ -108,9 +109,5 @@ def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[dict
         if chunk:
             out.append(prep.collate(chunk))
         else:  # keep collectives (ZeRO-3 gathers) in step across ranks
-            batch = prep.collate(items[:1])
-            batch["targets"].fill_(-100)
-            batch["loss_index"] = batch["loss_index"][:0]
-            batch["n_loss"] = batch["n_tokens"] = 0
-            out.append(batch)
+            out.append(prep.collate(items[:1]).without_loss())
     return out

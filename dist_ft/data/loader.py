@@ -13,15 +13,14 @@ import queue
 import threading
 from dataclasses import dataclass
 
-import torch
-
+from ..contracts import Batch
 from .dataset import Prepared
 from .stream import SampleStream
 
 
 @dataclass
 class Step:
-    batches: list[dict]  # grad_accum micro-batches for this rank
+    batches: list[Batch]  # grad_accum micro-batches for this rank
     data_state: dict  # the stream's state after this step (resume point)
     epoch_progress: float  # epochs done after this step
 
@@ -38,7 +37,7 @@ class StepLoader:
         for _ in range(self.accum):
             b = self.prep.collate([self.prep.train.items[i] for i in self.stream.next_indices()])
             if self.pin:
-                b = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()}
+                b = b.pin_memory()
             batches.append(b)
         return Step(batches, self.stream.state_dict(), self.stream.epoch_progress)
 

@@ -12,6 +12,7 @@ import bisect
 
 import torch
 
+from ..contracts import Batch
 from .chat import IGNORE, Example
 
 
@@ -38,7 +39,7 @@ def _shifted(ex: Example) -> list[int]:
     return ex.labels[1:] + [IGNORE]
 
 
-def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> dict:
+def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batch:
     ids, pos, tgt = [], [], []
     for row in rows:
         r_ids, r_pos, r_tgt = [], [], []
@@ -54,7 +55,7 @@ def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> dict
     return _batch(ids, tgt, n_tokens, position_ids=pos)
 
 
-def collate_padded(examples: list[Example], pad_id: int) -> dict:
+def collate_padded(examples: list[Example], pad_id: int) -> Batch:
     width = max(len(ex.input_ids) for ex in examples)
     ids, att, tgt, pos = [], [], [], []
     for ex in examples:
@@ -67,11 +68,9 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict:
     return _batch(ids, tgt, n_tokens, position_ids=pos, attention_mask=att)
 
 
-def _batch(ids, tgt, n_tokens: int, **extra) -> dict:
+def _batch(ids, tgt, n_tokens: int, **extra) -> Batch:
     targets = torch.tensor(tgt, dtype=torch.long)
     # flat positions that carry loss, found here on the host: selecting them on the GPU needs no sync
     loss_index = torch.nonzero(targets.flatten() != IGNORE).squeeze(1)
-    out = {"input_ids": torch.tensor(ids, dtype=torch.long), "targets": targets, "loss_index": loss_index,
-           "n_tokens": n_tokens, "n_loss": len(loss_index)}
-    out.update({k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})
-    return out
+    return Batch(input_ids=torch.tensor(ids, dtype=torch.long), targets=targets, loss_index=loss_index, n_tokens=n_tokens,
+                 n_loss=len(loss_index), **{k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})

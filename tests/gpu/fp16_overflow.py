@@ -2,7 +2,7 @@
 
     python tests/gpu/fp16_overflow.py MODEL_DIR      # prints one line: RESULT {json}
 
-Builds the engine in-process the way train.py does (1-rank NCCL group, dist_ft.engine.build, precision fp16),
+Builds the engine in-process the way train.py does (1-rank NCCL group, dist_ft.engine.Engine.build, precision fp16),
 then: normal steps until one is applied (a fresh loss scale of 2^16 may overflow on its own first), one step
 whose loss is multiplied by 1e38 (fp16 gradients become inf), and one more normal step. Reports whether each
 step was skipped, whether the parameters and the LR moved, and the loss scale; tests/gpu/test_gpu.py asserts.
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def loss_scale(engine):
-    opt = engine.optimizer
+    opt = engine._ds.optimizer  # DeepSpeed's own object: the test looks inside, the library never does
     for holder in (getattr(opt, "loss_scale_config", None), opt):
         v = getattr(holder, "cur_scale", None)
         if v is not None:
@@ -43,11 +43,13 @@ def main(model_dir: str) -> dict:
     from dist_ft.data.chat import tokenize_conversation
     from dist_ft.data.formats import to_conversation
     from dist_ft.data.packing import collate_packed
-    from dist_ft.model import load_model, load_tokenizer
+    from dist_ft.loss import token_loss_sum
+    from dist_ft.model import load_model
+    from dist_ft.tokenizer import load_tokenizer
     import tiny
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"
-    env = dist.init("nccl")
+    env = eng.init_distributed("nccl")
     torch.manual_seed(0)
     # data.train is validated, never read here; warmup makes the LR move on every applied step
     cfg = Config.model_validate({"model": {"path": model_dir}, "data": {"train": "unused.jsonl", "max_seq_len": 256},
@@ -55,7 +57,7 @@ def main(model_dir: str) -> dict:
                                  "engine": {"precision": "fp16", "zero_stage": 0}})
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to fp16 itself, as in train.py
-    engine = eng.build(cfg, model, 100, "fp16")
+    engine = eng.Engine.build(cfg, model, 100, "fp16")
     examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(8)]
     batch = collate_packed([examples[:4], examples[4:]], 256, tok.pad_token_id)
 
@@ -66,12 +68,12 @@ def main(model_dir: str) -> dict:
         return any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
 
     def one_step(mult: float) -> dict:
-        before, skipped, lr, scale = snapshot(), engine.skipped_steps, eng.lr(engine), loss_scale(engine)
-        loss = eng.loss_sum(engine, batch) / batch["n_loss"]
+        before, skipped, lr, scale = snapshot(), engine.skipped_steps, engine.lr, loss_scale(engine)
+        loss = token_loss_sum(engine, batch) / batch.n_loss
         engine.backward(loss * mult)
-        eng.step(engine)
+        engine.step()
         return {"loss": loss.item(), "skipped": engine.skipped_steps - skipped, "params_moved": moved(before),
-                "lr_before": lr, "lr_after": eng.lr(engine), "scale_before": scale, "scale_after": loss_scale(engine),
+                "lr_before": lr, "lr_after": engine.lr, "scale_before": scale, "scale_after": loss_scale(engine),
                 "param_dtype": str(next(engine.module.parameters()).dtype)}
 
     warmup = []
@@ -82,8 +84,8 @@ def main(model_dir: str) -> dict:
     forced = one_step(1e38)
     after = one_step(1.0)
     meta = {"rank": env.rank, "world": env.world_size, "backend": torch.distributed.get_backend(),
-            "fp16_enabled": bool(engine.fp16_enabled()), "optimizer": type(engine.optimizer).__name__}
-    engine.destroy()
+            "fp16_enabled": bool(engine._ds.fp16_enabled()), "optimizer": type(engine._ds.optimizer).__name__}
+    engine.close()
     dist.shutdown()
     return {**meta, "warmup": warmup, "forced": forced, "after": after}
 

@@ -161,7 +161,8 @@ def test_packed_logits_equal_unpacked_on_gpu(which, attn, dtype, tol, gpt2_dir, 
     from dist_ft.data.chat import IGNORE, tokenize_conversation
     from dist_ft.data.formats import to_conversation
     from dist_ft.data.packing import collate_packed, collate_padded
-    from dist_ft.model import load_model, load_tokenizer
+    from dist_ft.model import load_model
+    from dist_ft.tokenizer import load_tokenizer
 
     if attn == "flash_attention_2" and not _has_flash_attn():
         pytest.skip("flash_attn is not installed")
@@ -173,19 +174,19 @@ def test_packed_logits_equal_unpacked_on_gpu(which, attn, dtype, tol, gpt2_dir, 
     packed = collate_packed([examples], 256, tok.pad_token_id)
     cuda = lambda t: t.to("cuda")  # noqa: E731
     with torch.no_grad():
-        logits = model(input_ids=cuda(packed["input_ids"]), position_ids=cuda(packed["position_ids"]), use_cache=False).logits[0].float()
+        logits = model(input_ids=cuda(packed.input_ids), position_ids=cuda(packed.position_ids), use_cache=False).logits[0].float()
         start = 0
         for ex in examples:
             alone = collate_padded([ex], tok.pad_token_id)
-            ref = model(input_ids=cuda(alone["input_ids"]), use_cache=False).logits[0].float()
+            ref = model(input_ids=cuda(alone.input_ids), use_cache=False).logits[0].float()
             n = len(ex.input_ids)
             torch.testing.assert_close(logits[start:start + n], ref, atol=tol, rtol=tol)
-            l_packed = F.cross_entropy(logits[start:start + n], cuda(packed["targets"][0, start:start + n]), ignore_index=IGNORE)
-            l_alone = F.cross_entropy(ref, cuda(alone["targets"][0]), ignore_index=IGNORE)
+            l_packed = F.cross_entropy(logits[start:start + n], cuda(packed.targets[0, start:start + n]), ignore_index=IGNORE)
+            l_alone = F.cross_entropy(ref, cuda(alone.targets[0]), ignore_index=IGNORE)
             assert abs(l_packed.item() - l_alone.item()) <= tol * max(1.0, abs(l_alone.item()))
             start += n
         first = len(examples[0].input_ids)
-        leaky = model(input_ids=cuda(packed["input_ids"]), use_cache=False).logits[0].float()  # plain 0..N positions
+        leaky = model(input_ids=cuda(packed.input_ids), use_cache=False).logits[0].float()  # plain 0..N positions
         assert (leaky[first:start] - logits[first:start]).abs().max().item() > 5 * tol
 
 

@@ -1,0 +1,63 @@
+"""What shards depend on: the tokenizer, the sources and the settings. Their hash (`dataset_key`) names the
+on-the-fly cache entry, and `check_compatible` refuses shards made for another tokenizer, template or length."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ...config import DataConfig, SourceConfig
+from ...errors import UserError
+from ...fsio import sha256_bytes
+from .manifest import VERSION, Manifest
+
+SETTINGS = ("max_seq_len", "packing", "task", "format", "overlong", "shard_tokens")
+
+
+def tokenizer_identity(tok) -> dict:
+    """Name, content hash (vocabulary, merges, added/special tokens) and chat-template hash of a tokenizer."""
+    body = tok.backend_tokenizer.to_str() + json.dumps(tok.special_tokens_map, sort_keys=True, default=str)
+    return {"name": tok.name_or_path, "sha256": sha256_bytes(body.encode()), "vocab_size": len(tok),
+            "template_sha256": sha256_bytes((tok.chat_template or "").encode())}
+
+
+def source_identity(src: SourceConfig | None) -> dict | None:
+    """What a source is: for local files their size and mtime (a changed file gets new shards)."""
+    if src is None:
+        return None
+    ident = src.model_dump()
+    path = Path(src.path).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        ident["files"] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return ident
+
+
+def dataset_key(cfg: DataConfig, tok) -> dict:
+    """Everything the shard contents depend on; its hash names the on-the-fly cache entry."""
+    key = {"format_version": VERSION, "tokenizer": tokenizer_identity(tok), **{k: getattr(cfg, k) for k in SETTINGS},
+           "train": source_identity(cfg.train), "validation": source_identity(cfg.validation),
+           "val_fraction": cfg.val_fraction if cfg.validation is None else 0.0, "split_seed": cfg.seed}
+    key["sha256"] = sha256_bytes(json.dumps(key, sort_keys=True).encode())
+    return key
+
+
+def cache_entry(cfg: DataConfig, tok) -> Path:
+    """Where `train` builds (and `dist-ft prepare` without --out writes) the shards of this config."""
+    return cfg.cache_path() / "shards" / dataset_key(cfg, tok)["sha256"][:16]
+
+
+def check_compatible(manifest: Manifest, where: str, cfg: DataConfig, tok) -> None:
+    """Shards must come from this run's tokenizer, template and sequence settings: say which one differs."""
+    mine = tokenizer_identity(tok)
+    theirs = manifest.key["tokenizer"]
+    if theirs["sha256"] != mine["sha256"]:
+        raise UserError(f"{where}: shards were tokenized with another tokenizer ('{theirs['name']}', hash {theirs['sha256'][:12]}) "
+                        f"than this run's ('{mine['name']}', hash {mine['sha256'][:12]}); re-run dist-ft prepare with this model.path")
+    if theirs["template_sha256"] != mine["template_sha256"]:
+        raise UserError(f"{where}: shards were rendered with another chat template (hash {theirs['template_sha256'][:12]}, "
+                        f"this run {mine['template_sha256'][:12]}); re-run dist-ft prepare with this model.chat_template")
+    for k in ("max_seq_len", "packing", "task"):
+        if manifest.key[k] != getattr(cfg, k):
+            raise UserError(f"{where}: shards were prepared with data.{k}={manifest.key[k]!r}, this run has "
+                            f"data.{k}={getattr(cfg, k)!r}; set data.{k}={manifest.key[k]!r} or re-run dist-ft prepare")

@@ -1,0 +1,186 @@
+"""Writing shards: `prepare` tokenizes a config's sources (see pool.py), packs the examples into rows and
+writes them shard by shard into `<out>.partial/`, resuming after the last complete shard of an interrupted
+prepare; the manifest is written last and the directory renamed into place."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ... import fsio, testhooks
+from ...config import DataConfig
+from ...errors import UserError
+from ..packing import pack
+from . import pool
+from .identity import dataset_key
+from .manifest import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    Manifest,
+    ShardMeta,
+    SplitManifest,
+    SplitStats,
+    read_manifest,
+)
+
+
+class _ShardWriter:
+    """Buffers examples of one split; `flush` packs them into rows and writes one shard."""
+
+    def __init__(self, split_dir: Path, dtype: np.dtype, seq_len: int, packing: bool):
+        self.dir, self.dtype, self.seq_len, self.packing = split_dir, dtype, seq_len, packing
+        self.ids: list[bytes] = []
+        self.masks: list[bytes] = []
+        self.tokens = 0
+        self.counts = SplitStats()
+
+    def add(self, arrays: list[tuple[bytes, bytes]], counts: SplitStats) -> None:
+        for ids, mask in arrays:
+            self.ids.append(ids)
+            self.masks.append(mask)
+            self.tokens += len(mask)
+        self.counts += counts
+
+    def flush(self, number: int, record_end: int) -> ShardMeta:
+        ids = [np.frombuffer(b, dtype=np.uint32) for b in self.ids]
+        masks = [np.frombuffer(b, dtype=np.uint8) for b in self.masks]
+        lengths = [len(m) for m in masks]
+        rows = pack(lengths, self.seq_len) if self.packing else [[i] for i in range(len(lengths))]
+        order = [i for row in rows for i in row]  # examples stored row by row
+        row_offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+        ex_offsets = np.cumsum([0] + [lengths[i] for i in order], dtype=np.int64)
+        tokens = np.concatenate([ids[i] for i in order]).astype(self.dtype) if order else np.zeros(0, self.dtype)
+        mask = np.concatenate([masks[i] for i in order]) if order else np.zeros(0, np.uint8)
+        name = f"shard-{number:05d}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, example_offsets=ex_offsets, row_offsets=row_offsets)
+        meta = ShardMeta(name, len(rows), record_end,
+                         bin=fsio.write_atomic(self.dir / f"{name}.bin", tokens.tobytes() + mask.tobytes()),
+                         idx=fsio.write_atomic(self.dir / f"{name}.idx.npz", buf.getvalue()), counts=self.counts)
+        fsio.write_atomic(self.dir / f"{name}.json", json.dumps(meta.to_json()))  # the shard is complete once this exists
+        self.ids, self.masks, self.tokens, self.counts = [], [], 0, SplitStats()
+        return meta
+
+
+def _kept_shards(split_dir: Path) -> list[ShardMeta]:
+    """Complete shards an interrupted prepare left (meta written, sizes and checksums right), in order."""
+    metas = []
+    for n in range(1 << 30):
+        p = split_dir / f"shard-{n:05d}.json"
+        if not p.is_file():
+            break
+        meta = ShardMeta.from_json(json.loads(p.read_text()))
+        if fsio.first_mismatch(split_dir, meta.files()) is not None:
+            break
+        metas.append(meta)
+    return metas
+
+
+def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtype, log, progress: bool | None) -> SplitManifest | None:
+    src, records = pool.split_records(cfg, split)
+    metas = _kept_shards(split_dir)
+    if metas:
+        log(f"prepare {split}: resuming after {len(metas)} complete shard(s) of an interrupted prepare")
+    start = metas[-1].record_end if metas else 0
+    records = (r for r in records if r[0] >= start)
+    writer = _ShardWriter(split_dir, dtype, cfg.max_seq_len, cfg.packing)
+    seen_any = bool(metas)
+    last = start - 1
+    from tqdm import tqdm
+
+    with pool.encoded(cfg, tok, task, records) as (results, procs):
+        bar = tqdm(desc=f"prepare {split}", unit=" records", disable=None if progress is None else not progress, mininterval=1.0)
+        t0 = time.perf_counter()
+        tokens = 0
+        try:
+            for batch in results:
+                for i, arrays, counts in batch:
+                    seen_any = True
+                    last = i
+                    writer.add(arrays, counts)
+                    tokens += counts.tokens
+                    if writer.tokens >= cfg.shard_tokens:
+                        metas.append(writer.flush(len(metas), i + 1))
+                        testhooks.kill_after_shard(len(metas))
+                bar.update(len(batch))
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s", refresh=False)
+        finally:
+            bar.close()
+    if writer.counts.records:
+        metas.append(writer.flush(len(metas), last + 1))
+    if not seen_any:
+        if split == "validation" and cfg.validation is None:
+            return None  # val_fraction held out no record of a tiny source
+        raise UserError(f"{src.path}: no records (the file is empty); add data or point the config at another file")
+    totals = SplitStats.total(m.counts for m in metas)
+    rows = sum(m.rows for m in metas)
+    if cfg.packing:
+        totals = replace(totals, rows=rows, padding_fraction=round(1 - totals.tokens / max(1, rows * cfg.max_seq_len), 4))
+    dt = time.perf_counter() - t0
+    log(f"prepare {split}: {totals.records:,} records -> {totals.examples:,} examples, {rows:,} rows, "
+        f"{totals.tokens:,} tokens in {len(metas)} shard(s); {dt:.1f} s, {tokens / max(dt, 1e-9):,.0f} tokens/s "
+        f"({procs} process{'es' if procs > 1 else ''})")
+    return SplitManifest(totals, metas)
+
+
+def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | None = True) -> Manifest:
+    """Tokenize (`task.examples` per record), pack and write the train (and validation) shards of `cfg` into
+    `out`; returns the manifest.
+    Reuses `out` when it already holds these shards; refuses to replace different ones. Concurrent
+    prepares of one directory (ranks, jobs) take turns on a lock file: one writes, the others reuse."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_locked(cfg, tok, out, task, log, progress)
+
+
+def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool | None) -> Manifest:
+    key = dataset_key(cfg, tok)
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        if manifest.key["sha256"] == key["sha256"]:
+            log(f"prepare: {out} already holds these shards (key {key['sha256'][:12]}); nothing to do")
+            return manifest
+        raise UserError(f"{out}: already holds shards prepared from other data or settings; choose another output directory or delete it")
+    partial = out.with_name(f"{out.name}.partial")
+    if partial.exists():
+        try:
+            same = json.loads((partial / "key.json").read_text())["sha256"] == key["sha256"]
+        except (OSError, ValueError, KeyError):
+            same = False
+        if not same:
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    fsio.write_atomic(partial / "key.json", json.dumps(key))
+    dtype = np.uint16 if len(tok) <= 1 << 16 else np.uint32
+    t0 = time.perf_counter()
+    splits: dict[str, SplitManifest] = {}
+    for split in ("train", "validation"):
+        if split == "validation" and cfg.validation is None and cfg.val_fraction == 0:
+            continue
+        done = _prepare_split(cfg, tok, task, split, partial / split, dtype, log, progress)
+        if done is not None:
+            splits[split] = done
+    train = splits["train"].stats
+    if train.examples == 0:
+        shutil.rmtree(partial)
+        raise UserError(f"{cfg.train.path}: no training examples left after filtering ({train.to_json()}); "
+                        "raise data.max_seq_len or set data.overlong: truncate")
+    dt = time.perf_counter() - t0
+    tokens = sum(s.stats.tokens for s in splits.values())
+    manifest = Manifest(FORMAT, VERSION, key, np.dtype(dtype).name, splits, round(dt, 3), round(tokens / max(dt, 1e-9)))
+    fsio.write_atomic(partial / MANIFEST, json.dumps(manifest.to_json(), indent=1))
+    (partial / "key.json").unlink()
+    partial.rename(out)
+    fsio.fsync(out.parent)
+    return manifest

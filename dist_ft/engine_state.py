@@ -1,0 +1,88 @@
+"""DeepSpeed engine state on disk, and what the engine holds in memory: the half of the engine boundary that
+reads DeepSpeed's checkpoint layout and optimizer internals (`engine.py` is the other half).
+
+`save`/`load` write and read `<dir>/ds/` (DeepSpeed's own layout, marked as convertible to a universal
+checkpoint); `to_universal` converts such a folder with DeepSpeed's `ds_to_universal` for another world
+size or ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+from .errors import UserError
+
+TAG = "ds"  # the engine state's folder inside a checkpoint
+# DeepSpeed looks the common state up as mp_rank_00_* (ZeRO 1-2) or zero_pp_rank_0_mp_rank_00_* (ZeRO-3)
+_COMMON_STATE = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def save(engine, directory: Path) -> None:
+    # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(directory), tag=TAG, client_state=info, save_latest=False)
+
+
+def load(engine, directory: Path) -> None:
+    load_path, _ = engine.load_checkpoint(str(directory), tag=TAG)
+    if load_path is None:
+        raise UserError(f"{directory}: DeepSpeed could not load the engine state")
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Convert the engine state saved in `src` to DeepSpeed's universal format (per-parameter fp32 weights and
+    optimizer states, independent of world size and ZeRO stage) in `dst`, which the caller publishes."""
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src / TAG),
+                        "--output_folder", str(dst / TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"{src}: converting to a universal checkpoint for the new world size / ZeRO stage failed: "
+                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    # provide both names of the common state, so any stage can load what any stage saved
+    have = [n for n in _COMMON_STATE if (dst / TAG / n).is_file()]
+    if not have:
+        raise UserError(f"{src}: the universal conversion wrote no model states file")
+    for n in _COMMON_STATE:
+        if n not in have:
+            shutil.copyfile(dst / TAG / have[0], dst / TAG / n)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def model_state_bytes(engine) -> dict:
+    """Bytes this rank holds for parameters, gradients and optimizer state. Call at an accumulation
+    boundary before `engine.step()` (gradients are freed or reused after it), after the first optimizer
+    step (Adam creates its states lazily)."""
+    stage, opt = engine.zero_optimization_stage(), engine.optimizer
+    params = list(engine.module.parameters())
+    own = {id(p) for p in params}
+    if stage == 3:
+        p_bytes = _nbytes(p.ds_tensor for p in params)
+        grads = getattr(opt, "grad_partitions_flat_buffer", None)
+        g_bytes = _nbytes([grads]) if grads is not None else None
+    else:
+        p_bytes = _nbytes(params)
+        buf = getattr(opt, "grads_in_partition", None)
+        averaged = getattr(opt, "averaged_gradients", None)
+        masters = getattr(opt, "single_partition_of_fp32_groups", None) or []
+        if torch.is_tensor(buf):
+            g_bytes = _nbytes([buf])
+        elif averaged and any(averaged.values()):
+            g_bytes = _nbytes(g for gs in averaged.values() for g in (gs or []))
+        elif any(m.grad is not None for m in masters):  # CPU offload: gradients live on the master partitions
+            g_bytes = _nbytes(m.grad for m in masters)
+        else:
+            g_bytes = _nbytes(p.grad for p in params)
+    inner = getattr(opt, "optimizer", opt)
+    o_bytes = _nbytes(v for st in inner.state.values() for v in st.values())
+    o_bytes += _nbytes(p for g in inner.param_groups for p in g["params"] if id(p) not in own)  # fp32 master partitions
+    return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}

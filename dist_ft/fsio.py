@@ -1,0 +1,120 @@
+"""Files that are never half-written, and checks that files are what a manifest says.
+
+Every writer of lasting state (checkpoints, token shards, exports, metrics, the run's config) goes
+through here: write into a temporary name, fsync, rename over the final name, fsync the directory.
+A crash at any point leaves either the old file/directory or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    bytes: int
+    sha256: str | None = None  # None where only the size is recorded (checkpoints: hashing GBs costs minutes)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync persists the renames inside it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for p in sorted(Path(root).rglob("*")) + [Path(root)]:
+        fsync(p)
+
+
+def write_atomic(path: Path, data: bytes | str) -> FileInfo:
+    """Write `data` to `path` through `<path>.tmp` + fsync + rename + directory fsync; returns its size and
+    sha256 (hashed in memory, not read back)."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync(path.parent)
+    return FileInfo(len(raw), sha256_bytes(raw))
+
+
+def replace_file(tmp: Path, path: Path) -> None:
+    """Publish a file written elsewhere (e.g. by a library) at `tmp`: fsync it, rename it over `path`."""
+    fsync(tmp)
+    Path(tmp).replace(path)
+    fsync(Path(path).parent)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields an empty `<final>.tmp/` to fill; on normal exit it is fsynced and swapped in for `final`
+    (an existing `final` is removed first), and the parent fsynced. On an exception the tmp dir stays for
+    inspection and `final` is untouched; the next attempt starts it afresh."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    publish_dir(tmp, final)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """fsync a filled directory and rename it to `final` (replacing what was there)."""
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    Path(tmp).rename(final)
+    fsync(final.parent)
+
+
+def file_sizes(root: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `root`."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mismatch(path: Path, want: FileInfo, verify_sha: bool = True) -> str | None:
+    """Why `path` is not the file `want` describes (missing, size, checksum), or None when it is."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != want.bytes:
+        return f"{size} bytes, expected {want.bytes} (truncated or replaced)"
+    if verify_sha and want.sha256 is not None and sha256_file(path) != want.sha256:
+        return "checksum mismatch (corrupt)"
+    return None
+
+
+def first_mismatch(root: Path, files: dict[str, FileInfo], verify_sha: bool = True) -> tuple[str, str] | None:
+    """(relative path, why) of the first file under `root` that does not match `files`, or None."""
+    for rel, want in files.items():
+        why = mismatch(Path(root) / rel, want, verify_sha)
+        if why is not None:
+            return rel, why
+    return None

@@ -1,0 +1,52 @@
+"""Tasks: what is learned. A task is one module here that defines `TASK = Task(...)`:
+
+- `examples(record, where, data_cfg, tok) -> (examples, counters)`: how a record becomes training examples
+  (run once, at prepare time; `where` names the file and line for error messages),
+- `collate(items, seq_len, pad_id, packing) -> Batch`: how examples (or packed rows of them) become a micro-batch,
+- `loss(model, batch, chunk) -> LossOut`: the loss summed over the batch's `n_loss` units, plus metric sums,
+- `eval_metrics(loss_sum, n_loss, metric_sums) -> dict`: what evaluation reports,
+- `auto_class`: the transformers Auto class of the model (and head) it trains.
+
+The training loop, evaluation and checkpoints call a task only through these; none branches on its name.
+Adding a task is adding a module here (and its tests); `data.task` accepts every module name here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..contracts import Batch
+
+
+@dataclass
+class LossOut:
+    sum: torch.Tensor  # 0-d fp32 on the device: the loss summed over the batch's loss units
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # other sums over the same units (logged / n_loss)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    auto_class: str
+    examples: Callable[[dict, str, Any, Any], tuple[list, dict]]
+    collate: Callable[[list, int, int, bool], Batch]
+    loss: Callable[[Any, Batch, int], LossOut]
+    eval_metrics: Callable[[float, float, dict], dict]
+
+
+def names() -> list[str]:
+    """Every task this installation has (module names under dist_ft/tasks, without importing them)."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def get(name: str) -> Task:
+    if name not in names():
+        from ..errors import UserError
+
+        raise UserError(f"data.task '{name}': no such task (have: {', '.join(names())})")
+    return importlib.import_module(f"{__name__}.{name}").TASK

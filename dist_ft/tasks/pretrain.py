@@ -1,0 +1,21 @@
+"""Continued pretraining: loss on every token. Raw text is split into `max_seq_len` chunks (EOS appended);
+chat records are rendered with the template and trained on as plain text."""
+
+from __future__ import annotations
+
+from ..data.chat import Example, tokenize_conversation, tokenize_text
+from ..data.formats import to_conversation
+from . import Task, _lm
+
+
+def examples(rec: dict, where: str, cfg, tok):
+    counts = _lm.counters()
+    conv = to_conversation(rec, cfg.format, where)
+    if conv.text is not None:
+        return _lm.finish(tokenize_text(tok, conv.text, cfg.max_seq_len), counts)
+    ex = tokenize_conversation(tok, conv, where)
+    return _lm.finish(_lm.fit(Example(ex.input_ids, list(ex.input_ids)), cfg, counts), counts)
+
+
+TASK = Task(name="pretrain", auto_class="AutoModelForCausalLM", examples=examples, collate=_lm.collate, loss=_lm.loss,
+            eval_metrics=_lm.eval_metrics)

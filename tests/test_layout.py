@@ -1,0 +1,94 @@
+"""The package's shape, checked: one DeepSpeed boundary, imports that follow the pipeline, no cycles,
+no oversized modules. Imports are read from the source (module level and inside functions alike)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "dist_ft"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in PKG.rglob("*.py"):
+        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """dist_ft modules `name` imports (the most specific known module of each import)."""
+    pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = pkg.split(".")[: len(pkg.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {n: _imports(n, p, set(mods)) for n, p in mods.items()}
+
+
+def test_only_the_engine_imports_deepspeed():
+    users = sorted(str(p.relative_to(PKG.parent)) for p in PKG.rglob("*.py")
+                   if any(isinstance(n, (ast.Import, ast.ImportFrom)) and any(
+                       (getattr(n, "module", None) or "").startswith("deepspeed") or a.name.startswith("deepspeed") for a in n.names)
+                       for n in ast.walk(ast.parse(p.read_text()))))
+    assert users == ["dist_ft/engine.py", "dist_ft/engine_state.py"]
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    graph = {n: {d for d in deps if not n.startswith(d + ".")} for n, deps in graph.items()}  # a module's own package is its namespace
+    state: dict[str, int] = {}
+
+    def visit(n: str, path: list[str]) -> None:
+        state[n] = 1
+        for d in sorted(graph.get(n, ())):
+            assert state.get(d) != 1, f"import cycle: {' -> '.join(path + [n, d])}"
+            if d not in state:
+                visit(d, path + [n])
+        state[n] = 2
+
+    for n in sorted(graph):
+        if n not in state:
+            visit(n, [])
+
+
+def test_imports_follow_the_pipeline():
+    graph = _graph()
+    training = {"dist_ft.train", "dist_ft.engine", "dist_ft.engine_state", "dist_ft.checkpoint", "dist_ft.track"}
+    rules = {  # module (or package prefix) -> what it must not import
+        "dist_ft.model": {"dist_ft.data", "dist_ft.tasks", *training},
+        "dist_ft.data": {"dist_ft.tasks", "dist_ft.model", "dist_ft.tokenizer", "dist_ft.inference", *training},
+        "dist_ft.tasks": {"dist_ft.model", "dist_ft.inference", *training},
+        "dist_ft.inference": training,
+        "dist_ft.chat": training,
+        "dist_ft.loss": {"dist_ft.data", "dist_ft.engine", "dist_ft.train"},
+    }
+    bad = [f"{n} imports {d}" for n, deps in graph.items() for prefix, banned in rules.items()
+           if n == prefix or n.startswith(prefix + ".") for d in deps if any(d == b or d.startswith(b + ".") for b in banned)]
+    assert not bad, bad
+
+
+def test_modules_stay_small():
+    big = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    assert not big, big
