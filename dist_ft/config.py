@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import UserError
 
 
+def task_names() -> list[str]:
+    """Every task this installation has: the modules of dist_ft/tasks (found without importing them)."""
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")]) if not m.name.startswith("_"))
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -67,9 +74,7 @@ class DataConfig(_Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        import pkgutil
-
-        have = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")]) if not m.name.startswith("_"))
+        have = task_names()
         if v not in have:
             close = difflib.get_close_matches(v, have, n=1)
             raise ValueError(f"unknown task '{v}'{f' (did you mean {close[0]!r}?)' if close else ''}; tasks: {', '.join(have)}")

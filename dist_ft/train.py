@@ -100,15 +100,17 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
     # makes the step's gradient the mean over every loss unit (e.g. loss-bearing token) of the global batch.
     scale = r.cfg.train.grad_accum * r.env.world_size / max(n_loss, 1)
-    loss_sum, grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device), None
+    loss_sum, grad_norm, sums = torch.zeros((), dtype=torch.float64, device=engine.device), None, {}
     for b in micro:
-        loss = r.task.loss(engine, b, r.cfg.engine.loss_chunk_tokens).sum
-        engine.backward(loss * scale)
+        out = r.task.loss(engine, b, r.cfg.engine.loss_chunk_tokens)
+        engine.backward(out.sum * scale)
         grad_norm = engine.step()
-        loss_sum += loss.detach()  # stays on the device: no host sync per micro-batch
+        loss_sum += out.sum.detach()  # stays on the device: no host sync per micro-batch
+        _accumulate(sums, out.metrics)
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
-    loss_sum, n_signalled, n_due = dist.all_sum(loss_sum, len(r.signalled), due)
+    keys = sorted(sums)
+    loss_sum, n_signalled, n_due, *totals = dist.all_sum(loss_sum, len(r.signalled), due, *(sums[k] for k in keys))
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
     metrics = StepMetrics(
@@ -116,21 +118,31 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
         padding=1 - n_tokens / n_pos, tokens_per_s=n_tokens / dt, loss_tokens_per_s=n_loss / dt, step_time_s=dt,
         mfu=r.flops_per_token * n_tokens / dt / (r.peak_flops * r.env.world_size) if r.peak_flops else None,
         epoch=batch.epoch_progress, elapsed_s=perf.process_age_s(), skipped_steps=engine.skipped_steps,
-        memory=perf.device_memory_mb(), model_states=ModelStates(engine.n_params, states, r.formula) if states else None)
+        memory=perf.device_memory_mb(), task={k: v / max(n_loss, 1) for k, v in zip(keys, totals)},
+        model_states=ModelStates(engine.n_params, states, r.formula) if states else None)
     return metrics, Agreed(stop=bool(n_signalled), save_due=bool(n_due))
 
 
 def evaluate(r: Run) -> dict:
     """The task's eval metrics over the validation rows, every rank scoring its slice."""
     r.engine.eval()
-    total, n = torch.zeros((), dtype=torch.float64, device=r.engine.device), 0
+    total, n, sums = torch.zeros((), dtype=torch.float64, device=r.engine.device), 0, {}
     with torch.no_grad():
         for batch in dataset.eval_batches(r.prep, r.cfg.train.micro_batch_size, r.env.rank, r.env.world_size):
-            total += r.task.loss(r.engine, batch, r.cfg.engine.loss_chunk_tokens).sum
+            out = r.task.loss(r.engine, batch, r.cfg.engine.loss_chunk_tokens)
+            total += out.sum
             n += batch.n_loss
+            _accumulate(sums, out.metrics)
     r.engine.train()
-    total, n = dist.all_sum(total, n)
-    return r.task.eval_metrics(total, n, {})
+    keys = sorted(sums)
+    total, n, *totals = dist.all_sum(total, n, *(sums[k] for k in keys))
+    return r.task.eval_metrics(total, n, dict(zip(keys, totals)))
+
+
+def _accumulate(sums: dict, metrics: dict) -> None:
+    """Add one micro-batch's metric sums (tensors on the device: no host sync) to the running totals."""
+    for k, v in metrics.items():
+        sums[k] = sums[k] + v.detach() if k in sums else v.detach().to(torch.float64)
 
 
 def save(r: Run, step: int, data_state: dict) -> None:

@@ -145,3 +145,48 @@ def _assert_clean_failure(r, pattern, out):
     assert "Traceback" not in r.stderr
     if out is not None:
         assert not (out / "final").exists() and not (out / "config.yaml").exists()
+
+
+TASK_WITH_METRICS = """
+import sys
+from dataclasses import replace
+
+from dist_ft import tasks, train
+from dist_ft.config import load_config
+from dist_ft.tasks import LossOut
+
+sft = tasks.get("sft")
+
+
+def loss(model, batch, chunk):  # SFT's loss, plus two metric sums a task could report
+    out = sft.loss(model, batch, chunk)
+    return LossOut(out.sum, {"twice": 2 * out.sum, "units": out.sum.new_tensor(float(batch.n_loss))})
+
+
+def eval_metrics(total, n, sums):
+    return {**sft.eval_metrics(total, n, sums), "val_twice": sums["twice"] / n, "val_units": sums["units"] / n}
+
+
+task = replace(sft, loss=loss, eval_metrics=eval_metrics)
+tasks.get = lambda name: task
+train.run(load_config(sys.argv[1], sys.argv[2:]))
+"""
+
+
+def test_task_metric_sums_reach_the_step_and_eval_records(tmp_path, gpt2_dir, toy_data):
+    """A task's LossOut.metrics are summed over the step's micro-batches (and ranks) and divided by the step's
+    loss units; at evaluation their sums over the validation set reach the task's eval_metrics."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    args = _cfg(tmp_path, gpt2_dir, toy_data[0], f"data.validation={toy_data[1]}", "train.max_steps=3", "train.grad_accum=2",
+                "train.micro_batch_size=2", "track.wandb=disabled")[1:]
+    r = subprocess.run([sys.executable, "-c", TASK_WITH_METRICS, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps, evals = _metrics(tmp_path / "out")
+    assert len(steps) == 3 and len(evals) == 1
+    for s in steps:
+        assert s["twice"] == pytest.approx(2 * s["loss"], rel=1e-12) and s["units"] == 1.0
+    assert evals[0]["val_twice"] == pytest.approx(2 * evals[0]["val_loss"], rel=1e-12) and evals[0]["val_units"] == 1.0

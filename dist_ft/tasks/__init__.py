@@ -14,19 +14,21 @@ Adding a task is adding a module here (and its tests); `data.task` accepts every
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from ..config import task_names
 from ..contracts import Batch
 
 
 @dataclass
 class LossOut:
     sum: torch.Tensor  # 0-d fp32 on the device: the loss summed over the batch's loss units
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # other sums over the same units (logged / n_loss)
+    # other sums over the same units, the same keys for every batch: training logs each summed over the step's
+    # micro-batches and ranks / n_loss; evaluation hands the sums over the validation set to `eval_metrics`
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,7 @@ class Task:
     eval_metrics: Callable[[float, float, dict], dict]
 
 
-def names() -> list[str]:
-    """Every task this installation has (module names under dist_ft/tasks, without importing them)."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+names = task_names  # every task this installation has (module names here, found without importing them)
 
 
 def get(name: str) -> Task:
