@@ -13,6 +13,7 @@ manifest and marker are on disk (`fsio`), so a crash at any point leaves the pre
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -32,6 +33,10 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
 DATA_MAY_CHANGE = ("cache_dir", "num_proc", "verify_shards")
 RESHARD_MAY_CHANGE = ("train.micro_batch_size", "train.grad_accum", "engine.zero_stage")  # with the global batch kept
+# changing these is applied over the checkpoint's values (DeepSpeed would restore the saved ones) and logged;
+# the Adam moments and the step count are kept
+RESUME_APPLIED = ("train.lr", "train.betas", "train.eps", "train.weight_decay", "train.warmup_steps", "train.schedule",
+                  "train.min_lr_ratio", "train.max_grad_norm", "train.max_steps", "train.epochs")
 
 
 @dataclass(frozen=True)
@@ -41,12 +46,18 @@ class Manifest:
     zero_stage: int
     files: dict  # relative path -> size in bytes
     dist_ft_version: str = ""
+    job: str = ""  # the SLURM job that wrote it ("" outside SLURM): a requeued job knows its own checkpoints
 
 
 @dataclass(frozen=True)
 class ResumePlan:
     path: Path | None  # the checkpoint to continue from; None: a fresh start
     reshard: bool  # saved with another world size / ZeRO stage: loaded through a universal checkpoint
+    replace: bool = False  # output.overwrite: the earlier run's outputs are moved aside (after validation)
+    applied: tuple = ()  # (key, saved, now) of optimizer/schedule settings changed since the checkpoint
+
+    def describe_applied(self) -> str:
+        return ", ".join(f"{k} {old} -> {new}" for k, old, new in self.applied)
 
 
 def rng_state() -> dict:
@@ -106,7 +117,8 @@ class Checkpointer:
         if self.rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
             testhooks.pause_in_save(step)
-            manifest = Manifest(step, self.world, engine.zero_stage, fsio.file_sizes(tmp), __version__)
+            manifest = Manifest(step, self.world, engine.zero_stage, fsio.file_sizes(tmp), __version__,
+                                os.environ.get("SLURM_JOB_ID", ""))
             (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
             (tmp / "COMPLETE").write_text("ok\n")
             fsio.publish_dir(tmp, final)  # (a re-save of the same step, e.g. a signal right after a periodic save, replaces it)
@@ -152,30 +164,60 @@ def resume_plan(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
     decision = None
     if ckpt.rank == 0:
         try:
-            plan = _decide(cfg, ckpt, world)
-            decision = (str(plan.path) if plan.path else None, plan.reshard, None)
+            decision = (_decide(cfg, ckpt, world), None)
         except UserError as e:
-            decision = (None, False, str(e))
-    path, reshard, error = dist.broadcast_object(decision)
+            decision = (None, str(e))
+    plan, error = dist.broadcast_object(decision)
     if error:
         raise UserError(error)
-    return ResumePlan(Path(path) if path else None, reshard)
+    return plan
 
 
 def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
-    """The checkpoint to resume from (or none) and whether it must be resharded, after checking the saved config.
+    """Where this run starts. `output.overwrite`: a fresh run that replaces what the directory holds (only a
+    requeued SLURM job continues its own checkpoints). Otherwise `checkpoint.resume` `auto` continues the
+    newest complete checkpoint, `never` starts fresh in a directory without checkpoints, a path continues that
+    checkpoint (outside output.dir only with checkpoint.trust_foreign: loading it unpickles its files)."""
+    out, mode, overwrite = Path(cfg.output.dir), cfg.checkpoint.resume, cfg.output.overwrite
+    if not overwrite and (out / "final").exists():
+        raise UserError(f"output.dir '{out}' already holds a finished run (final/); choose another output.dir, "
+                        "or set output.overwrite=true to replace it with a new run")
+    if mode not in ("auto", "never"):
+        path = Path(mode)
+        inside = path.resolve().is_relative_to(out.resolve())
+        if not inside and not cfg.checkpoint.trust_foreign:
+            raise UserError(f"checkpoint.resume '{path}' is outside output.dir '{out}'; loading a checkpoint runs its pickled "
+                            "files, so set checkpoint.trust_foreign=true if you trust where it came from")
+        if inside and overwrite:
+            raise UserError(f"checkpoint.resume '{path}' lies in output.dir, which output.overwrite=true replaces; "
+                            "drop output.overwrite to continue that checkpoint")
+        return _checked(cfg, path, world, replace=overwrite)
+    done = ckpt.complete()
+    if overwrite:
+        own = _requeued_own(done)
+        return _checked(cfg, own, world, replace=False) if own else ResumePlan(None, False, replace=True)
+    if mode == "never":
+        if done or (ckpt.root.is_dir() and any(STEP_DIR.match(p.name) for p in ckpt.root.iterdir())):
+            raise UserError(f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
+                            "there: set output.overwrite=true to replace it, or choose another output.dir")
+        return ResumePlan(None, False)
+    return _checked(cfg, done[-1][1], world, replace=False) if done else ResumePlan(None, False)
+
+
+def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
+    """The newest checkpoint this very SLURM job wrote before it was requeued (so `output.overwrite` does not
+    throw away the progress of a preempted job), or None."""
+    job, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if not job or restart == 0 or not done:
+        return None
+    manifest = validate(done[-1][1])
+    return done[-1][1] if manifest is not None and manifest.job == job else None
+
+
+def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
+    """The plan to continue `path`, after checking the saved config.
     Another world size or ZeRO stage is allowed when the global batch stays the same (resharded through
     DeepSpeed's universal checkpoint: the same global sample order, the optimizer state kept)."""
-    mode = cfg.checkpoint.resume
-    if mode == "never":
-        return ResumePlan(None, False)
-    if mode == "auto":
-        done = ckpt.complete()
-        if not done:
-            return ResumePlan(None, False)
-        path = done[-1][1]
-    else:
-        path = Path(mode)
     manifest = validate(path)
     if manifest is None or not (path / "config.yaml").is_file():
         raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there (expected <output.dir>/checkpoints/step-N)")
@@ -194,7 +236,7 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
     changed = [k for k in must if pick(saved, k) != pick(now, k)]
     if changed:
         raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
-                        "restore those values, or set checkpoint.resume=never with a new output.dir")
+                        "restore those values, or set output.overwrite=true (or a new output.dir) to start over")
     if reshard:
         st, nt = saved["train"], now["train"]
         g_old, g_new = st["micro_batch_size"] * st["grad_accum"] * manifest.world_size, nt["micro_batch_size"] * nt["grad_accum"] * world
@@ -207,4 +249,5 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
             raise UserError(f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
                             f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
                             "and engine.zero_stage, or set checkpoint.resume=never to start over")
-    return ResumePlan(path, reshard)
+    applied = tuple((k, pick(saved, k), pick(now, k)) for k in RESUME_APPLIED if pick(saved, k) != pick(now, k))
+    return ResumePlan(path, reshard, replace, applied)

@@ -102,6 +102,7 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="Seed for model init of new tokens, dropout and sampling.")
     eval_every: int = Field(0, ge=0, description="Run validation every N steps (0: only at the end).")
     log_every: int = Field(1, ge=1, description="Print a console metrics line every N steps (JSONL gets every step).")
+    nonfinite_patience: Optional[int] = Field(None, ge=0, description="Consecutive steps with a non-finite loss or gradient norm tolerated before the run stops with exit 3 (no checkpoint is written meanwhile); None: 0, or 25 in fp16 where loss-scale overflows skip steps.")
 
 
 class EngineConfig(_Section):
@@ -127,13 +128,15 @@ class CheckpointConfig(_Section):
     every_minutes: float = Field(0.0, ge=0, description="Also save when this many minutes passed since the last save (0: off); ranks agree.")
     keep: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted only after a new one is complete.")
     keep_every: int = Field(0, ge=0, description="Besides the newest `keep`, also keep for good every checkpoint whose step is a multiple of this (0: off).")
-    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in output.dir; `never`; or a checkpoint path.")
+    resume: str = Field("auto", description="`auto`: continue from the newest complete checkpoint in output.dir; `never`: start fresh (refused where output.dir holds checkpoints, unless output.overwrite); or a checkpoint path. Changed optimizer/schedule settings (lr, betas, eps, weight_decay, warmup, schedule, max_steps) are applied over the checkpoint's and logged.")
+    trust_foreign: bool = Field(False, description="Allow `resume` to name a checkpoint outside output.dir. Loading one unpickles its files: only for checkpoints you trust.")
     signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = Field(["SIGTERM", "SIGUSR1"], description="Signals that make every rank save at the next step boundary and exit with status 75 (requeue me).")
 
 
 class OutputConfig(_Section):
     dir: str = Field("runs/default", description="Run directory: resolved config, metrics.jsonl, loss.png, final/ (HF model).")
-    overwrite: bool = Field(False, description="Allow reusing a directory that already holds a finished run (final/).")
+    overwrite: bool = Field(False, description="Start a fresh run here, replacing the earlier run's checkpoints, metrics, final/ and W&B files once the new run validated; it is never resumed (only a requeued SLURM job continues its own checkpoints). Other files are left alone.")
+    lock_stale_minutes: float = Field(5.0, gt=0, description="The run lock (output.dir/.dist_ft.lock, heartbeat every 30 s) of a run on another host is taken over after this long without a heartbeat; on the same host a dead owner is detected at once.")
     log_all_ranks: bool = Field(False, description="Debugging: every rank > 0 also writes rank-R.log and metrics-rank-R.jsonl.")
 
 

@@ -166,7 +166,7 @@ def wait_for_all(what: str, poll_s: float = 0.05) -> None:
     (rank 0 died)."""
     import torch.distributed as tdist
 
-    from .errors import UserError
+    from .errors import PREEMPTED_MARK, Preempted, UserError
 
     store = _store()
     if store is None:
@@ -178,7 +178,10 @@ def wait_for_all(what: str, poll_s: float = 0.05) -> None:
     delay = poll_s
     while not store.check(keys):
         if store.check([_FAILED]):
-            raise UserError(f"stopped while waiting for the other ranks ({what}): {store.get(_FAILED).decode()}")
+            reason = store.get(_FAILED).decode()
+            if PREEMPTED_MARK in reason:
+                raise Preempted(reason)
+            raise UserError(f"stopped while waiting for the other ranks ({what}): {reason}")
         time.sleep(delay)
         delay = min(1.0, delay * 1.5)
 

@@ -217,6 +217,19 @@ class Engine:
     def load(self, directory: Path) -> None:
         engine_state.load(self._ds, Path(directory))
 
+    def apply_optimizer_settings(self, lr: float, betas, eps: float, weight_decay: float) -> None:
+        """After `load`: put the config's AdamW settings over the checkpoint's (DeepSpeed restores the saved
+        ones); Adam's moments and the step count stay. The schedule's shape always comes from the config (its
+        lambda is not saved), so the current LR is recomputed from the new peak."""
+        opt = self._ds.optimizer
+        groups = getattr(opt, "optimizer", opt).param_groups  # ZeRO wraps the torch / DeepSpeed Adam
+        sched = self._ds.lr_scheduler
+        factor = sched.lr_lambdas[0](sched.last_epoch)
+        for i, g in enumerate(groups):  # group 0 is decayed, group 1 (biases, norms) never (`_param_groups`)
+            g.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay if i == 0 else 0.0, initial_lr=lr, lr=lr * factor)
+        sched.base_lrs = [lr] * len(groups)
+        sched._last_lr = [g["lr"] for g in groups]
+
     to_universal = staticmethod(engine_state.to_universal)
 
     def full_state_dict(self) -> dict | None:

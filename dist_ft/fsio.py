@@ -84,12 +84,38 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def publish_dir(tmp: Path, final: Path) -> None:
-    """fsync a filled directory and rename it to `final` (replacing what was there)."""
+    """fsync a filled directory and put it in place of `final` with no moment where neither exists: an existing
+    `final` is swapped with it in one atomic exchange (Linux renameat2), then deleted; where the filesystem
+    cannot exchange, the old one is renamed to `<final>.old` first (a crash in between leaves `final.old`,
+    which `rundir` puts back)."""
+    tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    Path(tmp).rename(final)
+    if not final.exists():
+        tmp.rename(final)
+    elif _exchange(tmp, final):
+        shutil.rmtree(tmp)  # now holds the old contents
+    else:
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
     fsync(final.parent)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (renameat2 RENAME_EXCHANGE); False where libc or the filesystem lacks it."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def file_sizes(root: Path) -> dict[str, int]:

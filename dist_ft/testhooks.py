@@ -6,6 +6,8 @@
   and before the manifest: for S seconds (honest slow work, e.g. a slow filesystem), or long enough for a
   test to kill the job mid-save.
 - `DIST_FT_TEST_KILL_AFTER_SHARD=N`: SIGKILL `prepare` right after it wrote shard number N.
+- `DIST_FT_TEST_PAUSE_IN_SETUP=S`: sleep S seconds in setup just before the model loads (for signals and
+  locks that must work before the first step).
 """
 
 from __future__ import annotations
@@ -45,3 +47,9 @@ def pause_in_save(step: int) -> None:
 def kill_after_shard(shards_done: int) -> None:
     if os.environ.get("DIST_FT_TEST_KILL_AFTER_SHARD") == str(shards_done):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_in_setup() -> None:
+    seconds = os.environ.get("DIST_FT_TEST_PAUSE_IN_SETUP")
+    if seconds:
+        time.sleep(float(seconds))

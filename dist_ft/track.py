@@ -131,7 +131,18 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A crash can leave its last line torn or NUL-filled (the filesystem grew the
+    file before the data reached it): such lines are skipped, so they never block a resume."""
+    recs = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip().strip("\x00")
+        try:
+            rec = json.loads(line) if line else None
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            recs.append(rec)
+    return recs
 
 
 def read_steps(path: Path) -> list[StepMetrics]:

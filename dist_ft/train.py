@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,16 +17,17 @@ import numpy as np
 import torch
 import yaml
 
-from . import dist, fsio, inference, perf, tasks, testhooks
+from . import dist, inference, perf, rundir, tasks, testhooks
 from .checkpoint import Checkpointer, ResumePlan, resume_plan
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
 from .engine import Engine, init_distributed, resolve_precision, zero3_init
-from .errors import UserError
+from .errors import PREEMPTED_MARK, Preempted, UserError
 from .export import save_hf
 from .model import load_model
+from .stops import DivergenceGuard, Signals
 from .tokenizer import load_tokenizer
 from .track import Tracker, truncate_metrics
 
@@ -52,7 +52,8 @@ class Run:
     flops_per_token: float
     peak_flops: float | None
     formula: dict  # the ZeRO model-state formula for this rank, to set against what the engine measures
-    signalled: list = field(default_factory=list)  # signals received; ranks agree on them at the next step boundary
+    signals: Signals  # received ones are agreed on by the ranks at the next step boundary
+    guard: DivergenceGuard
     last_save: float = field(default_factory=time.monotonic)
 
 
@@ -64,11 +65,23 @@ class Agreed:
 
 
 def run(cfg: Config) -> Path:
+    signals = Signals(cfg.checkpoint.signals)  # from the first second: a signal during setup still exits 75
+    env = lock = r = None
     try:
-        return _loop(setup(cfg))
+        env = init_distributed(cfg.engine.dist_backend, cfg.engine.collective_timeout_minutes)
+        lock = _lock(cfg, env)
+        r = setup(cfg, env, signals)
+        return _loop(r)
     except Exception as e:
+        if isinstance(e, Preempted) or (signals.received and r is None):
+            dist.report_failure(f"{PREEMPTED_MARK}{e}")  # ranks waiting on this one exit 75 too
+            print(f"stopped by a signal during setup ({e}); nothing to save: exit {EXIT_PREEMPTED} - run the same command to start", flush=True)
+            _exit_preempted(env is None or env.is_main)
         dist.report_failure(str(e))  # ranks waiting on this one stop instead of waiting forever
         raise
+    finally:
+        if lock is not None:
+            lock.release(remove_created_dir=r is None)  # a run that wrote nothing leaves no empty directory behind
 
 
 def _loop(r: Run) -> Path:
@@ -77,15 +90,18 @@ def _loop(r: Run) -> Path:
         batch = r.loader.next()  # collated on a background thread while the previous step ran
         metrics, agreed = train_step(r, batch)
         r.tracker.log_step(step, metrics)
+        r.guard.check(step, metrics)  # a non-finite run stops here (exit 3), before anything saves its state
         if r.prep.val and ((t.eval_every and step % t.eval_every == 0) or step == r.total_steps):
             r.tracker.log(step, evaluate(r))
         if agreed.stop:
-            save(r, step, batch.data_state)
-            r.tracker.info(f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command to resume")
+            if r.guard.healthy:
+                save(r, step, batch.data_state)
+            rerun = " without output.overwrite" if r.cfg.output.overwrite else ""
+            r.tracker.info(f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command{rerun} to resume")
             close(r, EXIT_PREEMPTED)
             _exit_preempted(r.env.is_main)
         every = r.cfg.checkpoint.every_steps
-        if step == r.total_steps or agreed.save_due or (every and step % every == 0):
+        if r.guard.healthy and (step == r.total_steps or agreed.save_due or (every and step % every == 0)):
             save(r, step, batch.data_state)
     export(r)
     close(r)
@@ -110,7 +126,7 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
     keys = sorted(sums)
-    loss_sum, n_signalled, n_due, *totals = dist.all_sum(loss_sum, len(r.signalled), due, *(sums[k] for k in keys))
+    loss_sum, n_signalled, n_due, *totals = dist.all_sum(loss_sum, len(r.signals.received), due, *(sums[k] for k in keys))
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
     metrics = StepMetrics(
@@ -178,9 +194,25 @@ def close(r: Run, exit_code: int = 0) -> None:
 
 # ---------------------------------------------------------------- setup
 
-def setup(cfg: Config) -> Run:
-    """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything is written."""
-    env = init_distributed(cfg.engine.dist_backend, cfg.engine.collective_timeout_minutes)
+def _lock(cfg: Config, env: dist.DistEnv) -> rundir.RunLock | None:
+    """Rank 0 takes output.dir's run lock before anything is written; every rank fails alike if it is taken."""
+    lock, error = None, None
+    if env.is_main:
+        try:
+            lock = rundir.RunLock(Path(cfg.output.dir), 60 * cfg.output.lock_stale_minutes).acquire()
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    if lock is not None and lock.note:
+        print(lock.note, flush=True)
+    return lock
+
+
+def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
+    """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
+    run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
     precision = resolve_precision(cfg.engine.precision)
     t, task = cfg.train, tasks.get(cfg.data.task)
     _seed_all(t.seed)
@@ -190,7 +222,8 @@ def setup(cfg: Config) -> Run:
     stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
     micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)  # the ragged tail is not counted
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
-    out = _prepare_out_dir(cfg, env)
+    out = Path(cfg.output.dir)
+    testhooks.pause_in_setup()
     with zero3_init(cfg, precision):  # ZeRO-3: each rank only ever holds its shard of the weights
         model = load_model(cfg.model, tok, torch.float32, task.auto_class)  # DeepSpeed casts to bf16/fp16 itself
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
@@ -200,19 +233,23 @@ def setup(cfg: Config) -> Run:
     if plan.path is not None:
         state = ckpt.load(plan, engine)
         stream.load_state_dict(state.data)
+        if plan.applied:
+            engine.apply_optimizer_settings(t.lr, t.betas, t.eps, t.weight_decay)
     t_load = time.perf_counter() - t_load
-    if env.is_main:
+    if env.is_main:  # every check passed: the first writes
+        rundir.commit(out, dump_config(cfg), plan.replace)
         truncate_metrics(out / "metrics.jsonl", state.step)  # a resumed run rewrites the steps after its checkpoint
+    dist.wait_for_all("rank 0 prepares output.dir")
     tracker = Tracker(out, env.rank, total_steps=total_steps, log_every=t.log_every, start_step=state.step,
                       all_ranks=cfg.output.log_all_ranks, track=cfg.track, run_id=state.run_id, config=yaml.safe_load(dump_config(cfg)))
     loader = testhooks.wrap_loader(StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"), state.step)
     r = Run(cfg, env, task, tok, prep, engine, ckpt, tracker, loader, out, state.step, total_steps,
             perf.flops_per_token(engine.module.config, engine.n_params, prep.seq_len), perf.peak_flops(),
-            perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision))
+            perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision),
+            signals, DivergenceGuard(t.nonfinite_patience, precision))
     _report_start(r, precision, plan, stream, t_load)
-    for name in cfg.checkpoint.signals:  # a signal only sets a flag; ranks agree on it at the next step boundary
-        signal.signal(getattr(signal, name), lambda signum, frame: r.signalled.append(signum))
     dist.wait_for_all("setup")  # rank 0 may still be starting W&B; the loop's first collective must not time out on it
+    signals.in_setup = False  # from here a signal sets a flag; the ranks agree on it at the next step boundary
     return r
 
 
@@ -222,22 +259,15 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_out_dir(cfg: Config, env: dist.DistEnv) -> Path:
-    out = Path(cfg.output.dir)
-    if (out / "final").exists() and not cfg.output.overwrite:
-        raise UserError(f"output.dir '{out}' already holds a finished run (final/); choose another output.dir or set output.overwrite=true")
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        fsio.write_atomic(out / "config.yaml", dump_config(cfg))
-    return out
-
-
 def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: float) -> None:
     cfg, env, prep, tracker, total_steps = r.cfg, r.env, r.prep, r.tracker, r.total_steps
     if plan.path is not None:
         tracker.info(f"resumed from {plan.path}{' (resharded to this world size / ZeRO stage)' if plan.reshard else ''}: "
                      f"step {r.start}, data epoch {stream.epoch} sample {stream.index:,}, "
                      f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s")
+        if plan.applied:
+            tracker.info(f"resume: applied settings changed since the checkpoint: {plan.describe_applied()} "
+                         "(Adam moments and step count kept)")
         tracker.log(r.start, {"checkpoint_load_s": t_load})
     tracker.info(f"data: shards {prep.root} (dataset {prep.fingerprint})")
     tracker.info(_data_summary("train", prep.train, prep.seq_len))

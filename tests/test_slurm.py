@@ -118,7 +118,8 @@ def test_sbatch_two_ranks_train_export_and_map_slurm_variables(uninterrupted):
 
 def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_cfg):
     out = job_cfg.parent / "preempted"
-    jid = _sbatch(job_cfg, out, "track.wandb=offline")
+    # output.overwrite replaces another run, never this job's own: the requeued part continues its checkpoints
+    jid = _sbatch(job_cfg, out, "track.wandb=offline", "output.overwrite=true")
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 10):
