@@ -43,8 +43,15 @@ def install_chatml(tok) -> None:
     tok.chat_template = CHATML_TEMPLATE
 
 
+def template_text(tok) -> str:
+    """The chat template a conversation is rendered with: the one named `default` where a tokenizer has several
+    (as `apply_chat_template` picks it; the tokenizer's loader refuses several without a default)."""
+    t = tok.chat_template or ""
+    return t.get("default", "") if isinstance(t, dict) else t
+
+
 def has_generation_markers(tok) -> bool:
-    return "{% generation %}" in (tok.chat_template or "") or "{%- generation %}" in (tok.chat_template or "")
+    return "{% generation %}" in template_text(tok) or "{%- generation %}" in template_text(tok)
 
 
 def _render(tok, msgs, gen_prompt: bool) -> str:

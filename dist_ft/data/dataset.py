@@ -69,6 +69,9 @@ def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int]
             _on_local_main(lambda: shards.fetch(cfg.prepared, root, log), local_rank, sync)
         else:
             root = Path(cfg.prepared).expanduser()
+            if not root.is_dir():
+                raise UserError(f"data.prepared '{cfg.prepared}': no such directory; write it first with "
+                                f"dist-ft prepare CONFIG --out {cfg.prepared}, or fix the path")
         where = f"data.prepared '{cfg.prepared}'"
     else:
         root = shards.cache_entry(cfg, tok)

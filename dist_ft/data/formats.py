@@ -47,13 +47,24 @@ def _check_roles(msgs: list[dict], where: str) -> None:
                             "use [system], user, assistant, user, assistant, ...")
 
 
-def _message_list(raw, where: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
+def json_type(v) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(v), "object")
+
+
+def _message_list(raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
     if not isinstance(raw, list) or not raw:
-        raise UserError(f"{where}: expected a non-empty list of messages")
+        raise UserError(f"{where}: '{key}' must be a non-empty array of messages, got {'an empty one' if raw == [] else 'JSON ' + json_type(raw)}; "
+                        f"give [{{\"{role_key}\": ..., \"{content_key}\": ...}}, ...]")
     out = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or role_key not in m or content_key not in m:
-            raise UserError(f"{where}: message {i} needs '{role_key}' and '{content_key}'")
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: message {i} is a JSON {json_type(m)}, not an object; write each message as "
+                            f"{{\"{role_key}\": ..., \"{content_key}\": ...}}")
+        missing = [k for k in (role_key, content_key) if k not in m]
+        if missing:
+            raise UserError(f"{where}: message {i} lacks '{missing[0]}' (keys: {', '.join(sorted(m)) or 'none'}); "
+                            f"each message needs '{role_key}' and '{content_key}'")
         role = m[role_key]
         if role_map is not None:
             if role not in role_map:
@@ -61,34 +72,53 @@ def _message_list(raw, where: str, role_key: str, content_key: str, role_map: di
             role = role_map[role]
         elif role not in ("system", "user", "assistant"):
             raise UserError(f"{where}: message {i}: unknown role '{role}' (expected system, user or assistant)")
-        content = m[content_key]
-        if not isinstance(content, str):
-            raise UserError(f"{where}: message {i}: content must be a string")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _text(m[content_key], where, f"message {i} ({role}) '{content_key}'", role == "assistant")})
     return out
+
+
+def _text(v, where: str, what: str, required: bool) -> str:
+    """A text field of a record: a string, non-empty where it is what is learned (an assistant turn, an answer)."""
+    if not isinstance(v, str):
+        raise UserError(f"{where}: {what} must be a string, got JSON {json_type(v)}"
+                        + (f" {str(v)[:40]}" if isinstance(v, (int, float)) else "")
+                        + ("; flatten structured content to plain text" if isinstance(v, (list, dict)) else "; give the text"))
+    if required and not v.strip():
+        raise UserError(f"{where}: {what} is empty, so there is nothing to learn; write the answer or remove the record")
+    return v
+
+
+def _alpaca(rec: dict, where: str) -> list[dict]:
+    instruction = _text(rec["instruction"], where, "alpaca 'instruction'", True)
+    output = _text(rec["output"], where, "alpaca 'output'", True)
+    extra, system = ("" if rec.get(k) is None else _text(rec[k], where, f"alpaca '{k}'", False)  # absent or null: none
+                     for k in ("input", "system"))
+    prompt = f"{instruction}\n\n{extra}" if extra else instruction
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
 def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
     """One record -> Conversation; `fmt` is 'auto' or a declared format."""
+    declared = fmt != "auto"
     if fmt == "auto":
         fmt = detect(rec, where)
     try:
         if fmt == "text":
             text = rec["text"]
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{where}: 'text' must be a non-empty string")
+                raise UserError(f"{where}: 'text' must be a non-empty string, got {'an empty one' if isinstance(text, str) else 'JSON ' + json_type(text)}; "
+                                "give the document's text")
             return Conversation(text=text)
         if fmt == "messages":
-            msgs = _message_list(rec["messages"], where, "role", "content", None)
+            msgs = _message_list(rec["messages"], where, "messages", "role", "content", None)
         elif fmt == "sharegpt":
-            msgs = _message_list(rec["conversations"], where, "from", "value", SHAREGPT_ROLES)
+            msgs = _message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
         elif fmt == "alpaca":
-            prompt = rec["instruction"] if not rec.get("input") else f"{rec['instruction']}\n\n{rec['input']}"
-            msgs = ([{"role": "system", "content": rec["system"]}] if rec.get("system") else []) + [
-                {"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}]
+            msgs = _alpaca(rec, where)
         else:  # pragma: no cover - config validation restricts fmt
             raise UserError(f"unknown data.format '{fmt}'")
     except KeyError as e:
-        raise UserError(f"{where}: record lacks key {e} required by format '{fmt}' (keys: {', '.join(sorted(rec))})") from None
+        fix = f"this record is not '{fmt}' (data.format): set data.format: auto to detect each record's format" if declared else "add it"
+        raise UserError(f"{where}: record lacks key {e} required by format '{fmt}' (keys: {', '.join(sorted(rec)) or 'none'}); {fix}") from None
     _check_roles(msgs, where)
     return Conversation(messages=msgs)

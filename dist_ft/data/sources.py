@@ -1,60 +1,122 @@
 """Read records from local JSONL / JSON / Parquet files, directories, or Hugging Face datasets.
 
 Each record comes with a location string ("file.jsonl:17", "name[train]#42") used in error messages.
+Files must be UTF-8. One JSONL record (line) may be at most `max_record_bytes()` bytes: 32 MiB, or
+$DIST_FT_MAX_RECORD_BYTES; a longer line is refused after reading that much of it, never whole.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 from ..config import SourceConfig
 from ..errors import UserError
+from .formats import json_type
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+STORAGE_OPTIONS = "DIST_FT_STORAGE_OPTIONS"  # credentials for fsspec URLs: never in the config (it is saved and logged)
+MAX_RECORD_BYTES = 32 << 20  # per JSONL line: ~8M tokens; longer documents should be split into several records
+
+
+def storage_options(environ=os.environ) -> dict:
+    """fsspec storage options from $DIST_FT_STORAGE_OPTIONS ({} when unset). Its value is never echoed: it holds secrets."""
+    raw = environ.get(STORAGE_OPTIONS, "").strip()
+    if not raw:
+        return {}
+    try:
+        opts = json.loads(raw)
+    except ValueError as e:
+        raise UserError(f"{STORAGE_OPTIONS}: not valid JSON ({getattr(e, 'msg', 'parse error')} at column {getattr(e, 'colno', '?')}); "
+                        "set it to a JSON object of fsspec storage options, e.g. '{\"key\": \"...\", \"secret\": \"...\"}'") from None
+    if not isinstance(opts, dict):
+        raise UserError(f"{STORAGE_OPTIONS}: must be a JSON object of fsspec storage options (got a JSON {json_type(opts)}), "
+                        "e.g. '{\"key\": \"...\", \"secret\": \"...\"}'")
+    return opts
+
+
+def max_record_bytes() -> int:
+    raw = os.environ.get("DIST_FT_MAX_RECORD_BYTES", "").strip()
+    if not raw:
+        return MAX_RECORD_BYTES
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"DIST_FT_MAX_RECORD_BYTES={raw!r}: expected a positive number of bytes, e.g. 67108864 (64 MiB)")
+    return int(raw)
+
+
+def _decode(raw: bytes, where: str, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file "
+                        f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}") from None
+
+
+def _object(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise UserError(f"{where}: expected a JSON object (a record such as {{\"messages\": [...]}}), got a JSON "
+                        f"{json_type(rec)}; put one object per record")
+    return rec
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    limit = max_record_bytes()
+    with path.open("rb") as f:
+        for lineno in itertools.count(1):
+            raw = f.readline(limit + 1)  # never more than the limit in memory, however long the line
+            if not raw:
+                return
+            if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+                raise UserError(f"{path}:{lineno}: record is longer than {limit:,} bytes ({limit / (1 << 20):g} MiB, the limit per "
+                                "record); split the document into several records, or raise $DIST_FT_MAX_RECORD_BYTES")
+            line = _decode(raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, f"{path}:{lineno}", path)
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(rec).__name__}")
-            yield f"{path}:{lineno}", rec
+            yield f"{path}:{lineno}", _object(rec, f"{path}:{lineno}")
 
 
 def _json(path: Path) -> Iterator[tuple[str, dict]]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        _decode(raw[raw.rfind(b"\n", 0, e.start) + 1 :].split(b"\n", 1)[0], f"{path}:{line}", path)
+        raise  # pragma: no cover - _decode raised on that line
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines saved with a .json suffix
             yield from _jsonl(path)
             return
-        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the file") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
-        raise UserError(f"{path}: expected a JSON array of objects")
+        raise UserError(f"{path}: expected a JSON array of objects (records), got a JSON {json_type(data)}; write [{{...}}, {{...}}], "
+                        "or one object per line in a .jsonl file")
     for i, rec in enumerate(data):
-        if not isinstance(rec, dict):
-            raise UserError(f"{path}: element {i}: expected an object, got {type(rec).__name__}")
-        yield f"{path}[{i}]", rec
+        yield f"{path}[{i}]", _object(rec, f"{path}[{i}]")
 
 
-def _hf(name: str, split: str, subset: str | None, streaming: bool = False, **kw) -> Iterator[tuple[str, dict]]:
+def _hf(name: str, split: str, subset: str | None, streaming: bool = False, file: Path | None = None, **kw) -> Iterator[tuple[str, dict]]:
+    """Records of a hub dataset or local dataset directory, or of `file` (read by the `name` builder, e.g. parquet)."""
     import datasets
 
+    opts = storage_options() if "://" in name else {}
     try:
-        ds = datasets.load_dataset(name, subset, split=split, streaming=streaming, **kw)
-    except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError...)
+        ds = datasets.load_dataset(name, subset, split=split, streaming=streaming, **kw, **({"storage_options": opts} if opts else {}))
+    except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ArrowInvalid...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if file is not None:
+            raise UserError(f"{file}: not a readable {name} file ({first.rstrip('.')}); re-export it, or convert it to .jsonl") from None
         raise UserError(f"data source '{name}' (split '{split}'): could not load: {first}. "
                         "Use a local .jsonl/.json/.parquet path, or a dataset name reachable from this machine") from None
     for i, rec in enumerate(ds):
@@ -72,7 +134,7 @@ def iter_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
         elif suffix == ".json":
             yield from _json(path)
         elif suffix == ".parquet":
-            for i, (_, r) in enumerate(_hf("parquet", "train", None, src.streaming, data_files=str(path))):
+            for i, (_, r) in enumerate(_hf("parquet", "train", None, src.streaming, path, data_files=str(path))):
                 yield f"{path}#{i}", r
         else:
             raise UserError(f"{path}: unsupported file type '{suffix}'; use one of {', '.join(FILE_SUFFIXES)}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from ...config import DataConfig, SourceConfig
 from ...errors import UserError
 from ...fsio import sha256_bytes
+from ..chat import template_text
 from .manifest import VERSION, Manifest
 
 SETTINGS = ("max_seq_len", "packing", "task", "format", "overlong", "shard_tokens")
@@ -18,7 +19,7 @@ def tokenizer_identity(tok) -> dict:
     """Name, content hash (vocabulary, merges, added/special tokens) and chat-template hash of a tokenizer."""
     body = tok.backend_tokenizer.to_str() + json.dumps(tok.special_tokens_map, sort_keys=True, default=str)
     return {"name": tok.name_or_path, "sha256": sha256_bytes(body.encode()), "vocab_size": len(tok),
-            "template_sha256": sha256_bytes((tok.chat_template or "").encode())}
+            "template_sha256": sha256_bytes(template_text(tok).encode())}
 
 
 def source_identity(src: SourceConfig | None) -> dict | None:

@@ -7,6 +7,7 @@ datasets prepared before these types existed still load, and a manifest written 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ FORMAT = "dist_ft-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_FILES = ((".bin", "bin"), (".idx.npz", "idx"))  # each shard's files, and their key prefix in its meta
+SPLITS = ("train", "validation")
+SHARD_NAME = re.compile(r"shard-[0-9]{5,}")  # names come from a manifest that may be remote: never a path
 COUNTERS = ("records", "examples", "tokens", "loss_tokens", "truncated", "dropped_overlong", "dropped_no_loss_after_truncation")
 
 
@@ -80,6 +83,8 @@ class ShardMeta:
 
     @classmethod
     def from_json(cls, d: dict) -> ShardMeta:
+        if not isinstance(d["name"], str) or not SHARD_NAME.fullmatch(d["name"]):
+            raise ValueError(f"shard name {d['name']!r} is not of the form shard-NNNNN (a file name inside the split's directory)")
         return cls(d["name"], d["rows"], d["record_end"], **{k: FileInfo(d[f"{k}_bytes"], d[f"{k}_sha256"]) for _, k in SHARD_FILES},
                    counts=SplitStats.from_json(d["counts"]))
 
@@ -119,6 +124,9 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
+        bad = [s for s in d["splits"] if s not in SPLITS]
+        if bad:
+            raise ValueError(f"split name {bad[0]!r} is not one of {', '.join(SPLITS)}")
         return cls(d["format"], d["version"], d["key"], d["dtype"], {s: SplitManifest.from_json(i) for s, i in d["splits"].items()},
                    d["prepare_seconds"], d["tokens_per_s"])
 
@@ -131,12 +139,20 @@ def read_manifest(root: Path) -> Manifest:
         raise UserError(f"{path}: no manifest; this is not a prepared dataset (run dist-ft prepare CONFIG --out {root})") from None
     except ValueError as e:
         raise UserError(f"{path}: unreadable manifest ({e}); re-run dist-ft prepare") from None
+    return parse_manifest(data, str(path))
+
+
+def parse_manifest(data, where: str) -> Manifest:
+    """The manifest in parsed JSON `data`, checked before any file it names is opened or written: names are
+    plain shard and split names, never paths (`..`, `/`), whoever wrote the manifest."""
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
-        raise UserError(f"{path}: not a dist_ft shard manifest of version {VERSION}; re-run dist-ft prepare")
+        raise UserError(f"{where}: not a dist_ft shard manifest of version {VERSION}; re-run dist-ft prepare")
     try:
         return Manifest.from_json(data)
+    except ValueError as e:
+        raise UserError(f"{where}: {e}; the manifest is damaged or was not written by dist-ft prepare: re-run dist-ft prepare") from None
     except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: unreadable manifest (missing or malformed {e}); re-run dist-ft prepare") from None
+        raise UserError(f"{where}: unreadable manifest (missing or malformed {e}); re-run dist-ft prepare") from None
 
 
 def fingerprint(manifest: Manifest, split: str = "train") -> str:

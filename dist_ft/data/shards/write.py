@@ -16,6 +16,7 @@ import numpy as np
 from ... import fsio, testhooks
 from ...config import DataConfig
 from ...errors import UserError
+from ..chat import IGNORE
 from ..packing import pack
 from . import pool
 from .identity import dataset_key
@@ -138,10 +139,22 @@ def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | N
     prepares of one directory (ranks, jobs) take turns on a lock file: one writes, the others reuse."""
     import fcntl
 
+    _refuse_foreign(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _prepare_locked(cfg, tok, out, task, log, progress)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """`out` must be new, empty, or a prepared dataset: prepare renames its finished directory onto it, so anything
+    else there would be in the way (and is never deleted)."""
+    if out.exists() and not (out / MANIFEST).is_file():
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        if held is None or held:
+            what = "is a file" if held is None else f"holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
+            raise UserError(f"{out}: exists and is not a prepared dataset ({what}); nothing was changed: give dist-ft prepare "
+                            "a new or empty directory")
 
 
 def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool | None) -> Manifest:
@@ -174,8 +187,7 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
     train = splits["train"].stats
     if train.examples == 0:
         shutil.rmtree(partial)
-        raise UserError(f"{cfg.train.path}: no training examples left after filtering ({train.to_json()}); "
-                        "raise data.max_seq_len or set data.overlong: truncate")
+        raise _no_examples(cfg, tok, task, train)
     dt = time.perf_counter() - t0
     tokens = sum(s.stats.tokens for s in splits.values())
     manifest = Manifest(FORMAT, VERSION, key, np.dtype(dtype).name, splits, round(dt, 3), round(tokens / max(dt, 1e-9)))
@@ -184,3 +196,22 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
     partial.rename(out)
     fsio.fsync(out.parent)
     return manifest
+
+
+def _no_examples(cfg: DataConfig, tok, task, stats: SplitStats) -> UserError:
+    """Why no record of the train split gave an example, told on the first one (every record gave none)."""
+    src, records = pool.split_records(cfg, "train")
+    _, where, rec = next(records, (0, str(src.path), None))
+    whole, _ = task.examples(rec, where, cfg.model_copy(update={"max_seq_len": 1 << 40}), tok) if rec else ([], {})  # untruncated
+    n = len(whole[0].input_ids) if whole else 0
+    first = next((p for p, label in enumerate(whole[0].labels) if label != IGNORE), None) if whole else None
+    limit, none = cfg.max_seq_len, (f"no record of {src.path} gave a training example ({stats.records:,} records: "
+                                    f"{stats.dropped_overlong:,} longer than data.max_seq_len and dropped, "
+                                    f"{stats.dropped_no_loss_after_truncation:,} with no trained token left after truncation)")
+    if first is not None and first >= limit:
+        return UserError(f"{where}: its first trained (assistant) token is at position {first} >= data.max_seq_len {limit}, so "
+                         f"nothing of the answer fits; {none}: raise data.max_seq_len above {first}, or shorten the turns before the answer")
+    if n > limit:
+        return UserError(f"{where}: example is {n:,} tokens > data.max_seq_len {limit} and data.overlong: drop removed it; {none}: "
+                         f"set data.overlong: truncate (keeps its first {limit} tokens) or raise data.max_seq_len to {n}")
+    return UserError(f"{where}: gave no training example; {none}: check the records and data.task")
