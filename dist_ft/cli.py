@@ -111,11 +111,16 @@ def _prepare(args) -> None:
     from . import tasks
     from .config import load_config
     from .data import shards
+    from .model import preflight
     from .tokenizer import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     if cfg.data.train is None:
         raise UserError(f"{args.config}: dist-ft prepare needs data.train (the source to tokenize)")
+    if args.out and Path(args.out).expanduser().resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise UserError(f"prepare --out '{args.out}': that is the current directory (or holds it), and the shards would be mixed "
+                        "into it; give a new directory, e.g. --out data/prepared")
+    preflight(cfg.model, cfg.data.max_seq_len)
     tok = load_tokenizer(cfg.model)
     out = Path(args.out).expanduser() if args.out else shards.cache_entry(cfg.data, tok)
     manifest = shards.prepare(cfg.data, tok, out, tasks.get(cfg.data.task))
@@ -135,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "train":
             from . import train
             from .config import load_config
+            from .model import preflight
 
-            train.run(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            preflight(cfg.model, cfg.data.max_seq_len)  # config.json, context length, attention kernel: before any rank waits on another
+            train.run(cfg)
         elif args.cmd == "prepare":
             _prepare(args)
         elif args.cmd == "chat":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,6 +23,22 @@ def task_names() -> list[str]:
     import pkgutil
 
     return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")]) if not m.name.startswith("_"))
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")  # the user:password@ of a URL
+
+
+def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
+    if v and _USERINFO.search(v):  # the config is saved in config.yaml, logs and W&B: it must hold no secret
+        raise ValueError("a URL with credentials in it is refused (they would be saved in config.yaml, logs and W&B); remove them and "
+                         "put them in the environment: the storage's own variables, or DIST_FT_STORAGE_OPTIONS='{\"key\": ..., \"secret\": ...}'")
+    return v
+
+
+def _two_betas(cls, v: Any) -> Any:
+    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(type(b) in (int, float) and 0 <= b < 1 for b in v)):
+        raise ValueError("must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    return v
 
 
 class _Section(BaseModel):
@@ -43,6 +60,7 @@ class SourceConfig(_Section):
     split: str = Field("train", description="Split to read when `path` is a dataset name or directory.")
     subset: Optional[str] = Field(None, description="Dataset configuration name (the `name` argument of `datasets.load_dataset`).")
     streaming: bool = Field(False, description="Read a hub dataset as a stream (`load_dataset(streaming=True)`): nothing is downloaded whole.")
+    _no_url_credentials = field_validator("path")(_no_credentials)
 
 
 class DataConfig(_Section):
@@ -61,6 +79,7 @@ class DataConfig(_Section):
     shuffle_window: int = Field(1 << 16, ge=1, description="Rows shuffled together in an epoch, after the shard order is shuffled; memory is O(window).")
     num_proc: int = Field(0, ge=0, description="Processes that tokenize in prepare (0: every core); sources under 2048 records use one.")
     verify_shards: bool = Field(True, description="Check each shard's sha256 against the manifest when a run opens it (sizes are always checked).")
+    _no_url_credentials = field_validator("prepared", "cache_dir")(_no_credentials)
 
     @model_validator(mode="after")
     def _some_source(self) -> "DataConfig":
@@ -94,6 +113,7 @@ class TrainConfig(_Section):
     lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay; 0.0 is usual for short fine-tunes.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    _betas = field_validator("betas", mode="before")(_two_betas)
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
@@ -210,13 +230,15 @@ def _explain(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else f"; valid keys here: {', '.join(_fields_at(loc))}"
             lines.append(f"{source}: unknown config key '{key}'{hint}")
+        elif e["type"] == "model_type":
+            lines.append(f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), got {e.get('input')!r}")
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required config key '{key}'")
         else:
             got = e.get("input")
             msg = e["msg"].replace("Value error, ", "")
             lines.append(f"{source}: config key '{key}': {msg} (got {got!r})")
-    return "; ".join(lines)
+    return _USERINFO.sub("***@", "; ".join(lines))  # a refused URL's credentials are not echoed
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
@@ -233,12 +255,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f":{mark.line + 1}" if mark else ""
-            raise UserError(f"{p}{at}: invalid YAML: {getattr(e, 'problem', e)}") from None
+            raise UserError(f"{p}{at}: invalid YAML: {getattr(e, 'problem', e)}; fix the syntax there") from None
         if not isinstance(tree, dict):
             raise UserError(f"{p}: top level must be a mapping of sections (model, data, train, engine, output)")
     for ov in overrides:
         if "=" not in ov:
-            raise UserError(f"override '{ov}': expected key=value, e.g. train.lr=3e-5")
+            raise UserError(f"override '{_USERINFO.sub('***@', ov)}': expected key=value, e.g. train.lr=3e-5")
         key, _, raw = ov.partition("=")
         try:
             value = yaml.safe_load(raw) if raw != "" else None

@@ -76,6 +76,34 @@ def env_from(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=int(environ.get("MASTER_PORT") or _free_port()))
 
 
+LAUNCH_INTS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
+def check_launch(environ: Mapping[str, str]) -> None:
+    """Refuse launcher variables that cannot work, before the rendezvous, where a rank would wait for peers
+    that never come: non-integers, a rank outside the world, and the SLURM batch script itself (it has
+    SLURM_NTASKS and SLURM_PROCID=0 but is no task of a job step: only srun starts the ranks)."""
+    from .errors import UserError
+
+    for k in LAUNCH_INTS:
+        if k in environ and not environ[k].strip().isdigit() and (environ[k].strip() or k != "MASTER_PORT"):  # "" port: pick one
+            raise UserError(f"{k}={environ[k]!r} is not a non-negative integer; fix the launcher's environment (or unset {k} to run one process)")
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world, names = int(environ["RANK"]), int(environ["WORLD_SIZE"]), ("RANK", "WORLD_SIZE")
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        rank, world, names = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), ("SLURM_PROCID", "SLURM_NTASKS")
+        step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", ""))
+        if world > 1 and not (step.isdigit() and int(step) < 0xFFFFFFF0):  # batch, extern and interactive steps are special ids
+            raise UserError(f"SLURM_NTASKS={world} but this process was not started by srun (no job step: SLURM_STEP_ID is "
+                            f"{'unset' if not step else repr(step)}), so rank 0 would wait forever for {world - 1} ranks that never start; "
+                            "launch with srun, e.g. `srun python launch/train.py CONFIG` in the batch script (as slurm/job.sh does)")
+    else:
+        return
+    if world < 1 or rank >= world:
+        raise UserError(f"{names[0]}={rank} with {names[1]}={world}: the rank must be below the world size; fix the launcher's "
+                        f"environment (or unset {names[0]} and {names[1]} to run one process)")
+
+
 def device_index(local_rank: int, visible_gpus: int) -> int | None:
     """The CUDA device of a rank: its node-local rank modulo the GPUs this process can see; None on CPU.
 
@@ -123,6 +151,7 @@ def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     after `timeout_minutes`). DeepSpeed's layer on top of the group is started by `engine.init_distributed`."""
     import torch
 
+    check_launch(os.environ)
     env = env_from(os.environ)
     plan = plan_devices(env, torch.cuda.device_count() if torch.cuda.is_available() else 0, backend, _device_id_supported(torch))
     if plan.index is not None:

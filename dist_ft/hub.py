@@ -1,16 +1,21 @@
 """Where a model or tokenizer comes from: a hub id, a local directory, a `pkg://` directory, a GGUF file.
 
-Shared by `tokenizer.py` and `model.py` so both resolve and refuse a `model.path` the same way.
+Shared by `tokenizer.py` and `model.py` so both resolve and refuse a `model.path` the same way, and name
+the damaged file of a local directory when loading fails.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from .config import ModelConfig
 from .errors import UserError
+
+WEIGHTS = ("model.safetensors", "pytorch_model.bin", "*.safetensors", "*.bin", "*.gguf")
+JSON_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def resolve_path(path: str) -> str:
@@ -44,6 +49,51 @@ def source(cfg: ModelConfig) -> tuple[str, dict]:
     return path, kw
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def damaged_file(directory: Path) -> str | None:
+    """What is wrong with a local model directory's files, read with the libraries that own them (json,
+    tokenizers, safetensors): 'config.json:3: invalid JSON (...)'; None when they all read."""
+    for name in JSON_FILES:
+        f = directory / name
+        if f.is_file():
+            try:
+                json.loads(f.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError:
+                return f"{name}: not UTF-8 text (damaged)"
+            except json.JSONDecodeError as e:
+                return f"{name}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})"
+    if (directory / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
+            return f"tokenizer.json: not a readable tokenizer ({_first_line(e)})"
+    for f in sorted(directory.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+            return f"{f.name}: damaged or truncated ({_first_line(e)})"
+    return None
+
+
 def load_error(cfg: ModelConfig, what: str, e: Exception) -> UserError:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return UserError(f"model.path '{cfg.path}': could not load the {what}: {first[:300]}")
+    """The one-line error for a model / tokenizer / config that failed to load: the damaged file of a local
+    directory where one is found, else the library's first line."""
+    path = Path(resolve_path(cfg.path))
+    if path.is_dir():
+        bad = damaged_file(path)
+        if bad is None and what == "model" and not any(next(path.glob(g), None) for g in WEIGHTS):
+            bad = f"no weights file in it ({', '.join(WEIGHTS[:2])} or sharded ones with their *.index.json)"
+        if bad:
+            return UserError(f"model.path '{cfg.path}': {bad}; re-download the model, or re-save it with save_pretrained")
+        return UserError(f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the directory's files "
+                         "(re-download the model, or re-save it with save_pretrained)")
+    return UserError(f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the hub id, and that it is "
+                     "cached or reachable (HF_HUB_OFFLINE)")

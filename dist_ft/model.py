@@ -10,33 +10,66 @@ import importlib.util
 
 from . import hub
 from .config import ModelConfig
+from .errors import UserError
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def _require_flash_attn() -> None:
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed; "
+                        "pip install flash-attn --no-build-isolation (on a CUDA machine), or set model.attn_implementation: sdpa")
 
 
 def attn_implementation(requested: str) -> str:
-    """`flash_attention_2` where it can run (a CUDA GPU and the flash-attn package; packed rows then take its
-    varlen path, from the restarting position_ids), else sdpa, said once on stderr."""
+    """`flash_attention_2` needs the flash-attn package (refused without it); it runs on a CUDA GPU (packed rows then
+    take its varlen path, from the restarting position_ids), elsewhere sdpa is used, said once on stderr."""
     import torch
 
-    if requested == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
+    if requested != "flash_attention_2":
+        return requested
+    _require_flash_attn()
+    if not torch.cuda.is_available():
         import sys
 
-        why = "the flash-attn package is not installed" if torch.cuda.is_available() else "there is no CUDA GPU"
-        print(f"note: model.attn_implementation: flash_attention_2 is unavailable ({why}); using sdpa", file=sys.stderr)
+        print("note: model.attn_implementation: flash_attention_2 is unavailable (there is no CUDA GPU); using sdpa", file=sys.stderr)
         return "sdpa"
     return requested
+
+
+def preflight(cfg: ModelConfig, max_seq_len: int) -> None:
+    """What a run needs of its model, checked from its config before anything loads: the attention kernel is
+    installed, config.json reads, and `data.max_seq_len` is within the model's positions."""
+    from transformers import AutoConfig
+
+    if cfg.attn_implementation == "flash_attention_2":
+        _require_flash_attn()
+    path, kw = hub.source(cfg)
+    if cfg.gguf_file:  # its config lives in the GGUF file, which takes seconds to read: not checked ahead
+        return
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, JSON errors: a damaged or unreachable model
+        raise hub.load_error(cfg, "model config", e) from None
+    key = next((k for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if key is not None and max_seq_len > getattr(config, key):
+        n = getattr(config, key)
+        raise UserError(f"data.max_seq_len {max_seq_len} is above the model's {key} {n} (model.path '{cfg.path}'), so rows "
+                        f"would run past its last position; set data.max_seq_len to {n} or less")
 
 
 def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM"):
     """`auto_class`: the transformers Auto class the task's head needs."""
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     path, kw = hub.source(cfg)
     if cfg.attn_implementation:
         kw["attn_implementation"] = attn_implementation(cfg.attn_implementation)
     try:
         model = getattr(transformers, auto_class).from_pretrained(path, dtype=dtype or torch.float32, **kw)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a missing, damaged or truncated file of the model
         raise hub.load_error(cfg, "model", e) from None
     if cfg.gguf_file:
         # transformers dequantizes GGUF tensors into ordinary float weights but keeps a GGUF "quantizer"

@@ -112,9 +112,41 @@ class Tracker:
             self.wandb.finish(exit_code=exit_code)
 
 
+def wandb_unreachable(environ=os.environ, timeout_s: float = 3.0) -> Optional[str]:
+    """Why the W&B server cannot be reached (None when it can): one TCP connect to its host, DNS included,
+    bounded to `timeout_s` however the network fails (a thread does it: name lookups ignore socket timeouts)."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    result: list = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e.strerror or e}")
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if result and result[0] is None:
+        return None
+    return f"{host}:{port}: {result[0] if result else f'no answer within {timeout_s:g} s'}"
+
+
 def _wandb_init(track: TrackConfig, mode: str, out_dir: Path, run_id: Optional[str], config: dict):
     import wandb
 
+    if mode == "online":
+        why = wandb_unreachable()
+        if why is not None:  # never hang on a network that is not there: the run logs offline, to sync later
+            mode = "offline"
+            print(f"warning: W&B server unreachable ({why}); logging offline to {out_dir / 'wandb'} instead, "
+                  "upload it later with `wandb sync`", file=sys.stderr, flush=True)
     run = wandb.init(
         project=track.project, entity=track.entity, name=track.run_name or out_dir.resolve().name, tags=track.tags,
         id=run_id, resume="allow",  # a resumed or requeued job continues the run its checkpoint names

@@ -140,13 +140,22 @@ def test_mfu_peak_of_each_gpu(name, peak):
     assert peak_flops(name) == peak
 
 
-def test_flash_attention_falls_back_to_sdpa_where_it_cannot_run(capsys):
+def test_flash_attention_falls_back_to_sdpa_where_it_cannot_run(capsys, monkeypatch):
+    """Without the flash-attn package flash_attention_2 is refused (install it or use sdpa); with it but no GPU, sdpa runs."""
+    import importlib.util
+
     import torch
 
-    from dist_ft.model import attn_implementation
+    from dist_ft import model
+    from dist_ft.errors import UserError
 
-    assert attn_implementation("sdpa") == "sdpa" and attn_implementation("eager") == "eager"
+    assert model.attn_implementation("sdpa") == "sdpa" and model.attn_implementation("eager") == "eager"
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the fallback is for machines without one")
-    assert attn_implementation("flash_attention_2") == "sdpa"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else find_spec(name, *a))
+    with pytest.raises(UserError, match=r"flash_attention_2 needs the flash-attn package, which is not installed; pip install flash-attn"):
+        model.attn_implementation("flash_attention_2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else find_spec(name, *a))
+    assert model.attn_implementation("flash_attention_2") == "sdpa"
     assert "flash_attention_2 is unavailable (there is no CUDA GPU); using sdpa" in capsys.readouterr().err
