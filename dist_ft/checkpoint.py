@@ -17,7 +17,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +55,13 @@ class ResumePlan:
     reshard: bool  # saved with another world size / ZeRO stage: loaded through a universal checkpoint
     replace: bool = False  # output.overwrite: the earlier run's outputs are moved aside (after validation)
     applied: tuple = ()  # (key, saved, now) of optimizer/schedule settings changed since the checkpoint
+    skipped: tuple = ()  # (name, why) of damaged checkpoints newer than `path`, passed over
 
     def describe_applied(self) -> str:
         return ", ".join(f"{k} {old} -> {new}" for k, old, new in self.applied)
+
+    def describe_skipped(self) -> str:
+        return "".join(f"; skipped damaged {name} ({why})" for name, why in self.skipped)
 
 
 def rng_state() -> dict:
@@ -80,15 +84,24 @@ def set_rng_state(s: dict) -> None:
 
 def validate(path: Path) -> Manifest | None:
     """The manifest of a complete checkpoint whose files all match it; None otherwise."""
+    manifest, _ = _inspect(path)
+    return manifest
+
+
+def damage(path: Path) -> str | None:
+    """Why `path` is not a usable checkpoint (naming the file), or None when it is one."""
+    return _inspect(path)[1]
+
+
+def _inspect(path: Path) -> tuple[Manifest | None, str | None]:
+    if not (path / "COMPLETE").is_file():
+        return None, "no COMPLETE marker: its save did not finish"
     try:
-        if not (path / "COMPLETE").is_file():
-            return None
         manifest = Manifest(**json.loads((path / "manifest.json").read_text()))
-        if fsio.first_mismatch(path, {rel: fsio.FileInfo(size) for rel, size in manifest.files.items()}) is not None:
-            return None
-        return manifest
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, f"manifest.json unreadable ({type(e).__name__})"
+    bad = fsio.first_mismatch(path, {rel: fsio.FileInfo(size) for rel, size in manifest.files.items()})
+    return (None, f"{bad[0]}: {bad[1]}") if bad else (manifest, None)
 
 
 class Checkpointer:
@@ -96,12 +109,15 @@ class Checkpointer:
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
         self.keep_every = keep_every
 
-    def complete(self) -> list[tuple[int, Path]]:
-        """(step, path) of every valid checkpoint, oldest first."""
+    def found(self) -> list[tuple[int, Path]]:
+        """(step, path) of every checkpoint directory, complete or not, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))]
-        return sorted((s, p) for s, p in found if validate(p) is not None)
+        return sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of every valid checkpoint, oldest first."""
+        return [(s, p) for s, p in self.found() if validate(p) is not None]
 
     def save(self, engine, state: TrainState, config_yaml: str) -> Path:
         """All ranks call this. Returns the final path."""
@@ -197,11 +213,16 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
         own = _requeued_own(done)
         return _checked(cfg, own, world, replace=False) if own else ResumePlan(None, False, replace=True)
     if mode == "never":
-        if done or (ckpt.root.is_dir() and any(STEP_DIR.match(p.name) for p in ckpt.root.iterdir())):
+        if ckpt.found():
             raise UserError(f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
                             "there: set output.overwrite=true to replace it, or choose another output.dir")
         return ResumePlan(None, False)
-    return _checked(cfg, done[-1][1], world, replace=False) if done else ResumePlan(None, False)
+    damaged = [(p.name, damage(p)) for s, p in ckpt.found() if s > (done[-1][0] if done else -1)]
+    if damaged and not done:
+        name, why = damaged[-1]
+        raise UserError(f"output.dir '{out}' holds checkpoints but none is complete ({name}: {why}); starting over there "
+                        "would mix two runs: set output.overwrite=true to replace them, or restore the missing files")
+    return replace(_checked(cfg, done[-1][1], world, replace=False), skipped=tuple(damaged)) if done else ResumePlan(None, False)
 
 
 def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
@@ -218,9 +239,10 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
     """The plan to continue `path`, after checking the saved config.
     Another world size or ZeRO stage is allowed when the global batch stays the same (resharded through
     DeepSpeed's universal checkpoint: the same global sample order, the optimizer state kept)."""
-    manifest = validate(path)
+    manifest, why = _inspect(path)
     if manifest is None or not (path / "config.yaml").is_file():
-        raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there (expected <output.dir>/checkpoints/step-N)")
+        raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there ({why or 'config.yaml missing'}; "
+                        "expected <output.dir>/checkpoints/step-N)")
     saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
     for tree in (saved, now):  # where shards are cached and how they are built or checked does not change the data
         for k in DATA_MAY_CHANGE:

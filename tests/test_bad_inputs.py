@@ -194,6 +194,15 @@ def _checkpoint_copy(c: Ctx) -> Path:
     return dst
 
 
+def _damaged_run(c: Ctx) -> Path:
+    """A run directory whose every checkpoint lost part of a file (as after a copy that left some out)."""
+    out = c.tmp / "damaged"
+    shutil.copytree(c.run / "checkpoints", out / "checkpoints")
+    for f in (out / "checkpoints").glob("step-*/rank-0.pt"):
+        _truncate(f)
+    return out
+
+
 def _remote_not_written(c: Ctx) -> None:
     from dist_ft.data.shards import remote_copy_dir
 
@@ -322,7 +331,10 @@ CASES: dict[str, tuple] = {
     "checkpoint_resume_not_a_checkpoint": (lambda c: c.train(f"checkpoint.resume={c.model}", "checkpoint.trust_foreign=true"),
                                            r"checkpoint\.resume '.*gpt2\d*': no complete checkpoint there"),
     "checkpoint_resume_truncated_file": (lambda c: c.train(f"checkpoint.resume={_checkpoint_copy(c)}", "checkpoint.trust_foreign=true"),
-                                         r"checkpoint\.resume '.*ckpt/step-\d+': no complete checkpoint there"),
+                                         r"checkpoint\.resume '.*ckpt/step-\d+': no complete checkpoint there \(rank-0\.pt: \d+ bytes, expected \d+"),
+    "checkpoint_none_complete": (lambda c: c.train(f"output.dir={_damaged_run(c)}", "output.overwrite=false"),
+                                 r"output\.dir '.*damaged' holds checkpoints but none is complete \(step-\d+: rank-0\.pt: \d+ bytes, expected \d+ "
+                                 r"\(truncated or replaced\)\); starting over there would mix two runs: set output\.overwrite=true"),
     # ------------------------------------------------------------ launch environment (refused before the rendezvous)
     "launch_sbatch_without_srun": (lambda c: c.train("engine.collective_timeout_minutes=0.2",
                                                       env={"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "4242", "SLURM_LOCALID": "0"}),

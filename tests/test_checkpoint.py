@@ -151,6 +151,7 @@ def test_corrupt_latest_checkpoint_falls_back(cfg, reference, tmp_path):
     victim.write_bytes(victim.read_bytes()[:100])  # truncated: size no longer matches the manifest
     r = _run(_cmd(cfg, out, 1))
     assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-9'}" in r.stdout
+    assert f"; skipped damaged step-12 (ds/{victim.relative_to(out / 'checkpoints' / 'step-12' / 'ds')}: 100 bytes, expected" in r.stdout
 
 
 def test_keep_every_holds_milestones_and_rotation_keeps_the_newest(cfg, tmp_path):
