@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -264,7 +265,7 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
     if plan.path is not None:
         tracker.info(f"resumed from {plan.path}{' (resharded to this world size / ZeRO stage)' if plan.reshard else ''}: "
                      f"step {r.start}, data epoch {stream.epoch} sample {stream.index:,}, "
-                     f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s")
+                     f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s{plan.describe_skipped()}")
         if plan.applied:
             tracker.info(f"resume: applied settings changed since the checkpoint: {plan.describe_applied()} "
                          "(Adam moments and step count kept)")
@@ -277,7 +278,7 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
     tracker.info(f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = "
                  f"{t.micro_batch_size} micro x {t.grad_accum} accum x {env.world_size} ranks = "
                  f"{t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps | task {cfg.data.task}")
-    tracker.info(f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) | master {env.master_addr}:{env.master_port}"
+    tracker.info(f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) on {socket.gethostname()} | master {env.master_addr}:{env.master_port}"
                  f" | {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no'} process group")
 
 

@@ -51,5 +51,19 @@ if [ "$rc" -eq 75 ]; then
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0
     fi
+elif [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "$rc" -ne 3 ]; then
+    # A failure that is not the input's fault (a node died, a rank was killed, a collective timed out) is retried
+    # from the last complete checkpoint, at most DIST_FT_FAILURE_REQUEUES times per job (default 2; 0: never).
+    # Bad input (exit 2) and divergence (exit 3) would fail again and are not. The count lives in the job's
+    # comment, which survives requeues.
+    failures=$(squeue -h -j "$SLURM_JOB_ID" -o %k 2>/dev/null | sed -n 's/.*dist-ft-failures=\([0-9]*\).*/\1/p')
+    failures=${failures:-0}
+    if [ "$failures" -lt "${DIST_FT_FAILURE_REQUEUES:-2}" ]; then
+        echo "[dist-ft] job $SLURM_JOB_ID failed with exit $rc (failure $((failures + 1)) of at most ${DIST_FT_FAILURE_REQUEUES:-2} retried); requeueing it: it resumes from the last complete checkpoint once enough nodes are up"
+        scontrol update JobId="$SLURM_JOB_ID" Comment="dist-ft-failures=$((failures + 1))" || true
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+    fi
 fi
 exit "$rc"

@@ -13,6 +13,8 @@ os.environ["DIST_FT_CACHE"] = __import__("tempfile").mkdtemp(prefix="dist_ft_cac
 
 import tiny  # noqa: E402
 
+pytest_plugins = ["slurm_jobs"]  # the SLURM helpers and the shared one-node reference run
+
 REPO = Path(__file__).resolve().parents[1]
 
 
