@@ -110,6 +110,25 @@ def test_a_node_dies_the_job_fails_fast_requeues_and_ends_exact(across, job_cfg)
     print(f"node loss: part ended {detected_s:.1f} s after the kill; resumed from step {resumed}")
 
 
+def test_a_killed_rank_is_retried_by_the_job_script(across, job_cfg):
+    """Only rank 1's process dies (the OOM killer, a segfault): its node stays up, so the step ends at once; job.sh
+    sees a failure that is not the input's fault, counts it in the job's comment and requeues the job."""
+    out = job_cfg.parent / "two-nodes-rank-killed"
+    jid = _submit(job_cfg, out, "track.wandb=disabled")
+    wait_for_steps(jid, out, EVERY + 5)
+    pids = subprocess.run(["ip", "netns", "pids", "dftn2"], capture_output=True, text=True).stdout.split()
+    rank1 = [p for p in pids if "launch/train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert len(rank1) == 1, pids
+    subprocess.run(["kill", "-9", rank1[0]], check=True)
+    state = wait(jid, finished=out / "final" / "model.safetensors")
+    text = log(out, jid)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1" and state["Comment"] == "dist-ft-failures=1", (state, text[-3000:])
+    assert re.search(rf"job {jid} failed with exit \d+ \(failure 1 of at most 2 retried\); requeueing it", text), text[-3000:]
+    resumed = int(re.search(rf"resumed from {re.escape(str(out / 'checkpoints'))}/step-(\d+): step \d+", text).group(1))
+    assert resumed >= EVERY and resumed % EVERY == 0
+    assert tiny.losses(out) == tiny.losses(across) and _same_weights(out, across)
+
+
 def test_two_node_checkpoint_resumes_on_one_node(across, job_cfg):
     """Elastic: the two-node job's newest checkpoint before the end continues as a one-node, one-rank ZeRO-1 job with
     the same global batch (micro 4 x 1 rank = 2 x 2), through the universal checkpoint: equal up to reduction order
