@@ -47,6 +47,7 @@ class Manifest:
     files: dict  # relative path -> size in bytes
     dist_ft_version: str = ""
     job: str = ""  # the SLURM job that wrote it ("" outside SLURM): a requeued job knows its own checkpoints
+    base_sha256: str = ""  # parameter-efficient runs: the frozen base the adapter belongs to (not saved with it)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,13 @@ class ResumePlan:
 
     def describe_skipped(self) -> str:
         return "".join(f"; skipped damaged {name} ({why})" for name, why in self.skipped)
+
+
+def seed_all(seed: int) -> None:
+    """Python, NumPy and torch (CPU and every GPU) RNGs from one seed, at the start of a run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict:
@@ -105,9 +113,9 @@ def _inspect(path: Path) -> tuple[Manifest | None, str | None]:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0):
+    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0, base_sha256: str = ""):
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
-        self.keep_every = keep_every
+        self.keep_every, self.base_sha256 = keep_every, base_sha256
 
     def found(self) -> list[tuple[int, Path]]:
         """(step, path) of every checkpoint directory, complete or not, oldest first."""
@@ -134,7 +142,7 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(config_yaml)
             testhooks.pause_in_save(step)
             manifest = Manifest(step, self.world, engine.zero_stage, fsio.file_sizes(tmp), __version__,
-                                os.environ.get("SLURM_JOB_ID", ""))
+                                os.environ.get("SLURM_JOB_ID", ""), self.base_sha256)
             (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
             (tmp / "COMPLETE").write_text("ok\n")
             fsio.publish_dir(tmp, final)  # (a re-save of the same step, e.g. a signal right after a periodic save, replaces it)
@@ -161,6 +169,7 @@ class Checkpointer:
         manifest = validate(path)
         if manifest is None:
             raise UserError(f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from manifest.json)")
+        _same_base(path, manifest.base_sha256, self.base_sha256)  # every rank: each computed the base's fingerprint
         universal = self.universal(path, engine) if plan.reshard else None
         engine.load(universal or path)
         # data position is global (the same in every rank's file); RNG streams of new ranks start from the last old one
@@ -225,6 +234,14 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
     return replace(_checked(cfg, done[-1][1], world, replace=False), skipped=tuple(damaged)) if done else ResumePlan(None, False)
 
 
+def _same_base(path: Path, saved: str, now: str) -> None:
+    """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on."""
+    if saved != now:
+        raise UserError(f"{path}: the base model's weights (sha256 {now[:12] or 'none: no adapter'}) differ from those this "
+                        f"checkpoint was trained on ({saved[:12] or 'none: no adapter'}); resume on the same model.path and "
+                        "model.peft, or start over in a new output.dir")
+
+
 def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
     """The newest checkpoint this very SLURM job wrote before it was requeued (so `output.overwrite` does not
     throw away the progress of a preempted job), or None."""
@@ -265,6 +282,9 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
         if g_old != g_new:
             raise UserError(f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has {world} ranks "
                             f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}")
+        if cfg.model.peft is not None:  # DeepSpeed's universal conversion expects every parameter in the checkpoint
+            raise UserError(f"{path}: a parameter-efficient (model.peft) checkpoint resumes only on its own world size "
+                            f"({manifest.world_size}) and engine.zero_stage ({manifest.zero_stage}); relaunch with those")
         if not {manifest.zero_stage, cfg.engine.zero_stage} <= {1, 2}:
             # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads but
             # does not continue the run exactly (tested), so neither is offered

@@ -49,7 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory to write (default: the on-the-fly cache under data.cache_dir)")
 
     p = sub.add_parser("chat", help="chat with an exported model")
-    p.add_argument("--model", required=True, help="exported model directory (<output.dir>/final)")
+    p.add_argument("--model", required=True, help="exported model directory (<output.dir>/final), or the base model with --adapter")
+    p.add_argument("--adapter", help="a PEFT adapter directory to apply to --model (e.g. <output.dir>/final/adapter)")
     p.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     p.add_argument("--system", help="optional system message")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "chat":
             from . import chat, inference
 
-            tok, model = inference.load(args.model, args.trust_remote_code)
+            tok, model = inference.load(args.model, args.trust_remote_code, args.adapter)
             gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
             if args.prompt is not None:
                 history = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "demo":
             _demo(args)
         elif args.cmd == "config":
-            from .config import dump_config, load_config, reference_markdown
+            from .config import dump_config, load_config
+            from .config_reference import reference_markdown
 
             if args.reference:
                 print(reference_markdown(), end="")

@@ -10,7 +10,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +45,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PeftConfig(_Section):
+    method: Literal["lora", "prefix"] = Field("lora", description="`lora`: low-rank adapters on the projections; `prefix`: trained virtual key/value prefixes (prefix tuning).")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha / r) * B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input (0 for exact merged == adapter logits).")
+    target_modules: Union[Literal["auto"], list[str]] = Field("auto", description="`auto`: every linear / Conv1D projection in the blocks (not the output head); or module names, e.g. [q_proj, v_proj].")
+    num_virtual_tokens: int = Field(16, ge=1, description="Prefix tuning: virtual tokens per layer.")
+    train_new_tokens: bool = Field(True, description="Also train the embedding rows of tokens the tokenizer gained (ChatML markers on a base model); frozen random rows otherwise.")
+
+
 class ModelConfig(_Section):
     path: str = Field("gpt2", description="Hub id, local directory, or `pkg://<python package>` (a directory shipped inside an installed package).")
     gguf_file: Optional[str] = Field(None, description="GGUF file name inside `path` to load (dequantized to a regular model).")
@@ -53,6 +63,7 @@ class ModelConfig(_Section):
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(None, description="Attention kernel; None lets transformers pick (sdpa where supported).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory (slower).")
     chat_template: Literal["auto", "chatml"] = Field("auto", description="`auto`: keep the tokenizer's template, add ChatML if it has none; `chatml`: always use our ChatML template.")
+    peft: Optional[PeftConfig] = Field(None, description="Parameter-efficient fine-tuning (LoRA or prefix tuning, with `peft`); None: every weight trains.")
 
 
 class SourceConfig(_Section):
@@ -184,6 +195,14 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking: Weights & Biases and sample generations.")
 
+    @model_validator(mode="after")
+    def _prefix_unpacked(self) -> "Config":
+        if self.model.peft is not None and self.model.peft.method == "prefix" and self.data.packing:
+            # the virtual tokens enter as a KV cache, and transformers separates packed examples only without one
+            raise ValueError("model.peft.method prefix needs data.packing: false (packed examples would attend to each other "
+                             "through the prefix's cache); set data.packing=false")
+        return self
+
 
 # ---------------------------------------------------------------- loading
 
@@ -230,6 +249,8 @@ def _explain(err: ValidationError, source: str) -> str:
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.5)
             hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else f"; valid keys here: {', '.join(_fields_at(loc))}"
             lines.append(f"{source}: unknown config key '{key}'{hint}")
+        elif not loc:  # a rule across sections: its message names the keys
+            lines.append(f"{source}: {e['msg'].replace('Value error, ', '')}")
         elif e["type"] == "model_type":
             lines.append(f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), got {e.get('input')!r}")
         elif e["type"] == "missing":
@@ -277,23 +298,3 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (holds no secrets: the config has no secret fields by design)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def reference_markdown() -> str:
-    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test)."""
-    rows = ["| key | type | default | description |", "|---|---|---|---|"]
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, f in model.model_fields.items():
-            ann = f.annotation
-            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)), None)
-            key = f"{prefix}{name}"
-            if sub is not None:
-                walk(sub, key + ".")
-                continue
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
-            rows.append(f"| `{key}` | `{typ}` | `{default}` | {f.description} |")
-
-    walk(Config, "")
-    return "\n".join(rows) + "\n"

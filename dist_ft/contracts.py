@@ -84,6 +84,7 @@ class ModelStates:
     n_params: int
     measured: dict  # params / grads / optimizer -> bytes (grads None where not measurable)
     formula: dict
+    n_trainable: int | None = None  # where only some parameters train (adapters); None: all of them
 
     def record(self) -> dict:
         return {**{f"mem_{k}_bytes": v for k, v in self.measured.items()}, **{f"mem_formula_{k}_bytes": v for k, v in self.formula.items()}}

@@ -112,6 +112,21 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> di
     return env
 
 
+def full_frozen_params(model):
+    """(name, whole tensor) of each frozen parameter of a model loaded for an engine, one at a time (under ZeRO-3 each
+    is gathered from its partitions while it is looked at: every rank must iterate the same way)."""
+    import deepspeed
+
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p]):
+                yield name, p.data.detach().cpu().clone()
+        else:
+            yield name, p.data
+
+
 def _param_groups(model, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -166,6 +181,22 @@ class Engine:
     @property
     def n_params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters())  # full sizes under ZeRO-3
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters() if p.requires_grad)
+
+    def trainable_fp32(self) -> dict[str, torch.Tensor]:
+        """Every trainable parameter, whole and in fp32 (the optimizer's master copy where there is one), on CPU, on
+        every rank. All ranks must call it (ZeRO-3 gathers)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for n, p in self._ds.module.named_parameters():
+            if p.requires_grad:
+                master = safe_get_full_fp32_param(p)  # None at ZeRO-0, where the module's parameter is the master
+                out[n] = (p.data if master is None else master).detach().float().cpu().clone()
+        return out
 
     @property
     def zero_stage(self) -> int:

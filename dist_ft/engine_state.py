@@ -24,14 +24,19 @@ TAG = "ds"  # the engine state's folder inside a checkpoint
 _COMMON_STATE = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
+def has_frozen(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save(engine, directory: Path) -> None:
-    # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage
+    # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage; frozen
+    # weights (an adapter's base) are not saved: they come from the model's source on resume
     info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(directory), tag=TAG, client_state=info, save_latest=False)
+    engine.save_checkpoint(str(directory), tag=TAG, client_state=info, save_latest=False, exclude_frozen_parameters=has_frozen(engine))
 
 
 def load(engine, directory: Path) -> None:
-    load_path, _ = engine.load_checkpoint(str(directory), tag=TAG)
+    load_path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=not has_frozen(engine))
     if load_path is None:
         raise UserError(f"{directory}: DeepSpeed could not load the engine state")
 

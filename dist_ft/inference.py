@@ -17,17 +17,32 @@ from .data.sources import read_records
 from .errors import UserError
 
 
-def load(model_dir: str, trust_remote_code: bool = False):
-    """(tokenizer, model in eval mode) of an exported model directory."""
+def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = None):
+    """(tokenizer, model in eval mode) of an exported model directory, or of a base model directory with an adapter
+    (`adapter`: a PEFT adapter directory such as <output.dir>/final/adapter, whose tokenizer is used). An export of
+    prefix tuning (which cannot merge) gets its own final/adapter applied."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapters import ADAPTER_DIR, apply, needs_applying
+    from .model import grow_embeddings
+
     if not Path(model_dir).is_dir() or not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model '{model_dir}': not an exported model directory (expected config.json inside, e.g. runs/demo/final)")
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter '{adapter}': not an adapter directory (expected adapter_config.json inside, e.g. runs/demo/final/adapter)")
+    if adapter is None and needs_applying(Path(model_dir) / ADAPTER_DIR):
+        adapter = str(Path(model_dir) / ADAPTER_DIR)
+    tok_dir = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if not tok.chat_template:
         raise UserError(f"--model '{model_dir}': tokenizer has no chat template; export it with dist-ft train (which saves one)")
+    if adapter is not None:
+        grow_embeddings(model, len(tok))  # the rows the run's tokenizer added, as training made them
+        model.generation_config.eos_token_id = stop_token_ids(tok)
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model = apply(model, adapter)
     return tok, model.eval()
 
 

@@ -58,8 +58,9 @@ def preflight(cfg: ModelConfig, max_seq_len: int) -> None:
                         f"would run past its last position; set data.max_seq_len to {n} or less")
 
 
-def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM"):
-    """`auto_class`: the transformers Auto class the task's head needs."""
+def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM", adapters: bool = True):
+    """`auto_class`: the transformers Auto class the task's head needs. With `model.peft`, the model comes wrapped
+    in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge)."""
     import torch
     import transformers
     from safetensors import SafetensorError
@@ -77,10 +78,32 @@ def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelFo
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config
-    if model.get_input_embeddings().num_embeddings < len(tok):  # (weight.shape is empty under ZeRO-3)
-        model.resize_token_embeddings(len(tok))  # new rows start at the mean embedding
+    had = grow_embeddings(model, len(tok))
     model.config.pad_token_id = tok.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if cfg.peft is not None and adapters:
+        from . import adapters as peft_adapters
+
+        model = peft_adapters.wrap(model, cfg.peft, new_tokens(had, len(tok)), auto_class)
     return model
+
+
+def grow_embeddings(model, n: int) -> int:
+    """Give `model` rows for `n` tokens where it has fewer (the tokenizer gained ChatML markers); returns how many it
+    had. New rows are drawn around the mean embedding, the same draw on every load (a resume, the export's fresh
+    base, an adapter applied at inference) whatever the run did with the RNG before."""
+    import torch
+
+    had = model.get_input_embeddings().num_embeddings  # (weight.shape is empty under ZeRO-3)
+    if had < n:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(n)
+    return had
+
+
+def new_tokens(had: int, now: int) -> list[int]:
+    """Token ids whose embedding rows the resize created (an adapter trains them: they start random)."""
+    return list(range(had, now)) if now > had else []

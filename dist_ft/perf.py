@@ -12,13 +12,15 @@ PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "GH200": 989e12, "H200": 
               "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
 
 
-def expected_model_state_bytes(n_params: int, stage: int, world: int, precision: str) -> dict:
+def expected_model_state_bytes(n_params: int, stage: int, world: int, precision: str, n_trainable: int | None = None) -> dict:
     """Per-rank bytes by the ZeRO paper: mixed precision 2Ψ params + 2Ψ grads + 12Ψ optimizer (fp32 master,
-    m, v); in fp32, 4Ψ + 4Ψ + 8Ψ (m, v; DeepSpeed adds a 4Ψ/N fp32 master partition at stages 1-2)."""
+    m, v); in fp32, 4Ψ + 4Ψ + 8Ψ (m, v; DeepSpeed adds a 4Ψ/N fp32 master partition at stages 1-2). Gradients
+    and optimizer states exist only for the `n_trainable` parameters (an adapter's), all weights are held."""
     kp, kg, ko = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    t = n_params if n_trainable is None else n_trainable
     return {"params": kp * n_params / (world if stage >= 3 else 1),
-            "grads": kg * n_params / (world if stage >= 2 else 1),
-            "optimizer": ko * n_params / (world if stage >= 1 else 1)}
+            "grads": kg * t / (world if stage >= 2 else 1),
+            "optimizer": ko * t / (world if stage >= 1 else 1)}
 
 
 def device_memory_mb() -> dict:

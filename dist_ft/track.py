@@ -63,8 +63,10 @@ class Tracker:
         if m.model_states is not None:
             from .perf import format_table
 
-            self.info(f"{m.model_states.n_params / 1e6:.2f}M params | model states per rank: "
-                      f"{format_table(m.model_states.formula, m.model_states.measured)}")
+            s = m.model_states
+            trains = f" ({s.n_trainable:,} trainable, {100 * s.n_trainable / s.n_params:.2f}%)" if s.n_trainable is not None else ""
+            self.info(f"{s.n_params / 1e6:.2f}M params{trains} | model states per rank: "
+                      f"{format_table(s.formula, s.measured)}")
         self.log(step, m.record())
 
     def log(self, step: int, metrics: dict) -> None:

@@ -7,26 +7,25 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from . import dist, inference, perf, rundir, tasks, testhooks
-from .checkpoint import Checkpointer, ResumePlan, resume_plan
+from .checkpoint import Checkpointer, ResumePlan, resume_plan, seed_all
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
-from .engine import Engine, init_distributed, resolve_precision, zero3_init
+from .adapters import fingerprint
+from .engine import Engine, full_frozen_params, init_distributed, resolve_precision, zero3_init
 from .errors import PREEMPTED_MARK, Preempted, UserError
-from .export import save_hf
+from .export import write_final
 from .model import load_model
 from .stops import DivergenceGuard, Signals
 from .tokenizer import load_tokenizer
@@ -136,7 +135,7 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
         mfu=r.flops_per_token * n_tokens / dt / (r.peak_flops * r.env.world_size) if r.peak_flops else None,
         epoch=batch.epoch_progress, elapsed_s=perf.process_age_s(), skipped_steps=engine.skipped_steps,
         memory=perf.device_memory_mb(), task={k: v / max(n_loss, 1) for k, v in zip(keys, totals)},
-        model_states=ModelStates(engine.n_params, states, r.formula) if states else None)
+        model_states=ModelStates(engine.n_params, states, r.formula, engine.n_trainable if r.cfg.model.peft else None) if states else None)
     return metrics, Agreed(stop=bool(n_signalled), save_due=bool(n_due))
 
 
@@ -173,11 +172,10 @@ def save(r: Run, step: int, data_state: dict) -> None:
 def export(r: Run) -> None:
     """Every rank joins the gather of the full weights; rank 0 writes `final/` and answers the sample prompts."""
     r.loader.close()
-    state = r.engine.full_state_dict()
-    if not r.env.is_main:
+    note = write_final(r.engine, r.cfg, r.tok, r.task.auto_class, r.out / "final", r.env.is_main, r.ckpt.base_sha256)
+    if note is None:
         return
-    save_hf(r.engine.module, r.tok, state, r.out / "final")
-    r.tracker.info(f"exported Hugging Face model to {r.out / 'final'}")
+    r.tracker.info(f"exported Hugging Face model to {r.out / 'final'}{note}")
     track = r.cfg.track
     if track.sample_prompts:
         tok, model = inference.load(str(r.out / "final"))
@@ -216,7 +214,7 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
     precision = resolve_precision(cfg.engine.precision)
     t, task = cfg.train, tasks.get(cfg.data.task)
-    _seed_all(t.seed)
+    seed_all(t.seed)
     tok = load_tokenizer(cfg.model)
     prep = dataset.build(cfg.data, tok, task, env.local_rank, lambda failed: dist.patient_sum("token shards", failed),
                          log=print if env.local_rank == 0 else lambda *_: None)
@@ -230,6 +228,7 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
     plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = Engine.build(cfg, model, total_steps, precision, load_universal=plan.reshard)
+    ckpt.base_sha256 = fingerprint(full_frozen_params(engine.module)) if cfg.model.peft else ""  # checkpoints hold only the adapter
     state, t_load = TrainState(0, stream.state_dict()), time.perf_counter()
     if plan.path is not None:
         state = ckpt.load(plan, engine)
@@ -246,18 +245,12 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     loader = testhooks.wrap_loader(StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"), state.step)
     r = Run(cfg, env, task, tok, prep, engine, ckpt, tracker, loader, out, state.step, total_steps,
             perf.flops_per_token(engine.module.config, engine.n_params, prep.seq_len), perf.peak_flops(),
-            perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision),
+            perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable),
             signals, DivergenceGuard(t.nonfinite_patience, precision))
     _report_start(r, precision, plan, stream, t_load)
     dist.wait_for_all("setup")  # rank 0 may still be starting W&B; the loop's first collective must not time out on it
     signals.in_setup = False  # from here a signal sets a flag; the ranks agree on it at the next step boundary
     return r
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: float) -> None:

@@ -1,6 +1,7 @@
 import pytest
 
-from dist_ft.config import load_config, reference_markdown
+from dist_ft.config import load_config
+from dist_ft.config_reference import reference_markdown
 from dist_ft.errors import UserError
 from conftest import REPO
 

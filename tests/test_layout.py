@@ -81,6 +81,7 @@ def test_imports_follow_the_pipeline():
         "dist_ft.data": {"dist_ft.tasks", "dist_ft.model", "dist_ft.tokenizer", "dist_ft.inference", *training},
         "dist_ft.tasks": {"dist_ft.model", "dist_ft.inference", *training},
         "dist_ft.inference": training,
+        "dist_ft.adapters": {"dist_ft.data", "dist_ft.tasks", "dist_ft.inference", "dist_ft.model", *training},
         "dist_ft.chat": training,
         "dist_ft.loss": {"dist_ft.data", "dist_ft.engine", "dist_ft.train"},
     }

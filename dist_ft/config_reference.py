@@ -1,0 +1,28 @@
+"""`dist-ft config --reference`: every config key as a Markdown table (the README's config reference; a test keeps
+the two in sync)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .config import Config
+
+
+def reference_markdown() -> str:
+    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test)."""
+    rows = ["| key | type | default | description |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            key = f"{prefix}{name}"
+            if sub is not None:
+                walk(sub, key + ".")
+                continue
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            rows.append(f"| `{key}` | `{typ}` | `{default}` | {f.description} |")
+
+    walk(Config, "")
+    return "\n".join(rows) + "\n"
