@@ -42,8 +42,9 @@ def wrap(model, cfg: PeftConfig, new_tokens: list[int], auto_class: str = "AutoM
 
     conf = peft_config(cfg, model, new_tokens, auto_class)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")  # peft's notes on deprecated transformers attributes
+            torch.manual_seed(0)  # the same initial adapter on every rank, ZeRO stage and load, whatever ran before
             return get_peft_model(model, conf)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")})
@@ -51,8 +52,9 @@ def wrap(model, cfg: PeftConfig, new_tokens: list[int], auto_class: str = "AutoM
                         f"are named {', '.join(names)}") from None
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config")
+def is_prefix_tuned(model) -> bool:
+    conf = getattr(model, "peft_config", {}).get("default")
+    return conf is not None and conf.peft_type.value == "PREFIX_TUNING"
 
 
 def trainable_state(named_params) -> dict[str, torch.Tensor]:

@@ -112,6 +112,19 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> di
     return env
 
 
+@contextmanager
+def gathered(*params):
+    """Inside the block, ZeRO-3-partitioned `params` are whole on every rank (for reading); others are untouched."""
+    import deepspeed
+
+    parts = [p for p in params if hasattr(p, "ds_id")]
+    if not parts:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(parts):
+        yield
+
+
 def full_frozen_params(model):
     """(name, whole tensor) of each frozen parameter of a model loaded for an engine, one at a time (under ZeRO-3 each
     is gathered from its partitions while it is looked at: every rank must iterate the same way)."""
@@ -152,6 +165,9 @@ class Engine:
         t = cfg.train
         sched = partial(lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
         config = ds_config(cfg, precision)
+        leaves = {type(m) for m in model.modules() if type(m).__name__ == "TrainableTokensLayer"}
+        if leaves and cfg.engine.zero_stage == 3:  # peft reads its base embedding's weight directly: fetch it with the layer
+            deepspeed.utils.set_z3_leaf_modules(model, list(leaves))
         if load_universal:
             config["checkpoint"] = {"load_universal": True}
         ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, t.weight_decay), config=config,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .adapters import is_prefix_tuned
 from .config import DataConfig
 from .data.chat import stop_token_ids
 from .data.formats import to_conversation
@@ -55,13 +56,16 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     stops = stop_token_ids(tok)
+    # a prefix-tuned model enters its virtual tokens as a KV cache, which generate()'s own cache drops (peft 0.21 with
+    # transformers 5: the answer would be the base model's); without the cache every token sees the prefix
+    uncached = {"use_cache": False} if is_prefix_tuned(model) else {}
     replies = []
     for history in conversations:
         enc = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=stops, **sampling)
+                                 eos_token_id=stops, **sampling, **uncached)
         replies.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
     return replies
 

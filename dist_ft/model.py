@@ -6,6 +6,7 @@ resized when the tokenizer gained tokens (ChatML), and the pad id is set. Nothin
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 from . import hub
@@ -58,9 +59,23 @@ def preflight(cfg: ModelConfig, max_seq_len: int) -> None:
                         f"would run past its last position; set data.max_seq_len to {n} or less")
 
 
-def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM", adapters: bool = True):
+def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM", adapters: bool = True,
+               init=contextlib.nullcontext, gather=lambda *params: contextlib.nullcontext()):
     """`auto_class`: the transformers Auto class the task's head needs. With `model.peft`, the model comes wrapped
-    in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge)."""
+    in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge). `init()`: the context the base
+    is built in (ZeRO-3: partitioned as it loads); the adapters are added after it, with `gather(params)` making the
+    embedding whole while peft copies the new tokens' rows."""
+    with init():
+        model, had = _load_base(cfg, tok, dtype, auto_class)
+    if cfg.peft is not None and adapters:
+        from . import adapters as peft_adapters
+
+        with gather(model.get_input_embeddings().weight):
+            model = peft_adapters.wrap(model, cfg.peft, new_tokens(had, len(tok)), auto_class)
+    return model
+
+
+def _load_base(cfg: ModelConfig, tok, dtype, auto_class: str):
     import torch
     import transformers
     from safetensors import SafetensorError
@@ -83,11 +98,7 @@ def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelFo
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if cfg.peft is not None and adapters:
-        from . import adapters as peft_adapters
-
-        model = peft_adapters.wrap(model, cfg.peft, new_tokens(had, len(tok)), auto_class)
-    return model
+    return model, had
 
 
 def grow_embeddings(model, n: int) -> int:

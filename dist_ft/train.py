@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
 from .adapters import fingerprint
-from .engine import Engine, full_frozen_params, init_distributed, resolve_precision, zero3_init
+from .engine import Engine, full_frozen_params, gathered, init_distributed, resolve_precision, zero3_init
 from .errors import PREEMPTED_MARK, Preempted, UserError
 from .export import write_final
 from .model import load_model
@@ -223,8 +224,8 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
     out = Path(cfg.output.dir)
     testhooks.pause_in_setup()
-    with zero3_init(cfg, precision):  # ZeRO-3: each rank only ever holds its shard of the weights
-        model = load_model(cfg.model, tok, torch.float32, task.auto_class)  # DeepSpeed casts to bf16/fp16 itself
+    # ZeRO-3: each rank only ever holds its shard of the weights; DeepSpeed casts to bf16/fp16 itself
+    model = load_model(cfg.model, tok, torch.float32, task.auto_class, init=partial(zero3_init, cfg, precision), gather=gathered)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
     plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = Engine.build(cfg, model, total_steps, precision, load_universal=plan.reshard)

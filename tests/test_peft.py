@@ -5,7 +5,6 @@ and prefix tuning trains and answers through dist-ft chat."""
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -78,3 +77,127 @@ def test_adapter_equals_merged_equals_hand_merged(gpt2_dir):
     with torch.no_grad():
         base = _load(gpt2_dir, wrap=False)[1](input_ids=ids).logits
     assert (want - base).abs().max() > 1e-2  # the adapter does change the model
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory) -> Path:
+    """A private copy of the tiny GPT-2 (a test changes it on disk) and a LoRA run config on the toy set."""
+    tmp = tmp_path_factory.mktemp("peft")
+    base = tiny.make_gpt2(tmp / "base")
+    return tiny.run_config(tmp, base, 96, f"max_steps: {STEPS}, micro_batch_size: 2, lr: 1.0e-2, warmup_steps: 2", "precision: fp32",
+                           "checkpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n")
+
+
+def _adapter(out: Path) -> dict:
+    return load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def lora_run(run_cfg) -> Path:
+    out = run_cfg.parent / "lora"
+    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| model states per rank:" in r.stdout
+    return out
+
+
+def test_lora_run_checkpoints_only_the_adapter_and_exports_merged_and_adapter(lora_run, run_cfg):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dist_ft.inference import load
+
+    base_dir = run_cfg.parent / "base"
+    log = (lora_run / "metrics.jsonl").read_text()
+    assert '"mem_formula_optimizer_bytes"' in log
+    # the checkpoint holds the adapter and its optimizer state, not the frozen base: far less than the base alone
+    ckpt = lora_run / "checkpoints" / f"step-{STEPS}"
+    ds_bytes = sum(f.stat().st_size for f in (ckpt / "ds").rglob("*") if f.is_file())
+    assert ds_bytes < (base_dir / "model.safetensors").stat().st_size / 2, ds_bytes
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert len(manifest["base_sha256"]) == 64
+    # trained: lora_B moved off zero; the adapter reloads on a fresh base and equals the merged export
+    adapter = _adapter(lora_run)
+    assert adapter and all(t.numel() > 0 for t in adapter.values())
+    assert any("lora_B" in k and t.abs().max() > 0 for k, t in adapter.items())
+    tok, merged = load(str(lora_run / "final"))
+    _, applied = load(str(base_dir), adapter=str(lora_run / "final" / "adapter"))
+    plain = AutoModelForCausalLM.from_pretrained(lora_run / "final").eval()
+    ids = _ids(tok)
+    with torch.no_grad():
+        a, b, c = merged(input_ids=ids).logits, applied(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-5 and torch.equal(a, c)
+    assert isinstance(applied, PeftModel)
+    r = run_cli("chat", "--model", str(base_dir), "--adapter", str(lora_run / "final" / "adapter"), "--prompt", "what color is the sky?",
+                "--temperature", "0", "--max-new-tokens", "6")
+    r2 = run_cli("chat", "--model", str(lora_run / "final"), "--prompt", "what color is the sky?", "--temperature", "0", "--max-new-tokens", "6")
+    assert r.returncode == 0 and r2.returncode == 0 and r.stdout.strip().splitlines()[-1] == r2.stdout.strip().splitlines()[-1]
+
+
+def test_lora_resume_after_sigkill_is_bit_exact_and_refused_on_another_base(lora_run, run_cfg):
+    out = run_cfg.parent / "lora-killed"
+    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
+    assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
+    # the base changes on disk under the run: the adapter checkpoint must not continue on it
+    weights = run_cfg.parent / "base" / "model.safetensors"
+    original = weights.read_bytes()
+    w = load_file(weights)
+    w["transformer.h.0.mlp.c_fc.weight"] = w["transformer.h.0.mlp.c_fc.weight"] + 1e-3
+    save_file(w, weights, metadata={"format": "pt"})
+    try:
+        r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
+        assert r.returncode == 2 and "the base model's weights (sha256" in r.stderr and "differ from those this checkpoint was trained on" in r.stderr
+    finally:
+        weights.write_bytes(original)
+    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert tiny.losses(out) == tiny.losses(lora_run)
+    a, b = _adapter(lora_run), _adapter(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_zero3_two_ranks_equals_zero0_one_rank(run_cfg):
+    """Without dropout (its masks differ per rank layout), the same global batch: the adapter ZeRO-3 saves from two
+    ranks' partitions is whole and equals the one-rank ZeRO-0 adapter up to reduction order."""
+    one, two = run_cfg.parent / "lora-zero0-1", run_cfg.parent / "lora-zero3-2"
+    r = _run(_cmd(run_cfg, one, 1, "engine.zero_stage=0", "model.peft.dropout=0", *LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(_cmd(run_cfg, two, 2, "engine.zero_stage=3", "train.micro_batch_size=1", "model.peft.dropout=0", *LORA))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys() and all(b[k].shape == a[k].shape and b[k].numel() > 0 for k in a)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 2e-5, worst
+    print(f"LoRA ZeRO-3 x2 vs ZeRO-0 x1: max |adapter diff| {worst:.2e}")
+
+
+def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
+    """Prefix tuning cannot merge: final/ holds the base and final/adapter the virtual tokens, which dist-ft chat
+    applies by itself; its answer is the greedy decode through the prefix, and the prefix does change the logits."""
+    from dist_ft.inference import load
+
+    out = tmp_path / "prefix"
+    r = _run(_cmd(run_cfg, out, 1, "model.peft.method=prefix", "model.peft.num_virtual_tokens=4", "data.packing=false",
+                  "train.max_steps=24", "train.lr=0.1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = tiny.losses(out)
+    assert losses[-1] < losses[0] - 0.1, losses  # (a random tiny base: virtual tokens alone move it slowly)
+    conf = json.loads((out / "final" / "adapter" / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "PREFIX_TUNING" and conf["num_virtual_tokens"] == 4
+    tok, model = load(str(out / "final"))
+    assert type(model).__name__.startswith("PeftModel")
+    ids = _ids(tok)
+    with torch.no_grad():
+        cur = ids
+        for _ in range(6):  # greedy, one full forward (prefix included) per token, stopping at the end of the turn
+            nxt = model(input_ids=cur, attention_mask=torch.ones_like(cur)).logits[0, -1].argmax().view(1, 1)
+            if nxt.item() in tok.convert_tokens_to_ids(["<|im_end|>"]):
+                break
+            cur = torch.cat([cur, nxt], 1)
+        with_prefix = model(input_ids=ids).logits
+        with model.disable_adapter():
+            without = model(input_ids=ids).logits
+    assert (with_prefix - without).abs().max() > 1e-3
+    want = tok.decode(cur[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    r = run_cli("chat", "--model", str(out / "final"), "--prompt", "what color is the sky?", "--temperature", "0", "--max-new-tokens", "6")
+    assert r.returncode == 0 and r.stdout.rstrip("\n").split("\n")[-1] == want, (r.stdout, want, r.stderr[-2000:])
