@@ -3,6 +3,7 @@
     pip install -e .[bench]          # adds trl
     python bench/run.py --quick      # GPT-2-shaped model, a few minutes
     python bench/run.py              # + SmolLM2-135M, sequence-length and model-size scaling, checkpoint timings
+    python bench/run.py --lora       # SmolLM2-135M: LoRA vs full fine-tuning, and LoRA against TRL SFTTrainer + peft
 
 Writes bench/results/<name>.json, bench/results/<name>.md (tables) and bench/results/<name>.png.
 Each run is a fresh process (bench/worker.py); see its docstring for what is measured and how.
@@ -148,12 +149,47 @@ def checkpoint_times(models: list[str], data: Path) -> list[dict]:
     return rows
 
 
+LORA = {"r": 8, "alpha": 16.0, "dropout": 0.05}
+
+
+def lora_bench(data: Path, steps: int) -> None:
+    """dist_ft full fine-tuning vs dist_ft LoRA vs TRL SFTTrainer with the same LoRA (peft_config), SmolLM2-135M."""
+    model = prep.model_dir("smollm2-135m")
+    shape = work_shape(model, data, 512, 2048)
+    base = {"model_name": "smollm2-135m", "model": str(model), "data": str(data), "seq_len": 512, "tokens_per_step": 2048,
+            "steps": steps, "lr": 1e-4, "threads": 2, **shape}
+    runs = [({"framework": "dist_ft", "variant": "packed"}, "full"), ({"framework": "dist_ft", "variant": "packed", "lora": LORA}, "lora"),
+            ({"framework": "trl", "variant": "packed", "lora": LORA}, "lora"), ({"framework": "trl", "variant": "padded", "lora": LORA}, "lora")]
+    results = [{**run_one({**base, **spec}), "method": method} for spec, method in runs]
+    lines = ["| run | method | trainable params | optimizer state | step time | loss-bearing tok/s | peak RSS | time to 1st step | final loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | failed | | | | | | |")
+            continue
+        opt = f"{r['optimizer_bytes'] / 2**20:,.1f} MB" if r.get("optimizer_bytes") else "?"
+        lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | {r.get('trainable_params') or 0:,} | {opt} | "
+                     f"{r['train_s'] / max(1, r['steps'] - 1):.2f} s | {r['loss_tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} MB | "
+                     f"{r['time_to_first_step_s']:.1f} s | {r['final_loss']:.3f} |")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    who = machine()
+    md = f"Machine: {who}\n\nSmolLM2-135M, seq 512, 2048 tokens/step, {steps} steps, fp32, LoRA r {LORA['r']} alpha {LORA['alpha']:g} " \
+         f"dropout {LORA['dropout']} on every projection\n\n" + "\n".join(lines) + "\n"
+    (out / "lora.json").write_text(json.dumps({"machine": who, "results": results}, indent=1))
+    (out / "lora.md").write_text(md)
+    print("\n" + md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="GPT-2-shaped model only, seq 512: a few minutes")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8 quick, 10 full)")
+    ap.add_argument("--lora", action="store_true", help="only the LoRA comparison on SmolLM2-135M")
     args = ap.parse_args()
     data = prep.chat_data()
+    if args.lora:
+        return lora_bench(data, args.steps or 5)
     steps = args.steps or (8 if args.quick else 10)
     results = compare("gpt2-4x256", 512, 4096, steps, data)
     extra = {}

@@ -52,7 +52,8 @@ def run_dist_ft(spec: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     packing = spec["variant"] == "packed"
     cfg = {
-        "model": {"path": spec["model"], **({"attn_implementation": spec["attn"]} if spec.get("attn") else {})},
+        "model": {"path": spec["model"], **({"attn_implementation": spec["attn"]} if spec.get("attn") else {}),
+                  **({"peft": {"method": "lora", **spec["lora"]}} if spec.get("lora") else {})},
         "data": {"train": spec["data"], "max_seq_len": spec["seq_len"], "packing": packing, "num_proc": spec.get("num_proc", 0)},
         "train": {"max_steps": spec["steps"], "micro_batch_size": spec["rows"] if packing else spec["examples"],
                   "lr": spec["lr"], "schedule": "constant", "warmup_steps": 0},
@@ -78,7 +79,20 @@ def run_dist_ft(spec: dict) -> dict:
     return _result([START + s.elapsed_s for s in steps], [s.loss_tokens for s in steps], [s.tokens for s in steps],
                    [round(s.tokens / (1 - s.padding)) for s in steps], [s.loss for s in steps],
                    {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None,
-                    "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].mfu})
+                    "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].mfu,
+                    "optimizer_bytes": next((r["mem_optimizer_bytes"] for r in recs if "mem_optimizer_bytes" in r), None),
+                    "trainable_params": _trainable(spec, steps)})
+
+
+def _trainable(spec: dict, steps) -> int | None:
+    states = next((s.model_states for s in steps if s.model_states is not None), None)
+    return None if states is None else (states.n_trainable or states.n_params)
+
+
+def _optimizer_bytes(trainer) -> int:
+    import torch
+
+    return sum(v.numel() * v.element_size() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
 
 
 class _Counting:
@@ -160,11 +174,20 @@ def run_trl(spec: dict) -> dict:
                      per_device_train_batch_size=spec["rows"] if packed else spec["examples"],
                      bf16=False, fp16=False, gradient_checkpointing=False,  # TRL defaults; off for parity (fp32, no recompute)
                      **common)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[clock])
+    peft = None
+    if spec.get("lora"):  # the same adapter as dist_ft's model.peft: every projection, rank r, alpha, dropout
+        from peft import LoraConfig
+
+        lo = spec["lora"]
+        peft = LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[clock],
+                         peft_config=peft)
     trainer.data_collator = collator = _Counting(trainer.data_collator, tok.pad_token_id)
     trainer.train()
     b = collator.batches[: len(clock.ends)]
-    return _result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses, {})
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return _result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
+                   {"optimizer_bytes": _optimizer_bytes(trainer), "trainable_params": trainable})
 
 
 if __name__ == "__main__":

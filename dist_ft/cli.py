@@ -89,7 +89,7 @@ def _demo(args) -> None:
     if heldout is None:
         raise UserError(f"{args.config}: the demo needs data.validation (the held-out set)")
     tok = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, tok, torch.float32)
+    base = load_model(cfg.model, tok, torch.float32, adapters=False)  # the model as it comes, before any training
     before = inference.score(tok, base, heldout, cfg.data.task)
     del base
     print(f"[demo] before fine-tuning: {_fmt_score(before)}", flush=True)
