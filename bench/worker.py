@@ -81,12 +81,7 @@ def run_dist_ft(spec: dict) -> dict:
                    {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None,
                     "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].mfu,
                     "optimizer_bytes": next((r["mem_optimizer_bytes"] for r in recs if "mem_optimizer_bytes" in r), None),
-                    "trainable_params": _trainable(spec, steps)})
-
-
-def _trainable(spec: dict, steps) -> int | None:
-    states = next((s.model_states for s in steps if s.model_states is not None), None)
-    return None if states is None else (states.n_trainable or states.n_params)
+                    "trainable_params": next((r["params_trainable"] for r in recs if "params_trainable" in r), None)})
 
 
 def _optimizer_bytes(trainer) -> int:

@@ -6,7 +6,6 @@ copy of the base (never inside a ZeRO-3 engine, where weights are partitioned).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from pathlib import Path
 
@@ -68,7 +67,8 @@ def fingerprint(named_frozen) -> str:
     for name, t in sorted(named_frozen, key=lambda kv: kv[0]):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
@@ -108,19 +108,24 @@ def export(base_loader, conf, adapter: dict[str, torch.Tensor]):
     with torch.no_grad():
         for k, v in adapter.items():
             own[k].copy_(v)
-    shapes = {k: tuple(v.shape) for k, v in _peft_state(model).items()}
+    # the adapter as PeftModel.save_pretrained writes it, taken before the merge (which removes it) so the base is
+    # never copied; the new tokens' rows travel as trainable-token deltas, not as a copy of the embedding matrix
+    state = {k: v.detach().clone().contiguous() for k, v in _peft_state(model).items()}
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
 
     def save_adapter(directory: Path, tok) -> None:
-        # the new tokens' rows travel as trainable-token deltas, the rest of the base comes from its source: no
-        # copy of the (resized) embedding matrix
-        model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True, save_embedding_layers=False)
-        tok.save_pretrained(directory / ADAPTER_DIR)  # `dist-ft chat --model BASE --adapter DIR` needs the run's tokens
-        check_adapter(directory / ADAPTER_DIR, shapes)
+        from safetensors.torch import save_file
+
+        where = directory / ADAPTER_DIR
+        where.mkdir(parents=True, exist_ok=True)
+        conf.save_pretrained(where)
+        save_file(state, where / "adapter_model.safetensors", metadata={"format": "pt"})
+        tok.save_pretrained(where)  # `dist-ft chat --model BASE --adapter DIR` needs the run's tokens
+        check_adapter(where, shapes)
 
     if conf.peft_type.value == "PREFIX_TUNING":
         return model.get_base_model(), save_adapter
-    merged = copy.deepcopy(model).merge_and_unload()  # the PeftModel stays whole for save_adapter
-    return merged, save_adapter
+    return model.merge_and_unload(), save_adapter
 
 
 def needs_applying(adapter_dir: Path) -> bool:

@@ -87,7 +87,8 @@ class ModelStates:
     n_trainable: int | None = None  # where only some parameters train (adapters); None: all of them
 
     def record(self) -> dict:
-        return {**{f"mem_{k}_bytes": v for k, v in self.measured.items()}, **{f"mem_formula_{k}_bytes": v for k, v in self.formula.items()}}
+        return {"params_total": self.n_params, "params_trainable": self.n_params if self.n_trainable is None else self.n_trainable,
+                **{f"mem_{k}_bytes": v for k, v in self.measured.items()}, **{f"mem_formula_{k}_bytes": v for k, v in self.formula.items()}}
 
 
 @dataclass
