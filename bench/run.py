@@ -161,15 +161,16 @@ def lora_bench(data: Path, steps: int) -> None:
     runs = [({"framework": "dist_ft", "variant": "packed"}, "full"), ({"framework": "dist_ft", "variant": "packed", "lora": LORA}, "lora"),
             ({"framework": "trl", "variant": "packed", "lora": LORA}, "lora"), ({"framework": "trl", "variant": "padded", "lora": LORA}, "lora")]
     results = [{**run_one({**base, **spec}), "method": method} for spec, method in runs]
-    lines = ["| run | method | trainable params | optimizer state | step time | loss-bearing tok/s | peak RSS | time to 1st step | final loss |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | trainable params | optimizer state | step time | loss-bearing tok/s | RSS while training | "
+             "peak RSS (load, export) | time to 1st step | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | failed | | | | | | |")
+            lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | failed | | | | | | | |")
             continue
         opt = f"{r['optimizer_bytes'] / 2**20:,.1f} MB" if r.get("optimizer_bytes") else "?"
         lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | {r.get('trainable_params') or 0:,} | {opt} | "
-                     f"{r['train_s'] / max(1, r['steps'] - 1):.2f} s | {r['loss_tokens_per_s']:,.0f} | {r['peak_rss_mb']:,.0f} MB | "
+                     f"{r['train_s'] / max(1, r['steps'] - 1):.2f} s | {r['loss_tokens_per_s']:,.0f} | {r.get('train_rss_mb') or 0:,.0f} MB | "
+                     f"{r['peak_rss_mb']:,.0f} MB | "
                      f"{r['time_to_first_step_s']:.1f} s | {r['final_loss']:.3f} |")
     out = HERE / "results"
     out.mkdir(exist_ok=True)

@@ -81,7 +81,8 @@ def run_dist_ft(spec: dict) -> dict:
                    {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None,
                     "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].mfu,
                     "optimizer_bytes": next((r["mem_optimizer_bytes"] for r in recs if "mem_optimizer_bytes" in r), None),
-                    "trainable_params": next((r["params_trainable"] for r in recs if "params_trainable" in r), None)})
+                    "trainable_params": next((r["params_trainable"] for r in recs if "params_trainable" in r), None),
+                    "train_rss_mb": max((s.memory.get("rss_mb") or 0 for s in steps), default=None)})
 
 
 def _optimizer_bytes(trainer) -> int:
@@ -122,6 +123,7 @@ def _hf_common(spec: dict):
             self.ends, self.losses, self.peak_gpu_mb = [], [], None
 
         def on_step_end(self, args, state, control, **kw):
+            self.rss_mb = max(getattr(self, "rss_mb", 0), psutil.Process().memory_info().rss / 2**20)
             if cuda:
                 torch.cuda.synchronize()  # the step's kernels are done: the same point dist_ft's step end is taken at
                 self.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
@@ -182,7 +184,7 @@ def run_trl(spec: dict) -> dict:
     b = collator.batches[: len(clock.ends)]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return _result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
-                   {"optimizer_bytes": _optimizer_bytes(trainer), "trainable_params": trainable})
+                   {"optimizer_bytes": _optimizer_bytes(trainer), "trainable_params": trainable, "train_rss_mb": clock.rss_mb})
 
 
 if __name__ == "__main__":
