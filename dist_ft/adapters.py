@@ -56,15 +56,11 @@ def is_prefix_tuned(model) -> bool:
     return conf is not None and conf.peft_type.value == "PREFIX_TUNING"
 
 
-def trainable_state(named_params) -> dict[str, torch.Tensor]:
-    """The adapter's tensors by name (name, fp32 CPU tensor pairs in, as the engine gives them)."""
-    return {name: t.detach().float().cpu().clone() for name, t in named_params}
-
-
 def fingerprint(named_frozen) -> str:
-    """sha256 over the frozen (base) parameters, in name order: name, shape, dtype and bytes."""
+    """sha256 over the frozen (base) parameters: name, shape, dtype and bytes of each, in the order given (name order
+    from `engine.full_frozen_params`). Each tensor is hashed as it comes: under ZeRO-3 it is whole only then."""
     h = hashlib.sha256()
-    for name, t in sorted(named_frozen, key=lambda kv: kv[0]):
+    for name, t in named_frozen:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
         if t.numel():

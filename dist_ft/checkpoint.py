@@ -113,19 +113,19 @@ def _inspect(path: Path) -> tuple[Manifest | None, str | None]:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0, base_sha256: str = ""):
+    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0):
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
-        self.keep_every, self.base_sha256 = keep_every, base_sha256
+        self.keep_every = keep_every
+        self.base_sha256 = ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
 
-    def found(self) -> list[tuple[int, Path]]:
-        """(step, path) of every checkpoint directory, complete or not, oldest first."""
-        if not self.root.is_dir():
-            return []
-        return sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+    def survey(self) -> list[tuple[int, Path, str | None]]:
+        """(step, path, why it is damaged or None) of every checkpoint directory, complete or not, oldest first."""
+        found = sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))) if self.root.is_dir() else []
+        return [(s, p, damage(p)) for s, p in found]
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, path) of every valid checkpoint, oldest first."""
-        return [(s, p) for s, p in self.found() if validate(p) is not None]
+        return [(s, p) for s, p, why in self.survey() if why is None]
 
     def save(self, engine, state: TrainState, config_yaml: str) -> Path:
         """All ranks call this. Returns the final path."""
@@ -217,16 +217,17 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
             raise UserError(f"checkpoint.resume '{path}' lies in output.dir, which output.overwrite=true replaces; "
                             "drop output.overwrite to continue that checkpoint")
         return _checked(cfg, path, world, replace=overwrite)
-    done = ckpt.complete()
+    survey = ckpt.survey()
+    done = [(s, p) for s, p, why in survey if why is None]
     if overwrite:
         own = _requeued_own(done)
         return _checked(cfg, own, world, replace=False) if own else ResumePlan(None, False, replace=True)
     if mode == "never":
-        if ckpt.found():
+        if survey:
             raise UserError(f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
                             "there: set output.overwrite=true to replace it, or choose another output.dir")
         return ResumePlan(None, False)
-    damaged = [(p.name, damage(p)) for s, p in ckpt.found() if s > (done[-1][0] if done else -1)]
+    damaged = [(p.name, why) for s, p, why in survey if why is not None and s > (done[-1][0] if done else -1)]
     if damaged and not done:
         name, why = damaged[-1]
         raise UserError(f"output.dir '{out}' holds checkpoints but none is complete ({name}: {why}); starting over there "

@@ -128,16 +128,10 @@ def gathered(*params):
 def full_frozen_params(model):
     """(name, whole tensor) of each frozen parameter of a model loaded for an engine, one at a time (under ZeRO-3 each
     is gathered from its partitions while it is looked at: every rank must iterate the same way)."""
-    import deepspeed
-
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if p.requires_grad:
-            continue
-        if hasattr(p, "ds_id"):
-            with deepspeed.zero.GatheredParameters([p]):
-                yield name, p.data.detach().cpu().clone()
-        else:
-            yield name, p.data
+        if not p.requires_grad:
+            with gathered(p):
+                yield name, p.data
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:

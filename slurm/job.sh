@@ -58,8 +58,9 @@ elif [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ] && [ "$rc" -ne 3 ]; then
     # comment, which survives requeues.
     failures=$(squeue -h -j "$SLURM_JOB_ID" -o %k 2>/dev/null | sed -n 's/.*dist-ft-failures=\([0-9]*\).*/\1/p')
     failures=${failures:-0}
-    if [ "$failures" -lt "${DIST_FT_FAILURE_REQUEUES:-2}" ]; then
-        echo "[dist-ft] job $SLURM_JOB_ID failed with exit $rc (failure $((failures + 1)) of at most ${DIST_FT_FAILURE_REQUEUES:-2} retried); requeueing it: it resumes from the last complete checkpoint once enough nodes are up"
+    limit=${DIST_FT_FAILURE_REQUEUES:-2}
+    if [ "$failures" -lt "$limit" ]; then
+        echo "[dist-ft] job $SLURM_JOB_ID failed with exit $rc (failure $((failures + 1)) of at most $limit retried); requeueing it: it resumes from the last complete checkpoint once enough nodes are up"
         scontrol update JobId="$SLURM_JOB_ID" Comment="dist-ft-failures=$((failures + 1))" || true
         if scontrol requeue "$SLURM_JOB_ID"; then
             exit 0
