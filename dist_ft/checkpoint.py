@@ -236,11 +236,12 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
 
 
 def _same_base(path: Path, saved: str, now: str) -> None:
-    """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on."""
+    """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on; a DPO run only
+    against the reference (its starting weights) it was trained against."""
     if saved != now:
-        raise UserError(f"{path}: the base model's weights (sha256 {now[:12] or 'none: no adapter'}) differ from those this "
-                        f"checkpoint was trained on ({saved[:12] or 'none: no adapter'}); resume on the same model.path and "
-                        "model.peft, or start over in a new output.dir")
+        raise UserError(f"{path}: the base model's weights (sha256 {now[:12] or 'none'}) differ from those this "
+                        f"checkpoint was trained on ({saved[:12] or 'none'}; an adapter's base, or a DPO run's reference); resume on "
+                        "the same model.path and model.peft, or start over in a new output.dir")
 
 
 def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .config_explain import USERINFO as _USERINFO
+from .config_explain import explain
 from .errors import UserError
 
 
@@ -25,7 +26,6 @@ def task_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")]) if not m.name.startswith("_"))
 
 
-_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")  # the user:password@ of a URL
 
 
 def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
@@ -79,7 +79,7 @@ class DataConfig(_Section):
     validation: Optional[SourceConfig] = Field(None, description="Separate validation source; if unset, `val_fraction` of train is held out.")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training records held out for validation when no `validation` source is given.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format; `auto` detects it per record from the keys.")
-    task: str = Field("sft", description="What is learned: a module of dist_ft/tasks. `sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text.")
+    task: str = Field("sft", description="What is learned: a module of dist_ft/tasks. `sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text; `dpo`: preference pairs (prompt, chosen, rejected).")
     max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row / longest example kept.")
     packing: bool = Field(True, description="Pack examples into rows of `max_seq_len` (position ids restart per example); false = pad to the longest in batch.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than `max_seq_len` (always counted and reported).")
@@ -186,6 +186,12 @@ class TrackConfig(_Section):
         return "disabled" if v is False else v  # YAML reads `off` / `false` as False
 
 
+class DpoConfig(_Section):
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="`sigmoid`: DPO's -log sigmoid(beta * margin); `ipo`: (margin - 1/(2 beta))^2 on per-token mean log-probs.")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference (higher: stay closer); rewards are beta x log-ratio.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid loss: assumed probability that a pair's preference label is flipped (conservative DPO).")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What to fine-tune.")
     data: DataConfig = Field(..., description="What to train on.")
@@ -194,6 +200,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Fault tolerance: saving and resuming.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking: Weights & Biases and sample generations.")
+    dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference tuning (data.task: dpo): loss and beta.")
 
     @model_validator(mode="after")
     def _prefix_unpacked(self) -> "Config":
@@ -219,47 +226,6 @@ def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
             raise UserError(f"{where}: '{'.'.join(keys[:keys.index(k) + 1])}' is a value, not a section; cannot set '{dotted}'")
         node = nxt
     node[keys[-1]] = value
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    """Field names valid at the parent of `loc` (for did-you-mean)."""
-    model: Any = Config
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
-            return []
-    return list(model.model_fields)
-
-
-def _explain(err: ValidationError, source: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        key = ".".join(str(p) for p in loc) or "<root>"
-        if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else f"; valid keys here: {', '.join(_fields_at(loc))}"
-            lines.append(f"{source}: unknown config key '{key}'{hint}")
-        elif not loc:  # a rule across sections: its message names the keys
-            lines.append(f"{source}: {e['msg'].replace('Value error, ', '')}")
-        elif e["type"] == "model_type":
-            lines.append(f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), got {e.get('input')!r}")
-        elif e["type"] == "missing":
-            lines.append(f"{source}: missing required config key '{key}'")
-        else:
-            got = e.get("input")
-            msg = e["msg"].replace("Value error, ", "")
-            lines.append(f"{source}: config key '{key}': {msg} (got {got!r})")
-    return _USERINFO.sub("***@", "; ".join(lines))  # a refused URL's credentials are not echoed
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
@@ -292,7 +258,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         return Config.model_validate(tree)
     except ValidationError as e:
         src = source + (" + overrides" if overrides else "")
-        raise UserError(_explain(e, src)) from None
+        raise UserError(explain(e, src, Config)) from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -284,3 +284,12 @@ def all_sum(*values) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def all_sum_tensor(t):
+    """`t` summed elementwise over all ranks (in place, on this rank's device), e.g. a vector each rank filled in part."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t

@@ -124,3 +124,22 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
     if handle is None:
         logits = kept(logits)
     return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Each sequence's summed log-probability of its loss-bearing targets, [n_seq] fp64 on the device (log-softmax in
+    fp32, summed in fp64); `seq_of_loss[i]` is the sequence of the batch's i-th loss position. The output layer runs on
+    those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its weight); logits of them are kept
+    for backward (n x vocab fp32: the pairwise tasks' completions are short)."""
+    model = getattr(engine, "module", engine)
+    dev = engine.device
+    index = batch.loss_index.to(dev, non_blocking=True)
+    targets = batch.targets.to(dev, non_blocking=True).flatten().index_select(0, index)
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, -2).index_select(0, index),))
+    try:
+        logits = engine(**batch.model_inputs(dev), use_cache=False).logits
+    finally:
+        handle.remove()
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    return torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(0, seq_of_loss.to(dev), logp.double())

@@ -17,14 +17,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import dist, inference, perf, rundir, tasks, testhooks
+from . import dist, inference, perf, reference, rundir, tasks, testhooks
 from .checkpoint import Checkpointer, ResumePlan, resume_plan, seed_all
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
-from .adapters import fingerprint
-from .engine import Engine, full_frozen_params, gathered, init_distributed, resolve_precision, zero3_init
+from .engine import Engine, gathered, init_distributed, resolve_precision, zero3_init
 from .errors import PREEMPTED_MARK, Preempted, UserError
 from .export import write_final
 from .model import load_model
@@ -214,7 +213,7 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
     run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
     precision = resolve_precision(cfg.engine.precision)
-    t, task = cfg.train, tasks.get(cfg.data.task)
+    t, task = cfg.train, tasks.for_config(cfg)
     seed_all(t.seed)
     tok = load_tokenizer(cfg.model)
     prep = dataset.build(cfg.data, tok, task, env.local_rank, lambda failed: dist.patient_sum("token shards", failed),
@@ -226,10 +225,12 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     testhooks.pause_in_setup()
     # ZeRO-3: each rank only ever holds its shard of the weights; DeepSpeed casts to bf16/fp16 itself
     model = load_model(cfg.model, tok, torch.float32, task.auto_class, init=partial(zero3_init, cfg, precision), gather=gathered)
+    if task.prepare_model:
+        task.prepare_model(model)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
     plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = Engine.build(cfg, model, total_steps, precision, load_universal=plan.reshard)
-    ckpt.base_sha256 = fingerprint(full_frozen_params(engine.module)) if cfg.model.peft else ""  # checkpoints hold only the adapter
+    ckpt.base_sha256 = reference.starting_point(cfg, task, prep, engine, precision, env)  # adapter's base / DPO's reference
     state, t_load = TrainState(0, stream.state_dict()), time.perf_counter()
     if plan.path is not None:
         state = ckpt.load(plan, engine)
@@ -265,9 +266,10 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
                          "(Adam moments and step count kept)")
         tracker.log(r.start, {"checkpoint_load_s": t_load})
     tracker.info(f"data: shards {prep.root} (dataset {prep.fingerprint})")
-    tracker.info(_data_summary("train", prep.train, prep.seq_len))
+    width = prep.seq_len * r.task.group  # a packed row holds whole groups (a preference pair: 2 x max_seq_len)
+    tracker.info(_data_summary("train", prep.train, width))
     if prep.val:
-        tracker.info(_data_summary("validation", prep.val, prep.seq_len))
+        tracker.info(_data_summary("validation", prep.val, width))
     t, unit = cfg.train, "rows" if prep.packing else "examples"
     tracker.info(f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = "
                  f"{t.micro_batch_size} micro x {t.grad_accum} accum x {env.world_size} ranks = "

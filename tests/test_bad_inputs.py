@@ -35,6 +35,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 SECRET = "s3cr3tValue"
 GOOD = [json.dumps(r) for r in tiny.toy_chat(16)]  # lines 1-16 of the data cases; the bad record is line 17
+PAIRS = [json.dumps(r) for r in tiny.toy_pairs(16)]  # the good lines of the preference (data.task dpo) cases
+SPACE_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")  # the prompt ends in a space the reply's first word takes
 LONG_USER = {"messages": [{"role": "user", "content": "apple banana cherry " * 40}, {"role": "assistant", "content": "red"}]}
 LONG_BOTH = {"messages": [{"role": "user", "content": "apple " * 20}, {"role": "assistant", "content": "red " * 60}]}
 
@@ -335,6 +338,22 @@ CASES: dict[str, tuple] = {
     "checkpoint_none_complete": (lambda c: c.train(f"output.dir={_damaged_run(c)}", "output.overwrite=false"),
                                  r"output\.dir '.*damaged' holds checkpoints but none is complete \(step-\d+: rank-0\.pt: \d+ bytes, expected \d+ "
                                  r"\(truncated or replaced\)\); starting over there would mix two runs: set output\.overwrite=true"),
+    # ------------------------------------------------------------ preference pairs (data.task dpo)
+    "dpo_empty_completion": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "hi", "chosen": " ", "rejected": "no"}, good=PAIRS)),
+                             r"d\.jsonl:17: the chosen completion is empty, so there is nothing to compare; write it or remove the record"),
+    "dpo_missing_rejected": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "hi", "chosen": "yes"}, good=PAIRS)),
+                             r"d\.jsonl:17: preference record lacks 'rejected' \(keys: chosen, prompt\); give \{prompt, chosen, rejected\}"),
+    "dpo_conversations_differ": (lambda c: c.train("data.task=dpo", data=c.records(
+        {"chosen": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "x"}],
+         "rejected": [{"role": "user", "content": "b?"}, {"role": "assistant", "content": "y"}]}, good=PAIRS)),
+        r"d\.jsonl:17: 'chosen' and 'rejected' differ at message 0, before their last message; they must share the prompt turns"),
+    "dpo_prompt_tokens_differ": (lambda c: c.train("data.task=dpo", "model.chat_template=auto", data=c.records({"prompt": "hi", "chosen": "apple", "rejected": "no"}, good=[]),
+                                                   model=c.model_copy(lambda d: _edit_json(d / "tokenizer_config.json", lambda t: t.update(chat_template=SPACE_TEMPLATE)))),
+                                 r"d\.jsonl:1: the prompt's tokens differ between the prompt alone and prompt \+ chosen \(first at token \d+: the tokenizer merges"),
+    "dpo_two_end_of_turn": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "hi", "chosen": "yes<|im_end|>", "rejected": "no"}, good=PAIRS)),
+                            r"d\.jsonl:17: the chosen completion holds 2 end-of-turn token\(s\) '<\|im_end\|>' \(exactly one, at its end, is expected\)"),
+    "dpo_completion_truncated_away": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "apple banana cherry " * 60, "chosen": "red", "rejected": "blue"}, good=PAIRS)),
+                                      r"d\.jsonl:17: the chosen completion starts after data\.max_seq_len 128 tokens, so truncation removes all of it; raise"),
     # ------------------------------------------------------------ launch environment (refused before the rendezvous)
     "launch_sbatch_without_srun": (lambda c: c.train("engine.collective_timeout_minutes=0.2",
                                                       env={"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "4242", "SLURM_LOCALID": "0"}),

@@ -110,3 +110,24 @@ def losses(out: Path) -> list[float]:
 def wandb_run_ids(out: Path) -> list[str]:
     """Ids of the offline W&B runs written under out/wandb (dirs are offline-run-<time>-<id>), oldest first."""
     return [p.name.rsplit("-", 1)[1] for p in sorted((out / "wandb").glob("offline-run-*"))]
+
+
+WRONG = {"red": "green", "yellow": "blue", "blue": "yellow", "green": "red", "black": "white", "white": "black"}
+
+
+def toy_pairs(n: int = 64) -> list[dict]:
+    """Preference pairs on the toy colors (the right color chosen, a wrong one rejected), in the three record shapes."""
+    items = list(COLORS.items())
+    recs = []
+    for i in range(n):
+        thing, color = items[i % len(items)]
+        q, good, bad = f"What color is the {thing}?", f"The {thing} is {color}.", f"The {thing} is {WRONG[color]}."
+        shape = i % 3
+        if shape == 0:
+            recs.append({"prompt": q, "chosen": good, "rejected": bad})
+        elif shape == 1:
+            recs.append({"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": good}, "rejected": bad})
+        else:
+            recs.append({"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
+                         "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}]})
+    return recs

@@ -31,6 +31,7 @@ CHATML_TEMPLATE = (
 class Example:
     input_ids: list[int]
     labels: list[int]  # same length; IGNORE where no loss (unshifted: label i is token i)
+    ref: float | None = None  # pairwise tasks: the reference model's summed log-prob of the labelled tokens, once computed
 
     @property
     def n_loss(self) -> int:

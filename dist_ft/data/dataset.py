@@ -92,10 +92,10 @@ def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int],
     """Find or write the shards (records become examples through `task`), check them, and open them. Every bad
     record or shard raises UserError naming it."""
     root, manifest = locate(cfg, tok, task, local_rank, sync, log)
-    train = shards.ShardSet(root, manifest, "train", cfg.verify_shards)
+    train = shards.ShardSet(root, manifest, "train", cfg.verify_shards, task.group)
     val = None
     if "validation" in manifest.splits:
-        vs = shards.ShardSet(root, manifest, "validation", cfg.verify_shards)
+        vs = shards.ShardSet(root, manifest, "validation", cfg.verify_shards, task.group)
         val = Split([vs[i] for i in range(len(vs))], vs.stats) if len(vs) else None
     return Prepared(Split(train, train.stats), val, cfg.packing, cfg.max_seq_len, tok.pad_token_id, root,
                     shards.fingerprint(manifest), cfg.seed, cfg.shuffle_window, task)

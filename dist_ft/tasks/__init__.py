@@ -6,6 +6,9 @@
 - `loss(model, batch, chunk) -> LossOut`: the loss summed over the batch's `n_loss` units, plus metric sums,
 - `eval_metrics(loss_sum, n_loss, metric_sums) -> dict`: what evaluation reports,
 - `auto_class`: the transformers Auto class of the model (and head) it trains.
+Optional: `group` (examples that stay together in one row: 2 for a preference pair), `reference` (per-example
+log-probs of the starting model are computed once before training, `reference.py`), `prepare_model(model)` (e.g.
+dropout off) and `configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta).
 
 The training loop, evaluation and checkpoints call a task only through these; none branches on its name.
 Adding a task is adding a module here (and its tests); `data.task` accepts every module name here.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -39,6 +42,10 @@ class Task:
     collate: Callable[[list, int, int, bool], Batch]
     loss: Callable[[Any, Batch, int], LossOut]
     eval_metrics: Callable[[float, float, dict], dict]
+    group: int = 1
+    reference: bool = False
+    prepare_model: Optional[Callable[[Any], None]] = None
+    configure: Optional[Callable[["Task", Any], "Task"]] = None
 
 
 names = task_names  # every task this installation has (module names here, found without importing them)
@@ -50,3 +57,9 @@ def get(name: str) -> Task:
 
         raise UserError(f"data.task '{name}': no such task (have: {', '.join(names())})")
     return importlib.import_module(f"{__name__}.{name}").TASK
+
+
+def for_config(cfg) -> Task:
+    """The task of `cfg` (data.task) with its settings bound."""
+    task = get(cfg.data.task)
+    return task.configure(task, cfg) if task.configure else task

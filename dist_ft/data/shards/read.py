@@ -28,12 +28,16 @@ def _check(path: Path, want: fsio.FileInfo, root: Path, verify: bool) -> None:
 
 
 class ShardSet:
-    """The rows of one split, memory-mapped; `items[i]` is row i (list[Example] packed, Example unpacked)."""
+    """The rows of one split, memory-mapped; `items[i]` is row i (list[Example] packed or grouped (a task's `group` > 1:
+    preference pairs), Example otherwise). `refs`, once set, holds a value per example (reference log-probs), in
+    storage order, carried by each Example read."""
 
-    def __init__(self, root: Path, manifest: Manifest, split: str, verify: bool = True):
+    def __init__(self, root: Path, manifest: Manifest, split: str, verify: bool = True, group: int = 1):
         info = manifest.splits[split]
         self.stats: SplitStats = info.stats
         self.packing: bool = manifest.packing
+        self.lists: bool = manifest.packing or group > 1
+        self.refs = None
         dtype = np.dtype(manifest.dtype)
         self._tokens, self._mask, self._ex, self._rows = [], [], [], []
         for meta in info.shards:
@@ -50,6 +54,8 @@ class ShardSet:
             self._rows.append(rows)
         self.shard_rows = [len(r) - 1 for r in self._rows]
         self._starts = np.cumsum([0] + self.shard_rows)
+        self._ex_starts = np.cumsum([0] + [len(e) - 1 for e in self._ex])
+        self.n_examples = int(self._ex_starts[-1])
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -58,10 +64,21 @@ class ShardSet:
         a, b = int(self._ex[s][e]), int(self._ex[s][e + 1])
         ids = self._tokens[s][a:b].astype(np.int64)
         labels = np.where(self._mask[s][a:b] != 0, ids, IGNORE)
-        return Example(ids.tolist(), labels.tolist())
+        ref = None if self.refs is None else float(self.refs[int(self._ex_starts[s]) + e])
+        return Example(ids.tolist(), labels.tolist(), ref)
 
-    def __getitem__(self, i: int):
+    def _locate(self, i: int) -> tuple[int, int, int]:
+        """(shard, first example in it, end example) of row i."""
         s = int(np.searchsorted(self._starts, i, side="right")) - 1
         r = i - int(self._starts[s])
-        examples = [self._example(s, e) for e in range(int(self._rows[s][r]), int(self._rows[s][r + 1]))]
-        return examples if self.packing else examples[0]
+        return s, int(self._rows[s][r]), int(self._rows[s][r + 1])
+
+    def example_ids(self, i: int) -> range:
+        """Indices (in storage order over the split) of row i's examples."""
+        s, a, b = self._locate(i)
+        return range(int(self._ex_starts[s]) + a, int(self._ex_starts[s]) + b)
+
+    def __getitem__(self, i: int):
+        s, a, b = self._locate(i)
+        examples = [self._example(s, e) for e in range(a, b)]
+        return examples if self.lists else examples[0]

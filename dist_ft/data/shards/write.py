@@ -33,10 +33,11 @@ from .manifest import (
 
 
 class _ShardWriter:
-    """Buffers examples of one split; `flush` packs them into rows and writes one shard."""
+    """Buffers examples of one split; `flush` packs them into rows and writes one shard. Every `group` consecutive
+    examples (a preference pair) stay together in one row; a packed row holds `group` x `seq_len` tokens."""
 
-    def __init__(self, split_dir: Path, dtype: np.dtype, seq_len: int, packing: bool):
-        self.dir, self.dtype, self.seq_len, self.packing = split_dir, dtype, seq_len, packing
+    def __init__(self, split_dir: Path, dtype: np.dtype, seq_len: int, packing: bool, group: int = 1):
+        self.dir, self.dtype, self.seq_len, self.packing, self.group = split_dir, dtype, seq_len, packing, group
         self.ids: list[bytes] = []
         self.masks: list[bytes] = []
         self.tokens = 0
@@ -53,9 +54,11 @@ class _ShardWriter:
         ids = [np.frombuffer(b, dtype=np.uint32) for b in self.ids]
         masks = [np.frombuffer(b, dtype=np.uint8) for b in self.masks]
         lengths = [len(m) for m in masks]
-        rows = pack(lengths, self.seq_len) if self.packing else [[i] for i in range(len(lengths))]
-        order = [i for row in rows for i in row]  # examples stored row by row
-        row_offsets = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+        g = self.group
+        units = [sum(lengths[u * g : (u + 1) * g]) for u in range(len(lengths) // g)]
+        rows = pack(units, g * self.seq_len) if self.packing else [[u] for u in range(len(units))]
+        order = [u * g + k for row in rows for u in row for k in range(g)]  # examples stored row by row
+        row_offsets = np.cumsum([0] + [g * len(r) for r in rows], dtype=np.int64)
         ex_offsets = np.cumsum([0] + [lengths[i] for i in order], dtype=np.int64)
         tokens = np.concatenate([ids[i] for i in order]).astype(self.dtype) if order else np.zeros(0, self.dtype)
         mask = np.concatenate([masks[i] for i in order]) if order else np.zeros(0, np.uint8)
@@ -92,7 +95,7 @@ def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtyp
         log(f"prepare {split}: resuming after {len(metas)} complete shard(s) of an interrupted prepare")
     start = metas[-1].record_end if metas else 0
     records = (r for r in records if r[0] >= start)
-    writer = _ShardWriter(split_dir, dtype, cfg.max_seq_len, cfg.packing)
+    writer = _ShardWriter(split_dir, dtype, cfg.max_seq_len, cfg.packing, task.group)
     seen_any = bool(metas)
     last = start - 1
     from tqdm import tqdm
@@ -124,7 +127,7 @@ def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtyp
     totals = SplitStats.total(m.counts for m in metas)
     rows = sum(m.rows for m in metas)
     if cfg.packing:
-        totals = replace(totals, rows=rows, padding_fraction=round(1 - totals.tokens / max(1, rows * cfg.max_seq_len), 4))
+        totals = replace(totals, rows=rows, padding_fraction=round(1 - totals.tokens / max(1, rows * task.group * cfg.max_seq_len), 4))
     dt = time.perf_counter() - t0
     log(f"prepare {split}: {totals.records:,} records -> {totals.examples:,} examples, {rows:,} rows, "
         f"{totals.tokens:,} tokens in {len(metas)} shard(s); {dt:.1f} s, {tokens / max(dt, 1e-9):,.0f} tokens/s "
