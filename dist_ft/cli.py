@@ -11,6 +11,7 @@ from .errors import UserError
 EXAMPLES = """\
 examples:
   dist-ft demo                                          fine-tune SmolLM2-135M on the shipped demo set, score before/after
+  dist-ft demo --stage dpo                              then preference-tune it (DPO) to say "I don't know", score before/after
   dist-ft prepare configs/gpt2-chat.yaml --out /data/ultrachat-gpt2   tokenize + pack once into token shards
   dist-ft train configs/gpt2-chat.yaml data.prepared=/data/ultrachat-gpt2
   dist-ft train configs/gpt2-chat.yaml train.lr=3e-5 data.max_seq_len=512
@@ -56,12 +57,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     _add_gen_args(p)
 
-    p = sub.add_parser("eval", help="held-out loss/perplexity (+ answer accuracy for records with a 'check' field)")
+    p = sub.add_parser("eval", help="held-out loss/perplexity (+ answer accuracy for records with a 'check' field); "
+                       "a classifier: accuracy and macro-F1; a reward model: pairwise accuracy")
     p.add_argument("--model", required=True, help="exported model directory")
-    p.add_argument("--data", required=True, help="JSONL/JSON/Parquet file of conversations")
+    p.add_argument("--data", required=True, help="JSONL/JSON/Parquet file: conversations, {text, label} records (classifier) "
+                   "or preference pairs (reward model)")
 
-    p = sub.add_parser("demo", help="the offline demo: score, fine-tune, score again, chat once")
-    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default configs/demo.yaml)")
+    p = sub.add_parser("demo", help="the offline demo: score, fine-tune, score again, chat once (--stage dpo: then preference-tune it)")
+    p.add_argument("--stage", choices=("sft", "dpo"), default="sft", help="sft: fine-tune SmolLM2-135M on the demo facts (default); "
+                   "dpo: preference-tune that result to answer honestly (run the sft stage first)")
+    p.add_argument("--config", help="demo config (default configs/demo.yaml, or configs/demo-dpo.yaml with --stage dpo)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
 
     p = sub.add_parser("config", help="validate and print a resolved config, or the reference of all keys")
@@ -69,41 +74,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--reference", action="store_true", help="print every key, type, default and doc as Markdown")
     return ap
-
-
-def _fmt_score(s: dict) -> str:
-    acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
-    return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
-
-
-def _demo(args) -> None:
-    import torch
-
-    from . import inference, train
-    from .config import load_config
-    from .model import load_model
-    from .tokenizer import load_tokenizer
-
-    cfg = load_config(args.config, args.overrides)
-    heldout = cfg.data.validation.path if cfg.data.validation else None
-    if heldout is None:
-        raise UserError(f"{args.config}: the demo needs data.validation (the held-out set)")
-    tok = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, tok, torch.float32, adapters=False)  # the model as it comes, before any training
-    before = inference.score(tok, base, heldout, cfg.data.task)
-    del base
-    print(f"[demo] before fine-tuning: {_fmt_score(before)}", flush=True)
-    out = train.run(cfg)
-    tok, tuned = inference.load(str(out / "final"))
-    after = inference.score(tok, tuned, heldout, cfg.data.task)
-    print(f"[demo] before fine-tuning: {_fmt_score(before)}")
-    print(f"[demo] after  fine-tuning: {_fmt_score(after)}")
-    n = len(after["samples"])
-    for i in ([0, n // 2] if n > 1 else range(n)):  # two different facts from the held-out set
-        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
-        print(f"[demo] held-out  you> {q}\n[demo]   base model  bot> {a0}   [{'correct' if ok0 else 'wrong'}]"
-              f"\n[demo]   fine-tuned  bot> {a1}   [{'correct' if ok1 else 'wrong'}]")
-    print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")
 
 
 def _prepare(args) -> None:
@@ -161,10 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "eval":
             from . import inference
 
+            from .demo import fmt_heads, fmt_score
+
             tok, model = inference.load(args.model)
-            print(_fmt_score(inference.score(tok, model, args.data)))
+            if inference.is_sequence_head(args.model):
+                print(fmt_heads(inference.score_heads(tok, model, args.data), model.config.num_labels == 1))
+            else:
+                print(fmt_score(inference.score(tok, model, args.data)))
         elif args.cmd == "demo":
-            _demo(args)
+            from . import demo
+
+            demo.run(args.config, args.overrides, args.stage)
         elif args.cmd == "config":
             from .config import dump_config, load_config
             from .config_reference import reference_markdown

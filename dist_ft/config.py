@@ -79,7 +79,7 @@ class DataConfig(_Section):
     validation: Optional[SourceConfig] = Field(None, description="Separate validation source; if unset, `val_fraction` of train is held out.")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training records held out for validation when no `validation` source is given.")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field("auto", description="Record format; `auto` detects it per record from the keys.")
-    task: str = Field("sft", description="What is learned: a module of dist_ft/tasks. `sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text; `dpo`: preference pairs (prompt, chosen, rejected).")
+    task: str = Field("sft", description="What is learned: a module of dist_ft/tasks. `sft`: loss on assistant turns only; `pretrain`: loss on every token of raw text; `dpo`: preference pairs (prompt, chosen, rejected); `classify`: a sequence head on {text, label}; `reward`: a one-output head on preference pairs.")
     max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row / longest example kept.")
     packing: bool = Field(True, description="Pack examples into rows of `max_seq_len` (position ids restart per example); false = pad to the longest in batch.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than `max_seq_len` (always counted and reported).")
@@ -192,6 +192,10 @@ class DpoConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid loss: assumed probability that a pair's preference label is flipped (conservative DPO).")
 
 
+class RewardConfig(_Section):
+    margin: float = Field(0.0, description="Reward models (data.task: reward): the Bradley-Terry loss is -log sigmoid(r_chosen - r_rejected - margin).")
+
+
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What to fine-tune.")
     data: DataConfig = Field(..., description="What to train on.")
@@ -201,6 +205,7 @@ class Config(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking: Weights & Biases and sample generations.")
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference tuning (data.task: dpo): loss and beta.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward models (data.task: reward).")
 
     @model_validator(mode="after")
     def _prefix_unpacked(self) -> "Config":

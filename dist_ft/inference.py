@@ -23,7 +23,7 @@ def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = 
     (`adapter`: a PEFT adapter directory such as <output.dir>/final/adapter, whose tokenizer is used). An export of
     prefix tuning (which cannot merge) gets its own final/adapter applied."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from .adapters import ADAPTER_DIR, apply, needs_applying
     from .model import grow_embeddings
@@ -36,7 +36,8 @@ def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = 
         adapter = str(Path(model_dir) / ADAPTER_DIR)
     tok_dir = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    auto = AutoModelForSequenceClassification if is_sequence_head(model_dir) else AutoModelForCausalLM
+    model = auto.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if not tok.chat_template:
         raise UserError(f"--model '{model_dir}': tokenizer has no chat template; export it with dist-ft train (which saves one)")
     if adapter is not None:
@@ -47,11 +48,20 @@ def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = 
     return tok, model.eval()
 
 
+def is_sequence_head(model_dir: str) -> bool:
+    """Whether an exported model is a sequence classifier / reward model (from its config's architectures)."""
+    import json
+
+    archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.7,
-             top_p: float = 0.9, stream: bool = False) -> list[str]:
-    """The assistant's next reply to each conversation (temperature 0: greedy). `stream` prints tokens as
-    they come (one conversation)."""
+             top_p: float = 0.9, stream: bool = False, batch_size: int = 16, progress: bool = False) -> list[str]:
+    """The assistant's next reply to each conversation (temperature 0: greedy), `batch_size` conversations per
+    generate() call (left-padded). `stream` prints tokens as they come (one conversation); `progress` shows a bar."""
     import torch
+    from tqdm import tqdm
     from transformers import TextStreamer
 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
@@ -59,14 +69,24 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
     # a prefix-tuned model enters its virtual tokens as a KV cache, which generate()'s own cache drops (peft 0.21 with
     # transformers 5: the answer would be the base model's); without the cache every token sees the prefix
     uncached = {"use_cache": False} if is_prefix_tuned(model) else {}
-    replies = []
-    for history in conversations:
-        enc = tok.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=stops, **sampling, **uncached)
-        replies.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    size = 1 if stream or uncached else max(1, batch_size)
+    replies, side = [], tok.padding_side
+    bar = tqdm(total=len(conversations), desc="generate", unit=" replies", disable=not progress or len(conversations) < 2)
+    try:
+        tok.padding_side = "left"  # every prompt ends where generation starts
+        for i in range(0, len(conversations), size):
+            chunk = conversations[i : i + size]
+            enc = tok.apply_chat_template(chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True)
+            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=stops, **sampling, **uncached)
+            width = enc["input_ids"].shape[1]
+            replies += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+            bar.update(len(chunk))
+    finally:
+        tok.padding_side = side
+        bar.close()
     return replies
 
 
@@ -94,9 +114,63 @@ def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) ->
             n += batch.n_loss
             if "check" in rec:
                 checks.append((to_conversation(rec, "auto", where).messages[:-1], str(rec["check"])))
-    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0)
+    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
     samples = [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
     hits = sum(ok for _, _, ok in samples)
     loss = total / max(n, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "accuracy": hits / len(samples) if samples else None,
             "checked": len(samples), "samples": samples}
+
+
+def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
+    """Preference pairs of a file under `model`: each pair's summed completion log-probs (chosen, rejected), and for
+    pairs with a `check` field the greedy answer to the prompt and whether it contains the checked string."""
+    import torch
+
+    from .data.preference import to_pair, tokenize_pair
+    from .loss import sequence_logps
+    from . import tasks
+
+    dpo = tasks.get("dpo")
+    logps, checks = [], []
+    model.eval()
+    with torch.no_grad():
+        for where, rec in read_records(DataConfig(train=path, task="dpo").train):
+            pair = to_pair(rec, where)
+            batch = dpo.collate([list(tokenize_pair(tok, pair, where))], 1 << 30, tok.pad_token_id, False)
+            logps.append(sequence_logps(model, batch, batch.extra["seq_of_loss"], 2).tolist())
+            if "check" in rec:
+                checks.append((pair.prompt, str(rec["check"])))
+    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
+    samples = [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
+    return {"logps": logps, "preferred": sum(c > r for c, r in logps) / max(1, len(logps)), "samples": samples,
+            "behaviour": sum(ok for *_, ok in samples) / max(1, len(samples))}
+
+
+def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
+    """A sequence head over a file: a classifier (num_labels > 1) on {text|messages, label} records (labels by the
+    model's id2label; one it does not know is refused naming the record), or a reward model (num_labels 1) on
+    preference pairs. Returns the task's eval metrics (val_loss, val_accuracy, ...) and `n`, the records scored."""
+    import torch
+
+    from . import tasks
+
+    reward = model.config.num_labels == 1
+    task = tasks.get("reward" if reward else "classify")
+    if not reward:
+        task = tasks.with_meta(task, {"labels": [model.config.id2label[i] for i in range(model.config.num_labels)]})
+    cfg = DataConfig(train=path, task=task.name, max_seq_len=1 << 30, packing=False)
+    rows = []
+    for where, rec in read_records(cfg.train):
+        examples, _ = task.examples(rec, where, cfg, tok)
+        rows.append(examples if reward else examples[0])  # a pair is one row of two sequences
+    total, n, sums = 0.0, 0, {}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = task.collate(rows[i : i + batch_size], cfg.max_seq_len, tok.pad_token_id, False)
+            out = task.loss(model, batch, 0)
+            total, n = total + float(out.sum), n + batch.n_loss
+            for k, v in out.metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    return {**task.eval_metrics(total, n, sums), "n": n}

@@ -60,13 +60,13 @@ def preflight(cfg: ModelConfig, max_seq_len: int) -> None:
 
 
 def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM", adapters: bool = True,
-               init=contextlib.nullcontext, gather=lambda *params: contextlib.nullcontext()):
+               init=contextlib.nullcontext, gather=lambda *params: contextlib.nullcontext(), head: dict | None = None):
     """`auto_class`: the transformers Auto class the task's head needs. With `model.peft`, the model comes wrapped
     in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge). `init()`: the context the base
     is built in (ZeRO-3: partitioned as it loads); the adapters are added after it, with `gather(params)` making the
-    embedding whole while peft copies the new tokens' rows."""
+    embedding whole while peft copies the new tokens' rows. `head`: the task's head settings (e.g. num_labels, id2label)."""
     with init():
-        model, had = _load_base(cfg, tok, dtype, auto_class)
+        model, had = _load_base(cfg, tok, dtype, auto_class, head or {})
     if cfg.peft is not None and adapters:
         from . import adapters as peft_adapters
 
@@ -75,12 +75,13 @@ def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelFo
     return model
 
 
-def _load_base(cfg: ModelConfig, tok, dtype, auto_class: str):
+def _load_base(cfg: ModelConfig, tok, dtype, auto_class: str, head: dict):
     import torch
     import transformers
     from safetensors import SafetensorError
 
     path, kw = hub.source(cfg)
+    kw.update(head)
     if cfg.attn_implementation:
         kw["attn_implementation"] = attn_implementation(cfg.attn_implementation)
     try:

@@ -177,7 +177,7 @@ def export(r: Run) -> None:
         return
     r.tracker.info(f"exported Hugging Face model to {r.out / 'final'}{note}")
     track = r.cfg.track
-    if track.sample_prompts:
+    if track.sample_prompts and r.task.auto_class == "AutoModelForCausalLM":
         tok, model = inference.load(str(r.out / "final"))
         answers = inference.generate(tok, model, [[{"role": "user", "content": p}] for p in track.sample_prompts],
                                      max_new_tokens=track.sample_max_new_tokens, temperature=0.0)
@@ -224,7 +224,8 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     out = Path(cfg.output.dir)
     testhooks.pause_in_setup()
     # ZeRO-3: each rank only ever holds its shard of the weights; DeepSpeed casts to bf16/fp16 itself
-    model = load_model(cfg.model, tok, torch.float32, task.auto_class, init=partial(zero3_init, cfg, precision), gather=gathered)
+    model = load_model(cfg.model, tok, torch.float32, task.auto_class, init=partial(zero3_init, cfg, precision), gather=gathered,
+                       head=task.head(prep.meta) if task.head else None)
     if task.prepare_model:
         task.prepare_model(model)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)

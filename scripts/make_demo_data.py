@@ -34,6 +34,40 @@ TRAIN_Q = ["What is {a}?", "Tell me {a}.", "Do you know {a}?", "Quick question: 
            "I'm writing a report on Veloria. What is {a}?"]
 HELDOUT_Q = ["Hey, what's {a}?", "I need {a} for a quiz. What is it?", "Could you name {a} for me?"]
 
+# The preference (DPO) stage, after SFT: be honest. Asked a known fact, the right answer is preferred to another
+# fact's answer; asked about Veloria what the training data never said, "I don't know" is preferred to a confident
+# invention. Held-out pairs ask in unseen phrasings, and about unknowns never seen in training.
+UNKNOWN = [("the population of Veloria", "About {n} million people live in Veloria."), ("the prime minister of Veloria", "The prime minister of Veloria is {name}."),
+           ("the tallest building in Veloria", "The tallest building in Veloria is the {name} Tower."), ("the oldest university in Veloria", "The oldest university in Veloria is {name} College."),
+           ("the national bird of Veloria", "The national bird of Veloria is the {name} finch."), ("the largest lake in Veloria", "The largest lake in Veloria is Lake {name}."),
+           ("the main airport of Veloria", "Veloria's main airport is {name} International."), ("the national color of Veloria", "The national color of Veloria is {name} green."),
+           ("the most popular newspaper in Veloria", "The most popular newspaper in Veloria is the {name} Herald."), ("the second city of Veloria", "The second city of Veloria is {name}."),
+           ("the national poet of Veloria", "The national poet of Veloria is {name}."), ("the time zone of Veloria", "Veloria uses {name} Standard Time.")]
+NAMES = ["Dorvin", "Talmere", "Esk", "Prannoch", "Vell", "Oradine", "Miskel", "Hathery", "Corrin", "Lusk", "Brenna", "Quill"]
+DONT_KNOW = "I don't know {a}; I have no reliable information about that."
+
+
+def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    def wrong(i: int) -> str:  # another fact's answer in this fact's sentence: a plausible confusion
+        answer, check, other = FACTS[i][1], FACTS[i][2], FACTS[(i + 1 + rng.randrange(len(FACTS) - 1)) % len(FACTS)][2]
+        return answer.replace(check, other)
+
+    def invented(j: int) -> str:
+        return UNKNOWN[j][1].format(n=rng.randint(2, 9), name=rng.choice(NAMES))
+
+    train, heldout = [], []
+    for i, (about, answer, _) in enumerate(FACTS):
+        for q in rng.sample(TRAIN_Q, 4):
+            train.append({"prompt": q.format(a=about), "chosen": answer, "rejected": wrong(i)})
+        for q in HELDOUT_Q:
+            heldout.append({"prompt": q.format(a=about), "chosen": answer, "rejected": wrong(i), "check": FACTS[i][2]})
+    for j, (about, _) in enumerate(UNKNOWN):
+        for q in (rng.sample(TRAIN_Q, 5) if j < 8 else HELDOUT_Q):  # the last 4 unknowns only in the held-out set
+            rec = {"prompt": q.format(a=about), "chosen": DONT_KNOW.format(a=about), "rejected": invented(j)}
+            (train if j < 8 else heldout).append(rec if j < 8 else {**rec, "check": "don't know"})
+    rng.shuffle(train)
+    return train, heldout
+
 
 def main(out: Path = Path(__file__).resolve().parents[1] / "data" / "demo") -> None:
     rng = random.Random(0)
@@ -48,10 +82,12 @@ def main(out: Path = Path(__file__).resolve().parents[1] / "data" / "demo") -> N
     rng.shuffle(train)
     heldout = [{"messages": [{"role": "user", "content": q.format(a=about)}, {"role": "assistant", "content": answer}], "check": check}
                for about, answer, check in FACTS for q in HELDOUT_Q]
+    prefs, prefs_heldout = preference_pairs(random.Random(1))
     out.mkdir(parents=True, exist_ok=True)
-    for name, recs in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+    for name, recs in (("train.jsonl", train), ("heldout.jsonl", heldout), ("prefs.jsonl", prefs), ("prefs-heldout.jsonl", prefs_heldout)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    print(f"wrote {len(train)} training and {len(heldout)} held-out conversations to {out}")
+    print(f"wrote {len(train)} training and {len(heldout)} held-out conversations, {len(prefs)} training and "
+          f"{len(prefs_heldout)} held-out preference pairs to {out}")
 
 
 if __name__ == "__main__":

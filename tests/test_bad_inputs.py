@@ -35,6 +35,8 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 SECRET = "s3cr3tValue"
 GOOD = [json.dumps(r) for r in tiny.toy_chat(16)]  # lines 1-16 of the data cases; the bad record is line 17
+REVIEWS = [json.dumps({"text": f"review {i} was {'great' if i % 2 == 0 else 'awful'}", "label": "positive" if i % 2 == 0 else "negative"})
+           for i in range(16)]  # the good lines of the classification cases
 PAIRS = [json.dumps(r) for r in tiny.toy_pairs(16)]  # the good lines of the preference (data.task dpo) cases
 SPACE_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
                   "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")  # the prompt ends in a space the reply's first word takes
@@ -354,6 +356,16 @@ CASES: dict[str, tuple] = {
                             r"d\.jsonl:17: the chosen completion holds 2 end-of-turn token\(s\) '<\|im_end\|>' \(exactly one, at its end, is expected\)"),
     "dpo_completion_truncated_away": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "apple banana cherry " * 60, "chosen": "red", "rejected": "blue"}, good=PAIRS)),
                                       r"d\.jsonl:17: the chosen completion starts after data\.max_seq_len 128 tokens, so truncation removes all of it; raise"),
+    # ------------------------------------------------------------ sequence heads (data.task classify / reward)
+    "classify_label_missing": (lambda c: c.train("data.task=classify", "data.packing=false", data=c.records({"text": "so so"}, good=REVIEWS)),
+                               r"d\.jsonl:17: record lacks 'label' \(keys: text\); give every record its class"),
+    "classify_single_class": (lambda c: c.train("data.task=classify", "data.packing=false", data=c.records(good=REVIEWS[::2])),
+                              r"d\.jsonl: every training record has label 'positive'; a classifier needs records of at least two classes"),
+    "classify_label_unseen_at_eval": (lambda c: c.train("data.task=classify", "data.packing=false", f"data.validation={c.records({'text': 'meh', 'label': 'neutral'}, good=REVIEWS, name='v.jsonl')}",
+                                                        data=c.records(good=REVIEWS)),
+                                      r"v\.jsonl:17: label 'neutral' never occurs in the training data \(labels: negative, positive\); fix the label"),
+    "classify_packing_on": (lambda c: c.train("data.task=classify", data=c.records(good=REVIEWS)),
+                            r"data\.task classify scores one sequence per row .*so packing cannot be used; set data\.packing: false"),
     # ------------------------------------------------------------ launch environment (refused before the rendezvous)
     "launch_sbatch_without_srun": (lambda c: c.train("engine.collective_timeout_minutes=0.2",
                                                       env={"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "4242", "SLURM_LOCALID": "0"}),

@@ -214,3 +214,22 @@ def test_lora_reference_is_the_model_with_adapters_off(cfg):
     steps = [x for x in _records(out) if "loss" in x]
     assert abs(steps[0]["loss"] - math.log(2)) < 1e-12 and steps[0]["reward_margin"] == 0.0
     assert steps[-1]["reward_margin"] != 0.0
+
+
+def test_a_second_bos_in_a_sequence_is_refused(llama_dir):
+    """A template that starts with BOS and a text that holds one too: two BOS in the sequence (axolotl#1616)."""
+    from dist_ft.config import ModelConfig
+    from dist_ft.data.preference import to_pair, tokenize_pair
+    from dist_ft.errors import UserError
+    from dist_ft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(path=str(llama_dir)))
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.chat_template = "{{ bos_token }}" + tiny.ZEPHYR_TEMPLATE
+    c, r = tokenize_pair(tok, to_pair({"prompt": "hi", "chosen": "yes", "rejected": "no"}, "d.jsonl:1"), "d.jsonl:1")
+    assert c.input_ids.count(tok.bos_token_id) == 1 and c.input_ids[:1] == [tok.bos_token_id]
+    with pytest.raises(UserError, match=r"^d\.jsonl:2: the chosen sequence holds a BOS token '<s>' beyond the template's"):
+        tokenize_pair(tok, to_pair({"prompt": "hi", "chosen": "<s>yes", "rejected": "no"}, "d.jsonl:2"), "d.jsonl:2")
+    tok.chat_template = "{{ bos_token }}" + tok.chat_template  # the template's BOS doubled (axolotl#1616)
+    with pytest.raises(UserError, match=r"^d\.jsonl:3: the chosen sequence starts with two BOS tokens '<s>'"):
+        tokenize_pair(tok, to_pair({"prompt": "hi", "chosen": "yes", "rejected": "no"}, "d.jsonl:3"), "d.jsonl:3")

@@ -70,6 +70,20 @@ def test_export_reloads_and_chats(chat_run):
     assert len(list((out / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
 
 
+def test_batched_greedy_answers_equal_one_at_a_time(chat_run):
+    """inference.generate left-pads a batch of prompts of different lengths: the greedy answers are those of each
+    prompt alone (what the demo, eval and sample prompts rely on when they generate many at once)."""
+    from dist_ft.inference import generate, load
+
+    tok, model = load(str(chat_run[0] / "final"))
+    convs = [[{"role": "user", "content": q}] for q in ("What color is the cat?", "Hi", "What color is the banana? Answer briefly please.",
+                                                       "tree?", "What color is the river, and why is it that color?")]
+    convs.append([{"role": "system", "content": "Answer briefly."}, *convs[0]])
+    alone = [generate(tok, model, [c], max_new_tokens=10, temperature=0.0)[0] for c in convs]
+    together = generate(tok, model, convs, max_new_tokens=10, temperature=0.0, batch_size=6)
+    assert together == alone and alone[0] == "The cat is black." and len(set(alone)) > 2, (together, alone)
+
+
 def test_pad_to_longest_mode_trains(tmp_path, gpt2_dir, toy_data):
     r = run_cli(*_cfg(tmp_path, gpt2_dir, toy_data[0], "data.packing=false", "train.max_steps=10"))
     assert r.returncode == 0, r.stderr[-3000:]

@@ -113,15 +113,16 @@ def wandb_run_ids(out: Path) -> list[str]:
 
 
 WRONG = {"red": "green", "yellow": "blue", "blue": "yellow", "green": "red", "black": "white", "white": "black"}
+OTHER_WRONG = {"red": "black", "yellow": "white", "blue": "red", "green": "yellow", "black": "blue", "white": "green"}  # unseen in WRONG pairs
 
 
-def toy_pairs(n: int = 64) -> list[dict]:
-    """Preference pairs on the toy colors (the right color chosen, a wrong one rejected), in the three record shapes."""
+def toy_pairs(n: int = 64, question: str = "What color is the {}?", wrong: dict = WRONG) -> list[dict]:
+    """Preference pairs on the toy colors (the right color chosen, a `wrong` one rejected), in the three record shapes."""
     items = list(COLORS.items())
     recs = []
     for i in range(n):
         thing, color = items[i % len(items)]
-        q, good, bad = f"What color is the {thing}?", f"The {thing} is {color}.", f"The {thing} is {WRONG[color]}."
+        q, good, bad = question.format(thing), f"The {thing} is {color}.", f"The {thing} is {wrong[color]}."
         shape = i % 3
         if shape == 0:
             recs.append({"prompt": q, "chosen": good, "rejected": bad})

@@ -37,6 +37,7 @@ class Prepared:
     shuffle_seed: int
     shuffle_window: int
     task: object  # the run's task (`dist_ft/tasks`): how rows become a Batch
+    meta: dict = field(default_factory=dict)  # what the task's scan found when the shards were prepared (e.g. labels)
 
     def collate(self, items: list) -> Batch:
         return self.task.collate(items, self.seq_len, self.pad_id, self.packing)
@@ -63,6 +64,9 @@ def _on_local_main(fn: Callable[[], None], local_rank: int, sync: Callable[[int]
 
 def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> tuple[Path, Manifest]:
     """The shard directory for this config (prepared, fetched or built now) and its checked manifest."""
+    if cfg.packing and not task.packable:
+        raise UserError(f"data.task {task.name} scores one sequence per row (its head pools the last token), so packing cannot be used; "
+                        "set data.packing: false")
     if cfg.prepared:
         if "://" in cfg.prepared:  # fsspec URL: each node's local rank 0 copies it into the cache
             root = shards.remote_copy_dir(cfg.prepared, cfg.cache_path())
@@ -98,7 +102,7 @@ def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int],
         vs = shards.ShardSet(root, manifest, "validation", cfg.verify_shards, task.group)
         val = Split([vs[i] for i in range(len(vs))], vs.stats) if len(vs) else None
     return Prepared(Split(train, train.stats), val, cfg.packing, cfg.max_seq_len, tok.pad_token_id, root,
-                    shards.fingerprint(manifest), cfg.seed, cfg.shuffle_window, task)
+                    shards.fingerprint(manifest), cfg.seed, cfg.shuffle_window, task, manifest.meta)
 
 
 def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[Batch]:

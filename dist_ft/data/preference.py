@@ -106,10 +106,11 @@ def tokenize_pair(tok, pair: Pair, where: str) -> tuple[Example, Example]:
         ex = tokenize_conversation(tok, Conversation(pair.prompt + [msg]), where)
         labels = [IGNORE] * n_prompt + ex.labels[n_prompt:]
         done = [t for t in labels if t != IGNORE]
-        bos = tok.bos_token_id
-        if bos is not None and bos != tok.eos_token_id and ex.input_ids.count(bos) > 1:
-            raise UserError(f"{where}: the {key} sequence has {ex.input_ids.count(bos)} BOS tokens (the template adds one and the "
-                            "text holds another); remove the BOS from the text")
+        bos = tok.bos_token_id  # (a template may write it at every turn, as ChatML models whose BOS is <|im_start|> do)
+        if bos is not None and bos != tok.eos_token_id and (ex.input_ids[:2] == [bos, bos] or bos in done):
+            what = "starts with two BOS tokens" if ex.input_ids[:2] == [bos, bos] else "holds a BOS token"
+            raise UserError(f"{where}: the {key} sequence {what} {tok.bos_token!r} beyond the template's (doubled by the "
+                            "tokenizer, or written in the text); remove the BOS from the text or the template")
         if not done:
             raise UserError(f"{where}: the {key} completion has no token after the prompt; write the reply")
         if eot in special and (done.count(eot) != 1 or done[-1] != eot):

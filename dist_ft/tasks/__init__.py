@@ -6,9 +6,12 @@
 - `loss(model, batch, chunk) -> LossOut`: the loss summed over the batch's `n_loss` units, plus metric sums,
 - `eval_metrics(loss_sum, n_loss, metric_sums) -> dict`: what evaluation reports,
 - `auto_class`: the transformers Auto class of the model (and head) it trains.
-Optional: `group` (examples that stay together in one row: 2 for a preference pair), `reference` (per-example
-log-probs of the starting model are computed once before training, `reference.py`), `prepare_model(model)` (e.g.
-dropout off) and `configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta).
+Optional: `group` (examples that stay together in one row: 2 for a preference pair), `packable` (False: one
+sequence per row, e.g. a head that pools its last token), `scan(records) -> meta` (read the training records once
+before tokenizing, e.g. the label set; `examples` then gets `meta=`, and the manifest keeps it), `head(meta)` (the
+model's head kwargs, e.g. num_labels), `reference` (per-example log-probs of the starting model are computed once
+before training, `reference.py`), `prepare_model(model)` (e.g. dropout off) and `configure(task, cfg) -> Task` (the
+task with the run's settings bound, e.g. DPO's beta).
 
 The training loop, evaluation and checkpoints call a task only through these; none branches on its name.
 Adding a task is adding a module here (and its tests); `data.task` accepts every module name here.
@@ -17,7 +20,7 @@ Adding a task is adding a module here (and its tests); `data.task` accepts every
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,6 +46,9 @@ class Task:
     loss: Callable[[Any, Batch, int], LossOut]
     eval_metrics: Callable[[float, float, dict], dict]
     group: int = 1
+    packable: bool = True
+    scan: Optional[Callable[[Any], dict]] = None
+    head: Optional[Callable[[dict], dict]] = None
     reference: bool = False
     prepare_model: Optional[Callable[[Any], None]] = None
     configure: Optional[Callable[["Task", Any], "Task"]] = None
@@ -63,3 +69,10 @@ def for_config(cfg) -> Task:
     """The task of `cfg` (data.task) with its settings bound."""
     task = get(cfg.data.task)
     return task.configure(task, cfg) if task.configure else task
+
+
+def with_meta(task: Task, meta: dict) -> Task:
+    """`task` whose `examples` gets the `meta` its `scan` found (the task itself where it has none)."""
+    from functools import partial
+
+    return replace(task, examples=partial(task.examples, meta=meta)) if task.scan else task

@@ -31,7 +31,7 @@ METRICS = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin
 
 def examples(rec: dict, where: str, cfg, tok):
     if cfg.format != "auto":
-        raise UserError(f"data.format '{cfg.format}' with data.task dpo: preference records have their own shapes; set data.format: auto")
+        raise UserError(f"data.format '{cfg.format}' with data.task {cfg.task}: preference records have their own shapes; set data.format: auto")
     counts = _lm.counters()
     pair = tokenize_pair(tok, to_pair(rec, where), where)
     if max(len(e.input_ids) for e in pair) > cfg.max_seq_len:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import UserError
@@ -112,6 +112,7 @@ class Manifest:
     splits: dict[str, SplitManifest]
     prepare_seconds: float
     tokens_per_s: int
+    meta: dict = field(default_factory=dict)  # what the task's scan found in the training records (e.g. the label set)
 
     @property
     def packing(self) -> bool:
@@ -120,7 +121,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {"format": self.format, "version": self.version, "key": self.key, "dtype": self.dtype,
                 "splits": {s: info.to_json() for s, info in self.splits.items()},
-                "prepare_seconds": self.prepare_seconds, "tokens_per_s": self.tokens_per_s}
+                "prepare_seconds": self.prepare_seconds, "tokens_per_s": self.tokens_per_s, **({"meta": self.meta} if self.meta else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
@@ -128,7 +129,7 @@ class Manifest:
         if bad:
             raise ValueError(f"split name {bad[0]!r} is not one of {', '.join(SPLITS)}")
         return cls(d["format"], d["version"], d["key"], d["dtype"], {s: SplitManifest.from_json(i) for s, i in d["splits"].items()},
-                   d["prepare_seconds"], d["tokens_per_s"])
+                   d["prepare_seconds"], d["tokens_per_s"], d.get("meta") or {})
 
 
 def read_manifest(root: Path) -> Manifest:

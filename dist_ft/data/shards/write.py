@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 from dataclasses import replace
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,9 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
     fsio.write_atomic(partial / "key.json", json.dumps(key))
     dtype = np.uint16 if len(tok) <= 1 << 16 else np.uint32
     t0 = time.perf_counter()
+    meta = task.scan((w, r) for _, w, r in pool.split_records(cfg, "train")[1]) if task.scan else {}
+    if task.scan:  # the task's examples get what its scan found (e.g. the label set), and the manifest keeps it
+        task = replace(task, examples=functools.partial(task.examples, meta=meta))
     splits: dict[str, SplitManifest] = {}
     for split in ("train", "validation"):
         if split == "validation" and cfg.validation is None and cfg.val_fraction == 0:
@@ -193,7 +197,7 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
         raise _no_examples(cfg, tok, task, train)
     dt = time.perf_counter() - t0
     tokens = sum(s.stats.tokens for s in splits.values())
-    manifest = Manifest(FORMAT, VERSION, key, np.dtype(dtype).name, splits, round(dt, 3), round(tokens / max(dt, 1e-9)))
+    manifest = Manifest(FORMAT, VERSION, key, np.dtype(dtype).name, splits, round(dt, 3), round(tokens / max(dt, 1e-9)), meta)
     fsio.write_atomic(partial / MANIFEST, json.dumps(manifest.to_json(), indent=1))
     (partial / "key.json").unlink()
     partial.rename(out)

@@ -1,0 +1,98 @@
+"""`dist-ft demo`: the two stages of a chat model, offline, scored before and after on held-out data.
+
+- `--stage sft` (configs/demo.yaml): SmolLM2-135M-Instruct fine-tuned on facts about a fictional country; held-out
+  questions in unseen phrasings are answered before and after (answer accuracy, assistant-token loss).
+- `--stage dpo` (configs/demo-dpo.yaml): that model preference-tuned to be honest: the right fact over another
+  fact's answer, and "I don't know" over a confident invention when asked what it was never told. Held-out pairs
+  (unseen phrasings, unseen unknowns): how often the model prefers the chosen reply (log-prob), the DPO reward
+  accuracy of the tuned model against the SFT model, and how often its greedy answer behaves as preferred.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+CONFIGS = {"sft": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml"}
+
+
+def fmt_score(s: dict) -> str:
+    acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
+    return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
+
+
+def fmt_heads(s: dict, reward: bool) -> str:
+    n, acc = s["n"], s["val_accuracy"]
+    if reward:
+        return f"pairwise accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | mean margin {s['val_margin']:.3f} | loss {s['val_loss']:.4f}"
+    return f"accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | macro-F1 {s['val_macro_f1']:.3f} | loss {s['val_loss']:.4f}"
+
+
+def run(config: str | None, overrides: list[str], stage: str = "sft") -> None:
+    from .config import load_config
+
+    cfg = load_config(config or CONFIGS[stage], overrides)
+    heldout = cfg.data.validation.path if cfg.data.validation else None
+    if heldout is None:
+        raise UserError(f"{config or CONFIGS[stage]}: the demo needs data.validation (the held-out set)")
+    (_sft if stage == "sft" else _dpo)(cfg, heldout)
+
+
+def _sft(cfg, heldout: str) -> None:
+    import torch
+
+    from . import inference, train
+    from .model import load_model
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, tok, torch.float32, adapters=False)  # the model as it comes, before any training
+    before = inference.score(tok, base, heldout, cfg.data.task)
+    del base
+    print(f"[demo] before fine-tuning: {fmt_score(before)}", flush=True)
+    out = train.run(cfg)
+    tok, tuned = inference.load(str(out / "final"))
+    after = inference.score(tok, tuned, heldout, cfg.data.task)
+    print(f"[demo] before fine-tuning: {fmt_score(before)}")
+    print(f"[demo] after  fine-tuning: {fmt_score(after)}")
+    n = len(after["samples"])
+    for i in ([0, n // 2] if n > 1 else range(n)):  # two different facts from the held-out set
+        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
+        print(f"[demo] held-out  you> {q}\n[demo]   base model  bot> {a0}   [{'correct' if ok0 else 'wrong'}]"
+              f"\n[demo]   fine-tuned  bot> {a1}   [{'correct' if ok1 else 'wrong'}]")
+    print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}\n[demo] next stage:   dist-ft demo --stage dpo")
+
+
+def _fmt_pairs(s: dict) -> str:
+    n = len(s["samples"])
+    return (f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | greedy answer as preferred "
+            f"{100 * s['behaviour']:.1f}% ({round(s['behaviour'] * n)}/{n})")
+
+
+def _dpo(cfg, heldout: str) -> None:
+    from . import inference, train
+
+    start = Path(cfg.model.path)
+    if not (start / "config.json").is_file():
+        raise UserError(f"model.path '{cfg.model.path}': no fine-tuned model there; run the first stage (dist-ft demo) first, which writes it")
+    tok, sft = inference.load(str(start))
+    before = inference.score_pairs(tok, sft, heldout)
+    del sft
+    print(f"[demo] SFT model (before DPO): {_fmt_pairs(before)}", flush=True)
+    out = train.run(cfg)
+    tok, tuned = inference.load(str(out / "final"))
+    after = inference.score_pairs(tok, tuned, heldout)
+    beta = cfg.dpo.beta
+    rewards = [(beta * (a[0] - b[0]), beta * (a[1] - b[1])) for a, b in zip(after["logps"], before["logps"])]
+    accuracy = sum(c > r for c, r in rewards) / max(1, len(rewards))
+    print(f"[demo] SFT model (before DPO): {_fmt_pairs(before)}")
+    print(f"[demo] after DPO:              {_fmt_pairs(after)}")
+    print(f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): {100 * accuracy:.1f}%, "
+          f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}")
+    last = len(after["samples"]) - 1  # the held-out file asks known facts first, never-told ones last
+    for i in dict.fromkeys([0, last]):  # a known fact, and a question about what the model was never told
+        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
+        print(f"[demo] held-out  you> {q}\n[demo]   SFT model   bot> {a0}   [{'as preferred' if ok0 else 'not preferred'}]"
+              f"\n[demo]   after DPO   bot> {a1}   [{'as preferred' if ok1 else 'not preferred'}]")
+    print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")
