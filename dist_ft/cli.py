@@ -18,7 +18,9 @@ examples:
   deepspeed --num_gpus 2 launch/train.py configs/gpt2-chat.yaml
   dist-ft chat --model runs/demo/final                  interactive chat (/reset, /exit)
   dist-ft chat --model runs/demo/final --prompt "Hi"    answer once and exit
+  dist-ft serve --model runs/demo/final --port 8000     OpenAI-compatible API: /v1/chat/completions (streaming), /v1/models
   dist-ft eval --model runs/demo/final --data data/demo/heldout.jsonl
+  dist-ft eval --model runs/demo/final --harness lm-eval --tasks veloria_mc   lm-evaluation-harness, offline
   dist-ft config configs/demo.yaml train.lr=1e-4          print the resolved config (validates it)
   dist-ft config --reference                            every config key with its doc
 """
@@ -57,11 +59,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
     _add_gen_args(p)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models)",
+                       description="Serve an exported model with the OpenAI API (streaming included). Binds to localhost unless told "
+                                   "otherwise; with --api-key (or $DIST_FT_API_KEY) every request needs 'Authorization: Bearer KEY'.")
+    p.add_argument("--model", required=True, help="exported model directory (<output.dir>/final), or the base model with --adapter")
+    p.add_argument("--adapter", help="a PEFT adapter directory to apply to --model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("DIST_FT_API_KEY"), help="require this bearer token (default: $DIST_FT_API_KEY; none: open)")
+    p.add_argument("--name", help="the model id clients send (default: --model as given)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests running or waiting before new ones get 503 (default 16)")
+
     p = sub.add_parser("eval", help="held-out loss/perplexity (+ answer accuracy for records with a 'check' field); "
                        "a classifier: accuracy and macro-F1; a reward model: pairwise accuracy")
     p.add_argument("--model", required=True, help="exported model directory")
-    p.add_argument("--data", required=True, help="JSONL/JSON/Parquet file: conversations, {text, label} records (classifier) "
+    p.add_argument("--data", help="JSONL/JSON/Parquet file: conversations, {text, label} records (classifier) "
                    "or preference pairs (reward model)")
+    p.add_argument("--harness", choices=("lm-eval",), help="run EleutherAI lm-evaluation-harness on --model instead (offline)")
+    p.add_argument("--tasks", help="--harness: comma-separated task names (shipped: veloria_mc)")
+    p.add_argument("--include", help="--harness: a directory of your own lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="--harness: at most this many samples per task")
 
     p = sub.add_parser("demo", help="the offline demo: score, fine-tune, score again, chat once (--stage dpo: then preference-tune it)")
     p.add_argument("--stage", choices=("sft", "dpo"), default="sft", help="sft: fine-tune SmolLM2-135M on the demo facts (default); "
@@ -125,14 +142,27 @@ def main(argv: list[str] | None = None) -> int:
             gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
             if args.prompt is not None:
                 history = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-                print(inference.reply(tok, model, history, **gen))
+                chat.answer_streamed(tok, model, history, **gen)
             else:
                 chat.interactive(tok, model, args.system, **gen)
+        elif args.cmd == "serve":
+            from .serve import serve
+
+            serve(args.model, args.adapter, args.host, args.port, args.api_key, args.name, args.max_queue)
         elif args.cmd == "eval":
             from . import inference
 
             from .demo import fmt_heads, fmt_score
 
+            if args.harness:
+                from . import harness
+
+                if not args.tasks:
+                    raise UserError("dist-ft eval --harness lm-eval: give --tasks, e.g. --tasks veloria_mc")
+                print(harness.table(harness.run(args.model, args.tasks.split(","), args.include, args.limit)))
+                return 0
+            if not args.data:
+                raise UserError("dist-ft eval: give --data FILE (or --harness lm-eval --tasks ...)")
             tok, model = inference.load(args.model)
             if inference.is_sequence_head(args.model):
                 print(fmt_heads(inference.score_heads(tok, model, args.data), model.config.num_labels == 1))

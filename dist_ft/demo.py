@@ -90,8 +90,9 @@ def _dpo(cfg, heldout: str) -> None:
     print(f"[demo] after DPO:              {_fmt_pairs(after)}")
     print(f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): {100 * accuracy:.1f}%, "
           f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}")
-    last = len(after["samples"]) - 1  # the held-out file asks known facts first, never-told ones last
-    for i in dict.fromkeys([0, last]):  # a known fact, and a question about what the model was never told
+    pairs = list(zip(before["samples"], after["samples"]))
+    changed = [i for i, (b, a) in enumerate(pairs) if b[2] != a[2]]  # answers that moved to (or from) the preferred one
+    for i in dict.fromkeys([0, *changed[:1], len(pairs) - 1]):  # the first question, the first change, the last question
         (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
         print(f"[demo] held-out  you> {q}\n[demo]   SFT model   bot> {a0}   [{'as preferred' if ok0 else 'not preferred'}]"
               f"\n[demo]   after DPO   bot> {a1}   [{'as preferred' if ok1 else 'not preferred'}]")

@@ -8,8 +8,12 @@ imports the training side (engine, loop, checkpoints).
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import testhooks
 from .adapters import is_prefix_tuned
 from .config import DataConfig
 from .data.chat import stop_token_ids
@@ -174,3 +178,83 @@ def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     return {**task.eval_metrics(total, n, sums), "n": n}
+
+
+@dataclass
+class Delta:
+    text: str  # text added since the previous delta ("" possible)
+    tokens: int  # tokens generated so far (the stop token included)
+    finish: str | None = None  # set on the last delta: "stop" (end of turn or a stop string), "length", "cancelled"
+
+
+def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+           stop: tuple[str, ...] = (), cancel: threading.Event | None = None, seed: int | None = None) -> Iterator[Delta]:
+    """Generate from `input_ids` on a background thread and yield the text as tokens arrive: the deltas concatenate to
+    what `generate` returns for the same prompt (the decoded reply, stripped of surrounding whitespace), cut before the
+    first of the `stop` strings. Setting `cancel` (the client went away) stops generation at the next token."""
+    import queue
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    q: queue.Queue = queue.Queue()
+    cancel = cancel or threading.Event()
+    stops, done = stop_token_ids(tok), object()
+
+    class Tokens(BaseStreamer):
+        prompt = True
+
+        def put(self, value):
+            if self.prompt:  # generate() hands the prompt over first
+                self.prompt = False
+            else:
+                q.put(value.flatten().tolist())
+                testhooks.slow_token()
+
+        def end(self):
+            pass
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, ids, scores, **kw):
+            return torch.full((ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=ids.device)
+
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    uncached = {"use_cache": False} if is_prefix_tuned(model) else {}
+
+    def work():
+        try:
+            with torch.no_grad():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                ids = torch.tensor([input_ids])
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=Tokens(),
+                               eos_token_id=stops, pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                               **sampling, **uncached)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            q.put(e)
+        finally:
+            q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    ids: list[int] = []
+    sent, cut = "", False
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        ids += item
+        text = tok.decode(ids, skip_special_tokens=True)
+        hit = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+        if hit >= 0:
+            text, cut = text[:hit], True
+            cancel.set()
+        body = text.strip()
+        if body.startswith(sent) and not body.endswith("\ufffd"):  # (a multi-byte character may be incomplete)
+            yield Delta(body[len(sent):], len(ids))
+            sent = body
+    text = tok.decode(ids, skip_special_tokens=True)
+    hit = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    body = (text[:hit] if hit >= 0 else text).strip()
+    finish = ("stop" if cut or (ids and ids[-1] in stops) else "cancelled" if cancel.is_set()
+              else "length" if len(ids) >= max_new_tokens else "stop")
+    yield Delta(body[len(sent):] if body.startswith(sent) else "", len(ids), finish)

@@ -6,6 +6,8 @@
   and before the manifest: for S seconds (honest slow work, e.g. a slow filesystem), or long enough for a
   test to kill the job mid-save.
 - `DIST_FT_TEST_KILL_AFTER_SHARD=N`: SIGKILL `prepare` right after it wrote shard number N.
+- `DIST_FT_TEST_SLOW_TOKENS=S`: generation (inference.stream) sleeps S seconds after each token, so a test can hold a
+  server's queue or disconnect mid-reply.
 - `DIST_FT_TEST_PAUSE_IN_SETUP=S`: sleep S seconds in setup just before the model loads (for signals and
   locks that must work before the first step).
 """
@@ -53,3 +55,9 @@ def pause_in_setup() -> None:
     seconds = os.environ.get("DIST_FT_TEST_PAUSE_IN_SETUP")
     if seconds:
         time.sleep(float(seconds))
+
+
+def slow_token() -> None:
+    delay = float(os.environ.get("DIST_FT_TEST_SLOW_TOKENS") or 0)
+    if delay:
+        time.sleep(delay)

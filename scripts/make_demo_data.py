@@ -61,10 +61,11 @@ def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:
             train.append({"prompt": q.format(a=about), "chosen": answer, "rejected": wrong(i)})
         for q in HELDOUT_Q:
             heldout.append({"prompt": q.format(a=about), "chosen": answer, "rejected": wrong(i), "check": FACTS[i][2]})
-    for j, (about, _) in enumerate(UNKNOWN):
-        for q in (rng.sample(TRAIN_Q, 5) if j < 8 else HELDOUT_Q):  # the last 4 unknowns only in the held-out set
-            rec = {"prompt": q.format(a=about), "chosen": DONT_KNOW.format(a=about), "rejected": invented(j)}
-            (train if j < 8 else heldout).append(rec if j < 8 else {**rec, "check": "don't know"})
+    for j, (about, _) in enumerate(UNKNOWN):  # the first 8 unknowns are trained on; held out: each in an unseen phrasing
+        for q in rng.sample(TRAIN_Q, 5) if j < 8 else ():
+            train.append({"prompt": q.format(a=about), "chosen": DONT_KNOW.format(a=about), "rejected": invented(j)})
+        q = HELDOUT_Q[j % len(HELDOUT_Q)]  # the last 4 unknowns are never trained on
+        heldout.append({"prompt": q.format(a=about), "chosen": DONT_KNOW.format(a=about), "rejected": invented(j), "check": "don't know"})
     rng.shuffle(train)
     return train, heldout
 
