@@ -55,6 +55,17 @@ def test_export_reloads_and_chats(chat_run):
 
     tok = AutoTokenizer.from_pretrained(final)
     assert "<|im_start|>" in tok.chat_template and "<|im_end|>" in tok.get_vocab()
+    # ready for other servers (vLLM, transformers): generation stops on the template's end of turn by itself
+    gen = json.loads((final / "generation_config.json").read_text())
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert eos[0] == im_end and gen["pad_token_id"] == tok.pad_token_id
+    import torch
+
+    ids = tok.apply_chat_template([{"role": "user", "content": "What color is the banana?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    new = AutoModelForCausalLM.from_pretrained(final).generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert new[-1].item() == im_end and len(new) < 20 and "yellow" in tok.decode(new)  # stopped there, no config passed
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     pipe = pipeline("text-generation", model=str(final))
