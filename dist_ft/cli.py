@@ -184,8 +184,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("dist-ft config: give a config file or --reference")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _leave_group(e.exit_code)
         return e.exit_code
     return 0
+
+
+def _leave_group(code: int) -> None:
+    """Every rank of a multi-process run failed on the same bad input. Ranks > 0 leave at once, skipping interpreter
+    teardown (with rank 0's store gone, a process group torn down late can abort: the launcher then reports 250,
+    SIGABRT, instead of the error's exit code); rank 0, whose store the others use, leaves last."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import time
+
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if tdist.get_rank() != 0:
+            os._exit(code)
+        time.sleep(1.0)
 
 
 def entry() -> None:

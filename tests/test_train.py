@@ -60,8 +60,6 @@ def test_export_reloads_and_chats(chat_run):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert eos[0] == im_end and gen["pad_token_id"] == tok.pad_token_id
-    import torch
-
     ids = tok.apply_chat_template([{"role": "user", "content": "What color is the banana?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     new = AutoModelForCausalLM.from_pretrained(final).generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1]:]
