@@ -58,7 +58,7 @@ def is_prefix_tuned(model) -> bool:
 
 def fingerprint(named_frozen) -> str:
     """sha256 over the frozen (base) parameters: name, shape, dtype and bytes of each, in the order given (name order
-    from `engine.full_frozen_params`). Each tensor is hashed as it comes: under ZeRO-3 it is whole only then."""
+    from `engine.whole_params`). Each tensor is hashed as it comes: under ZeRO-3 it is whole only then."""
     h = hashlib.sha256()
     for name, t in named_frozen:
         t = t.detach().cpu().contiguous()

@@ -57,11 +57,16 @@ def _sft(cfg, heldout: str) -> None:
     print(f"[demo] before fine-tuning: {fmt_score(before)}")
     print(f"[demo] after  fine-tuning: {fmt_score(after)}")
     n = len(after["samples"])
-    for i in ([0, n // 2] if n > 1 else range(n)):  # two different facts from the held-out set
-        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
-        print(f"[demo] held-out  you> {q}\n[demo]   base model  bot> {a0}   [{'correct' if ok0 else 'wrong'}]"
-              f"\n[demo]   fine-tuned  bot> {a1}   [{'correct' if ok1 else 'wrong'}]")
+    _show(before, after, [0, n // 2] if n > 1 else range(n), ("base model", "fine-tuned"), ("correct", "wrong"))  # two facts
     print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}\n[demo] next stage:   dist-ft demo --stage dpo")
+
+
+def _show(before: dict, after: dict, indices, who: tuple[str, str], marks: tuple[str, str]) -> None:
+    """Held-out questions answered before and after training, each answer marked right (marks[0]) or not."""
+    for i in indices:
+        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
+        print(f"[demo] held-out  you> {q}\n[demo]   {who[0]}  bot> {a0}   [{marks[not ok0]}]"
+              f"\n[demo]   {who[1]}  bot> {a1}   [{marks[not ok1]}]")
 
 
 def _fmt_pairs(s: dict) -> str:
@@ -92,8 +97,6 @@ def _dpo(cfg, heldout: str) -> None:
           f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}")
     pairs = list(zip(before["samples"], after["samples"]))
     changed = [i for i, (b, a) in enumerate(pairs) if b[2] != a[2]]  # answers that moved to (or from) the preferred one
-    for i in dict.fromkeys([0, *changed[:1], len(pairs) - 1]):  # the first question, the first change, the last question
-        (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
-        print(f"[demo] held-out  you> {q}\n[demo]   SFT model   bot> {a0}   [{'as preferred' if ok0 else 'not preferred'}]"
-              f"\n[demo]   after DPO   bot> {a1}   [{'as preferred' if ok1 else 'not preferred'}]")
+    # the first question, the first change, the last question
+    _show(before, after, dict.fromkeys([0, *changed[:1], len(pairs) - 1]), ("SFT model ", "after DPO "), ("as preferred", "not preferred"))
     print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")

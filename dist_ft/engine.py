@@ -125,11 +125,12 @@ def gathered(*params):
         yield
 
 
-def full_frozen_params(model, every: bool = False):
-    """(name, whole tensor) of each frozen parameter (`every`: each parameter) of a model loaded for an engine, one at a
-    time (under ZeRO-3 each is gathered from its partitions while it is looked at: every rank must iterate alike)."""
+def whole_params(model, frozen_only: bool = True):
+    """(name, whole tensor) of each frozen parameter (or, not `frozen_only`, each parameter) of a model loaded for an
+    engine, in name order, one at a time (under ZeRO-3 each is gathered from its partitions while it is looked at:
+    every rank must iterate alike)."""
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        if every or not p.requires_grad:
+        if not (frozen_only and p.requires_grad):
             with gathered(p):
                 yield name, p.data
 

@@ -38,10 +38,10 @@ def write_final(engine, cfg, tok, auto_class: str, out: Path, is_main: bool, bas
     import torch
 
     from . import adapters
-    from .engine import full_frozen_params
+    from .engine import whole_params
     from .model import load_model
 
-    now = adapters.fingerprint(full_frozen_params(engine.module))
+    now = adapters.fingerprint(whole_params(engine.module))
     if now != base_sha256:
         raise RuntimeError(f"the frozen base weights changed during training (sha256 {base_sha256[:12]} -> {now[:12]}): a bug, please report it")
     trained = engine.trainable_fp32()  # the adapter, whole, fp32 master values

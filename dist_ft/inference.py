@@ -60,20 +60,23 @@ def is_sequence_head(model_dir: str) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
+def _generation_kwargs(model, temperature: float, top_p: float) -> dict:
+    """Sampling (temperature 0: greedy) and, for a prefix-tuned model, no KV cache: it enters its virtual tokens as a
+    cache, which generate()'s own cache drops (peft 0.21 with transformers 5: the answer would be the base model's)."""
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    return {**sampling, **({"use_cache": False} if is_prefix_tuned(model) else {})}
+
+
 def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.7,
-             top_p: float = 0.9, stream: bool = False, batch_size: int = 16, progress: bool = False) -> list[str]:
+             top_p: float = 0.9, batch_size: int = 16, progress: bool = False) -> list[str]:
     """The assistant's next reply to each conversation (temperature 0: greedy), `batch_size` conversations per
-    generate() call (left-padded). `stream` prints tokens as they come (one conversation); `progress` shows a bar."""
+    generate() call (left-padded; one at a time for a prefix-tuned model); `progress` shows a bar. (`stream` yields
+    one reply as it is generated.)"""
     import torch
     from tqdm import tqdm
-    from transformers import TextStreamer
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    stops = stop_token_ids(tok)
-    # a prefix-tuned model enters its virtual tokens as a KV cache, which generate()'s own cache drops (peft 0.21 with
-    # transformers 5: the answer would be the base model's); without the cache every token sees the prefix
-    uncached = {"use_cache": False} if is_prefix_tuned(model) else {}
-    size = 1 if stream or uncached else max(1, batch_size)
+    kw, stops = _generation_kwargs(model, temperature, top_p), stop_token_ids(tok)
+    size = 1 if "use_cache" in kw else max(1, batch_size)
     replies, side = [], tok.padding_side
     bar = tqdm(total=len(conversations), desc="generate", unit=" replies", disable=not progress or len(conversations) < 2)
     try:
@@ -81,10 +84,8 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
         for i in range(0, len(conversations), size):
             chunk = conversations[i : i + size]
             enc = tok.apply_chat_template(chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True)
-            streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tok.pad_token_id,
-                                     eos_token_id=stops, **sampling, **uncached)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stops, **kw)
             width = enc["input_ids"].shape[1]
             replies += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
             bar.update(len(chunk))
@@ -92,10 +93,6 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
         tok.padding_side = side
         bar.close()
     return replies
-
-
-def reply(tok, model, history: list[dict], **gen) -> str:
-    return generate(tok, model, [history], **gen)[0]
 
 
 def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) -> dict:
@@ -132,7 +129,7 @@ def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
     import torch
 
     from .data.preference import to_pair, tokenize_pair
-    from .loss import sequence_logps
+    from .loss import batch_sequence_logps
     from . import tasks
 
     dpo = tasks.get("dpo")
@@ -142,7 +139,7 @@ def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
         for where, rec in read_records(DataConfig(train=path, task="dpo").train):
             pair = to_pair(rec, where)
             batch = dpo.collate([list(tokenize_pair(tok, pair, where))], 1 << 30, tok.pad_token_id, False)
-            logps.append(sequence_logps(model, batch, batch.extra["seq_of_loss"], 2).tolist())
+            logps.append(batch_sequence_logps(model, batch).tolist())
             if "check" in rec:
                 checks.append((pair.prompt, str(rec["check"])))
     answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
@@ -162,7 +159,7 @@ def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
     reward = model.config.num_labels == 1
     task = tasks.get("reward" if reward else "classify")
     if not reward:
-        task = tasks.with_meta(task, {"labels": [model.config.id2label[i] for i in range(model.config.num_labels)]})
+        task = task.with_meta({"labels": [model.config.id2label[i] for i in range(model.config.num_labels)]})
     cfg = DataConfig(train=path, task=task.name, max_seq_len=1 << 30, packing=False)
     rows = []
     for where, rec in read_records(cfg.train):
@@ -219,9 +216,6 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
         def __call__(self, ids, scores, **kw):
             return torch.full((ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=ids.device)
 
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    uncached = {"use_cache": False} if is_prefix_tuned(model) else {}
-
     def work():
         try:
             with torch.no_grad():
@@ -230,11 +224,17 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
                 ids = torch.tensor([input_ids])
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=Tokens(),
                                eos_token_id=stops, pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                               **sampling, **uncached)
+                               **_generation_kwargs(model, temperature, top_p))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             q.put(e)
         finally:
             q.put(done)
+
+    def reply_so_far() -> tuple[str, bool]:
+        """The decoded reply, cut before the first stop string, stripped; and whether a stop string cut it."""
+        text = tok.decode(ids, skip_special_tokens=True)
+        hit = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+        return (text[:hit] if hit >= 0 else text).strip(), hit >= 0
 
     threading.Thread(target=work, daemon=True).start()
     ids: list[int] = []
@@ -243,18 +243,14 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
         if isinstance(item, BaseException):
             raise item
         ids += item
-        text = tok.decode(ids, skip_special_tokens=True)
-        hit = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-        if hit >= 0:
-            text, cut = text[:hit], True
+        body, hit = reply_so_far()
+        if hit:
+            cut = True
             cancel.set()
-        body = text.strip()
         if body.startswith(sent) and not body.endswith("\ufffd"):  # (a multi-byte character may be incomplete)
             yield Delta(body[len(sent):], len(ids))
             sent = body
-    text = tok.decode(ids, skip_special_tokens=True)
-    hit = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    body = (text[:hit] if hit >= 0 else text).strip()
+    body, _ = reply_so_far()
     finish = ("stop" if cut or (ids and ids[-1] in stops) else "cancelled" if cancel.is_set()
               else "length" if len(ids) >= max_new_tokens else "stop")
     yield Delta(body[len(sent):] if body.startswith(sent) else "", len(ids), finish)

@@ -143,3 +143,9 @@ def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) 
         handle.remove()
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
     return torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(0, seq_of_loss.to(dev), logp.double())
+
+
+def batch_sequence_logps(engine, batch: Batch) -> torch.Tensor:
+    """`sequence_logps` of a pairwise task's batch, whose `extra` maps its loss positions to sequences (`seq_of_loss`,
+    `n_seq`); a padding batch (`Batch.without_loss`) keeps the forward and scores nothing."""
+    return sequence_logps(engine, batch, batch.extra["seq_of_loss"][: batch.loss_index.numel()], batch.extra["n_seq"])

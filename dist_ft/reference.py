@@ -20,8 +20,8 @@ import torch
 from . import dist, fsio
 from .adapters import fingerprint
 from .data.dataset import Prepared
-from .engine import full_frozen_params
-from .loss import sequence_logps
+from .engine import whole_params
+from .loss import batch_sequence_logps
 
 
 def starting_point(cfg, task, prep: Prepared, engine, precision: str, env) -> str:
@@ -29,10 +29,10 @@ def starting_point(cfg, task, prep: Prepared, engine, precision: str, env) -> st
     starting weights a task's reference is (whose log-probs are attached to `prep` here). Call before a checkpoint
     loads: the engine must still hold the starting weights."""
     if cfg.model.peft is not None:
-        return fingerprint(full_frozen_params(engine.module))
+        return fingerprint(whole_params(engine.module))
     if not task.reference:
         return ""
-    sha = fingerprint(full_frozen_params(engine.module, every=True))
+    sha = fingerprint(whole_params(engine.module, frozen_only=False))
     attach(prep, engine, key(sha, precision, prep), cfg.data.cache_path(), cfg.train.micro_batch_size, env,
            print if env.is_main else lambda *_: None)
     return sha
@@ -89,7 +89,7 @@ def _score(engine, prep: Prepared, rows, ids_of, n_rows: int, n_ex: int, micro: 
         for b in range(-(-(-(-n_rows // world)) // micro)):
             idx = mine[b * micro : (b + 1) * micro]
             batch = prep.collate([rows(i) for i in idx]) if idx else prep.collate([rows(0)]).without_loss()
-            lp = sequence_logps(engine, batch, batch.extra["seq_of_loss"][: batch.loss_index.numel()], batch.extra["n_seq"])
+            lp = batch_sequence_logps(engine, batch)
             if idx:
                 out[torch.tensor([e for i in idx for e in ids_of(i)], device=engine.device)] = lp
     return dist.all_sum_tensor(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import run_cli
 from test_checkpoint import _cmd, _run
@@ -139,16 +139,9 @@ def test_lora_resume_after_sigkill_is_bit_exact_and_refused_on_another_base(lora
     r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
     # the base changes on disk under the run: the adapter checkpoint must not continue on it
-    weights = run_cfg.parent / "base" / "model.safetensors"
-    original = weights.read_bytes()
-    w = load_file(weights)
-    w["transformer.h.0.mlp.c_fc.weight"] = w["transformer.h.0.mlp.c_fc.weight"] + 1e-3
-    save_file(w, weights, metadata={"format": "pt"})
-    try:
+    with tiny.weights_changed_on_disk(run_cfg.parent / "base"):
         r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
         assert r.returncode == 2 and "the base model's weights (sha256" in r.stderr and "differ from those this checkpoint was trained on" in r.stderr
-    finally:
-        weights.write_bytes(original)
     r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
     assert tiny.losses(out) == tiny.losses(lora_run)

@@ -4,6 +4,7 @@ through the same `from_pretrained` path a hub id takes. Tokenizers are byte-leve
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 WORDS = ("the a of to and is in it you that he was for on are with as his they be at one have this from or had by "
@@ -83,6 +84,22 @@ def toy_chat(n: int = 64) -> list[dict]:
             msgs = [{"role": "system", "content": "Answer briefly."}] + msgs
         recs.append({"messages": msgs})
     return recs
+
+
+@contextmanager
+def weights_changed_on_disk(model_dir: Path, name: str = "transformer.h.0.mlp.c_fc.weight", delta: float = 1e-3):
+    """Inside the block, `model_dir`'s safetensors has `name` moved by `delta` (the model changed under a run); restored after."""
+    from safetensors.torch import load_file, save_file
+
+    weights = model_dir / "model.safetensors"
+    original = weights.read_bytes()
+    w = load_file(weights)
+    w[name] = w[name] + delta
+    save_file(w, weights, metadata={"format": "pt"})
+    try:
+        yield
+    finally:
+        weights.write_bytes(original)
 
 
 def write_jsonl(path: Path, recs: list[dict]) -> Path:

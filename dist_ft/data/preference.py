@@ -91,9 +91,10 @@ def _prompt_ids(tok, prompt: list[dict]) -> list[int]:
 
 def tokenize_pair(tok, pair: Pair, where: str) -> tuple[Example, Example]:
     """Chosen and rejected as whole sequences (prompt + completion, the same template as SFT) whose labels are the
-    completion's tokens only. Refused, naming the record: prompt tokens that differ between the two (the template or a
-    merge across the prompt/completion boundary), more than one BOS, a completion without exactly one end-of-turn
-    token at its end (a duplicated EOS, or a marker in the text)."""
+    completion's tokens only. Refused, naming the record: prompt + completion whose first tokens are not the prompt's
+    own (a merge across the prompt/completion boundary), a doubled leading BOS or a BOS in the completion, an empty
+    completion, a completion without exactly one end-of-turn token at its end (a duplicated EOS, or a marker in the
+    text)."""
     prompt, eot = _prompt_ids(tok, pair.prompt), end_of_turn_id(tok)
     n_prompt, special = len(prompt), set(tok.all_special_ids)  # a template without an end-of-turn marker has none to check
     out = []

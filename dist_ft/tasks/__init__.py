@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -53,6 +54,10 @@ class Task:
     prepare_model: Optional[Callable[[Any], None]] = None
     configure: Optional[Callable[["Task", Any], "Task"]] = None
 
+    def with_meta(self, meta: dict) -> "Task":
+        """This task whose `examples` gets the `meta` its `scan` found (itself where it has no scan)."""
+        return replace(self, examples=partial(self.examples, meta=meta)) if self.scan else self
+
 
 names = task_names  # every task this installation has (module names here, found without importing them)
 
@@ -69,10 +74,3 @@ def for_config(cfg) -> Task:
     """The task of `cfg` (data.task) with its settings bound."""
     task = get(cfg.data.task)
     return task.configure(task, cfg) if task.configure else task
-
-
-def with_meta(task: Task, meta: dict) -> Task:
-    """`task` whose `examples` gets the `meta` its `scan` found (the task itself where it has none)."""
-    from functools import partial
-
-    return replace(task, examples=partial(task.examples, meta=meta)) if task.scan else task

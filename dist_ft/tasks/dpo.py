@@ -22,7 +22,7 @@ from ..data.chat import Example
 from ..data.packing import collate_packed, collate_padded
 from ..data.preference import to_pair, tokenize_pair
 from ..errors import UserError
-from ..loss import sequence_logps
+from ..loss import batch_sequence_logps
 from . import LossOut, Task, _lm
 
 GROUP = 2  # chosen, rejected: consecutive in every row
@@ -65,11 +65,6 @@ def collate(items: list, seq_len: int, pad_id: int, packing: bool) -> Batch:
     return replace(b, n_loss=len(seqs) // GROUP, extra=extra)
 
 
-def reference_logps(model, batch: Batch) -> torch.Tensor:
-    """Each sequence's summed completion log-prob, [n_seq] fp64: what the reference pass stores."""
-    return sequence_logps(model, batch, batch.extra["seq_of_loss"], batch.extra["n_seq"])
-
-
 def _means(logps: torch.Tensor, batch: Batch) -> torch.Tensor:
     seq = batch.extra["seq_of_loss"].to(logps.device)
     return logps / torch.bincount(seq, minlength=batch.extra["n_seq"]).clamp(min=1)
@@ -80,15 +75,15 @@ def loss(model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str = "sig
     """Summed over the batch's pairs: sigmoid (DPO) or IPO loss of the policy-vs-reference log-ratio margin, and the sums
     of the rewards (beta x log-ratio), reward accuracy and margin, and the completions' log-probs."""
     if batch.n_loss == 0:  # a padding batch of evaluation: the forward keeps ZeRO-3's gathers in step, nothing counts
-        lp = sequence_logps(model, batch, batch.extra["seq_of_loss"][: batch.loss_index.numel()], batch.extra["n_seq"])
+        lp = batch_sequence_logps(model, batch)
         return LossOut(0.0 * lp.sum(), {k: lp.new_zeros(()) for k in METRICS})
-    lp = reference_logps(model, batch)
+    lp = batch_sequence_logps(model, batch)
     ref = batch.extra.get("ref_logps")
     if ref is not None:
         ref = ref.to(lp.device)
     elif adapters:  # LoRA / prefix: the reference is the same model with its adapters switched off
         with torch.no_grad(), getattr(model, "module", model).disable_adapter():
-            ref = reference_logps(model, batch)
+            ref = batch_sequence_logps(model, batch)
     else:
         raise RuntimeError("dpo: the batch carries no reference log-probs (the reference pass did not run)")
     pol, refs = (_means(lp, batch), _means(ref, batch)) if kind == "ipo" else (lp, ref)

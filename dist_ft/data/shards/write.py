@@ -9,7 +9,6 @@ import json
 import shutil
 import time
 from dataclasses import replace
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -182,8 +181,7 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
     dtype = np.uint16 if len(tok) <= 1 << 16 else np.uint32
     t0 = time.perf_counter()
     meta = task.scan((w, r) for _, w, r in pool.split_records(cfg, "train")[1]) if task.scan else {}
-    if task.scan:  # the task's examples get what its scan found (e.g. the label set), and the manifest keeps it
-        task = replace(task, examples=functools.partial(task.examples, meta=meta))
+    task = task.with_meta(meta)  # its examples get what its scan found (e.g. the label set); the manifest keeps it
     splits: dict[str, SplitManifest] = {}
     for split in ("train", "validation"):
         if split == "validation" and cfg.validation is None and cfg.val_fraction == 0:
