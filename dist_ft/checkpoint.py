@@ -117,6 +117,7 @@ class Checkpointer:
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
         self.keep_every = keep_every
         self.base_sha256 = ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
+        self.before_publish = lambda what: None  # rank 0: raises if the run may no longer publish (it lost output.dir's lock)
 
     def survey(self) -> list[tuple[int, Path, str | None]]:
         """(step, path, why it is damaged or None) of every checkpoint directory, complete or not, oldest first."""
@@ -145,6 +146,7 @@ class Checkpointer:
                                 os.environ.get("SLURM_JOB_ID", ""), self.base_sha256)
             (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
             (tmp / "COMPLETE").write_text("ok\n")
+            self.before_publish(f"publishing checkpoint {final.name}")
             fsio.publish_dir(tmp, final)  # (a re-save of the same step, e.g. a signal right after a periodic save, replaces it)
             for st, old in self.complete()[: -self.keep]:  # only after the new one is complete
                 if self.keep_every and st % self.keep_every == 0:

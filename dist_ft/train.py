@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from . import dist, inference, perf, reference, rundir, tasks, testhooks
+from .runlock import LockLost, RunLock
 from .checkpoint import Checkpointer, ResumePlan, resume_plan, seed_all
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
@@ -70,7 +71,7 @@ def run(cfg: Config) -> Path:
     try:
         env = init_distributed(cfg.engine.dist_backend, cfg.engine.collective_timeout_minutes)
         lock = _lock(cfg, env)
-        r = setup(cfg, env, signals)
+        r = setup(cfg, env, signals, lock)
         return _loop(r)
     except Exception as e:
         if isinstance(e, Preempted) or (signals.received and r is None):
@@ -172,6 +173,7 @@ def save(r: Run, step: int, data_state: dict) -> None:
 def export(r: Run) -> None:
     """Every rank joins the gather of the full weights; rank 0 writes `final/` and answers the sample prompts."""
     r.loader.close()
+    _still_ours(r, "exporting final/")
     note = write_final(r.engine, r.cfg, r.tok, r.task.auto_class, r.out / "final", r.env.is_main, r.ckpt.base_sha256)
     if note is None:
         return
@@ -184,6 +186,18 @@ def export(r: Run) -> None:
         r.tracker.samples(r.total_steps, list(zip(track.sample_prompts, answers)))
 
 
+def _still_ours(r: Run, before: str) -> None:
+    """Every rank stops (`LockLost`, exit 4) if rank 0 no longer holds output.dir's lock."""
+    lost = None
+    if r.env.is_main:
+        try:
+            r.ckpt.before_publish(before)
+        except LockLost as e:
+            lost = e
+    if dist.broadcast_object(lost is not None):
+        raise lost or LockLost(f"rank 0 lost output.dir's run lock; stopped before {before}")
+
+
 def close(r: Run, exit_code: int = 0) -> None:
     r.loader.close()
     r.engine.close()
@@ -193,12 +207,14 @@ def close(r: Run, exit_code: int = 0) -> None:
 
 # ---------------------------------------------------------------- setup
 
-def _lock(cfg: Config, env: dist.DistEnv) -> rundir.RunLock | None:
-    """Rank 0 takes output.dir's run lock before anything is written; every rank fails alike if it is taken."""
+def _lock(cfg: Config, env: dist.DistEnv) -> RunLock | None:
+    """Rank 0 checks output.dir may hold this run and takes its run lock before anything is written; every rank fails
+    alike if it may not or the lock is taken."""
     lock, error = None, None
     if env.is_main:
         try:
-            lock = rundir.RunLock(Path(cfg.output.dir), 60 * cfg.output.lock_stale_minutes).acquire()
+            rundir.check_target(cfg)
+            lock = RunLock(Path(cfg.output.dir), 60 * cfg.output.lock_stale_minutes).acquire()
         except UserError as e:
             error = str(e)
     error = dist.broadcast_object(error)
@@ -209,7 +225,7 @@ def _lock(cfg: Config, env: dist.DistEnv) -> rundir.RunLock | None:
     return lock
 
 
-def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
+def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None) -> Run:
     """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
     run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
     precision = resolve_precision(cfg.engine.precision)
@@ -229,6 +245,8 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals) -> Run:
     if task.prepare_model:
         task.prepare_model(model)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
+    if lock is not None:  # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another
+        ckpt.before_publish = lock.verify
     plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = Engine.build(cfg, model, total_steps, precision, load_universal=plan.reshard)
     ckpt.base_sha256 = reference.starting_point(cfg, task, prep, engine, precision, env)  # adapter's base / DPO's reference

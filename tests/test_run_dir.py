@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from conftest import REPO
 from test_checkpoint import _assert_identical, _cmd, _run
 import tiny
 from dist_ft import fsio, rundir
-from dist_ft.rundir import LOCK, Owner, RunLock, stale_reason
+from dist_ft.runlock import LOCK, LockLost, Owner, RunLock, stale_reason
 from dist_ft.errors import UserError
 from dist_ft.track import read_steps
 
@@ -178,12 +179,18 @@ def _owner(**kw):
 
 def test_stale_lock_rules():
     me = Owner.me()
-    dead = _owner(host=me.host, pid=2**22 + 7)  # beyond pid_max: never running
+    here = dict(host=me.host, boot_id=me.boot_id, pid_ns=me.pid_ns)
+    assert me.boot_id and me.pid_ns.startswith("pid:[")
+    dead = _owner(**here, pid=2**22 + 7)  # beyond pid_max: never running
     assert "not running" in stale_reason(dead, 0, me, 300)
-    alive = _owner(host=me.host, pid=os.getpid(), pid_start=me.pid_start)
+    alive = _owner(**here, pid=os.getpid(), pid_start=me.pid_start)
     assert stale_reason(alive, 10**6, me, 300) is None  # same host, pid alive: never stale, however old
-    reused = _owner(host=me.host, pid=os.getpid(), pid_start="0")
+    reused = _owner(**here, pid=os.getpid(), pid_start="0")
     assert "another process" in stale_reason(reused, 0, me, 300)
+    # a container sharing the host name (another pid namespace), or another boot: its pid says nothing here
+    for elsewhere in ({**here, "pid_ns": "pid:[1]"}, {**here, "boot_id": "another-boot"}, {"host": me.host}):
+        assert stale_reason(_owner(**elsewhere, pid=2**22 + 7), 299, me, 300) is None
+        assert "no heartbeat" in stale_reason(_owner(**elsewhere, pid=2**22 + 7), 301, me, 300)
     far = _owner(host="other-node")
     assert stale_reason(far, 299, me, 300) is None and "no heartbeat" in stale_reason(far, 301, me, 300)
     job = _owner(host="other-node", job="77", restart=0)
@@ -210,6 +217,7 @@ def test_lock_is_exclusive_and_taken_over_from_another_host_after_its_heartbeat_
 
 
 def test_final_is_swapped_without_a_gap(tmp_path, monkeypatch):
+    rundir.commit(tmp_path, "x: 1\n", replace=False)  # (an empty directory becomes a run directory: ours to repair)
     final = tmp_path / "final"
     final.mkdir()
     (final / "w").write_text("old")
@@ -229,3 +237,91 @@ def test_final_is_swapped_without_a_gap(tmp_path, monkeypatch):
     final.rename(tmp_path / "final.old")
     rundir.commit(tmp_path, "x: 1\n", replace=False)
     assert (final / "w").read_text() == "newer"
+
+
+# ---- a lock that cannot be stolen from a live run
+
+HOLD = "import sys, time\nfrom dist_ft.runlock import RunLock\nRunLock(sys.argv[1], 300).acquire()\nprint('held', flush=True)\ntime.sleep(120)\n"
+
+
+def test_a_holder_in_another_pid_namespace_keeps_its_lock_while_its_heartbeat_is_fresh(tmp_path):
+    """Its pid (1 in its own namespace) says nothing on this side: only the heartbeat's age decides."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is not installed")
+    run = tmp_path / "run"
+    p = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", HOLD, str(run)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if p.stdout.readline().strip() != "held":
+            pytest.skip(f"cannot make a pid namespace here: {p.stderr.read()[-300:]}")
+        owner = json.loads((run / LOCK).read_text())
+        assert owner["pid"] == 1 and owner["pid_ns"] != os.readlink("/proc/self/ns/pid")
+        with pytest.raises(UserError, match="is in use by another run"):
+            RunLock(run, stale_after_s=300).acquire()
+        old = time.time() - 400
+        os.utime(run / LOCK, (old, old))  # no heartbeat for 400 s: now it may be taken over
+        b = RunLock(run, stale_after_s=300).acquire()
+        assert "no heartbeat for 6.7 min" in b.note
+        b.release()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_lock_taken_over_meanwhile_is_never_refreshed_and_stops_the_publish(tmp_path):
+    a = RunLock(tmp_path / "run", stale_after_s=300).acquire()
+    a.verify("publishing checkpoint step-1")  # still ours: nothing happens
+    other = tmp_path / "run" / "other.lock"
+    other.write_text(json.dumps(_owner(host="other-node", pid=4242).__dict__))
+    os.utime(other, (1000.0, 1000.0))
+    os.rename(other, tmp_path / "run" / LOCK)  # another host's run took the directory over (this one was suspended)
+    assert a._refresh() is not None  # the heartbeat sees it ...
+    with pytest.raises(LockLost, match=r"no longer holds its lock \(it is now held by another run \(host other-node, pid 4242"):
+        a.verify("publishing checkpoint step-2")
+    assert LockLost.exit_code == 4
+    assert (tmp_path / "run" / LOCK).stat().st_mtime == 1000.0  # ... and never touches the other run's lock
+    a.release()
+    assert json.loads((tmp_path / "run" / LOCK).read_text())["pid"] == 4242  # nor removes it
+
+
+def test_a_suspended_run_that_lost_its_lock_stops_before_publishing(cfg, tmp_path):
+    """SIGSTOP mid-save (as `scontrol suspend`), another host's run takes the lock, SIGCONT: exit 4, no step published."""
+    out = tmp_path / "suspended"
+    p = subprocess.Popen(_cmd(cfg, out, 1, "checkpoint.every_steps=1"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True, env={**os.environ, "DIST_FT_TEST_PAUSE_IN_SAVE": "2:6"})
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step-2.tmp" / "config.yaml").is_file() and time.time() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGSTOP)
+        theirs = json.dumps(_owner(host="other-node", pid=4242).__dict__)
+        (out / "theirs").write_text(theirs)
+        os.rename(out / "theirs", out / LOCK)
+        mtime = (out / LOCK).stat().st_mtime_ns
+        os.killpg(p.pid, signal.SIGCONT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert p.returncode == 4 and len(errors) == 1 and "no longer holds its lock" in errors[0], err[-3000:]
+    assert "stopped before publishing checkpoint step-2" in errors[0] and "Traceback" not in err
+    assert sorted(d.name for d in (out / "checkpoints").iterdir() if not d.name.endswith(".tmp")) == ["step-1"]
+    assert (out / LOCK).read_text() == theirs and (out / LOCK).stat().st_mtime_ns == mtime
+    assert not (out / "final").exists()
+
+
+def test_simultaneous_first_launches_never_traceback(tmp_path):
+    """Six launches at once into a directory that does not exist yet, five times: one holds the lock, the others get
+    the one-line refusal (or hold it after the first let go); none dies of a race."""
+    try_once = ("import sys, time\nfrom dist_ft.errors import UserError\nfrom dist_ft.runlock import RunLock\ntry:\n"
+                "    lock = RunLock(sys.argv[1], 300).acquire()\nexcept UserError as e:\n    print('refused:', e)\n    sys.exit(2)\n"
+                "print('held')\ntime.sleep(0.3)\nlock.release(remove_created_dir=True)\n")
+    for round_ in range(5):
+        run = tmp_path / f"r{round_}" / "run"
+        procs = [subprocess.Popen([sys.executable, "-c", try_once, str(run)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(6)]
+        results = [(p.wait(60), *p.communicate()) for p in procs]
+        assert all("Traceback" not in err and err.strip() == "" for _, _, err in results), results
+        assert all((rc, out.split(":")[0].strip()) in ((0, "held"), (2, "refused")) for rc, out, _ in results), results
+        assert any(rc == 0 for rc, _, _ in results)
+        assert all("is in use by another run" in out for rc, out, _ in results if rc == 2), results
