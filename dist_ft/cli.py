@@ -183,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise UserError("dist-ft config: give a config file or --reference")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .redact import scrub
+
+        print(f"error: {scrub(str(e))}", file=sys.stderr)  # whatever the message quotes (a URL, a library's error): no secret
         _leave_group(e.exit_code)
         return e.exit_code
     return 0

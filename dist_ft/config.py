@@ -14,9 +14,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .config_explain import USERINFO as _USERINFO
 from .config_explain import explain
 from .errors import UserError
+from .redact import env_secrets, scrub, url_secret
 
 
 def task_names() -> list[str]:
@@ -29,8 +29,10 @@ def task_names() -> list[str]:
 
 
 def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
-    if v and _USERINFO.search(v):  # the config is saved in config.yaml, logs and W&B: it must hold no secret
-        raise ValueError("a URL with credentials in it is refused (they would be saved in config.yaml, logs and W&B); remove them and "
+    what = url_secret(v) if v else None  # the config is saved in config.yaml, logs and W&B: it must hold no secret
+    if what is not None:
+        held = "credentials" if what == "credentials" else f"a token (its '{what}=' query parameter)"
+        raise ValueError(f"a URL with {held} in it is refused (the config is saved in config.yaml, logs and W&B); remove them from it and "
                          "put them in the environment: the storage's own variables, or DIST_FT_STORAGE_OPTIONS='{\"key\": ..., \"secret\": ...}'")
     return v
 
@@ -64,6 +66,7 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory (slower).")
     chat_template: Literal["auto", "chatml"] = Field("auto", description="`auto`: keep the tokenizer's template, add ChatML if it has none; `chatml`: always use our ChatML template.")
     peft: Optional[PeftConfig] = Field(None, description="Parameter-efficient fine-tuning (LoRA or prefix tuning, with `peft`); None: every weight trains.")
+    _no_url_credentials = field_validator("path")(_no_credentials)
 
 
 class SourceConfig(_Section):
@@ -252,13 +255,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise UserError(f"{p}: top level must be a mapping of sections (model, data, train, engine, output)")
     for ov in overrides:
         if "=" not in ov:
-            raise UserError(f"override '{_USERINFO.sub('***@', ov)}': expected key=value, e.g. train.lr=3e-5")
+            raise UserError(f"override '{scrub(ov)}': expected key=value, e.g. train.lr=3e-5")
         key, _, raw = ov.partition("=")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
-        _set_dotted(tree, key.strip(), value, f"override '{ov}'")
+        _set_dotted(tree, key.strip(), value, f"override '{scrub(ov)}'")
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
@@ -266,6 +269,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         raise UserError(explain(e, src, Config)) from None
 
 
+def _scrubbed(node: Any, secrets: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _scrubbed(v, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_scrubbed(v, secrets) for v in node]
+    return scrub(node, secrets, environ={}) if isinstance(node, str) else node
+
+
 def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (holds no secrets: the config has no secret fields by design)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML: what config.yaml, checkpoints and W&B hold. The config has no secret fields and
+    refuses URLs with credentials or tokens; as a second guard every string is scrubbed (`redact.scrub`: by pattern,
+    and the credential values of the environment, not its other storage options, which could match a real value)."""
+    secrets = [s for s in env_secrets(all_values=False) if len(s) >= 8]  # a short one could be part of a real value
+    return yaml.safe_dump(_scrubbed(cfg.model_dump(mode="json"), secrets), sort_keys=False)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import difflib
-import re
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-USERINFO = re.compile(r"(?<=://)[^/@\s]*@")  # the user:password@ of a URL: never echoed
+from .redact import scrub
 
 
 def _fields_at(loc: tuple, root) -> list[str]:
@@ -50,4 +49,4 @@ def explain(err: ValidationError, source: str, root) -> str:
             got = e.get("input")
             msg = e["msg"].replace("Value error, ", "")
             lines.append(f"{source}: config key '{key}': {msg} (got {got!r})")
-    return USERINFO.sub("***@", "; ".join(lines))  # a refused URL's credentials are not echoed
+    return scrub("; ".join(lines))  # a refused URL's credentials or tokens are never echoed

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import fsio
 from .config import TrackConfig
 from .contracts import StepMetrics
+from .redact import scrub
 
 
 def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[str]:
@@ -53,6 +54,7 @@ class Tracker:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not self.enabled or not sys.stderr.isatty())  # no bar in log files
 
     def info(self, msg: str) -> None:
+        msg = scrub(msg)  # the console and rank-R.log never show a secret (the config in W&B is dump_config's, scrubbed too)
         if self.enabled:
             tqdm.write(msg)
         elif self._side:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from ..config import SourceConfig
 from ..errors import UserError
+from ..redact import option_values, scrub
 from .formats import json_type
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -115,10 +116,11 @@ def _hf(name: str, split: str, subset: str | None, streaming: bool = False, file
         ds = datasets.load_dataset(name, subset, split=split, streaming=streaming, **kw, **({"storage_options": opts} if opts else {}))
     except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ArrowInvalid...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = scrub(first, option_values(opts))  # a hub or fsspec error may quote a signed URL, a token, the storage options
         if file is not None:
             raise UserError(f"{file}: not a readable {name} file ({first.rstrip('.')}); re-export it, or convert it to .jsonl") from None
-        raise UserError(f"data source '{name}' (split '{split}'): could not load: {first}. "
-                        "Use a local .jsonl/.json/.parquet path, or a dataset name reachable from this machine") from None
+        raise UserError(scrub(f"data source '{name}' (split '{split}'): could not load: {first}. "
+                              "Use a local .jsonl/.json/.parquet path, or a dataset name reachable from this machine")) from None
     for i, rec in enumerate(ds):
         yield f"{name}[{split}]#{i}", dict(rec)
 

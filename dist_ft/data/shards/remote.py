@@ -12,19 +12,13 @@ from pathlib import Path
 
 from ... import fsio
 from ...errors import UserError
+from ...redact import option_values, scrub
 from ..sources import STORAGE_OPTIONS, storage_options
 from .manifest import MANIFEST, parse_manifest
 
 
 def remote_copy_dir(url: str, cache_dir: Path) -> Path:
     return cache_dir / "remote" / fsio.sha256_bytes(url.encode())[:16]
-
-
-def _without_secrets(text: str, opts: dict) -> str:
-    for v in opts.values():
-        if isinstance(v, str) and len(v) >= 4:
-            text = text.replace(v, "***")
-    return text
 
 
 def fetch(url: str, local: Path, log=print) -> Path:
@@ -59,7 +53,7 @@ def fetch(url: str, local: Path, log=print) -> Path:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types (auth, network, missing)
-        first = _without_secrets((str(e).strip().splitlines() or [type(e).__name__])[0], opts)
+        first = scrub((str(e).strip().splitlines() or [type(e).__name__])[0], option_values(opts))  # signed URLs, tokens, options
         raise UserError(f"data.prepared '{url}': could not copy the prepared dataset ({type(e).__name__}: {first[:300]}); "
                         f"check the URL, and the credentials for it in the environment (or {STORAGE_OPTIONS})") from None
     fsio.write_atomic(local / MANIFEST, raw)
