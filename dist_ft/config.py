@@ -169,8 +169,8 @@ class CheckpointConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field("runs/default", description="Run directory: resolved config, metrics.jsonl, loss.png, final/ (HF model).")
-    overwrite: bool = Field(False, description="Start a fresh run here, replacing the earlier run's checkpoints, metrics, final/ and W&B files once the new run validated; it is never resumed (only a requeued SLURM job continues its own checkpoints). Other files are left alone.")
-    lock_stale_minutes: float = Field(5.0, gt=0, description="The run lock (output.dir/.dist_ft.lock, heartbeat every 30 s) of a run on another host is taken over after this long without a heartbeat; on the same host a dead owner is detected at once.")
+    overwrite: bool = Field(False, description="Start a fresh run here, replacing the earlier run's checkpoints, metrics, final/ and W&B files once the new run validated, only in a directory a dist_ft run owns (.dist_ft-run.json); it is never resumed (only a requeued SLURM job continues its own checkpoints). Other files are left alone.")
+    lock_stale_minutes: float = Field(5.0, gt=0, description="The run lock (output.dir/.dist_ft.lock, heartbeat every 30 s) of a run on another host, container or boot is taken over after this long without a heartbeat; in the same pid namespace a dead owner is detected at once.")
     log_all_ranks: bool = Field(False, description="Debugging: every rank > 0 also writes rank-R.log and metrics-rank-R.jsonl.")
 
 
