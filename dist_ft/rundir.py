@@ -25,9 +25,9 @@ import time
 import uuid
 from pathlib import Path
 
-from . import fsio
+from . import dist, fsio
 from .errors import UserError
-from .runlock import LOCK_FILES
+from .runlock import LOCK_FILES, RunLock
 
 MARKER = ".dist_ft-run.json"
 # what a run writes (anything else in output.dir is the user's and never touched)
@@ -102,6 +102,24 @@ def check_target(cfg) -> None:
     raise UserError(f"{what} is not empty and was not written by dist_ft (no {MARKER} in it; it holds {shown}); dist_ft writes "
                     "only into a new or empty directory or its own run directory, and never deletes files it did not write: "
                     "choose another output.dir")
+
+
+def claim(cfg, is_main: bool) -> RunLock | None:
+    """Rank 0 checks output.dir may hold this run (`check_target`) and takes its run lock, before anything is written;
+    every rank fails alike if it may not or the lock is taken."""
+    lock, error = None, None
+    if is_main:
+        try:
+            check_target(cfg)
+            lock = RunLock(Path(cfg.output.dir), 60 * cfg.output.lock_stale_minutes).acquire()
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
+    if lock is not None and lock.note:
+        print(lock.note, flush=True)
+    return lock
 
 
 def holds_run(out: Path, marker: dict) -> list[str]:

@@ -70,7 +70,7 @@ def run(cfg: Config) -> Path:
     env = lock = r = None
     try:
         env = init_distributed(cfg.engine.dist_backend, cfg.engine.collective_timeout_minutes)
-        lock = _lock(cfg, env)
+        lock = rundir.claim(cfg, env.is_main)
         r = setup(cfg, env, signals, lock)
         return _loop(r)
     except Exception as e:
@@ -206,24 +206,6 @@ def close(r: Run, exit_code: int = 0) -> None:
 
 
 # ---------------------------------------------------------------- setup
-
-def _lock(cfg: Config, env: dist.DistEnv) -> RunLock | None:
-    """Rank 0 checks output.dir may hold this run and takes its run lock before anything is written; every rank fails
-    alike if it may not or the lock is taken."""
-    lock, error = None, None
-    if env.is_main:
-        try:
-            rundir.check_target(cfg)
-            lock = RunLock(Path(cfg.output.dir), 60 * cfg.output.lock_stale_minutes).acquire()
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error:
-        raise UserError(error)
-    if lock is not None and lock.note:
-        print(lock.note, flush=True)
-    return lock
-
 
 def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None) -> Run:
     """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
