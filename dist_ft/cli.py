@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("DIST_FT_API_KEY"), help="require this bearer token (default: $DIST_FT_API_KEY; none: open)")
     p.add_argument("--name", help="the model id clients send (default: --model as given)")
     p.add_argument("--max-queue", type=int, default=16, help="requests running or waiting before new ones get 503 (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body in MB; larger ones get 413 (default 8)")
 
     p = sub.add_parser("eval", help="held-out loss/perplexity (+ answer accuracy for records with a 'check' field); "
                        "a classifier: accuracy and macro-F1; a reward model: pairwise accuracy")
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "serve":
             from .serve import serve
 
-            serve(args.model, args.adapter, args.host, args.port, args.api_key, args.name, args.max_queue)
+            serve(args.model, args.adapter, args.host, args.port, args.api_key, args.name, args.max_queue, args.max_body_mb)
         elif args.cmd == "eval":
             from . import inference
 

@@ -184,15 +184,22 @@ class Delta:
     finish: str | None = None  # set on the last delta: "stop" (end of turn or a stop string), "length", "cancelled"
 
 
+GREEDY_BELOW = 1e-3  # temperatures under this sample greedily (1e-45 would overflow the softmax)
+
+
 def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
            stop: tuple[str, ...] = (), cancel: threading.Event | None = None, seed: int | None = None) -> Iterator[Delta]:
     """Generate from `input_ids` on a background thread and yield the text as tokens arrive: the deltas concatenate to
     what `generate` returns for the same prompt (the decoded reply, stripped of surrounding whitespace), cut before the
-    first of the `stop` strings. Setting `cancel` (the client went away) stops generation at the next token."""
+    first of the `stop` strings. Setting `cancel` (the client went away) stops generation at the next token.
+    Sampling (temperature >= GREEDY_BELOW; below it, greedy) draws from a private torch.Generator seeded with `seed`, or
+    from the OS when None, so a seed repeats its reply and never touches the process-global RNG."""
     import queue
+    import secrets
 
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     from transformers.generation.streamers import BaseStreamer
 
     q: queue.Queue = queue.Queue()
@@ -216,15 +223,36 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
         def __call__(self, ids, scores, **kw):
             return torch.full((ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=ids.device)
 
+    class Sample(LogitsProcessor):
+        """generate()'s sampling (temperature, the model's top_k - transformers' default 50 - and top_p), drawn from this
+        request's own generator: the drawn token keeps score 0 and every other -inf, so the greedy pick takes it."""
+
+        def __init__(self):
+            top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+            top_k = 50 if top_k is None else top_k
+            self.warpers = [TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k > 0 else []),
+                            *([TopPLogitsWarper(top_p)] if top_p < 1 else [])]
+            self.rng: torch.Generator | None = None
+
+        def __call__(self, ids, scores):
+            if self.rng is None:
+                self.rng = torch.Generator(device=scores.device)
+                self.rng.manual_seed(secrets.randbits(64) if seed is None else seed % 2**64)
+            for warp in self.warpers:
+                scores = warp(ids, scores)
+            probs = torch.softmax(scores.float(), dim=-1)
+            ok = bool(torch.isfinite(probs).all()) and bool((probs.sum(-1) > 0).all())
+            pick = torch.multinomial(probs, 1, generator=self.rng) if ok else scores.argmax(-1, keepdim=True)
+            return torch.full_like(scores, -math.inf).scatter_(1, pick, 0.0)
+
     def work():
         try:
             with torch.no_grad():
-                if seed is not None:
-                    torch.manual_seed(seed)
                 ids = torch.tensor([input_ids])
+                sampled = {"logits_processor": LogitsProcessorList([Sample()])} if temperature >= GREEDY_BELOW else {}
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=Tokens(),
                                eos_token_id=stops, pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                               **_generation_kwargs(model, temperature, top_p))
+                               **_generation_kwargs(model, 0.0, top_p), **sampled)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             q.put(e)
         finally:

@@ -1,7 +1,10 @@
 """dist-ft serve against the official `openai` client, on 127.0.0.1: greedy replies equal `dist-ft chat`, streams
 concatenate to the reply, usage counts are the tokenizer's, 8 concurrent clients are answered correctly, bad
 requests get OpenAI-style 4xx, the API key is enforced, a full queue answers 503 and a client that disconnects
-stops its generation."""
+stops its generation. And no hostile client can wedge or crash it: a table of malformed requests each get their 4xx
+and an OpenAI error body (the queue stays empty), malformed streaming requests do not leak queue slots, a seed repeats
+its reply without reseeding the process, a 5 MB prompt does not hold up /health, a non-streaming client that leaves
+stops its generation, and a generation that fails mid-stream ends with an SSE error event and [DONE]."""
 
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def _client(base: str, key: str | None = KEY):
 
 
 def _ask(client, q: str, **kw):
-    return client.chat.completions.create(model="toy", messages=[{"role": "user", "content": q}], temperature=0, **kw)
+    return client.chat.completions.create(model="toy", messages=[{"role": "user", "content": q}], **{"temperature": 0, **kw})
 
 
 def test_greedy_reply_equals_chat_cli_and_the_stream_and_counts_tokens(server, chat_model):
@@ -147,26 +150,311 @@ def test_bad_requests_get_openai_errors_and_the_key_is_enforced(server):
     assert httpx.get(f"{server}/health", timeout=5).json()["status"] == "ok"  # (no key needed for health checks)
 
 
-def test_full_queue_answers_503_and_a_disconnect_stops_generation(chat_model):
+@pytest.fixture(scope="module")
+def slow_server(chat_model):
+    """No key, two slots, half a second per token: requests can hold the queue or be left mid-reply."""
+    with _server(chat_model, "--max-queue", "2", env={"DIST_FT_TEST_SLOW_TOKENS": "0.5"}) as base:
+        yield base
+
+
+def _health(base: str, until=lambda h: h["running_or_queued"] == 0, seconds: float = 10) -> dict:
     import httpx
 
-    with _server(chat_model, "--max-queue", "1", env={"DIST_FT_TEST_SLOW_TOKENS": "0.5"}) as base:
-        body = {"model": "toy", "messages": [{"role": "user", "content": "What color is the cat?"}], "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()  # (kept: a dropped line iterator closes the response, i.e. disconnects)
-            first = next(lines)
-            assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
-            busy = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False}, timeout=60)
-            assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
-        # the client left after its first chunk: the generation stops at the next token and frees the queue
-        for _ in range(100):
-            health = httpx.get(f"{base}/health", timeout=5).json()
-            if health["cancelled"] == 1 and health["running_or_queued"] == 0:
-                break
-            time.sleep(0.1)
-        assert health["cancelled"] == 1 and health["running_or_queued"] == 0 and health["rejected_busy"] == 1, health
-        ok = httpx.post(f"{base}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=60)
-        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+    for _ in range(int(seconds * 10)):
+        health = httpx.get(f"{base}/health", timeout=5).json()
+        if until(health):
+            break
+        time.sleep(0.1)
+    return health
+
+
+CAT = {"model": "toy", "messages": [{"role": "user", "content": "What color is the cat?"}], "temperature": 0}
+
+
+def test_full_queue_answers_503_and_a_disconnect_stops_generation(slow_server):
+    import httpx
+
+    base, before, body = slow_server, _health(slow_server), {**CAT, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r, \
+            httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as queued:
+        lines = r.iter_lines()  # (kept: a dropped line iterator closes the response, i.e. disconnects)
+        first = next(lines)
+        assert first.startswith("data: ") and json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert queued.status_code == 200
+        busy = httpx.post(f"{base}/v1/chat/completions", json=CAT, timeout=60)
+        assert busy.status_code == 503 and busy.json()["error"]["code"] == "server_busy"
+    # both clients left (one mid-reply, one queued): the generation stops at the next token and the queue empties
+    health = _health(base, lambda h: h["cancelled"] == before["cancelled"] + 2 and h["running_or_queued"] == 0)
+    assert health["cancelled"] == before["cancelled"] + 2 and health["running_or_queued"] == 0, health
+    assert health["rejected_busy"] == before["rejected_busy"] + 1 and health["served"] == before["served"], health
+    ok = httpx.post(f"{base}/v1/chat/completions", json={**CAT, "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_malformed_streaming_requests_never_leak_queue_slots(slow_server):
+    """3 x --max-queue streaming requests that fail validation or planning: before the fix each stream_options "x"
+    reserved a slot and raised, and then every request got 503 until a restart."""
+    import httpx
+
+    base = slow_server
+    for extra in [{"stream_options": "x"}, {"max_tokens": 10**6}, {"stream_options": {"include_usage": "yes"}}] * 2:
+        r = httpx.post(f"{base}/v1/chat/completions", json={**CAT, "stream": True, **extra}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (extra, r.text)
+    assert _health(base, seconds=1)["running_or_queued"] == 0
+    ok = httpx.post(f"{base}/v1/chat/completions", json={**CAT, "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_non_streaming_client_that_disconnects_stops_its_generation(slow_server):
+    """A non-streaming client that gives up while queued leaves the queue at once (before the fix it stayed queued
+    until the running reply ended, then generated); one that gives up mid-reply stops its generation."""
+    import httpx
+
+    base, before = slow_server, _health(slow_server)
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json={**CAT, "stream": True}, timeout=60) as running:
+        next(running.iter_lines())  # (6 tokens at 0.5 s each: it runs for 3 s)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json=CAT, timeout=0.5)
+        health = _health(base, lambda h: h["running_or_queued"] == 1, seconds=1)
+        assert health["running_or_queued"] == 1 and health["cancelled"] == before["cancelled"] + 1, health
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/chat/completions", json=CAT, timeout=1.0)
+    health = _health(base, lambda h: h["cancelled"] == before["cancelled"] + 3 and h["running_or_queued"] == 0, seconds=5)
+    assert health["cancelled"] == before["cancelled"] + 3 and health["served"] == before["served"], health
+    assert health["running_or_queued"] == 0, health
+
+
+def test_a_seed_repeats_its_reply_and_never_reseeds_the_process(server):
+    client = _client(server)
+
+    def sample(**kw) -> str:
+        return client.chat.completions.create(model="toy", messages=[{"role": "user", "content": "zq xv plo"}], temperature=2.0, top_p=1,
+                                              max_tokens=24, **kw).choices[0].message.content
+
+    seeded = sample(seed=7)
+    after_first = sample()  # (before the fix: the process RNG was reseeded with 7, so this one repeated after every seed=7)
+    assert sample(seed=7) == seeded
+    after_second = sample()
+    assert after_first != after_second, after_first
+    assert sample(seed=2**63 - 1) == sample(seed=2**63 - 1) and sample(seed=-5) == sample(seed=-5)
+    assert len({seeded, sample(seed=8), sample(seed=9)}) > 1  # (sampling does sample)
+    greedy = _ask(client, "What color is the cat?", max_tokens=12).choices[0].message.content
+    assert _ask(client, "What color is the cat?", max_tokens=12, temperature=1e-45).choices[0].message.content == greedy
+
+
+def test_health_answers_while_a_5mb_prompt_is_refused(server):
+    """A prompt with more characters than the context could hold is refused without tokenizing; /health answers
+    within a second meanwhile (before the fix: 13 s of tokenizing on the event loop, then the 400)."""
+    import httpx
+
+    done: dict = {}
+
+    def big() -> None:
+        t = time.monotonic()
+        done["r"] = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                               json={"model": "toy", "messages": [{"role": "user", "content": "apple pie " * (1 << 19)}]})
+        done["s"] = time.monotonic() - t
+
+    th = threading.Thread(target=big)
+    th.start()
+    slowest = 0.0
+    while th.is_alive():
+        t = time.monotonic()
+        assert httpx.get(f"{server}/health", timeout=5).status_code == 200
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.05)
+    th.join()
+    r = done["r"]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded" and done["s"] < 5, (r.text, done["s"])
+    assert slowest < 1.0, slowest
+
+
+CHAT, MSGS = "/v1/chat/completions", [{"role": "user", "content": "hi"}]
+
+
+def _chat(**kw) -> dict:
+    return {"model": "toy", "messages": MSGS, **kw}
+
+
+def _raw(text: str) -> bytes:  # a JSON body as written (NaN, lone surrogates, 5000-digit numbers: what json.dumps will not send)
+    return text.encode()
+
+
+def _chunks():
+    for _ in range(90):
+        yield b"x" * (100 << 10)
+
+
+# (what, method, path, body: dict | bytes | callable (chunks), extra headers, status, error.param or ... for "any")
+HOSTILE = [
+    ("stream_options not an object", "POST", CHAT, _chat(stream=True, stream_options="x"), {}, 400, "stream_options"),
+    ("include_usage not a bool", "POST", CHAT, _chat(stream=True, stream_options={"include_usage": "yes"}), {}, 400,
+     "stream_options.include_usage"),
+    ("stream_options without stream", "POST", CHAT, _chat(stream_options={"include_usage": True}), {}, 400, "stream_options"),
+    ("stream not a bool", "POST", CHAT, _chat(stream="yes"), {}, 400, "stream"),
+    ("seed 2**64", "POST", CHAT, _chat(seed=2**64), {}, 400, "seed"),
+    ("seed below int64", "POST", CHAT, _chat(seed=-(2**63) - 1), {}, 400, "seed"),
+    ("seed a string", "POST", CHAT, _chat(seed="7"), {}, 400, "seed"),
+    ("lone surrogate in content", "POST", CHAT, _raw('{"model": "toy", "messages": [{"role": "user", "content": "a\\ud800"}]}'), {},
+     400, "messages[0].content"),
+    ("lone surrogate in a key", "POST", CHAT, _raw('{"model": "toy", "messages": [{"role": "user", "content": "a"}], "\\udc00": 1}'),
+     {}, 400, ...),
+    ("temperature 2.5", "POST", CHAT, _chat(temperature=2.5), {}, 400, "temperature"),
+    ("temperature negative", "POST", CHAT, _chat(temperature=-0.5), {}, 400, "temperature"),
+    ("temperature a string", "POST", CHAT, _chat(temperature="hot"), {}, 400, "temperature"),
+    ("temperature NaN", "POST", CHAT, _raw('{"model": "toy", "messages": [{"role": "user", "content": "a"}], "temperature": NaN}'), {},
+     400, "temperature"),
+    ("temperature Infinity", "POST", CHAT, _raw('{"model": "toy", "messages": [{"role": "user", "content": "a"}], "temperature": '
+                                                'Infinity}'), {}, 400, "temperature"),
+    ("top_p 1.5", "POST", CHAT, _chat(top_p=1.5), {}, 400, "top_p"),
+    ("top_p negative", "POST", CHAT, _chat(top_p=-0.1), {}, 400, "top_p"),
+    ("max_tokens negative", "POST", CHAT, _chat(max_tokens=-5), {}, 400, "max_tokens"),
+    ("max_tokens 0", "POST", CHAT, _chat(max_tokens=0), {}, 400, "max_tokens"),
+    ("max_tokens a string", "POST", CHAT, _chat(max_tokens="5"), {}, 400, "max_tokens"),
+    ("max_tokens a float", "POST", CHAT, _chat(max_tokens=1.5), {}, 400, "max_tokens"),
+    ("max_tokens a bool", "POST", CHAT, _chat(max_tokens=True), {}, 400, "max_tokens"),
+    ("max_tokens 1e400", "POST", CHAT, _raw('{"model": "toy", "messages": [], "max_tokens": 1e400}'), {}, 400, ...),
+    ("max_tokens of 5000 digits", "POST", CHAT, _raw('{"model": "toy", "max_tokens": 1' + "0" * 5000 + "}"), {}, 400, None),
+    ("max_tokens past the context", "POST", CHAT, _chat(max_tokens=10**6), {}, 400, "max_tokens"),
+    ("max_completion_tokens negative", "POST", CHAT, _chat(max_completion_tokens=-1), {}, 400, "max_completion_tokens"),
+    ("n 2", "POST", CHAT, _chat(n=2), {}, 400, "n"),
+    ("n huge", "POST", CHAT, _chat(n=10**12), {}, 400, "n"),
+    ("messages a string", "POST", CHAT, _chat(messages="hi"), {}, 400, "messages"),
+    ("messages an object", "POST", CHAT, _chat(messages={"role": "user", "content": "hi"}), {}, 400, "messages"),
+    ("messages empty", "POST", CHAT, _chat(messages=[]), {}, 400, "messages"),
+    ("messages missing", "POST", CHAT, {"model": "toy"}, {}, 400, "messages"),
+    ("a message a number", "POST", CHAT, _chat(messages=[1]), {}, 400, "messages[0]"),
+    ("role robot", "POST", CHAT, _chat(messages=[{"role": "robot", "content": "x"}]), {}, 400, "messages[0].role"),
+    ("role missing", "POST", CHAT, _chat(messages=[{"content": "x"}]), {}, 400, "messages[0].role"),
+    ("content a number", "POST", CHAT, _chat(messages=[{"role": "user", "content": 5}]), {}, 400, "messages[0].content"),
+    ("content missing", "POST", CHAT, _chat(messages=[{"role": "user"}]), {}, 400, "messages[0].content"),
+    ("content null from a user", "POST", CHAT, _chat(messages=[{"role": "user", "content": None}]), {}, 400, "messages[0]"),
+    ("an image part", "POST", CHAT, _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     {}, 400, "messages[0].content[0]"),
+    ("a text part without text", "POST", CHAT, _chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), {}, 400,
+     "messages[0].content[0]"),
+    ("a part a number", "POST", CHAT, _chat(messages=[{"role": "user", "content": [5]}]), {}, 400, "messages[0].content[0]"),
+    ("700 messages", "POST", CHAT, _chat(messages=[{"role": "user", "content": "a"}] * 700), {}, 400, "messages"),
+    ("a 100k-character prompt", "POST", CHAT, _chat(messages=[{"role": "user", "content": "apple " * 20000}]), {}, 400, "messages"),
+    ("stop empty", "POST", CHAT, _chat(stop=""), {}, 400, "stop"),
+    ("stop list with an empty string", "POST", CHAT, _chat(stop=["a", ""]), {}, 400, "stop"),
+    ("5 stop strings", "POST", CHAT, _chat(stop=["a", "b", "c", "d", "e"]), {}, 400, "stop"),
+    ("100k stop strings", "POST", CHAT, _chat(stop=["ab"] * 100000), {}, 400, "stop"),
+    ("a 10k-character stop", "POST", CHAT, _chat(stop="x" * 10000), {}, 400, "stop"),
+    ("stop numbers", "POST", CHAT, _chat(stop=[1, 2]), {}, 400, ...),
+    ("stop an object", "POST", CHAT, _chat(stop={"a": 1}), {}, 400, "stop"),
+    ("model null", "POST", CHAT, _chat(model=None), {}, 400, "model"),
+    ("model missing", "POST", CHAT, {"messages": MSGS}, {}, 400, "model"),
+    ("model a number", "POST", CHAT, _chat(model=12), {}, 400, "model"),
+    ("model 100k characters", "POST", CHAT, _chat(model="m" * 100000), {}, 400, "model"),
+    ("model unknown", "POST", CHAT, _chat(model="gpt-4"), {}, 404, "model"),
+    ("body a list", "POST", CHAT, [], {}, 400, None),
+    ("body a string", "POST", CHAT, "x", {}, 400, None),
+    ("body null", "POST", CHAT, _raw("null"), {}, 400, None),
+    ("body empty", "POST", CHAT, b"", {}, 400, None),
+    ("body not JSON", "POST", CHAT, b"{not json", {}, 400, None),
+    ("body invalid UTF-8", "POST", CHAT, b'{"model": "\xff\xfe"}', {}, 400, None),
+    ("body nested 50k deep", "POST", CHAT, _raw('{"model": "toy", "messages": ' + "[" * 50000 + "]" * 50000 + "}"), {}, 400, None),
+    ("a form body", "POST", CHAT, b"model=toy&messages=hi", {"content-type": "application/x-www-form-urlencoded"}, 400, None),
+    ("a multipart body", "POST", CHAT, b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntoy\r\n--b--\r\n",
+     {"content-type": "multipart/form-data; boundary=b"}, 400, None),
+    ("a 9 MB body", "POST", CHAT, b"x" * (9 << 20), {}, 413, None),
+    ("a 9 MB chunked body", "POST", CHAT, _chunks, {}, 413, None),
+    ("GET on a POST route", "GET", CHAT, None, {}, 405, None),
+    ("PUT on completions", "PUT", "/v1/completions", _chat(), {}, 405, None),
+    ("DELETE on models", "DELETE", "/v1/models", None, {}, 405, None),
+    ("an unknown /v1 path", "POST", "/v1/embeddings", {"input": "x"}, {}, 404, None),
+    ("an unknown path", "GET", "/admin/../etc/passwd", None, {}, 404, None),
+    ("a non-ASCII Authorization header", "POST", CHAT, _chat(), {"authorization": b"Bearer \xff\xfe\xe9"}, 401, None),
+    ("no Authorization header", "POST", CHAT, _chat(), {"authorization": None}, 401, None),
+    ("a Basic Authorization header", "GET", "/v1/models", None, {"authorization": "Basic dG95OnRveQ=="}, 401, None),
+    ("a completion without prompt", "POST", "/v1/completions", {"model": "toy"}, {}, 400, "prompt"),
+    ("a completion prompt a number", "POST", "/v1/completions", {"model": "toy", "prompt": 5}, {}, 400, "prompt"),
+    ("two completion prompts", "POST", "/v1/completions", {"model": "toy", "prompt": ["a", "b"]}, {}, 400, "prompt"),
+    ("a completion prompt of token ids", "POST", "/v1/completions", {"model": "toy", "prompt": [1, 2]}, {}, 400, ...),
+    ("a completion with a lone surrogate", "POST", "/v1/completions", _raw('{"model": "toy", "prompt": "\\udfff"}'), {}, 400, "prompt"),
+    ("a completion with max_tokens -1", "POST", "/v1/completions", {"model": "toy", "prompt": "a", "max_tokens": -1}, {}, 400,
+     "max_tokens"),
+]
+
+
+def test_hostile_requests_get_openai_errors_and_leave_the_server_idle(server):
+    """Every request of the table (raw httpx), then a few through the official client: each its 4xx and an OpenAI error
+    body (no traceback, no FastAPI `detail`); afterwards the queue is empty, nothing failed and a normal request works."""
+    import httpx
+
+    auth, wrong = {"authorization": f"Bearer {KEY}"}, []
+    with httpx.Client(base_url=server, timeout=30) as http:
+        for what, method, path, body, headers, status, param in HOSTILE:
+            kw = ({"json": body} if isinstance(body, (dict, list, str)) else {"content": body() if callable(body) else body}
+                  if body is not None else {})
+            sent = {k: v for k, v in {**auth, "content-type": "application/json", **headers}.items() if v is not None}
+            r = http.request(method, path, headers=sent, **kw)
+            try:
+                err = r.json()["error"]
+                ok = (r.status_code == status and set(err) == {"message", "type", "param", "code"} and err["message"]
+                      and err["type"] == "invalid_request_error" and (param is ... or err["param"] == param)
+                      and "Traceback" not in r.text and "detail" not in r.json())
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                wrong.append(f"{what}: {r.status_code} {r.text[:300]}")
+    client, calls = _client(server), [
+        (openai.BadRequestError, "temperature", lambda c: _ask(c, "hi", temperature=5)),
+        (openai.BadRequestError, "seed", lambda c: _ask(c, "hi", seed=2**64)),
+        (openai.BadRequestError, "n", lambda c: _ask(c, "hi", n=3)),
+        (openai.BadRequestError, "stop", lambda c: _ask(c, "hi", stop=["a", "b", "c", "d", "e"])),
+        (openai.BadRequestError, "stream_options", lambda c: _ask(c, "hi", stream=True, extra_body={"stream_options": "x"})),
+        (openai.BadRequestError, "max_tokens", lambda c: _ask(c, "hi", stream=True, max_tokens=10**6)),
+        (openai.BadRequestError, "prompt", lambda c: c.completions.create(model="toy", prompt=["a", "b"])),
+        (openai.NotFoundError, "model", lambda c: c.chat.completions.create(model="gpt-4", messages=MSGS)),
+        (openai.AuthenticationError, None, lambda c: _ask(_client(server, "sk-wrong"), "hi")),
+    ]
+    for kind, param, call in calls:
+        try:
+            call(client)
+            wrong.append(f"openai {param}: no error")
+        except openai.APIStatusError as e:
+            if not (isinstance(e, kind) and e.body["param"] == param and e.body["type"] == "invalid_request_error"):
+                wrong.append(f"openai {param}: {type(e).__name__} {e.body}")
+    assert not wrong, "\n".join(wrong)
+    assert len(HOSTILE) + len(calls) >= 30
+    health = _health(server, seconds=2)
+    assert health["running_or_queued"] == 0 and health["failed"] == 0, health
+    parts = [{"type": "text", "text": "What color is the cat?"}]  # (text parts are joined; a developer message is a system one)
+    res = client.chat.completions.create(model="toy", temperature=0, max_tokens=12,
+                                         messages=[{"role": "developer", "content": "Answer briefly."}, {"role": "user", "content": parts}])
+    assert res.choices[0].finish_reason in ("stop", "length") and res.choices[0].message.content
+
+
+def test_a_generation_that_fails_mid_stream_sends_an_error_event_then_done(chat_model, monkeypatch):
+    """In process (the generation replaced by one that fails after a token): HTTP 200 was sent, so the stream ends with
+    `data: {"error": ...}` (server_error, never the exception's text) and `data: [DONE]`; a non-streaming request that
+    fails gets a 500 OpenAI error; both slots are released and counted as failed."""
+    from types import SimpleNamespace
+
+    from starlette.testclient import TestClient
+    from transformers import AutoTokenizer
+
+    from dist_ft import serve
+    from dist_ft.inference import Delta
+
+    def failing(tok, model, ids, **kw):
+        yield Delta("The", 1)
+        raise RuntimeError("CUDA error at /secret/path")
+
+    monkeypatch.setattr(serve, "stream", failing)
+    server = serve.Server(AutoTokenizer.from_pretrained(chat_model), SimpleNamespace(config=SimpleNamespace(n_positions=512)), "toy")
+    with TestClient(serve.build_app(server), raise_server_exceptions=False) as http:
+        r = http.post(CHAT, json=_chat(stream=True))
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and json.loads(events[0])["choices"][0]["delta"]["content"] == "The", r.text
+        assert json.loads(events[1])["error"]["type"] == "server_error" and events[2:] == ["[DONE]"], events
+        r = http.post(CHAT, json=_chat())
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        assert "secret" not in r.text and "secret" not in "".join(events)
+        health = http.get("/health").json()
+    assert health["running_or_queued"] == 0 and health["failed"] == 2 and health["served"] == 0, health
 
 
 def test_lm_eval_loglikelihoods_equal_our_scorer_and_results_are_saved(gpt2_dir, tmp_path):
