@@ -114,7 +114,7 @@ def export(base_loader, conf, adapter: dict[str, torch.Tensor]):
 
         where = directory / ADAPTER_DIR
         where.mkdir(parents=True, exist_ok=True)
-        conf.save_pretrained(where)
+        _canonical(conf).save_pretrained(where)  # adapter_config.json the same bytes whatever PYTHONHASHSEED
         save_file(state, where / "adapter_model.safetensors", metadata={"format": "pt"})
         tok.save_pretrained(where)  # `dist-ft chat --model BASE --adapter DIR` needs the run's tokens
         check_adapter(where, shapes)
@@ -122,6 +122,20 @@ def export(base_loader, conf, adapter: dict[str, torch.Tensor]):
     if conf.peft_type.value == "PREFIX_TUNING":
         return model.get_base_model(), save_adapter
     return model.merge_and_unload(), save_adapter
+
+
+def _canonical(conf):
+    """A copy of a peft config whose set-valued fields (target_modules once peft resolved "all-linear", modules_to_save,
+    exclude_modules, ...) are sorted lists: peft writes a set as list(set), in an order that follows the string hash
+    (PYTHONHASHSEED), so the same run's adapter_config.json would differ byte for byte. peft reads a list back as the
+    same set, so nothing else changes; the keys are sorted by peft's own writer."""
+    import copy
+
+    conf = copy.copy(conf)
+    for k, v in vars(conf).items():
+        if isinstance(v, (set, frozenset)):
+            setattr(conf, k, sorted(v, key=str))
+    return conf
 
 
 def needs_applying(adapter_dir: Path) -> bool:

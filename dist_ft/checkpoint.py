@@ -1,4 +1,4 @@
-"""Atomic, validated, resumable checkpoints, and the policy for resuming from them.
+"""Atomic, validated, resumable checkpoints: save, list, inspect, load.
 
 Layout: <output.dir>/checkpoints/step-N/ holding the engine state (model, optimizer, ZeRO partitions, LR
 scheduler) under `ds/` (written by the engine), our per-rank state `rank-R.pt` (`TrainState` + RNG
@@ -7,7 +7,7 @@ version) and a `COMPLETE` marker. Everything is written into `step-N.tmp/` and r
 manifest and marker are on disk (`fsio`), so a crash at any point leaves the previous checkpoint usable.
 "Latest" is the newest folder whose marker and manifest check out, never a name guess.
 
-`resume_plan` decides where a run continues from: rank 0 decides, every rank follows.
+Storage only: `resume.py` decides where a run continues from.
 """
 
 from __future__ import annotations
@@ -17,26 +17,18 @@ import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, replace
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__, dist, fsio, testhooks
-from .config import Config, load_config
 from .contracts import TrainState
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-# changing these between a checkpoint and its resume would break exactness, so it is refused
-RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
-DATA_MAY_CHANGE = ("cache_dir", "num_proc", "verify_shards")
-RESHARD_MAY_CHANGE = ("train.micro_batch_size", "train.grad_accum", "engine.zero_stage")  # with the global batch kept
-# changing these is applied over the checkpoint's values (DeepSpeed would restore the saved ones) and logged;
-# the Adam moments and the step count are kept
-RESUME_APPLIED = ("train.lr", "train.betas", "train.eps", "train.weight_decay", "train.warmup_steps", "train.schedule",
-                  "train.min_lr_ratio", "train.max_grad_norm", "train.max_steps", "train.epochs")
 
 
 @dataclass(frozen=True)
@@ -57,6 +49,7 @@ class ResumePlan:
     replace: bool = False  # output.overwrite: the earlier run's outputs are moved aside (after validation)
     applied: tuple = ()  # (key, saved, now) of optimizer/schedule settings changed since the checkpoint
     skipped: tuple = ()  # (name, why) of damaged checkpoints newer than `path`, passed over
+    foreign: bool = False  # `path` (or a file in it) lies outside output.dir, accepted with checkpoint.trust_foreign
 
     def describe_applied(self) -> str:
         return ", ".join(f"{k} {old} -> {new}" for k, old, new in self.applied)
@@ -92,16 +85,69 @@ def set_rng_state(s: dict) -> None:
 
 def validate(path: Path) -> Manifest | None:
     """The manifest of a complete checkpoint whose files all match it; None otherwise."""
-    manifest, _ = _inspect(path)
+    manifest, _ = inspect_checkpoint(path)
     return manifest
 
 
 def damage(path: Path) -> str | None:
     """Why `path` is not a usable checkpoint (naming the file), or None when it is one."""
-    return _inspect(path)[1]
+    return inspect_checkpoint(path)[1]
 
 
-def _inspect(path: Path) -> tuple[Manifest | None, str | None]:
+def outside(path: Path, out_dir: Path) -> Path | None:
+    """`path`, or the first file or folder under it, whose real location (symlinks resolved) is not inside `out_dir`'s;
+    None when the whole checkpoint lives in the run directory. A checkpoint reached through a symlink (step-N itself, a
+    symlinked checkpoints/, or any file or folder in it) is foreign: loading it unpickles files from wherever the link
+    points. Links are followed, each directory once (a loop ends there); a plain file in a folder that is inside is
+    inside, so only folders and links are resolved."""
+    root, seen, todo = Path(out_dir).resolve(), set(), [Path(path)]
+    while todo:
+        p = todo.pop()
+        try:
+            real = p.resolve()
+            if not real.is_relative_to(root):
+                return p
+            if real in seen or not real.is_dir():
+                continue
+            seen.add(real)
+            with os.scandir(p) as entries:
+                todo += [Path(e.path) for e in sorted(entries, key=lambda e: e.name, reverse=True)
+                         if e.is_symlink() or e.is_dir(follow_symlinks=False)]
+        except (OSError, RuntimeError):  # a symlink loop or an unreadable folder: nothing to vouch for
+            return p
+    return None
+
+
+def foreign_refusal(path: Path, bad: Path, out_dir: Path) -> str:
+    """One line: which link leads `path` out of output.dir, and what to do."""
+    try:
+        real = bad.resolve()
+    except (OSError, RuntimeError):
+        real = "a symlink loop or unreadable folder"
+    if bad == path:
+        where = f"is a symlink to {real}" if path.is_symlink() else f"lies at {real} (through a symlinked folder)"
+    else:
+        where = f"holds {bad.relative_to(path)}, which resolves to {real}"
+    return (f"checkpoint '{path}' {where}, outside output.dir '{out_dir}'; loading a checkpoint runs its pickled files, so "
+            "set checkpoint.trust_foreign=true if you trust where it came from, or replace the link with a copy of the checkpoint")
+
+
+def _remove(path: Path, out_dir: Path) -> bool:
+    """Delete a checkpoint folder of this run, never through a symlink: a symlinked one loses only its link (what it
+    points to is not ours), one whose real location is outside output.dir (a symlinked checkpoints/) is left
+    (False). `rmtree` itself unlinks, never follows, the links inside a folder."""
+    if path.is_symlink():
+        path.unlink()
+        return True
+    if not path.exists():
+        return True
+    if not path.resolve().is_relative_to(Path(out_dir).resolve()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def inspect_checkpoint(path: Path) -> tuple[Manifest | None, str | None]:
     if not (path / "COMPLETE").is_file():
         return None, "no COMPLETE marker: its save did not finish"
     try:
@@ -116,6 +162,7 @@ class Checkpointer:
     def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0):
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
         self.keep_every = keep_every
+        self._left = set()  # old checkpoints outside output.dir that rotation could not delete (noted once each)
         self.base_sha256 = ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
         self.before_publish = lambda what: None  # rank 0: raises if the run may no longer publish (it lost output.dir's lock)
 
@@ -133,7 +180,7 @@ class Checkpointer:
         step = state.step
         final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp, ignore_errors=True)  # (never through a link)
             tmp.mkdir(parents=True)
         dist.wait_for_all(f"checkpoint step {step}: folder")
         engine.save(tmp)
@@ -147,17 +194,26 @@ class Checkpointer:
             (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
             (tmp / "COMPLETE").write_text("ok\n")
             self.before_publish(f"publishing checkpoint {final.name}")
+            if final.is_symlink():  # a linked (trusted foreign) step-N of the same step: the link gives way, its target is kept
+                final.unlink()
             fsio.publish_dir(tmp, final)  # (a re-save of the same step, e.g. a signal right after a periodic save, replaces it)
             for st, old in self.complete()[: -self.keep]:  # only after the new one is complete
                 if self.keep_every and st % self.keep_every == 0:
                     continue  # a milestone: kept for good
-                shutil.rmtree(old, ignore_errors=True)
+                if not _remove(old, self.root.parent) and old not in self._left:
+                    self._left.add(old)
+                    print(f"note: checkpoint.keep leaves {old} in place: it lies outside output.dir (at {old.resolve()}, through "
+                          "a symlink), and dist_ft deletes nothing there; remove it yourself when it is no longer needed",
+                          file=sys.stderr, flush=True)
         dist.wait_for_all(f"checkpoint step {step}: rank 0 fsyncs and publishes it")  # however long a slow filesystem takes
         return final
 
-    def universal(self, path: Path, engine) -> Path:
-        """Convert a checkpoint to DeepSpeed's universal format next to it, once; all ranks call this."""
+    def universal(self, path: Path, engine, trusted: bool = False) -> Path:
+        """Convert a checkpoint to DeepSpeed's universal format next to it, once; all ranks call this. A leftover
+        conversion that leads outside output.dir (a symlink) is not reused unless the checkpoint itself was trusted."""
         out = self.root / f".universal-{path.name}"
+        if self.rank == 0 and (out.is_symlink() or (out.exists() and not trusted and outside(out, self.root.parent) is not None)):
+            _remove(out, self.root.parent)
         if self.rank == 0 and not (out / "COMPLETE").is_file():
             with fsio.atomic_dir(out) as tmp:
                 engine.to_universal(path, tmp)
@@ -168,11 +224,14 @@ class Checkpointer:
     def load(self, plan: ResumePlan, engine) -> TrainState:
         """Restore the engine and this rank's state (RNG streams included) from the planned checkpoint."""
         path = plan.path
+        bad = None if plan.foreign else outside(path, self.root.parent)
+        if bad is not None:  # (decided inside output.dir: a link appeared since)
+            raise UserError(foreign_refusal(path, bad, self.root.parent))
         manifest = validate(path)
         if manifest is None:
             raise UserError(f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from manifest.json)")
         _same_base(path, manifest.base_sha256, self.base_sha256)  # every rank: each computed the base's fingerprint
-        universal = self.universal(path, engine) if plan.reshard else None
+        universal = self.universal(path, engine, plan.foreign) if plan.reshard else None
         engine.load(universal or path)
         # data position is global (the same in every rank's file); RNG streams of new ranks start from the last old one
         state = torch.load(path / f"rank-{min(self.rank, manifest.world_size - 1)}.pt", weights_only=True)
@@ -184,59 +243,6 @@ class Checkpointer:
         return TrainState.from_dict(state)
 
 
-def resume_plan(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
-    """Rank 0 decides which checkpoint to resume from (or none) and whether it must be resharded; every
-    rank gets that decision (no rank lists the directory on its own: on a shared filesystem another node
-    may see a stale listing). A refusal is raised on every rank with rank 0's message."""
-    decision = None
-    if ckpt.rank == 0:
-        try:
-            decision = (_decide(cfg, ckpt, world), None)
-        except UserError as e:
-            decision = (None, str(e))
-    plan, error = dist.broadcast_object(decision)
-    if error:
-        raise UserError(error)
-    return plan
-
-
-def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
-    """Where this run starts. `output.overwrite`: a fresh run that replaces what the directory holds (only a
-    requeued SLURM job continues its own checkpoints). Otherwise `checkpoint.resume` `auto` continues the
-    newest complete checkpoint, `never` starts fresh in a directory without checkpoints, a path continues that
-    checkpoint (outside output.dir only with checkpoint.trust_foreign: loading it unpickles its files)."""
-    out, mode, overwrite = Path(cfg.output.dir), cfg.checkpoint.resume, cfg.output.overwrite
-    if not overwrite and (out / "final").exists():
-        raise UserError(f"output.dir '{out}' already holds a finished run (final/); choose another output.dir, "
-                        "or set output.overwrite=true to replace it with a new run")
-    if mode not in ("auto", "never"):
-        path = Path(mode)
-        inside = path.resolve().is_relative_to(out.resolve())
-        if not inside and not cfg.checkpoint.trust_foreign:
-            raise UserError(f"checkpoint.resume '{path}' is outside output.dir '{out}'; loading a checkpoint runs its pickled "
-                            "files, so set checkpoint.trust_foreign=true if you trust where it came from")
-        if inside and overwrite:
-            raise UserError(f"checkpoint.resume '{path}' lies in output.dir, which output.overwrite=true replaces; "
-                            "drop output.overwrite to continue that checkpoint")
-        return _checked(cfg, path, world, replace=overwrite)
-    survey = ckpt.survey()
-    done = [(s, p) for s, p, why in survey if why is None]
-    if overwrite:
-        own = _requeued_own(done)
-        return _checked(cfg, own, world, replace=False) if own else ResumePlan(None, False, replace=True)
-    if mode == "never":
-        if survey:
-            raise UserError(f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
-                            "there: set output.overwrite=true to replace it, or choose another output.dir")
-        return ResumePlan(None, False)
-    damaged = [(p.name, why) for s, p, why in survey if why is not None and s > (done[-1][0] if done else -1)]
-    if damaged and not done:
-        name, why = damaged[-1]
-        raise UserError(f"output.dir '{out}' holds checkpoints but none is complete ({name}: {why}); starting over there "
-                        "would mix two runs: set output.overwrite=true to replace them, or restore the missing files")
-    return replace(_checked(cfg, done[-1][1], world, replace=False), skipped=tuple(damaged)) if done else ResumePlan(None, False)
-
-
 def _same_base(path: Path, saved: str, now: str) -> None:
     """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on; a DPO run only
     against the reference (its starting weights) it was trained against."""
@@ -244,56 +250,3 @@ def _same_base(path: Path, saved: str, now: str) -> None:
         raise UserError(f"{path}: the base model's weights (sha256 {now[:12] or 'none'}) differ from those this "
                         f"checkpoint was trained on ({saved[:12] or 'none'}; an adapter's base, or a DPO run's reference); resume on "
                         "the same model.path and model.peft, or start over in a new output.dir")
-
-
-def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
-    """The newest checkpoint this very SLURM job wrote before it was requeued (so `output.overwrite` does not
-    throw away the progress of a preempted job), or None."""
-    job, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if not job or restart == 0 or not done:
-        return None
-    manifest = validate(done[-1][1])
-    return done[-1][1] if manifest is not None and manifest.job == job else None
-
-
-def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
-    """The plan to continue `path`, after checking the saved config.
-    Another world size or ZeRO stage is allowed when the global batch stays the same (resharded through
-    DeepSpeed's universal checkpoint: the same global sample order, the optimizer state kept)."""
-    manifest, why = _inspect(path)
-    if manifest is None or not (path / "config.yaml").is_file():
-        raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there ({why or 'config.yaml missing'}; "
-                        "expected <output.dir>/checkpoints/step-N)")
-    saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
-    for tree in (saved, now):  # where shards are cached and how they are built or checked does not change the data
-        for k in DATA_MAY_CHANGE:
-            tree["data"].pop(k)
-
-    def pick(tree, dotted):
-        for k in dotted.split("."):
-            tree = tree[k]
-        return tree
-
-    reshard = manifest.world_size != world or manifest.zero_stage != cfg.engine.zero_stage
-    must = [k for k in RESUME_MUST_MATCH if not (reshard and k in RESHARD_MAY_CHANGE)]
-    changed = [k for k in must if pick(saved, k) != pick(now, k)]
-    if changed:
-        raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
-                        "restore those values, or set output.overwrite=true (or a new output.dir) to start over")
-    if reshard:
-        st, nt = saved["train"], now["train"]
-        g_old, g_new = st["micro_batch_size"] * st["grad_accum"] * manifest.world_size, nt["micro_batch_size"] * nt["grad_accum"] * world
-        if g_old != g_new:
-            raise UserError(f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has {world} ranks "
-                            f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}")
-        if cfg.model.peft is not None:  # DeepSpeed's universal conversion expects every parameter in the checkpoint
-            raise UserError(f"{path}: a parameter-efficient (model.peft) checkpoint resumes only on its own world size "
-                            f"({manifest.world_size}) and engine.zero_stage ({manifest.zero_stage}); relaunch with those")
-        if not {manifest.zero_stage, cfg.engine.zero_stage} <= {1, 2}:
-            # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads but
-            # does not continue the run exactly (tested), so neither is offered
-            raise UserError(f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
-                            f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
-                            "and engine.zero_stage, or set checkpoint.resume=never to start over")
-    applied = tuple((k, pick(saved, k), pick(now, k)) for k in RESUME_APPLIED if pick(saved, k) != pick(now, k))
-    return ResumePlan(path, reshard, replace, applied)

@@ -18,14 +18,15 @@ import torch
 import yaml
 
 from . import dist, inference, perf, reference, rundir, tasks, testhooks
+from .resume import resume_plan
 from .runlock import LockLost, RunLock
-from .checkpoint import Checkpointer, ResumePlan, resume_plan, seed_all
+from .checkpoint import Checkpointer, ResumePlan, seed_all
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
 from .engine import Engine, gathered, init_distributed, resolve_precision, zero3_init
-from .errors import PREEMPTED_MARK, Preempted, UserError
+from .errors import PREEMPTED_MARK, Preempted
 from .export import write_final
 from .model import load_model
 from .stops import DivergenceGuard, Signals

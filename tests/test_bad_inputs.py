@@ -110,6 +110,7 @@ class Ctx:
     prepared: Path
     monkeypatch: pytest.MonkeyPatch
     cleanup: list = field(default_factory=list)
+    kept: dict = field(default_factory=dict)  # directories a case must leave as they were: path -> snapshot
 
     def train(self, *overrides: str, data: Path | None = None, model: Path | None = None, env: dict | None = None) -> list[str]:
         """`dist-ft train` of the toy config into the finished run's directory (with `env` set for the case)."""
@@ -203,9 +204,44 @@ def _damaged_run(c: Ctx) -> Path:
     """A run directory whose every checkpoint lost part of a file (as after a copy that left some out)."""
     out = c.tmp / "damaged"
     shutil.copytree(c.run / "checkpoints", out / "checkpoints")
+    shutil.copy(c.run / ".dist_ft-run.json", out)  # (a run directory of ours: a copy without the marker is refused as foreign)
     for f in (out / "checkpoints").glob("step-*/rank-0.pt"):
         _truncate(f)
     return out
+
+
+# what another tool or the user keeps in a project directory, under the names a run writes
+FOREIGN = {"wandb/offline-run-20261201_000000-abc/run-abc.wandb": b"theirs", "checkpoints/lightning-epoch3/model.ckpt": b"weights",
+           "config.yaml": b"lr: 0.1\n", "metrics.jsonl": b'{"step": 1}\n', "rank-0.log": b"log\n", "final.old/w": b"old",
+           ".replaced-1/x": b"x", "final.tmp/y": b"y", "loss.png": b"png"}
+
+
+def _foreign(c: Ctx, *extra: str, cwd: bool = False, home: bool = False) -> list[str]:
+    """A project directory that holds files a run might have written, but no run marker: `output.overwrite` must not
+    touch it (as output.dir, as the current directory, or as a fake $HOME)."""
+    d = c.tmp / "project"
+    for rel, data in FOREIGN.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_bytes(data)
+    c.kept[d] = _snapshot(d)
+    if cwd:
+        c.monkeypatch.chdir(d)
+    if home:
+        c.monkeypatch.setenv("HOME", str(d))
+    return c.train(f"output.dir={'.' if cwd else '~/' if home else d}", *extra)
+
+
+def _run_copy(c: Ctx, edit: Callable[[Path], str]) -> list[str]:
+    """A copy of the finished run as output.dir, with something it reads placed inside it by `edit` (returns the override)."""
+    d = c.tmp / "ours"
+    shutil.copytree(c.run, d)
+    override = edit(d)
+    c.kept[d] = _snapshot(d)
+    return c.train(f"output.dir={d}", override)
+
+
+def _untouched(c: Ctx, output: str) -> bool:
+    return all(_snapshot(d) == before for d, before in c.kept.items())
 
 
 def _remote_not_written(c: Ctx) -> None:
@@ -216,6 +252,18 @@ def _remote_not_written(c: Ctx) -> None:
 
 def _no_secret(c: Ctx, output: str) -> None:
     assert SECRET not in output and "pass@" not in output
+
+
+def _secret_nowhere(c: Ctx, output: str) -> None:
+    """No part of the secret on the terminal, nor in any file of the run directory (config.yaml, logs, metrics,
+    checkpoints) or of the case's own directory."""
+    _no_secret(c, output)
+    for root in (c.run, c.tmp):
+        for p in root.rglob("*"):
+            assert not p.is_file() or SECRET.encode() not in p.read_bytes(), p
+
+
+
 
 
 # id -> (build the command, pattern of the one error line[, check afterwards])
@@ -325,6 +373,25 @@ CASES: dict[str, tuple] = {
     "data_url_with_credentials": (lambda c: c.train(f"data.train=https://user:{SECRET}pass@example.org/train.jsonl"),
                                   r"config key 'data\.train\.path': a URL with credentials in it is refused .*\(got 'https://\*\*\*@example\.org/train\.jsonl'\)",
                                   _no_secret),
+    # ------------------------------------------------------------ secrets (#25): never on the terminal, in logs or config.yaml
+    "secret_override_value_not_section": (lambda c: c.train(f"data.train.path.x=s3://AKIAEXAMPLE:{SECRET}@bucket/x"),
+                                          r"override 'data\.train\.path\.x=s3://\*\*\*@bucket/x': 'data\.train\.path' is a value, not a section",
+                                          _secret_nowhere),
+    "secret_override_without_equals": (lambda c: c.train(f"s3://AKIAEXAMPLE:abc/{SECRET}@bucket/x"),
+                                       r"override 's3://\*\*\*@bucket/x': expected key=value", _secret_nowhere),
+    "secret_override_wrong_type": (lambda c: c.train(f"train.lr=s3://AKIAEXAMPLE:abc/{SECRET}@bucket/x"),
+                                   r"config key 'train\.lr': Input should be a valid number.*\(got 's3://\*\*\*@bucket/x'\)", _secret_nowhere),
+    "secret_url_slash_in_secret": (lambda c: c.train(f"data.train=s3://AKIAEXAMPLE:abc/{SECRET}+x@bucket/train.jsonl"),
+                                   r"config key 'data\.train\.path': a URL with credentials in it is refused .*\(got 's3://\*\*\*@bucket/train\.jsonl'\)",
+                                   _secret_nowhere),
+    "secret_url_sas_sig": (lambda c: c.train(f"data.train=https://acct.blob.core.windows.net/c/train.jsonl?sv=2022-11-02&sp=r&sig={SECRET}%3D"),
+                           r"config key 'data\.train\.path': a URL with a token \(its 'sig=' query parameter\) in it is refused .*"
+                           r"\(got 'https://acct\.blob\.core\.windows\.net/c/train\.jsonl\?sv=2022-11-02&sp=r&sig=\*\*\*'\)", _secret_nowhere),
+    "secret_url_token_query": (lambda c: c.train(f"data.prepared=https://example.org/shards?token={SECRET}"),
+                               r"config key 'data\.prepared': a URL with a token \(its 'token=' query parameter\) in it is refused .*DIST_FT_STORAGE_OPTIONS",
+                               _secret_nowhere),
+    "secret_config_path": (lambda c: ["train", f"s3://AKIAEXAMPLE:abc/{SECRET}@bucket/run.yaml"],
+                           r"s3:/\*\*\*@bucket/run\.yaml: config file not found", _secret_nowhere),
     "shards_storage_options_not_json": (lambda c: c.train(f"data.prepared=file://{c.prepared}", env={"DIST_FT_STORAGE_OPTIONS": f"key={SECRET}"}),
                                         r"DIST_FT_STORAGE_OPTIONS: not valid JSON \(.*\); set it to a JSON object of fsspec storage options", _no_secret),
     "shards_remote_unreachable": (lambda c: c.train(f"data.prepared=file://{c.tmp / 'gone'}", env={"DIST_FT_STORAGE_OPTIONS": json.dumps({"token": SECRET})}),
@@ -340,6 +407,23 @@ CASES: dict[str, tuple] = {
     "checkpoint_none_complete": (lambda c: c.train(f"output.dir={_damaged_run(c)}", "output.overwrite=false"),
                                  r"output\.dir '.*damaged' holds checkpoints but none is complete \(step-\d+: rank-0\.pt: \d+ bytes, expected \d+ "
                                  r"\(truncated or replaced\)\); starting over there would mix two runs: set output\.overwrite=true"),
+    # ------------------------------------------------------------ the run directory: dist_ft deletes only what it wrote
+    "output_dir_foreign_files": (lambda c: _foreign(c), r"output\.dir '.*project' is not empty and was not written by dist_ft \(no "
+                                 r"\.dist_ft-run\.json in it; it holds \.replaced-1, checkpoints, config\.yaml, final\.old and 5 more\); .*choose "
+                                 r"another output\.dir", _untouched),
+    "output_dir_cwd_foreign": (lambda c: _foreign(c, cwd=True), r"output\.dir '\.' is the current directory, which holds files that are "
+                               r"not a dist_ft run's \(.*\); give the run a directory of its own, e\.g\. output\.dir=runs/my-run", _untouched),
+    "output_dir_home": (lambda c: _foreign(c, home=True), r"output\.dir '~/' is your home directory; .*output\.dir=runs/my-run", _untouched),
+    "output_dir_root": (lambda c: c.train("output.dir=/"), r"output\.dir '/' is the root directory; a run writes checkpoints"),
+    "output_dir_is_a_file": (lambda c: c.train(f"output.dir={c.data}"), r"output\.dir '.*' is a file, not a directory"),
+    "output_dir_holds_model": (lambda c: _run_copy(c, lambda d: f"model.path={d / 'final'}"),
+                               r"output\.dir '.*ours' contains model\.path '.*ours/final', which this run reads", _untouched),
+    "output_dir_holds_data": (lambda c: _run_copy(c, lambda d: f"data.train={shutil.copy(c.data, d / 'train.jsonl')}"),
+                              r"output\.dir '.*ours' contains data\.train\.path '.*ours/train\.jsonl', which this run reads", _untouched),
+    "output_dir_holds_prepared": (lambda c: _run_copy(c, lambda d: f"data.prepared={shutil.copytree(c.prepared, d / 'shards')}"),
+                                  r"output\.dir '.*ours' contains data\.prepared '.*ours/shards', which this run reads", _untouched),
+    "output_dir_holds_cache": (lambda c: _run_copy(c, lambda d: f"data.cache_dir={d / 'wandb'}"),
+                               r"output\.dir '.*ours' contains data\.cache_dir '.*ours/wandb', which this run reads", _untouched),
     # ------------------------------------------------------------ preference pairs (data.task dpo)
     "dpo_empty_completion": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "hi", "chosen": " ", "rejected": "no"}, good=PAIRS)),
                              r"d\.jsonl:17: the chosen completion is empty, so there is nothing to compare; write it or remove the record"),
@@ -356,6 +440,15 @@ CASES: dict[str, tuple] = {
                             r"d\.jsonl:17: the chosen completion holds 2 end-of-turn token\(s\) '<\|im_end\|>' \(exactly one, at its end, is expected\)"),
     "dpo_completion_truncated_away": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "apple banana cherry " * 60, "chosen": "red", "rejected": "blue"}, good=PAIRS)),
                                       r"d\.jsonl:17: the chosen completion starts after data\.max_seq_len 128 tokens, so truncation removes all of it; raise"),
+    "dpo_identical_pair": (lambda c: c.train("data.task=dpo", data=c.records({"prompt": "hi", "chosen": "The apple is red.", "rejected": "The apple is red."}, good=PAIRS)),
+                           r"d\.jsonl:17: 'chosen' and 'rejected' render to the same \d+ tokens, so the pair prefers nothing; make the rejected reply differ"),
+    "dpo_identical_after_truncation": (lambda c: c.train("data.task=dpo", data=c.records(
+        {"prompt": "apple banana cherry " * 20, "chosen": "red " * 80 + "yes", "rejected": "red " * 80 + "no"}, good=PAIRS)),
+        r"d\.jsonl:17: 'chosen' and 'rejected' differ only after data\.max_seq_len 128 tokens, so truncation leaves the same sequence twice"),
+    "reward_identical_pair": (lambda c: c.train("data.task=reward", "data.packing=false", data=c.records(  # other shapes, the same rendering
+        {"conversations": [{"from": "human", "value": "What color is the apple?"}], "chosen": {"from": "gpt", "value": "The apple is red."},
+         "rejected": "The apple is red."}, good=PAIRS)),
+        r"d\.jsonl:17: 'chosen' and 'rejected' render to the same \d+ tokens, so the pair prefers nothing"),
     # ------------------------------------------------------------ sequence heads (data.task classify / reward)
     "classify_label_missing": (lambda c: c.train("data.task=classify", "data.packing=false", data=c.records({"text": "so so"}, good=REVIEWS)),
                                r"d\.jsonl:17: record lacks 'label' \(keys: text\); give every record its class"),
@@ -484,3 +577,14 @@ def test_storage_options_come_from_the_environment(tmp_path, monkeypatch, prepar
     local = fetch(f"file://{prepared}", tmp_path / "copy", log=lambda *_: None)
     assert seen == [{"auto_mkdir": True}]
     assert sorted(p.name for p in (local / "train").iterdir()) == sorted(p.name for p in (prepared / "train").glob("*.*") if not p.name.endswith(".json"))
+
+
+def test_side_logs_are_scrubbed(tmp_path):
+    """What a run logs to rank-R.log goes through the scrubber."""
+    from dist_ft.track import Tracker
+
+    t = Tracker(tmp_path, 1, total_steps=1, log_every=1, all_ranks=True)
+    t.info(f"fetching s3://AKIAEXAMPLE:abc/{SECRET}@bucket/x?sig={SECRET}")
+    t.close()
+    log = (tmp_path / "rank-1.log").read_text()
+    assert SECRET not in log and "s3://***@bucket/x" in log, log

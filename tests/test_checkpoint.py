@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,3 +214,141 @@ def test_resume_with_dropout_is_bit_exact(tmp_path, gpt2_dropout_dir):
     plain = tmp_path / "other-seed"
     r = _run(_cmd(cfg, plain, 1, "checkpoint.resume=never", "train.max_steps=2", "train.seed=43"))  # dropout is live: another seed, another loss
     assert r.returncode == 0 and tiny.losses(plain)[1] != tiny.losses(ref)[1]
+
+
+# ---------------------------------------------------------------- symlinked checkpoints (#25): foreign, never deleted through
+
+def _tree(root: Path) -> dict:
+    """Every entry under `root` without following links: files by content and mtime, links by target."""
+    snap = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                snap[rel] = ("link", os.readlink(p))
+            elif p.is_file() and p.name != ".dist_ft.lock":  # (the run lock exists only during a run)
+                snap[rel] = (p.read_bytes(), p.stat().st_mtime_ns)
+            elif p.is_dir():
+                snap[rel] = "dir"
+    return snap
+
+
+class _Unpickled:
+    """Creates `marker` when unpickled: DeepSpeed's loader (torch.load, weights_only=False) would run it."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _fake_checkpoint(path: Path, step: int, files: dict | None = None) -> Path:
+    """A folder that `validate` takes for a complete checkpoint."""
+    path.mkdir(parents=True)
+    for rel, data in (files or {}).items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(data)
+    sizes = {rel: len(data) for rel, data in (files or {}).items()}
+    (path / "manifest.json").write_text(json.dumps({"step": step, "world_size": 1, "zero_stage": 0, "files": sizes}))
+    (path / "COMPLETE").write_text("ok\n")
+    return path
+
+
+class _FakeEngine:
+    zero_stage = 0
+
+    def save(self, tmp: Path) -> None:
+        (tmp / "ds").mkdir()
+        (tmp / "ds" / "state.bin").write_bytes(b"x" * 8)
+
+
+def test_symlinks_make_a_checkpoint_foreign(tmp_path):
+    from dist_ft.checkpoint import outside
+
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    home = _fake_checkpoint(out / "checkpoints" / "step-1", 1, {"ds/a.pt": b"a", "rank-0.pt": b"r"})
+    assert outside(home, out) is None
+    away = _fake_checkpoint(elsewhere / "step-2", 2, {"rank-0.pt": b"r"})
+    (out / "checkpoints" / "step-2").symlink_to(away)  # the step folder itself
+    assert outside(out / "checkpoints" / "step-2", out) == out / "checkpoints" / "step-2"
+    (home / "ds" / "b.pt").symlink_to(away / "rank-0.pt")  # one file inside an otherwise local checkpoint
+    assert outside(home, out) == home / "ds" / "b.pt"
+    (home / "ds" / "b.pt").unlink()
+    (home / "ds" / "b.pt").symlink_to(home / "ds" / "a.pt")  # a link that stays inside is fine
+    assert outside(home, out) is None
+    (home / "loop").symlink_to(home / "loop")
+    assert outside(home, out) == home / "loop"
+    (home / "loop").unlink()
+    linked_root = tmp_path / "run2"
+    linked_root.mkdir()
+    (linked_root / "checkpoints").symlink_to(out / "checkpoints")  # a symlinked checkpoints/: every step in it is foreign
+    assert outside(linked_root / "checkpoints" / "step-1", linked_root) == linked_root / "checkpoints" / "step-1"
+
+
+def test_rotation_never_deletes_through_a_symlink(tmp_path, capfd):
+    from dist_ft.checkpoint import Checkpointer
+    from dist_ft.contracts import TrainState
+
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    precious = _fake_checkpoint(elsewhere / "step-1", 1, {"rank-0.pt": b"keep me"})
+    (elsewhere / "data").mkdir()
+    (elsewhere / "data" / "weights.bin").write_bytes(b"mine")
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step-1").symlink_to(precious)
+    local = _fake_checkpoint(out / "checkpoints" / "step-2", 2)
+    (local / "ds").symlink_to(elsewhere / "data")  # a link inside a checkpoint of this run
+    (out / "checkpoints" / "step-3.tmp").symlink_to(elsewhere / "data")  # a linked leftover tmp
+    before = _tree(elsewhere)
+    ckpt = Checkpointer(out, keep=1, rank=0, world_size=1)
+    ckpt.save(_FakeEngine(), TrainState(3, {}), "x: 1\n")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]  # the links went, the local step-2 too
+    assert _tree(elsewhere) == before  # nothing they pointed to was touched
+    # a symlinked checkpoints/: its folders lie outside output.dir, so rotation leaves them (and says so once)
+    out2, scratch = tmp_path / "run2", tmp_path / "scratch"
+    _fake_checkpoint(scratch / "step-1", 1, {"rank-0.pt": b"r"})
+    out2.mkdir()
+    (out2 / "checkpoints").symlink_to(scratch)
+    ckpt = Checkpointer(out2, keep=1, rank=0, world_size=1)
+    ckpt.save(_FakeEngine(), TrainState(2, {}), "x: 1\n")
+    ckpt.save(_FakeEngine(), TrainState(3, {}), "x: 1\n")
+    assert sorted(p.name for p in scratch.iterdir()) == ["step-1", "step-2", "step-3"]
+    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: checkpoint.keep leaves")]
+    assert len(notes) == 2 and "step-1" in notes[0] and "step-2" in notes[1] and "outside output.dir" in notes[0]
+
+
+def test_symlinked_step_is_refused_without_trust_and_rotated_as_a_link(cfg, tmp_path):
+    """checkpoints/step-3 -> elsewhere/step-3 (a real, complete checkpoint of this config): `resume: auto` refuses it in
+    one line before anything is unpickled (a planted pickle would leave a marker) and output.dir stays as it was; with
+    checkpoint.trust_foreign it resumes from it, and keep=1 later removes the link, never what it points to."""
+    out, away = tmp_path / "run", tmp_path / "elsewhere" / "step-3"
+    r = _run(_cmd(cfg, out, 1, "train.max_steps=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.rmtree(out / "final")
+    away.parent.mkdir()
+    shutil.move(out / "checkpoints" / "step-3", away)
+    (out / "checkpoints" / "step-3").symlink_to(away)
+    victim = next(away.rglob("*model_states.pt"))
+    original, manifest = victim.read_bytes(), (away / "manifest.json").read_text()
+    marker = tmp_path / "unpickled"
+    torch.save({"module": _Unpickled(marker)}, victim)
+    m = json.loads(manifest)
+    m["files"][str(victim.relative_to(away))] = victim.stat().st_size  # still "complete": it would be the one resumed
+    (away / "manifest.json").write_text(json.dumps(m))
+    before, before_away = _tree(out), _tree(away.parent)
+    r = _run(_cmd(cfg, out, 1, "train.max_steps=6"))
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"checkpoint '{out / 'checkpoints' / 'step-3'}' is a symlink to {away}, outside output.dir" in errors[0]
+    assert "set checkpoint.trust_foreign=true if you trust where it came from" in errors[0]
+    assert not marker.exists() and "resumed from" not in r.stdout
+    assert _tree(out) == before and _tree(away.parent) == before_away
+    victim.write_bytes(original)
+    (away / "manifest.json").write_text(manifest)
+    before_away = _tree(away.parent)
+    r = _run(_cmd(cfg, out, 1, "train.max_steps=6", "checkpoint.trust_foreign=true", "checkpoint.keep=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / 'step-3'}" in r.stdout and "step 3" in r.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]  # the link rotated away as a link
+    assert _tree(away.parent) == before_away and len(tiny.losses(out)) == 6

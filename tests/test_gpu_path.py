@@ -69,7 +69,8 @@ def _fake_checkpoint(out: Path, step: int, config_yaml: str) -> None:
 def _resume_on_rank(rank: int, port: int, dirs: list[str], result: str) -> None:
     import torch.distributed as tdist
 
-    from dist_ft.checkpoint import Checkpointer, resume_plan
+    from dist_ft.checkpoint import Checkpointer
+    from dist_ft.resume import resume_plan
     from dist_ft.config import load_config
     from dist_ft.errors import UserError
 

@@ -202,3 +202,20 @@ def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
     want = tok.decode(cur[0, ids.shape[1]:], skip_special_tokens=True).strip()
     r = run_cli("chat", "--model", str(out / "final"), "--prompt", "what color is the sky?", "--temperature", "0", "--max-new-tokens", "6")
     assert r.returncode == 0 and r.stdout.rstrip("\n").split("\n")[-1] == want, (r.stdout, want, r.stderr[-2000:])
+
+
+def test_lora_export_is_byte_for_byte_reproducible(run_cfg, tmp_path):
+    """The same LoRA run exported under two PYTHONHASHSEED values (peft keeps target_modules in a set, whose order
+    follows the string hash): every file of final/ (merged model, configs, tokenizer, adapter) is byte for byte the same."""
+    finals = []
+    for seed in ("0", "1"):  # (before the fix these two wrote target_modules in two different orders)
+        out = tmp_path / f"seed-{seed}"
+        r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", "train.max_steps=2", "checkpoint.every_steps=0", *LORA), {"PYTHONHASHSEED": seed})
+        assert r.returncode == 0, r.stderr[-3000:]
+        finals.append(out / "final")
+    files = [sorted(str(p.relative_to(f)) for p in f.rglob("*") if p.is_file()) for f in finals]
+    assert files[0] == files[1] and "adapter/adapter_config.json" in files[0], files
+    differ = [rel for rel in files[0] if (finals[0] / rel).read_bytes() != (finals[1] / rel).read_bytes()]
+    assert not differ, differ
+    conf = json.loads((finals[0] / "adapter" / "adapter_config.json").read_text())
+    assert conf["target_modules"] == sorted(conf["target_modules"])

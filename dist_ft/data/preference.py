@@ -94,7 +94,7 @@ def tokenize_pair(tok, pair: Pair, where: str) -> tuple[Example, Example]:
     completion's tokens only. Refused, naming the record: prompt + completion whose first tokens are not the prompt's
     own (a merge across the prompt/completion boundary), a doubled leading BOS or a BOS in the completion, an empty
     completion, a completion without exactly one end-of-turn token at its end (a duplicated EOS, or a marker in the
-    text)."""
+    text), and a pair whose chosen and rejected sequences are the same tokens (however the records' text or shape differ)."""
     prompt, eot = _prompt_ids(tok, pair.prompt), end_of_turn_id(tok)
     n_prompt, special = len(prompt), set(tok.all_special_ids)  # a template without an end-of-turn marker has none to check
     out = []
@@ -119,4 +119,7 @@ def tokenize_pair(tok, pair: Pair, where: str) -> tuple[Example, Example]:
                             f"{tok.convert_ids_to_tokens(eot)!r} (exactly one, at its end, is expected); remove end-of-turn or EOS "
                             "markers from the reply text")
         out.append(Example(ex.input_ids, labels))
+    if out[0].input_ids == out[1].input_ids:  # no preference to learn (a DPO margin / reward gap of zero): a broken export
+        raise UserError(f"{where}: 'chosen' and 'rejected' render to the same {len(out[0].input_ids)} tokens, so the pair prefers "
+                        "nothing; make the rejected reply differ, or remove the record")
     return out[0], out[1]

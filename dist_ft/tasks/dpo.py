@@ -44,6 +44,10 @@ def examples(rec: dict, where: str, cfg, tok):
             if e.n_loss == 0:
                 raise UserError(f"{where}: the {key} completion starts after data.max_seq_len {cfg.max_seq_len} tokens, so truncation removes "
                                 "all of it; raise data.max_seq_len, shorten the prompt, or set data.overlong: drop")
+        if pair[0].input_ids == pair[1].input_ids:
+            raise UserError(f"{where}: 'chosen' and 'rejected' differ only after data.max_seq_len {cfg.max_seq_len} tokens, so truncation "
+                            "leaves the same sequence twice and the pair prefers nothing; raise data.max_seq_len, shorten the prompt, "
+                            "or set data.overlong: drop")
     return _lm.finish(list(pair), counts)
 
 
