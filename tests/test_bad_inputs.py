@@ -353,7 +353,7 @@ CASES: dict[str, tuple] = {
     "prepare_out_current_dir": (_prepare_into_cwd,
                                 r"prepare --out '\.': that is the current directory \(or holds it\), and the shards would be mixed into it; give a new directory"),
     "prepare_out_foreign_dir": (lambda c: ["prepare", c.train()[1], "--out", str(c.run)],
-                                r"out: exists and is not a prepared dataset \(holds checkpoints, config\.yaml, final, loss\.png, \.\.\.\); nothing was "
+                                r"out: exists and is not a prepared dataset \(holds \.dist_ft-run\.json, checkpoints, config\.yaml, final, \.\.\.\); nothing was "
                                 r"changed: give dist-ft prepare a new or empty directory",
                                 lambda c, _: not (c.run.parent / "out.lock").exists() and not (c.run.parent / "out.partial").exists()),
     "shards_file_truncated": (lambda c: c.train(f"data.prepared={c.prepared_copy(lambda d: _truncate(next((d / 'train').glob('*.bin'))))}"),
