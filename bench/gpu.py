@@ -26,10 +26,11 @@ Measured as bench/worker.py does: throughput over steps 2..S (from the end of st
 step end CUDA-synchronized), tokens = non-padding tokens, loss-bearing tokens = assistant tokens that carry loss;
 time to first step = process start -> end of step 1 (imports, CUDA init, model load, tokenization included);
 peak GPU memory = torch.cuda.max_memory_allocated() during training.
-MFU = flops_per_token x tokens/s / peak, with dist_ft.perf.flops_per_token (6N + 12*L*H*Q*T, PaLM appendix B,
-T = 1024) and dist_ft.perf.peak_flops() (dense bf16 peak of the GPU; no MFU for GPUs not in perf.PEAK_FLOPS).
-dist_ft runs its output layer only on loss-bearing positions, so it executes fewer FLOPs than the 6N convention
-counts for a token; its MFU is model FLOPs utilization in the usual sense, not measured hardware utilization.
+MFU = executed FLOPs/s / peak, with dist_ft.perf.FlopCount (printed: perf.FLOP_FORMULA; matmul weights only, the
+output layer where it runs, causal attention over the examples' real lengths, from the data's length distribution)
+and dist_ft.perf.peak_flops() (dense bf16 peak of the GPU; no MFU for GPUs not in perf.PEAK_FLOPS). dist_ft runs its
+output layer only at loss-bearing positions, HF Trainer at every token: each is charged for what it runs. Model FLOPs
+(no recomputation counted), not measured hardware utilization.
 
 Published anchors (pretraining, full rows, fused kernels / flash attention, mostly torch.compile or CUDA C):
 llm.c GPT-2 124M reaches about 50% MFU on an A100; MosaicML llm-foundry's 125M model 44.8% MFU on A100s.
@@ -60,7 +61,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 # ---------------------------------------------------------------- inputs (parent process)
 
 def model_facts(model: Path, seq_len: int) -> dict:
-    """Parameter count (tied weights once, as dist_ft counts them) and FLOPs per token, without loading weights."""
+    """Parameter count (tied weights once, as dist_ft counts them) and the FLOP counter's weights, without loading weights."""
+    import dataclasses
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -70,8 +73,16 @@ def model_facts(model: Path, seq_len: int) -> dict:
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in m.parameters())
-    return {"n_params": n, "flops_per_token": perf.flops_per_token(cfg, n, seq_len), "vocab": cfg.vocab_size,
+    return {"n_params": n, "flops": dataclasses.asdict(perf.FlopCount.of(m)), "vocab": cfg.vocab_size,
             "layers": cfg.n_layer, "heads": cfg.n_head, "width": cfg.n_embd}
+
+
+def flops_per_s(facts: dict, r: dict, pairs_per_token: float) -> float:
+    """Executed FLOP/s of a run: dist_ft's output layer runs at loss-bearing positions, HF Trainer's at every token."""
+    from dist_ft import perf
+
+    head_at = r["loss_tokens_per_s"] if r["framework"] == "dist_ft" else r["tokens_per_s"]
+    return perf.FlopCount(**facts["flops"]).flops(r["tokens_per_s"], head_at, r["tokens_per_s"] * pairs_per_token)
 
 
 def device_info() -> dict:
@@ -121,13 +132,13 @@ def _fmt_mb(mb) -> str:
     return "n/a" if mb is None else f"{mb:,.0f} MB"
 
 
-def table(results: list[dict], facts: dict, info: dict) -> str:
+def table(results: list[dict], facts: dict, info: dict, pairs_per_token: float) -> str:
     peak = info["peak_flops"]
     ok = [r for r in results if "error" not in r]
     lines = ["| run | tokens/s | loss-bearing tokens/s | MFU | peak GPU memory | time to first step | padding | loss tokens |",
              "|---|---|---|---|---|---|---|---|"]
     for r in ok:
-        mfu = facts["flops_per_token"] * r["tokens_per_s"] / peak if peak else None
+        mfu = flops_per_s(facts, r, pairs_per_token) / peak if peak else None
         r["mfu"] = mfu
         mem = _fmt_mb(r.get("peak_gpu_mb")) if r.get("peak_gpu_mb") is not None else f"n/a (CPU; peak RSS {r['peak_rss_mb']:,.0f} MB)"
         lines.append(f"| {RUNS[r['framework']]} | {r['tokens_per_s']:,.0f} | {r['loss_tokens_per_s']:,.0f} | "
@@ -147,16 +158,22 @@ def table(results: list[dict], facts: dict, info: dict) -> str:
 
 
 def header(info: dict, facts: dict, shape: dict, spec: dict, smoke: bool) -> str:
+    from dist_ft import perf
+
     peak = f"{info['peak_flops'] / 1e12:,.0f} TFLOP/s dense bf16" if info["peak_flops"] else "peak unknown: no MFU"
+    f = facts["flops"]
     return (f"Device: {info['device']} ({peak}); torch {info['torch']}"
             + (f" (CUDA {info['cuda']})" if info["cuda"] else "")
             + f", DeepSpeed {info['deepspeed']}, transformers {info['transformers']}; {info['date']}"
             + (" -- SMOKE RUN (tiny model, not a measurement)" if smoke else "") + "\n\n"
             f"Model: {shape['name']} ({facts['layers']} layers x {facts['width']}, {facts['heads']} heads, vocab {facts['vocab']:,}, "
-            f"{facts['n_params'] / 1e6:.1f}M params; {facts['flops_per_token'] / 1e9:.2f} GFLOP/token by 6N + 12*L*H*Q*T at T={spec['seq_len']}), "
+            f"{facts['n_params'] / 1e6:.1f}M params), "
             f"{spec['precision']}, seq {spec['seq_len']}, {spec['rows'] * spec['seq_len']:,} tokens/step "
             f"(dist_ft {spec['rows']} packed rows, HF Trainer {spec['examples']} padded examples), {spec['steps']} steps, "
-            f"throughput over steps 2..{spec['steps']}.")
+            f"throughput over steps 2..{spec['steps']}.\n\n"
+            f"MFU counts executed FLOPs: {perf.FLOP_FORMULA} (N_mm {f['matmul'] / 1e6:.1f}M, N_head {f['head'] / 1e6:.1f}M, "
+            f"L {f['layers']}, d_attn {f['attn_width']}, sum n(n+1)/2 = {spec['causal_pairs_per_token']:.0f} per token "
+            f"on this data; the output layer at loss positions for dist_ft, at every token for HF Trainer).")
 
 
 def main() -> int:
@@ -187,9 +204,13 @@ def main() -> int:
     work = cpu_bench.work_shape(model, data, seq, micro * seq)  # HF examples per step for the same tokens per step
     spec = {"model": str(model), "data": str(data), "seq_len": seq, "steps": steps, "lr": 1e-4, "rows": micro,
             "examples": work["examples"], "mean_example_tokens": work["mean_example_tokens"],
+            "causal_pairs_per_token": work["causal_pairs_per_token"],
             "precision": "bf16" if cuda else "fp32", "attn": args.attn, "threads": os.cpu_count()}
     print(f"{shape['name']}: {facts['n_params'] / 1e6:.1f}M params, seq {seq}, {micro * seq:,} tokens/step "
           f"({micro} packed rows / {work['examples']} padded examples), {steps} steps, {spec['precision']}", flush=True)
+    from dist_ft import perf
+
+    print(f"MFU formula: {perf.FLOP_FORMULA}", flush=True)
     results = []
     for framework in RUNS:
         t = time.time()
@@ -198,7 +219,8 @@ def main() -> int:
         if "error" not in r:
             print(f"  {RUNS[framework]:<18} {r['tokens_per_s']:>10,.0f} tok/s {r['loss_tokens_per_s']:>10,.0f} loss-tok/s  "
                   f"TTFS {r['time_to_first_step_s']:5.1f} s  GPU peak {_fmt_mb(r.get('peak_gpu_mb'))}  ({time.time() - t:.0f} s)", flush=True)
-    md = header(info, facts, shape, spec, args.smoke) + "\n\n" + table(results, facts, info) + "\n"
+    md = header(info, facts, shape, spec, args.smoke) + "\n\n" + table(results, facts, info, spec["causal_pairs_per_token"])
+    md += "\n"
     out_dir = prep.CACHE if args.smoke else HERE / "results"
     name = "gpu-smoke" if args.smoke else "gpu"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,8 @@ def work_shape(model: Path, data: Path, seq_len: int, tokens_per_step: int) -> d
     rows = [json.loads(x) for x in data.read_text().splitlines()]
     lens = [min(seq_len, len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])) for r in rows[:500]]
     mean = sum(lens) / len(lens)
-    return {"rows": max(1, tokens_per_step // seq_len), "examples": max(1, round(tokens_per_step / mean)), "mean_example_tokens": mean}
+    return {"rows": max(1, tokens_per_step // seq_len), "examples": max(1, round(tokens_per_step / mean)), "mean_example_tokens": mean,
+            "causal_pairs_per_token": sum(n * (n + 1) / 2 for n in lens) / sum(lens)}  # attention work per token (perf.FlopCount)
 
 
 def run_one(spec: dict) -> dict:

@@ -6,6 +6,7 @@ copy of the base (never inside a ZeRO-3 engine, where weights are partitioned).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -16,6 +17,19 @@ from .errors import UserError
 
 ADAPTER_DIR = "adapter"  # final/adapter: the adapter alone, for PeftModel.from_pretrained / dist-ft chat --adapter
 _TASK_TYPES = {"AutoModelForCausalLM": "CAUSAL_LM", "AutoModelForSequenceClassification": "SEQ_CLS"}
+
+
+@contextlib.contextmanager
+def fixed_draws(seed: int = 0):
+    """Random draws inside come from generators seeded with `seed` (the CPU's, and this rank's GPU's once CUDA is up:
+    ZeRO-3 resizes embeddings on the GPU), and every generator is put back after. Not `torch.manual_seed`: that reseeds
+    every CUDA generator, which `fork_rng(devices=[])` does not restore, so `train.seed` would stop driving GPU dropout."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)  # what torch.manual_seed does on the CPU: the same draws as ever
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
 
 
 def peft_config(cfg: PeftConfig, model, new_tokens: list[int], auto_class: str = "AutoModelForCausalLM"):
@@ -41,9 +55,8 @@ def wrap(model, cfg: PeftConfig, new_tokens: list[int], auto_class: str = "AutoM
 
     conf = peft_config(cfg, model, new_tokens, auto_class)
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        with warnings.catch_warnings(), fixed_draws(0):  # the same initial adapter on every rank, ZeRO stage and load
             warnings.simplefilter("ignore")  # peft's notes on deprecated transformers attributes
-            torch.manual_seed(0)  # the same initial adapter on every rank, ZeRO stage and load, whatever ran before
             return get_peft_model(model, conf)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")})

@@ -2,9 +2,11 @@
 
 Layout: <output.dir>/checkpoints/step-N/ holding the engine state (model, optimizer, ZeRO partitions, LR
 scheduler) under `ds/` (written by the engine), our per-rank state `rank-R.pt` (`TrainState` + RNG
-states), the resolved `config.yaml`, `manifest.json` (every file with its size, world size, ZeRO stage,
-version) and a `COMPLETE` marker. Everything is written into `step-N.tmp/` and renamed only after the
-manifest and marker are on disk (`fsio`), so a crash at any point leaves the previous checkpoint usable.
+states), the resolved `config.yaml`, `manifest.json` (every file with its size and the small ones' sha256, world
+size, ZeRO stage, version) and a `COMPLETE` marker. Each rank fsyncs the files it wrote and reports them; rank 0
+builds the manifest from the reports after checking them on disk (`checkpoint_files`). Everything is written into
+`step-N.tmp/` and renamed only after the manifest and marker are on disk (`fsio`), so a crash at any point leaves
+the previous checkpoint usable.
 "Latest" is the newest folder whose marker and manifest check out, never a name guess.
 
 Storage only: `resume.py` decides where a run continues from.
@@ -18,13 +20,13 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__, dist, fsio, testhooks
+from . import __version__, checkpoint_files, dist, fsio, testhooks
 from .contracts import TrainState
 from .errors import UserError
 
@@ -40,6 +42,7 @@ class Manifest:
     dist_ft_version: str = ""
     job: str = ""  # the SLURM job that wrote it ("" outside SLURM): a requeued job knows its own checkpoints
     base_sha256: str = ""  # parameter-efficient runs: the frozen base the adapter belongs to (not saved with it)
+    sha256: dict = field(default_factory=dict)  # relative path -> sha256 of the small files (rank states, config)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def inspect_checkpoint(path: Path) -> tuple[Manifest | None, str | None]:
         manifest = Manifest(**json.loads((path / "manifest.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"manifest.json unreadable ({type(e).__name__})"
-    bad = fsio.first_mismatch(path, {rel: fsio.FileInfo(size) for rel, size in manifest.files.items()})
+    bad = fsio.first_mismatch(path, {rel: fsio.FileInfo(size, manifest.sha256.get(rel)) for rel, size in manifest.files.items()})
     return (None, f"{bad[0]}: {bad[1]}") if bad else (manifest, None)
 
 
@@ -176,27 +179,37 @@ class Checkpointer:
         return [(s, p) for s, p, why in self.survey() if why is None]
 
     def save(self, engine, state: TrainState, config_yaml: str) -> Path:
-        """All ranks call this. Returns the final path."""
+        """All ranks call this. Returns the final path. Each rank fsyncs and reports the files it wrote (`checkpoint_files`);
+        rank 0 checks every report on disk, writes the manifest from them, and publishes."""
         step = state.step
         final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
         if self.rank == 0:
             tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp, ignore_errors=True)  # (never through a link)
             tmp.mkdir(parents=True)
         dist.wait_for_all(f"checkpoint step {step}: folder")
-        engine.save(tmp)
+        with fsio.collect_written() as written:  # the engine announces each file this rank writes
+            engine.save(tmp)
         torch.save({**state.to_dict(), "rng": rng_state()}, tmp / f"rank-{self.rank}.pt")
-        dist.wait_for_all(f"checkpoint step {step}: every rank's state written")
+        mine = checkpoint_files.report(self.rank, tmp, [*dict.fromkeys(written), tmp / f"rank-{self.rank}.pt"])
+        testhooks.in_save(step, self.rank, tmp)
+        reports = dist.gather_on_main(f"checkpoint step {step}: every rank's state written", mine)
         if self.rank == 0:
-            (tmp / "config.yaml").write_text(config_yaml)
+            files, owner = checkpoint_files.merge(reports)
+            files["config.yaml"] = fsio.write_synced(tmp / "config.yaml", config_yaml)
             testhooks.pause_in_save(step)
-            manifest = Manifest(step, self.world, engine.zero_stage, fsio.file_sizes(tmp), __version__,
-                                os.environ.get("SLURM_JOB_ID", ""), self.base_sha256)
-            (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=1))
-            (tmp / "COMPLETE").write_text("ok\n")
+            files.update(checkpoint_files.unreported(tmp, files))
+            checkpoint_files.check(final.name, tmp, files, owner)
+            manifest = Manifest(step, self.world, engine.zero_stage, {rel: fi.bytes for rel, fi in sorted(files.items())}, __version__,
+                                os.environ.get("SLURM_JOB_ID", ""), self.base_sha256,
+                                {rel: fi.sha256 for rel, fi in sorted(files.items()) if fi.sha256})
+            fsio.write_synced(tmp / "manifest.json", json.dumps(asdict(manifest), indent=1))
+            fsio.write_synced(tmp / "COMPLETE", "ok\n")
             self.before_publish(f"publishing checkpoint {final.name}")
             if final.is_symlink():  # a linked (trusted foreign) step-N of the same step: the link gives way, its target is kept
                 final.unlink()
-            fsio.publish_dir(tmp, final)  # (a re-save of the same step, e.g. a signal right after a periodic save, replaces it)
+            # folders only: each rank fsynced its own files (a re-save of the same step, e.g. on a signal right after a periodic
+            # save, replaces it)
+            fsio.publish_dir(tmp, final, sync_files=False)
             for st, old in self.complete()[: -self.keep]:  # only after the new one is complete
                 if self.keep_every and st % self.keep_every == 0:
                     continue  # a milestone: kept for good

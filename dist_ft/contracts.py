@@ -22,14 +22,24 @@ class Batch:
     position_ids: Optional[torch.Tensor] = None  # restart at 0 per packed example
     attention_mask: Optional[torch.Tensor] = None  # padded batches only (packed rows use position_ids)
     extra: dict = field(default_factory=dict)  # task-specific tensors (e.g. which rows form a preference pair)
+    lengths: tuple = ()  # every example's token count (packed: each example of each row), for FLOP counting
+    # packed rows, for flash-attention's varlen kernel (which reads restarting position_ids only at batch size 1):
+    cu_seq_lens: Optional[torch.Tensor] = None  # int32 boundaries over the flattened rows: every example, each row's padding
+    max_length: int = 0  # the longest of those segments (a Python int: no device sync)
 
     @property
     def n_positions(self) -> int:
         return self.input_ids.numel()
 
-    def model_inputs(self, device) -> dict:
-        """The model's keyword inputs on `device` (copies are non-blocking from pinned memory)."""
-        return {k: getattr(self, k).to(device, non_blocking=True) for k in MODEL_INPUTS if getattr(self, k) is not None}
+    def model_inputs(self, device, attn_implementation: str | None = None) -> dict:
+        """The model's keyword inputs on `device` (copies are non-blocking from pinned memory). A flash-attention
+        implementation also gets the packed rows' boundaries (`cu_seq_lens_q/k`, `max_length_q/k`); sdpa and eager
+        build their block-diagonal mask from the position_ids alone."""
+        kw = {k: getattr(self, k).to(device, non_blocking=True) for k in MODEL_INPUTS if getattr(self, k) is not None}
+        if self.cu_seq_lens is not None and "flash" in (attn_implementation or ""):
+            kw["cu_seq_lens_q"] = kw["cu_seq_lens_k"] = self.cu_seq_lens.to(device, non_blocking=True)
+            kw["max_length_q"] = kw["max_length_k"] = self.max_length
+        return kw
 
     def pin_memory(self) -> "Batch":
         pinned = {f.name: getattr(self, f.name).pin_memory() for f in fields(self) if torch.is_tensor(getattr(self, f.name))}

@@ -6,20 +6,21 @@ SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID), and a plain single process (no
 
 Each rank picks its GPU once, before the first collective (`device_index`), and every tensor a
 collective touches lives there. Waits for work that one rank does alone (tokenizing, checkpoint
-fsync, universal conversion, export, W&B start) go through the rendezvous store (`wait_for_all`),
-never through a collective, so no collective timeout applies to honest work of any length.
+fsync, universal conversion, export, W&B start) go through the rendezvous store (`wait_for_all`,
+in `rendezvous.py`, with a heartbeat per rank so a dead rank stops them), never through a collective,
+so no collective timeout applies to honest work of any length.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
+
+from .rendezvous import gather_on_main, report_failure, start_heartbeat, stop_heartbeat, wait_for_all  # noqa: F401 - dist's API
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     if not torch.distributed.is_initialized():
         kw = {"device_id": torch.device("cuda", plan.index)} if plan.bind_device else {}
         torch.distributed.init_process_group(backend=plan.backend, timeout=timeout, **kw)
+    start_heartbeat(timeout.total_seconds())  # a rank dead for longer than a collective would wait stops every store wait
     return env
 
 
@@ -171,67 +173,10 @@ def device() -> "torch.device":  # noqa: F821 - torch is imported lazily
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-_WAIT = "dist_ft/wait"
-_FAILED = "dist_ft/failed"
-_waits = itertools.count()
-
-
-def _store():
-    """The rendezvous TCP store of a multi-rank process group; None for a single process."""
-    import torch.distributed as tdist
-
-    if not tdist.is_initialized() or tdist.get_world_size() < 2:
-        return None
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    return _get_default_store()
-
-
-def wait_for_all(what: str, poll_s: float = 0.05) -> None:
-    """Barrier for work of any length that some ranks do alone (rank 0 exporting, fsyncing a checkpoint,
-    converting one, one rank per node tokenizing): each rank marks its arrival in the rendezvous TCP store
-    and polls until all have, so no collective (and its timeout) is pending meanwhile. Every rank must call
-    it in the same order. Raises if a rank reported a failure (`report_failure`) or the store went away
-    (rank 0 died)."""
-    import torch.distributed as tdist
-
-    from .errors import PREEMPTED_MARK, Preempted, UserError
-
-    store = _store()
-    if store is None:
-        return
-    rank, world = tdist.get_rank(), tdist.get_world_size()
-    prefix = f"{_WAIT}/{next(_waits)}"
-    store.set(f"{prefix}/{rank}", what)
-    keys = [f"{prefix}/{r}" for r in range(world)]
-    delay = poll_s
-    while not store.check(keys):
-        if store.check([_FAILED]):
-            reason = store.get(_FAILED).decode()
-            if PREEMPTED_MARK in reason:
-                raise Preempted(reason)
-            raise UserError(f"stopped while waiting for the other ranks ({what}): {reason}")
-        time.sleep(delay)
-        delay = min(1.0, delay * 1.5)
-
-
 def patient_sum(what: str, value: float) -> float:
     """`all_sum` of one value after `wait_for_all`: for a result (e.g. a failure count) of work some ranks do alone."""
     wait_for_all(what)
     return all_sum(value)[0]
-
-
-def report_failure(message: str) -> None:
-    """Tell ranks waiting in `wait_for_all` that this rank failed, so they stop instead of waiting forever."""
-    import torch.distributed as tdist
-
-    store = _store()
-    if store is None:
-        return
-    try:
-        store.set(_FAILED, f"rank {tdist.get_rank()} failed: {message}"[:2000])
-    except Exception:  # noqa: BLE001 - the store may be gone already; the launcher ends the job then
-        pass
 
 
 def broadcast_object(obj):
@@ -252,6 +197,7 @@ def shutdown() -> None:
 
     if dist.is_initialized():
         wait_for_all("shutdown")  # rank 0 may still be exporting or answering sample prompts
+        stop_heartbeat()
         dist.destroy_process_group()
     _remove_shm_buffers()
 

@@ -17,6 +17,7 @@ import torch
 from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
+from . import fsio
 from .errors import UserError
 
 TAG = "ds"  # the engine state's folder inside a checkpoint
@@ -29,10 +30,33 @@ def has_frozen(engine) -> bool:
 
 
 def save(engine, directory: Path) -> None:
+    """This rank's part of the engine state. Every file this rank writes is announced (`fsio.wrote`), so the caller can
+    fsync and vouch for its own files: DeepSpeed writes its state files through its checkpoint engine (seen here by
+    wrapping its `save`: model states on data-parallel rank 0, or on every rank under ZeRO-3; each rank's optimizer
+    partition) and copies its recovery scripts (global rank 0, ZeRO >= 1) beside `ds/`."""
     # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage; frozen
     # weights (an adapter's base) are not saved: they come from the model's source on resume
     info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(directory), tag=TAG, client_state=info, save_latest=False, exclude_frozen_parameters=has_frozen(engine))
+    writer = engine.checkpoint_engine
+    own, inner = "save" in vars(writer), writer.save
+
+    def save_and_announce(state_dict, path, *args, **kwargs):
+        result = inner(state_dict, path, *args, **kwargs)
+        fsio.wrote(path)
+        return result
+
+    writer.save = save_and_announce
+    try:
+        engine.save_checkpoint(str(directory), tag=TAG, client_state=info, save_latest=False, exclude_frozen_parameters=has_frozen(engine))
+    finally:
+        if own:
+            writer.save = inner
+        else:
+            del writer.save
+    if engine.global_rank == 0:
+        for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+            if (Path(directory) / script).is_file():
+                fsio.wrote(Path(directory) / script)
 
 
 def load(engine, directory: Path) -> None:
@@ -79,8 +103,11 @@ def model_state_bytes(engine) -> dict:
         buf = getattr(opt, "grads_in_partition", None)
         averaged = getattr(opt, "averaged_gradients", None)
         masters = getattr(opt, "single_partition_of_fp32_groups", None) or []
+        bf16_accumulators = getattr(opt, "fp32_groups_gradients_flat", None)  # BF16_Optimizer (bf16 ZeRO-1): fp32 grads
         if torch.is_tensor(buf):
             g_bytes = _nbytes([buf])
+        elif bf16_accumulators:
+            g_bytes = _nbytes(bf16_accumulators)
         elif averaged and any(averaged.values()):
             g_bytes = _nbytes(g for gs in averaged.values() for g in (gs or []))
         elif any(m.grad is not None for m in masters):  # CPU offload: gradients live on the master partitions
@@ -91,3 +118,22 @@ def model_state_bytes(engine) -> dict:
     o_bytes = _nbytes(v for st in inner.state.values() for v in st.values())
     o_bytes += _nbytes(p for g in inner.param_groups for p in g["params"] if id(p) not in own)  # fp32 master partitions
     return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}
+
+
+def set_masters(engine, sources: list) -> None:
+    """Put each (parameter, fp32 tensor) of `sources` into the optimizer's fp32 master copy of that parameter:
+    ZeRO 1-2 and BF16_Optimizer through DeepSpeed's `safe_set_full_fp32_param` (each rank its partition), ZeRO-0's
+    FP16_Optimizer (bf16 / fp16 without ZeRO) into its flat fp32 groups. A no-op for an empty list."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if not sources:
+        return
+    opt, value = engine.optimizer, {id(p): v for p, v in sources}
+    flat_lp, flat_hp = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups_flat", None)
+    if engine.zero_optimization_stage() == 0 and flat_lp is not None and flat_hp is not None:
+        for lp, hp in zip(flat_lp, flat_hp):
+            if all(id(p) in value for p in lp):
+                hp.data.copy_(torch.cat([value[id(p)].reshape(-1).to(hp.device) for p in lp]))
+        return
+    for p, v in sources:
+        safe_set_full_fp32_param(p, v.to(engine.device))

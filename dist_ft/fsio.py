@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,60 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file and folder under `root` and `root` itself; with files=False only the folders (their entries)."""
     for p in sorted(Path(root).rglob("*")) + [Path(root)]:
-        fsync(p)
+        if files or p.is_dir():
+            fsync(p)
+
+
+def sync_written(root: Path, paths, hash_below: int = 1 << 20) -> dict[str, FileInfo]:
+    """fsync files this process wrote under `root`, then the folders holding them (up to `root`), and describe them:
+    {path relative to root: size, and sha256 for files smaller than `hash_below`}. On a filesystem shared by nodes
+    only the writer's fsync puts its data on stable storage: another node's client may still cache it."""
+    root, out, dirs = Path(root), {}, {Path(root)}
+    for p in map(Path, paths):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        out[str(p.relative_to(root))] = FileInfo(size, sha256_file(p) if size < hash_below else None)
+        dirs.update(d for d in p.parents if d.is_relative_to(root))
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+        fsync(d)
+    return out
+
+
+_collectors: list[list[Path]] = []
+
+
+@contextmanager
+def collect_written() -> Iterator[list[Path]]:
+    """The files that writers inside the block announce with `wrote` (e.g. a library's writes seen through a wrapper):
+    how a rank knows which files of a folder it shares with other ranks are its own."""
+    got: list[Path] = []
+    _collectors.append(got)
+    try:
+        yield got
+    finally:
+        _collectors.remove(got)
+
+
+def wrote(path: Path | str) -> None:
+    for got in _collectors:
+        got.append(Path(path))
+
+
+def write_synced(path: Path, data: bytes | str) -> FileInfo:
+    """Write a new file in a folder that is published later (no tmp + rename of its own) and fsync it."""
+    raw = data.encode() if isinstance(data, str) else data
+    with Path(path).open("wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return FileInfo(len(raw), sha256_bytes(raw))
 
 
 def write_atomic(path: Path, data: bytes | str) -> FileInfo:
@@ -83,13 +135,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     publish_dir(tmp, final)
 
 
-def publish_dir(tmp: Path, final: Path) -> None:
-    """fsync a filled directory and put it in place of `final` with no moment where neither exists: an existing
+def publish_dir(tmp: Path, final: Path, sync_files: bool = True) -> None:
+    """fsync a filled directory (sync_files=False: only its folders, where each writer fsynced its own files) and put
+    it in place of `final` with no moment where neither exists: an existing
     `final` is swapped with it in one atomic exchange (Linux renameat2), then deleted; where the filesystem
     cannot exchange, the old one is renamed to `<final>.old` first (a crash in between leaves `final.old`,
     which `rundir` puts back)."""
     tmp, final = Path(tmp), Path(final)
-    fsync_tree(tmp)
+    fsync_tree(tmp, sync_files)
     if not final.exists():
         tmp.rename(final)
     elif _exchange(tmp, final):
@@ -134,6 +187,30 @@ def mismatch(path: Path, want: FileInfo, verify_sha: bool = True) -> str | None:
         return f"{size} bytes, expected {want.bytes} (truncated or replaced)"
     if verify_sha and want.sha256 is not None and sha256_file(path) != want.sha256:
         return "checksum mismatch (corrupt)"
+    return None
+
+
+def seen_mismatch(path: Path, want: FileInfo, missing_grace_s: float = 30.0) -> str | None:
+    """`mismatch` for a file another node may just have written: the size comes from an open descriptor (opening
+    revalidates a network filesystem's cached attributes, close-to-open), and a file that seems missing is looked
+    for again for `missing_grace_s` (a cached negative lookup on NFS lasts up to a minute)."""
+    deadline = time.monotonic() + missing_grace_s
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            break
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                return "missing"
+            time.sleep(1.0)
+    try:
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    if size != want.bytes:
+        return f"{size} bytes, expected {want.bytes} (truncated or replaced)"
+    if want.sha256 is not None and sha256_file(path) != want.sha256:
+        return "checksum mismatch (changed or corrupt)"
     return None
 
 

@@ -79,6 +79,11 @@ def _fusable(model, head, chunk: int) -> bool:
     return all(getattr(model.config, a, None) in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
 
 
+def attn_implementation(model) -> str | None:
+    """The attention kernel the model runs (flash kernels need packed rows' boundaries passed: `Batch.model_inputs`)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
 def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32), a 0-d tensor on the device.
 
@@ -90,7 +95,7 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
     Works with any engine or plain HF model. Nothing here waits for the device (no host sync)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
-    kw = batch.model_inputs(dev)
+    kw = batch.model_inputs(dev, attn_implementation(model))
     index = batch.loss_index.to(dev, non_blocking=True)
     targets = batch.targets.to(dev, non_blocking=True).flatten().index_select(0, index)
     head = model.get_output_embeddings()
@@ -138,7 +143,7 @@ def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) 
     head = model.get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, -2).index_select(0, index),))
     try:
-        logits = engine(**batch.model_inputs(dev), use_cache=False).logits
+        logits = engine(**batch.model_inputs(dev, attn_implementation(model)), use_cache=False).logits
     finally:
         handle.remove()
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)

@@ -106,12 +106,11 @@ def grow_embeddings(model, n: int) -> int:
     """Give `model` rows for `n` tokens where it has fewer (the tokenizer gained ChatML markers); returns how many it
     had. New rows are drawn around the mean embedding, the same draw on every load (a resume, the export's fresh
     base, an adapter applied at inference) whatever the run did with the RNG before."""
-    import torch
+    from .adapters import fixed_draws
 
     had = model.get_input_embeddings().num_embeddings  # (weight.shape is empty under ZeRO-3)
     if had < n:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with fixed_draws(0):  # and the run's own RNG states (train.seed: GPU dropout) are left as they were
             model.resize_token_embeddings(n)
     return had
 

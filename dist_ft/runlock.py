@@ -1,4 +1,5 @@
-"""One run per output directory: `<dir>/.dist_ft.lock`, held by rank 0 from the start of a run to its end.
+"""One run per output directory: `<dir>/.dist_ft.lock`, held by rank 0 from the start of a run to its end; the same
+lock (`FileLock`) guards a shard-cache entry while one process prepares it (the others wait for it).
 
 The lock file holds its owner (host, kernel boot id, pid namespace, pid, process start, time, SLURM job). It is
 created with O_EXCL (atomic on local filesystems and NFSv3+, unlike `flock` across nodes) and its mtime is a
@@ -89,10 +90,11 @@ def _pid_start(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 (starttime), counted after the command name
+    after = stat.rsplit(")", 1)[1].split()  # the fields after the command name: state, ..., starttime (field 22)
+    return None if after[0] in "ZX" else after[19]  # a zombie (dead, not yet reaped by its parent) is not running
 
 
-def stale_reason(owner: Owner, age_s: float, me: Owner, stale_after_s: float) -> str | None:
+def stale_reason(owner: Owner, age_s: float, me: Owner, stale_after_s: float, setting: str = "output.lock_stale_minutes") -> str | None:
     """Why `owner`'s lock (heartbeat `age_s` old) is abandoned, or None while it may still be running."""
     if owner.job and owner.job == me.job and owner.restart < me.restart:
         return f"SLURM job {owner.job} was requeued (restart {owner.restart} -> {me.restart})"
@@ -104,60 +106,76 @@ def stale_reason(owner: Owner, age_s: float, me: Owner, stale_after_s: float) ->
             return f"pid {owner.pid} now belongs to another process"
         return None
     if age_s > stale_after_s:
-        return f"no heartbeat for {age_s / 60:.1f} min (> output.lock_stale_minutes)"
+        return f"no heartbeat for {age_s / 60:.1f} min (> {setting})"
     return None
 
 
-class RunLock:
-    """Held by rank 0 from the start of a run to its end."""
+class FileLock:
+    """The lock file at `path`: O_EXCL, its owner inside, a heartbeat thread, and the takeover rules above. `setting`
+    names what sets `stale_after_s` (for messages)."""
 
-    def __init__(self, out: Path, stale_after_s: float):
-        self.out, self.path, self.stale_after_s = Path(out), Path(out) / LOCK, stale_after_s
-        self.owner, self.created_dir, self.note = Owner.me(), False, None
-        self.lost: str | None = None  # why the lock is no longer ours, once the heartbeat or verify() found out
+    _holder = "process"  # what holds it, in messages
+
+    def __init__(self, path: Path, stale_after_s: float, setting: str):
+        self.path, self.stale_after_s, self.setting = Path(path), stale_after_s, setting
+        self.owner, self.note = Owner.me(), None
+        self.lost: str | None = None  # why the lock is no longer ours, once the heartbeat or a check found out
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def acquire(self) -> "RunLock":
-        for _ in range(8):
-            try:
-                self.out.mkdir(parents=True)
-                self.created_dir = True
-            except FileExistsError:  # (also when a simultaneous launch made it a moment ago)
-                pass
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            except FileNotFoundError:  # a simultaneous launch that failed removed the directory it had created
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(asdict(self.owner)))
-                f.flush()
-                os.fsync(f.fileno())
-            self._beat = threading.Thread(target=self._heartbeat, name="dist_ft-lock-heartbeat", daemon=True)
-            self._beat.start()
-            return self
-        raise UserError(f"{self.path}: could not take the run lock (another run keeps taking it); retry")
+    def attempt(self) -> "Owner | bool":
+        """One try: True once the lock is ours, the holder's Owner while a live holder has it, False to try again (a
+        stale lock was just taken over, a torn one is being written, or the directory vanished meanwhile)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return self._take_over_if_stale()
+        except FileNotFoundError:  # (e.g. a simultaneous launch that failed removed the directory it had created)
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(asdict(self.owner)))
+            f.flush()
+            os.fsync(f.fileno())
+        self._beat = threading.Thread(target=self._heartbeat, name="dist_ft-lock-heartbeat", daemon=True)
+        self._beat.start()
+        return True
 
-    def _take_over_if_stale(self) -> None:
+    def wait(self, what: str, log, max_wait_s: float, poll_s: float = 2.0, tell_s: float = 300.0) -> "FileLock":
+        """Take the lock, waiting while another live process holds it (polled every `poll_s`; said at once and every
+        `tell_s`); a holder that dies is taken over by the rules above. Gives up after `max_wait_s` with a UserError."""
+        t0, told = time.monotonic(), None
+        while True:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            got = self.attempt()
+            if got is True:
+                return self
+            waited = time.monotonic() - t0
+            if isinstance(got, Owner) and (told is None or waited - told >= tell_s):
+                log(f"{what}: waiting for {got.describe()}, which holds {self.path} ({waited / 60:.0f} min so far; the wait ends "
+                    f"when it finishes, or if it dies, and gives up after {max_wait_s / 3600:g} h)")
+                told = waited
+            if waited > max_wait_s:
+                holder = got.describe() if isinstance(got, Owner) else "another process"
+                raise UserError(f"{what}: gave up after waiting {waited / 60:.0f} min for {holder}, which holds {self.path}; "
+                                f"if that process is stuck, stop it (a dead holder's lock is taken over), then retry")
+            time.sleep(poll_s)
+
+    def _take_over_if_stale(self) -> "Owner | bool":
         owner, age = self._read()
         if owner is None:  # torn (its writer died between create and write, or is writing now) or vanished meanwhile
             if age is None or age < 60:
                 time.sleep(0.5)
-                return
+                return False
             why = "unreadable lock file"
         else:
-            why = stale_reason(owner, age, self.owner, self.stale_after_s)
+            why = stale_reason(owner, age, self.owner, self.stale_after_s, self.setting)
             if why is None:
-                raise UserError(f"output.dir '{self.out}' is in use by another run ({owner.describe()}); wait for it to end, "
-                                f"stop it, or choose another output.dir (a dead run's lock is taken over automatically)")
-        aside = self.path.with_name(f"{LOCK}.stale-{self.owner.host}-{self.owner.pid}")
+                return owner
+        aside = self.path.with_name(f"{self.path.name}.stale-{self.owner.host}-{self.owner.pid}")
         try:
             os.rename(self.path, aside)  # only one of several takers wins this rename
         except FileNotFoundError:
-            return
+            return False
         took, _ = self._read(aside)
         if took != owner:  # someone replaced the stale lock between our read and our rename: put theirs back
             try:
@@ -165,9 +183,10 @@ class RunLock:
             except FileExistsError:
                 pass
             os.unlink(aside)
-            return
+            return False
         os.unlink(aside)
-        self.note = f"took over the lock of a run that is gone ({owner.describe() if owner else 'unknown owner'}): {why}"
+        self.note = f"took over the lock of a {self._holder} that is gone ({owner.describe() if owner else 'unknown owner'}): {why}"
+        return False
 
     def _read(self, path: Path | None = None) -> tuple[Owner | None, float | None]:
         path = path or self.path
@@ -175,7 +194,7 @@ class RunLock:
             raw, mtime = path.read_text(), path.stat().st_mtime
         except OSError:
             return None, None
-        return Owner.parse(raw), max(0.0, _fs_now(self.out) - mtime)
+        return Owner.parse(raw), max(0.0, _fs_now(self.path) - mtime)
 
     def _refresh(self) -> str | None:
         """Touch the lock if it is still ours, through the very descriptor it was read from (a lock renamed in its
@@ -189,7 +208,7 @@ class RunLock:
         try:
             owner = Owner.parse(os.read(fd, 1 << 16))
             if owner != self.owner:
-                return f"it is now held by another run ({owner.describe() if owner else 'unreadable lock file'})"
+                return f"it is now held by another {self._holder} ({owner.describe() if owner else 'unreadable lock file'})"
             os.utime(fd)
             return None
         except OSError:
@@ -204,11 +223,48 @@ class RunLock:
                 self.lost = why
                 return
 
-    def verify(self, before: str) -> None:
-        """Raise `LockLost` unless the lock is still this run's (called right before `before` is published)."""
+    def check(self) -> str | None:
+        """Why the lock is no longer ours (then the heartbeat stops), or None while it is."""
         self.lost = self.lost or self._refresh()
         if self.lost:
             self._stop.set()
+        return self.lost
+
+    def release(self) -> None:
+        """Drop the lock if it is still ours."""
+        self._stop.set()
+        owner, _ = self._read()
+        if owner == self.owner:
+            self.path.unlink(missing_ok=True)
+
+
+class RunLock(FileLock):
+    """Held by rank 0 from the start of a run to its end."""
+
+    _holder = "run"
+
+    def __init__(self, out: Path, stale_after_s: float):
+        super().__init__(Path(out) / LOCK, stale_after_s, "output.lock_stale_minutes")
+        self.out, self.created_dir = Path(out), False
+
+    def acquire(self) -> "RunLock":
+        for _ in range(8):
+            try:
+                self.out.mkdir(parents=True)
+                self.created_dir = True
+            except FileExistsError:  # (also when a simultaneous launch made it a moment ago)
+                pass
+            got = self.attempt()
+            if got is True:
+                return self
+            if isinstance(got, Owner):
+                raise UserError(f"output.dir '{self.out}' is in use by another run ({got.describe()}); wait for it to end, "
+                                f"stop it, or choose another output.dir (a dead run's lock is taken over automatically)")
+        raise UserError(f"{self.path}: could not take the run lock (another run keeps taking it); retry")
+
+    def verify(self, before: str) -> None:
+        """Raise `LockLost` unless the lock is still this run's (called right before `before` is published)."""
+        if self.check():
             raise LockLost(f"output.dir '{self.out}': this run no longer holds its lock ({self.lost}; it was suspended or cut off "
                            f"for longer than output.lock_stale_minutes, and another run took the directory over); stopped before "
                            f"{before}, leaving that run's files alone. Check which run should own '{self.out}'")
@@ -216,10 +272,7 @@ class RunLock:
     def release(self, remove_created_dir: bool = False) -> None:
         """Drop the lock if it is still ours; `remove_created_dir`: a run that failed before writing anything
         also removes the output directory it created (when nothing else is in it)."""
-        self._stop.set()
-        owner, _ = self._read()
-        if owner == self.owner:
-            self.path.unlink(missing_ok=True)
+        super().release()
         if remove_created_dir and self.created_dir:
             try:
                 self.out.rmdir()
@@ -227,9 +280,9 @@ class RunLock:
                 pass
 
 
-def _fs_now(directory: Path) -> float:
-    """The filesystem's current time (its server's clock on NFS): the mtime of a file written now."""
-    probe = Path(directory) / f"{LOCK}.probe-{socket.gethostname()}-{os.getpid()}"
+def _fs_now(lock: Path) -> float:
+    """The filesystem's current time (its server's clock on NFS): the mtime of a file written now, next to `lock`."""
+    probe = lock.with_name(f"{lock.name}.probe-{socket.gethostname()}-{os.getpid()}")
     try:
         probe.write_bytes(b"")
         return probe.stat().st_mtime

@@ -5,6 +5,10 @@
 - `DIST_FT_TEST_PAUSE_IN_SAVE=N[:S]`: rank 0 stalls in the save of step N after the engine state is written
   and before the manifest: for S seconds (honest slow work, e.g. a slow filesystem), or long enough for a
   test to kill the job mid-save.
+- `DIST_FT_TEST_KILL_RANK_IN_SAVE=N:R`: rank R SIGKILLs itself (only itself: no launcher notices, as on another
+  node) in the save of step N, after writing its files and before reporting them, so the others wait for it.
+- `DIST_FT_TEST_CORRUPT_IN_SAVE=N:R`: rank R truncates its rank-R.pt in the save of step N after describing it
+  for its report (a file that changed after its writer vouched for it, or a node that sees another version).
 - `DIST_FT_TEST_KILL_AFTER_SHARD=N`: SIGKILL `prepare` right after it wrote shard number N.
 - `DIST_FT_TEST_SLOW_TOKENS=S`: generation (inference.stream) sleeps S seconds after each token, so a test can hold a
   server's queue or disconnect mid-reply.
@@ -44,6 +48,14 @@ def pause_in_save(step: int) -> None:
     step_s, _, seconds = os.environ.get("DIST_FT_TEST_PAUSE_IN_SAVE", "").partition(":")
     if step_s == str(step):
         time.sleep(float(seconds or 600))
+
+
+def in_save(step: int, rank: int, folder) -> None:
+    if os.environ.get("DIST_FT_TEST_KILL_RANK_IN_SAVE") == f"{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("DIST_FT_TEST_CORRUPT_IN_SAVE") == f"{step}:{rank}":
+        victim = folder / f"rank-{rank}.pt"
+        victim.write_bytes(victim.read_bytes()[:100])
 
 
 def kill_after_shard(shards_done: int) -> None:

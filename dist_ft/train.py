@@ -51,7 +51,7 @@ class Run:
     out: Path
     start: int  # optimizer steps already done (resumed)
     total_steps: int
-    flops_per_token: float
+    flops: perf.FlopCount  # executed FLOPs of a step (per_token of a batch)
     peak_flops: float | None
     formula: dict  # the ZeRO model-state formula for this rank, to set against what the engine measures
     signals: Signals  # received ones are agreed on by the ranks at the next step boundary
@@ -134,7 +134,7 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     metrics = StepMetrics(
         loss=loss_sum / max(n_loss, 1), lr=lr, grad_norm=grad_norm, tokens=int(n_tokens), loss_tokens=int(n_loss),
         padding=1 - n_tokens / n_pos, tokens_per_s=n_tokens / dt, loss_tokens_per_s=n_loss / dt, step_time_s=dt,
-        mfu=r.flops_per_token * n_tokens / dt / (r.peak_flops * r.env.world_size) if r.peak_flops else None,
+        mfu=r.flops.per_token(micro) * n_tokens / dt / (r.peak_flops * r.env.world_size) if r.peak_flops else None,
         epoch=batch.epoch_progress, elapsed_s=perf.process_age_s(), skipped_steps=engine.skipped_steps,
         memory=perf.device_memory_mb(), task={k: v / max(n_loss, 1) for k, v in zip(keys, totals)},
         model_states=ModelStates(engine.n_params, states, r.formula, engine.n_trainable if r.cfg.model.peft else None) if states else None)
@@ -248,7 +248,7 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None
                       all_ranks=cfg.output.log_all_ranks, track=cfg.track, run_id=state.run_id, config=yaml.safe_load(dump_config(cfg)))
     loader = testhooks.wrap_loader(StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"), state.step)
     r = Run(cfg, env, task, tok, prep, engine, ckpt, tracker, loader, out, state.step, total_steps,
-            perf.flops_per_token(engine.module.config, engine.n_params, prep.seq_len), perf.peak_flops(),
+            perf.FlopCount.of(engine.module), perf.peak_flops(),
             perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable),
             signals, DivergenceGuard(t.nonfinite_patience, precision))
     _report_start(r, precision, plan, stream, t_load)

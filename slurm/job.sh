@@ -31,9 +31,16 @@ PYTHON=${PYTHON:-python3}
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
+# Each task's cores: srun (SLURM >= 22.05) no longer inherits the job's --cpus-per-task, so without this a task may be
+# given one core while OMP_NUM_THREADS says 8 (CPU Adam under optimizer offload and tokenizer workers then crawl).
+# SRUN_CPUS_PER_TASK is what srun reads instead; OpenMP threads match the cores each task gets.
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 echo "[dist-ft] job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} | ${SLURM_NNODES} node(s), ${SLURM_NTASKS} tasks | master $MASTER_ADDR:$MASTER_PORT | $config $*"
+echo "[dist-ft] each task: ${SRUN_CPUS_PER_TASK:-1} CPU(s) (SRUN_CPUS_PER_TASK), OMP_NUM_THREADS=$OMP_NUM_THREADS"
 
 # A preemption notice (--signal, scancel --signal=USR1) goes to the training tasks: they agree at the
 # next step boundary, checkpoint, and exit 75. SIGTERM to this shell (scheduler preemption) must not

@@ -83,3 +83,79 @@ def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, chun
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-6)
     for n, p in model.named_parameters():  # gradients of the summed loss over ~70 tokens
         torch.testing.assert_close(g_ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------- flash-attention: packed rows at micro batch > 1
+
+def _cpu_flash(calls: list):
+    """flash_attention_2's choice of kernel (transformers' `_flash_attention_forward`), on CPU, recording what reaches it:
+    varlen over the flattened rows when `cu_seq_lens_q/k` are passed, else boundaries from restarting position_ids
+    only at batch size 1 (`_is_packed_sequence`), else plain causal attention over each whole row."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+
+    def attend(module, q, k, v, mask, dropout=0.0, scaling=None, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
+               max_length_q=None, max_length_k=None, **kw):
+        b, h, n, d = q.shape  # [rows, heads, width, head dim]
+        calls.append({"cu_q": None if cu_seq_lens_q is None else cu_seq_lens_q.tolist(),
+                      "cu_k": None if cu_seq_lens_k is None else cu_seq_lens_k.tolist(), "max_q": max_length_q, "max_k": max_length_k,
+                      "dtype": None if cu_seq_lens_q is None else cu_seq_lens_q.dtype})
+        if cu_seq_lens_q is not None:
+            cu = cu_seq_lens_q.long()
+        elif _is_packed_sequence(position_ids, b):
+            cu = prepare_fa_kwargs_from_position_ids(position_ids)[0][0].long()
+        else:
+            cu = torch.arange(0, b * n + 1, n)
+        seg = torch.zeros(b * n, dtype=torch.long).index_fill_(0, cu[1:-1], 1).cumsum(0)
+        i = torch.arange(b * n)
+        allowed = (seg[:, None] == seg[None, :]) & (i[:, None] >= i[None, :])
+        flat = lambda t: t.repeat_interleave(h // t.shape[1], dim=1).transpose(0, 1).reshape(h, b * n, d)  # noqa: E731
+        out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=allowed, scale=scaling)
+        return out.reshape(h, b, n, d).permute(1, 2, 0, 3), None
+
+    return attend
+
+
+def test_packed_rows_carry_the_varlen_boundaries_of_every_example():
+    a, b, c = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [IGNORE, 5]), Example([6, 7, 8, 9, 10, 11], [6] * 6)
+    batch = collate_packed([[a, b], [c]], 8, 0)
+    assert batch.cu_seq_lens.dtype == torch.int32
+    assert batch.cu_seq_lens.tolist() == [0, 3, 5, 8, 14, 16]  # row 0: a, b, padding; row 1 (from 8): c, padding
+    assert batch.max_length == 6 and batch.lengths == (3, 2, 6)
+    assert "cu_seq_lens_q" not in batch.model_inputs("cpu", "sdpa") and "cu_seq_lens_q" not in batch.model_inputs("cpu", "eager")
+    kw = batch.model_inputs("cpu", "flash_attention_2")
+    assert kw["cu_seq_lens_q"].tolist() == kw["cu_seq_lens_k"].tolist() == [0, 3, 5, 8, 14, 16]
+    assert kw["max_length_q"] == kw["max_length_k"] == 6 and isinstance(kw["max_length_q"], int)
+    assert collate_packed([[c]], 6, 0).cu_seq_lens.tolist() == [0, 6]  # a full row has no padding segment
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_flash_attention_sees_every_packed_example_of_every_row(which, gpt2_dir, llama_dir, monkeypatch):
+    """Micro batch 2 of packed rows through the loss's forward (loss.token_loss_sum) with flash_attention_2: transformers
+    finds packed rows from position_ids only at batch size 1, so the boundaries must reach the attention function, in
+    every layer, describing each example of each row; then the summed loss equals the examples' losses run alone."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from dist_ft.loss import token_loss_sum
+
+    calls: list = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", _cpu_flash(calls))
+    cfg = ModelConfig(path=str(gpt2_dir if which == "gpt2" else llama_dir))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok, torch.float32).eval()
+    model.config._attn_implementation = "flash_attention_2"  # flash-attn itself needs CUDA: its kernel choice runs above
+    examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(6)]
+    rows, width = [examples[:3], examples[3:]], 160
+    cu = [0]
+    for r, row in enumerate(rows):
+        for ex in row:
+            cu.append(cu[-1] + len(ex.input_ids))
+        assert cu[-1] < (r + 1) * width  # each row ends in padding
+        cu.append((r + 1) * width)
+    expected = {"cu_q": cu, "cu_k": cu, "max_q": max(b - a for a, b in zip(cu, cu[1:])), "dtype": torch.int32}
+    expected["max_k"] = expected["max_q"]
+    batch = collate_packed(rows, width, tok.pad_token_id)
+    with torch.no_grad():
+        packed = token_loss_sum(model, batch, 0)
+        assert len(calls) == model.config.num_hidden_layers and all(c == expected for c in calls), (calls[:1], expected)
+        alone = sum(token_loss_sum(model, collate_packed([[ex]], len(ex.input_ids), tok.pad_token_id), 0) for ex in examples)
+    torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-5)

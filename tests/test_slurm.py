@@ -2,6 +2,7 @@
 requeue (helpers and the shared reference run: tests/slurm_jobs.py)."""
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -64,3 +65,31 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_
     # one W&B run across both parts
     ids = tiny.wandb_run_ids(out)
     assert len(ids) == 2 and ids[0] == ids[1], ids
+
+
+def test_each_task_gets_the_cpus_it_asked_for(cluster, tmp_path):
+    """`sbatch --cpus-per-task=2`: srun (SLURM >= 22.05) no longer passes that on to its step by itself, so the step
+    asks for one CPU per task (what task/affinity or task/cgroup then bind each task to) while OMP_NUM_THREADS says 2.
+    The template's task (PYTHON replaced by a probe) must run in a step that asked for 2 CPUs per task
+    (`TresPerTask=cpu:2` in scontrol show step), with OMP_NUM_THREADS 2. This cluster's TaskPlugin=task/none binds no
+    task to CPUs, so the step's request, not the task's affinity, is what shows it (the affinity is at least 2 here)."""
+    probe = tmp_path / "probe.sh"  # stands in for python: `$PYTHON launch/train.py CONFIG ...` reports what the task got
+    probe.write_text('#!/bin/sh\nstep=$(scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID")\necho "$step"\n'
+                     'echo "TASK $SLURM_PROCID omp=$OMP_NUM_THREADS nproc=$(nproc)'
+                     ' per_task=$(echo "$step" | sed -n "s/.*TresPerTask=cpu:\\([0-9]*\\).*/\\1/p" | head -n 1)"\n')
+    probe.chmod(0o755)
+    out = tmp_path / "cpus"
+    r = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2",
+                        "--gpus-per-node=0", "--time=5", f"--output={out}-%j.out", "slurm/finetune-1node.sh", str(probe)],
+                       cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": str(probe)})
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    state = wait(jid, timeout=120)
+    text = log(out, jid)
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", (state, text[-3000:])
+    tasks = re.findall(r"TASK (\d+) omp=(\d+) nproc=(\d+) per_task=(\d*)", text)
+    assert len(tasks) == 1, text
+    _, omp, nproc, per_task = tasks[0]
+    assert (omp, per_task) == ("2", "2"), text  # without SRUN_CPUS_PER_TASK the step asks for 1 CPU per task (none shown)
+    assert int(nproc) >= 2, text
+    assert "[dist-ft] each task: 2 CPU(s) (SRUN_CPUS_PER_TASK), OMP_NUM_THREADS=2" in text, text

@@ -4,6 +4,13 @@ Packed rows carry `position_ids` that restart at 0 for every example and no atte
 transformers builds a block-diagonal causal mask: packed examples cannot attend to each other
 (requires `use_cache=False` in the forward call). Targets are shifted inside each example, so the
 last token of one example never learns to predict the first token of the next.
+
+Flash-attention kernels read packed rows from restarting position_ids only at batch size 1 (transformers'
+`_is_packed_sequence`); with more rows they would attend across examples. So packed batches also carry the
+varlen boundaries, built here on the host as transformers' `DataCollatorWithFlattening` does: `cu_seq_lens`
+(int32) over the flattened rows, every example of every row plus each row's padding as a segment of its own
+(so the kernel covers every position), and `max_length` (a Python int: no device sync). The loss passes
+them to flash kernels only (`Batch.model_inputs`); sdpa and eager keep the position_ids mask.
 """
 
 from __future__ import annotations
@@ -40,19 +47,23 @@ def _shifted(ex: Example) -> list[int]:
 
 
 def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batch:
-    ids, pos, tgt = [], [], []
+    ids, pos, tgt, lengths, cu = [], [], [], [], [0]
     for row in rows:
         r_ids, r_pos, r_tgt = [], [], []
         for ex in row:
             r_ids += ex.input_ids
             r_pos += range(len(ex.input_ids))
             r_tgt += _shifted(ex)
+            lengths.append(len(ex.input_ids))
+            cu.append(cu[-1] + len(ex.input_ids))
         pad = seq_len - len(r_ids)
+        if pad:  # the padding attends to itself only (its position_ids restart too)
+            cu.append(cu[-1] + pad)
         ids.append(r_ids + [pad_id] * pad)
         pos.append(r_pos + list(range(pad)))
         tgt.append(r_tgt + [IGNORE] * pad)
-    n_tokens = sum(len(ex.input_ids) for row in rows for ex in row)
-    return _batch(ids, tgt, n_tokens, position_ids=pos)
+    return _batch(ids, tgt, lengths, position_ids=pos, cu_seq_lens=torch.tensor(cu, dtype=torch.int32),
+                  max_length=max(b - a for a, b in zip(cu, cu[1:])))
 
 
 def collate_padded(examples: list[Example], pad_id: int) -> Batch:
@@ -64,13 +75,13 @@ def collate_padded(examples: list[Example], pad_id: int) -> Batch:
         att.append([1] * len(ex.input_ids) + [0] * pad)
         tgt.append(_shifted(ex) + [IGNORE] * pad)
         pos.append(list(range(len(ex.input_ids))) + [0] * pad)
-    n_tokens = sum(len(ex.input_ids) for ex in examples)
-    return _batch(ids, tgt, n_tokens, position_ids=pos, attention_mask=att)
+    return _batch(ids, tgt, [len(ex.input_ids) for ex in examples], position_ids=pos, attention_mask=att)
 
 
-def _batch(ids, tgt, n_tokens: int, **extra) -> Batch:
+def _batch(ids, tgt, lengths: list[int], cu_seq_lens=None, max_length: int = 0, **extra) -> Batch:
     targets = torch.tensor(tgt, dtype=torch.long)
     # flat positions that carry loss, found here on the host: selecting them on the GPU needs no sync
     loss_index = torch.nonzero(targets.flatten() != IGNORE).squeeze(1)
-    return Batch(input_ids=torch.tensor(ids, dtype=torch.long), targets=targets, loss_index=loss_index, n_tokens=n_tokens,
-                 n_loss=len(loss_index), **{k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})
+    return Batch(input_ids=torch.tensor(ids, dtype=torch.long), targets=targets, loss_index=loss_index, n_tokens=sum(lengths),
+                 n_loss=len(loss_index), lengths=tuple(lengths), cu_seq_lens=cu_seq_lens, max_length=max_length,
+                 **{k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})

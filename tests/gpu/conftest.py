@@ -1,7 +1,8 @@
 """GPU tier fixtures. `python3 -m pytest -q tests/gpu` on a machine with one CUDA GPU; every test skips without CUDA.
 
 tests/conftest.py (a parent directory's conftest) is loaded too: `gpt2_dir`, `llama_dir`, `run_cli` and the
-per-session shard cache come from there. Every run here is one rank on one GPU (NCCL process group of size 1).
+per-session shard cache come from there. Every run in test_gpu.py is one rank on one GPU (NCCL process group of
+size 1); test_multi_gpu.py runs two ranks where at least two GPUs are visible.
 """
 
 import os

@@ -7,7 +7,7 @@
   bytes match the ZeRO formula (2 bytes per parameter); the same run under `deepspeed --num_gpus 1`;
 - fp16 dynamic loss scaling: a forced overflow step is skipped (parameters and LR unchanged), the next is not;
 - packed rows give the same logits as each example alone, on CUDA kernels (sdpa fp32/bf16, flash-attention-2
-  when `flash_attn` is installed);
+  when `flash_attn` is installed), and with flash-attention-2 two packed rows in one micro-batch too (varlen boundaries);
 - SIGKILL + resume with bf16 ZeRO-2 ends bit-identical to the uninterrupted run (losses and weights);
 - the ZeRO-3 export (`final/model.safetensors`) equals DeepSpeed's zero_to_fp32 reconstruction of the final
   checkpoint, cast to the exported dtype.
@@ -188,6 +188,53 @@ def test_packed_logits_equal_unpacked_on_gpu(which, attn, dtype, tol, gpt2_dir, 
         first = len(examples[0].input_ids)
         leaky = model(input_ids=cuda(packed.input_ids), use_cache=False).logits[0].float()  # plain 0..N positions
         assert (leaky[first:start] - logits[first:start]).abs().max().item() > 5 * tol
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_two_packed_rows_equal_unpacked_with_flash_attention(which, gpt2_dir, llama_dir):
+    """Micro batch 2 of packed rows on flash_attention_2: transformers reads restarting position_ids as packing only at
+    batch size 1, so the batch's varlen boundaries (`Batch.model_inputs`) must keep every example of every row to itself."""
+    from dist_ft.config import ModelConfig
+    from dist_ft.data.chat import tokenize_conversation
+    from dist_ft.data.formats import to_conversation
+    from dist_ft.data.packing import collate_packed, collate_padded
+    from dist_ft.model import load_model
+    from dist_ft.tokenizer import load_tokenizer
+
+    if not _has_flash_attn():
+        pytest.skip("flash_attn is not installed")
+    cfg = ModelConfig(path=str(gpt2_dir if which == "gpt2" else llama_dir), attn_implementation="flash_attention_2")
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok, torch.bfloat16).to("cuda").eval()
+    examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(6)]
+    rows, tol = [examples[:3], examples[3:]], 2e-2
+    batch = collate_packed(rows, 160, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs("cuda", model.config._attn_implementation), use_cache=False).logits.float()
+        for r, row in enumerate(rows):
+            start = 0
+            for ex in row:
+                ref = model(input_ids=collate_padded([ex], tok.pad_token_id).input_ids.to("cuda"), use_cache=False).logits[0].float()
+                torch.testing.assert_close(logits[r, start:start + len(ex.input_ids)], ref, atol=tol, rtol=tol)
+                start += len(ex.input_ids)
+        leaky = model(input_ids=batch.input_ids.to("cuda"), position_ids=batch.position_ids.to("cuda"), use_cache=False).logits.float()
+        first, end = len(rows[1][0].input_ids), sum(len(ex.input_ids) for ex in rows[1])
+        assert (leaky[1, first:end] - logits[1, first:end]).abs().max().item() > 5 * tol  # position_ids alone: examples leak
+
+
+def test_model_load_leaves_the_gpu_generator_alone(gpt2_dir):
+    """Loading GPT-2 with LoRA draws new ChatML rows and adapter weights from fixed seeds; this GPU's generator (which
+    train.seed set for dropout) must be as it was (torch.manual_seed inside the load used to reseed it to 0)."""
+    from dist_ft.config import ModelConfig, PeftConfig
+    from dist_ft.model import load_model
+    from dist_ft.tokenizer import load_tokenizer
+
+    cfg = ModelConfig(path=str(gpt2_dir), peft=PeftConfig(r=4))
+    tok = load_tokenizer(cfg)
+    torch.cuda.manual_seed(1234)
+    before = torch.cuda.get_rng_state()
+    load_model(cfg, tok, torch.bfloat16)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
 
 
 # ---------------------------------------------------------------- kill + resume, bitwise

@@ -16,6 +16,7 @@ import numpy as np
 from ... import fsio, testhooks
 from ...config import DataConfig
 from ...errors import UserError
+from ...runlock import FileLock
 from ..chat import IGNORE
 from ..packing import pack
 from . import pool
@@ -135,18 +136,25 @@ def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtyp
     return SplitManifest(totals, metas)
 
 
-def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | None = True) -> Manifest:
+STALE_S = 300.0  # a lock with no heartbeat this long (another host's, or a suspended one) belongs to a dead prepare
+WAIT_S = 6 * 3600.0  # how long a second prepare waits for a live one before it gives up
+
+
+def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | None = True, wait_s: float = WAIT_S) -> Manifest:
     """Tokenize (`task.examples` per record), pack and write the train (and validation) shards of `cfg` into
     `out`; returns the manifest.
-    Reuses `out` when it already holds these shards; refuses to replace different ones. Concurrent
-    prepares of one directory (ranks, jobs) take turns on a lock file: one writes, the others reuse."""
-    import fcntl
-
+    Reuses `out` when it already holds these shards; refuses to replace different ones. Concurrent prepares of one
+    directory (ranks, nodes, jobs) take turns on `<out>.lock` (O_EXCL + heartbeat, as the run lock: `flock` is
+    absent or node-local on many NFS/Lustre mounts): one writes, the others wait for it and reuse its shards."""
     _refuse_foreign(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _prepare_locked(cfg, tok, out, task, log, progress)
+    lock = FileLock(out.parent / f"{out.name}.lock", STALE_S, f"{STALE_S / 60:g} min")
+    lock.wait(f"prepare {out}", log, wait_s)
+    if lock.note:
+        log(f"prepare {out}: {lock.note}")
+    try:
+        return _prepare_locked(cfg, tok, out, task, log, progress, lock)
+    finally:
+        lock.release()
 
 
 def _refuse_foreign(out: Path) -> None:
@@ -160,7 +168,7 @@ def _refuse_foreign(out: Path) -> None:
                             "a new or empty directory")
 
 
-def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool | None) -> Manifest:
+def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool | None, lock: FileLock) -> Manifest:
     key = dataset_key(cfg, tok)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
@@ -197,6 +205,9 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
     tokens = sum(s.stats.tokens for s in splits.values())
     manifest = Manifest(FORMAT, VERSION, key, np.dtype(dtype).name, splits, round(dt, 3), round(tokens / max(dt, 1e-9)), meta)
     fsio.write_atomic(partial / MANIFEST, json.dumps(manifest.to_json(), indent=1))
+    if lock.check():  # suspended past the stale age: the prepare that took over publishes (the same shards)
+        raise UserError(f"prepare {out}: this prepare lost its lock ({lock.lost}); the one that took it over writes these shards; "
+                        "retry to reuse them")
     (partial / "key.json").unlink()
     partial.rename(out)
     fsio.fsync(out.parent)
@@ -215,7 +226,8 @@ def _no_examples(cfg: DataConfig, tok, task, stats: SplitStats) -> UserError:
                                     f"{stats.dropped_no_loss_after_truncation:,} with no trained token left after truncation)")
     if first is not None and first >= limit:
         return UserError(f"{where}: its first trained (assistant) token is at position {first} >= data.max_seq_len {limit}, so "
-                         f"nothing of the answer fits; {none}: raise data.max_seq_len above {first}, or shorten the turns before the answer")
+                         f"nothing of the answer fits; {none}: raise data.max_seq_len above {first}, or shorten the turns before "
+                         "the answer")
     if n > limit:
         return UserError(f"{where}: example is {n:,} tokens > data.max_seq_len {limit} and data.overlong: drop removed it; {none}: "
                          f"set data.overlong: truncate (keeps its first {limit} tokens) or raise data.max_seq_len to {n}")
