@@ -141,11 +141,11 @@ class TrainConfig(_Section):
 
 class EngineConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 +gradients, 3 +parameters sharded.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="`auto`: bf16 where the hardware runs it natively, else fp32.")
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast", "fp16"] = Field("auto", description="`bf16`: bf16 weights + fp32 master copies (least memory); `bf16-autocast`: fp32 weights, bf16 matmuls (torch autocast, as HF Trainer / TRL); `auto`: bf16 where the hardware runs it natively (GPU compute capability 8+, CPU with AVX512-BF16/AMX), fp16 with loss scaling on older GPUs, else fp32.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; `auto`: nccl on GPUs, gloo on CPU.")
-    collective_timeout_minutes: float = Field(30.0, gt=0, description="A collective (all-reduce, broadcast) that waits longer than this fails the job; waits for one rank's own work (tokenizing, checkpoint fsync, export) never count against it.")
+    collective_timeout_minutes: float = Field(30.0, gt=0, description="A collective (all-reduce, broadcast) that waits longer than this fails the job; waits for one rank's own work (tokenizing, checkpoint fsync, export) never count against it, but a rank whose heartbeat (every 5 s or less) is this old while others wait for it is dead: they stop, naming it.")
     loss_chunk_tokens: int = Field(4096, ge=0, description="Loss-bearing positions per chunk of the fused output layer + cross-entropy, so the tokens x vocab logits are never held whole (memory ~ chunk x vocab); 0: the plain path (all logits, then cross-entropy).")
 
     @model_validator(mode="after")

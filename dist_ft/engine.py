@@ -1,60 +1,46 @@
 """The one DeepSpeed boundary: nothing outside this module (and `engine_state.py`, its checkpoint and
 memory half) imports DeepSpeed or reads its objects.
 
-`Engine.build` turns our config into a DeepSpeed engine (ZeRO 0-3, offload, fp32/bf16/fp16) and hands back
-a small wrapper: call it like the model, then `backward`, `step` (returns the grad norm at an optimizer
-boundary), `save` / `load` (incl. DeepSpeed's universal checkpoints for another world size or ZeRO stage),
-`full_state_dict` for export, `take_model_states` (measured bytes per rank), `close`. The loop calls these and
-never branches on ZeRO stage, precision or offload.
+`Engine.build` turns our config into a DeepSpeed engine (ZeRO 0-3, offload, fp32/bf16/bf16-autocast/fp16: see
+`precision.py`) and hands back a small wrapper: call it like the model, then `backward`, `step` (returns the grad
+norm at an optimizer boundary), `save` / `load` (incl. DeepSpeed's universal checkpoints for another world size or
+ZeRO stage), `full_state_dict` for export, `take_model_states` (measured bytes per rank), `close`. The loop calls
+these and never branches on ZeRO stage, precision or offload.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import dist, engine_state
+from . import dist, engine_state, optim
+from . import precision as precision_
+from .precision import AUTOCAST, cpu_has_native_bf16, gpu_has_native_bf16, torch_dtype  # noqa: F401 (re-exported)
 from .config import Config
 from .errors import UserError
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(requested: str) -> str:
-    on_gpu = torch.cuda.is_available()
-    if requested == "auto":
-        if on_gpu:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # emulated bf16 on CPUs without AVX512-BF16/AMX is many times slower than fp32
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if requested == "fp16" and not on_gpu:
-        raise UserError("engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use fp32 or bf16")
-    return requested
+    return precision_.resolve(requested, cpu_has_native_bf16)  # this module's name: tests patch it here
 
 
-def torch_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay to min_ratio."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
+def _bf16_gradients(cfg: Config) -> dict:
+    """bf16 gradients are summed over micro-batches and ranks in fp32: DeepSpeed's default is the model's dtype,
+    whose 8-bit mantissa drops a micro-batch's contribution below 1/256 of the running sum. ZeRO 1-3 accumulate
+    in fp32 (`grad_accum_dtype`; ZeRO-1 then runs DeepSpeed's BF16_Optimizer); every stage reduces in fp32
+    (`communication_data_type`). DeepSpeed has no fp32 accumulator at ZeRO-0 (a NotImplementedError), so there
+    accumulating micro-batches is refused; one micro-batch per step needs none."""
+    if cfg.engine.zero_stage == 0:
+        if cfg.train.grad_accum > 1:
+            raise UserError("engine.precision bf16 with engine.zero_stage 0 and train.grad_accum > 1: DeepSpeed would sum the "
+                            "micro-batches' gradients in bf16 (it has no fp32 accumulator at ZeRO-0), losing the small ones. "
+                            "Use engine.zero_stage: 1 (an fp32 accumulator; on one rank the same memory as 0), train.grad_accum: 1 "
+                            "or engine.precision: fp32 (precision auto picks bf16 on GPUs with compute capability 8+)")
+        return {"communication_data_type": "fp32"}
+    return {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
 
 
 def ds_config(cfg: Config, precision: str) -> dict:
@@ -79,6 +65,8 @@ def ds_config(cfg: Config, precision: str) -> dict:
             "torch_adam": not e.offload_optimizer}},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        **(_bf16_gradients(cfg) if precision == "bf16" else {}),
+        **precision_.autocast_section(precision),
     }
 
 
@@ -135,19 +123,12 @@ def whole_params(model, frozen_only: bool = True):
                 yield name, p.data
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)  # biases and norms are not decayed
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class Engine:
     """A DeepSpeed engine behind the few calls the loop, evaluation, checkpoints and export make."""
 
     def __init__(self, ds_engine, precision: str):
         self._ds, self.precision = ds_engine, precision
+        self.group_names = [g["name"] for g in self._groups()]  # the groups DeepSpeed kept (it drops empty ones), in order
         self._model_states: dict | None = None  # bytes this rank holds for params / grads / optimizer, once measured
         self._states_taken = False
 
@@ -158,15 +139,19 @@ class Engine:
         from torch.optim.lr_scheduler import LambdaLR
 
         t = cfg.train
-        sched = partial(lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
+        sched = partial(optim.lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
         config = ds_config(cfg, precision)
         leaves = {type(m) for m in model.modules() if type(m).__name__ == "TrainableTokensLayer"}
         if leaves and cfg.engine.zero_stage == 3:  # peft reads its base embedding's weight directly: fetch it with the layer
             deepspeed.utils.set_z3_leaf_modules(model, list(leaves))
         if load_universal:
             config["checkpoint"] = {"load_universal": True}
-        ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, t.weight_decay), config=config,
+        groups = optim.build(model.named_parameters(), t.weight_decay)  # decay by real shape (ZeRO-3: ds_shape)
+        fp32 = precision_.fp32_sources(model, precision, cfg.engine.zero_stage)  # DeepSpeed casts them to bf16 below
+        ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config,
                                            lr_scheduler=lambda opt: LambdaLR(opt, sched))
+        engine_state.set_masters(ds, fp32)  # the fp32 masters start from the fp32 weights, not their bf16 rounding
+        del fp32
         engine = cls(ds, precision)
         engine.train()  # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
         return engine
@@ -202,10 +187,10 @@ class Engine:
         every rank. All ranks must call it (ZeRO-3 gathers)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        out = {}
+        out, zero0 = {}, engine_state.zero0_masters(self._ds)  # ZeRO-0 bf16: DeepSpeed's getter has no masters there
         for n, p in self._ds.module.named_parameters():
             if p.requires_grad:
-                master = safe_get_full_fp32_param(p)  # None at ZeRO-0, where the module's parameter is the master
+                master = zero0[id(p)] if id(p) in zero0 else safe_get_full_fp32_param(p)  # None: fp32 ZeRO-0 (the parameter)
                 out[n] = (p.data if master is None else master).detach().float().cpu().clone()
         return out
 
@@ -263,14 +248,15 @@ class Engine:
         """After `load`: put the config's AdamW settings over the checkpoint's (DeepSpeed restores the saved
         ones); Adam's moments and the step count stay. The schedule's shape always comes from the config (its
         lambda is not saved), so the current LR is recomputed from the new peak."""
-        opt = self._ds.optimizer
-        groups = getattr(opt, "optimizer", opt).param_groups  # ZeRO wraps the torch / DeepSpeed Adam
-        sched = self._ds.lr_scheduler
-        factor = sched.lr_lambdas[0](sched.last_epoch)
-        for i, g in enumerate(groups):  # group 0 is decayed, group 1 (biases, norms) never (`_param_groups`)
-            g.update(betas=tuple(betas), eps=eps, weight_decay=weight_decay if i == 0 else 0.0, initial_lr=lr, lr=lr * factor)
+        groups, sched = self._groups(), self._ds.lr_scheduler
+        optim.apply(groups, self.group_names, lr=lr, lr_factor=sched.lr_lambdas[0](sched.last_epoch), betas=betas, eps=eps,
+                    weight_decay=weight_decay)  # by the groups' names: DeepSpeed drops empty groups
         sched.base_lrs = [lr] * len(groups)
         sched._last_lr = [g["lr"] for g in groups]
+
+    def _groups(self) -> list[dict]:
+        opt = self._ds.optimizer
+        return getattr(opt, "optimizer", opt).param_groups  # ZeRO / BF16_Optimizer wrap the torch / DeepSpeed Adam
 
     to_universal = staticmethod(engine_state.to_universal)
 

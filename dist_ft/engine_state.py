@@ -120,20 +120,37 @@ def model_state_bytes(engine) -> dict:
     return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}
 
 
+
+def zero0_masters(engine) -> dict:
+    """id(module parameter) -> its fp32 master (a view into the optimizer's) under ZeRO-0 bf16 / fp16, where DeepSpeed's
+    FP16_UnfusedOptimizer (torch's AdamW) or FP16_Optimizer (fused Adam, flat groups) holds them; {} elsewhere."""
+    from torch._utils import _unflatten_dense_tensors
+
+    opt = engine.optimizer
+    lp_groups = getattr(opt, "fp16_groups", None)
+    if engine.zero_optimization_stage() != 0 or lp_groups is None:
+        return {}
+    if getattr(opt, "fp32_groups_flat", None) is not None:
+        hp_groups = [_unflatten_dense_tensors(flat, lp) for flat, lp in zip(opt.fp32_groups_flat, lp_groups)]
+    else:
+        hp_groups = opt.fp32_groups
+    return {id(p): hp for lp, hp_group in zip(lp_groups, hp_groups) for p, hp in zip(lp, hp_group)}
+
+
 def set_masters(engine, sources: list) -> None:
     """Put each (parameter, fp32 tensor) of `sources` into the optimizer's fp32 master copy of that parameter:
     ZeRO 1-2 and BF16_Optimizer through DeepSpeed's `safe_set_full_fp32_param` (each rank its partition), ZeRO-0's
-    FP16_Optimizer (bf16 / fp16 without ZeRO) into its flat fp32 groups. A no-op for an empty list."""
+    FP16 optimizers (bf16 / fp16 without ZeRO) directly."""
     from deepspeed.utils import safe_set_full_fp32_param
 
-    if not sources:
-        return
-    opt, value = engine.optimizer, {id(p): v for p, v in sources}
-    flat_lp, flat_hp = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups_flat", None)
-    if engine.zero_optimization_stage() == 0 and flat_lp is not None and flat_hp is not None:
-        for lp, hp in zip(flat_lp, flat_hp):
-            if all(id(p) in value for p in lp):
-                hp.data.copy_(torch.cat([value[id(p)].reshape(-1).to(hp.device) for p in lp]))
-        return
+    zero0 = zero0_masters(engine)
+    if zero0:  # its init ran one Adam step on zero gradients (to create the states): undo its step count (else the first real
+        inner = engine.optimizer.optimizer  # update is 0.74 lr, bias-corrected as step 2) and its weight decay (below)
+        for st in inner.state.values():
+            if "step" in st:
+                st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0
     for p, v in sources:
-        safe_set_full_fp32_param(p, v.to(engine.device))
+        if id(p) in zero0:
+            zero0[id(p)].data.copy_(v.view_as(zero0[id(p)]))
+        else:
+            safe_set_full_fp32_param(p, v.to(engine.device))

@@ -19,7 +19,7 @@ def expected_model_state_bytes(n_params: int, stage: int, world: int, precision:
     m, v); in fp32, 4Ψ + 4Ψ + 8Ψ (m, v; DeepSpeed adds a 4Ψ/N fp32 master partition at stages 1-2). Gradients
     and optimizer states exist only for the `n_trainable` parameters (an adapter's), all weights are held. bf16 at ZeRO 1-3
     accumulates gradients in fp32 (`grad_accum_dtype`), so 4Ψ grads there."""
-    kp, kg, ko = (4, 4, 8) if precision == "fp32" else (2, 4 if precision == "bf16" and stage >= 1 else 2, 12)
+    kp, kg, ko = (4, 4, 8) if precision in ("fp32", "bf16-autocast") else (2, 4 if precision == "bf16" and stage >= 1 else 2, 12)
     t = n_params if n_trainable is None else n_trainable
     return {"params": kp * n_params / (world if stage >= 3 else 1),
             "grads": kg * t / (world if stage >= 2 else 1),
