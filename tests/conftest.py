@@ -17,6 +17,26 @@ pytest_plugins = ["slurm_jobs"]  # the SLURM helpers and the shared one-node ref
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Test tiers (markers registered in pyproject.toml). `python3 -m pytest -q -m unit` is the contributor's fast loop:
+# in-process logic (config, formats, labels, packing and loss oracles on tiny models, bad inputs, device planning, lock
+# and precision rules), about 1.5 min on 2 cores. Everything else is `integration` (training runs, multi-rank launches,
+# serving, SLURM); `slurm` and `gpu` name what those need. The README's test command runs every tier.
+UNIT_FILES = {"test_config.py", "test_layout.py", "test_loss.py", "test_packing.py", "test_perf.py", "test_model.py", "test_data.py",
+              "test_stream_and_env.py", "test_cluster_configs.py", "test_bad_inputs.py", "test_gpu_path.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in UNIT_FILES and "gpu" not in item.path.parent.name:
+            item.add_marker(pytest.mark.unit)
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.integration)
+        if name.startswith("test_slurm"):
+            item.add_marker(pytest.mark.slurm)
+        if item.path.parent.name == "gpu":
+            item.add_marker(pytest.mark.gpu)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_shm_leftovers():

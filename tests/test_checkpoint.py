@@ -264,6 +264,7 @@ class _FakeEngine:
         (tmp / "ds" / "state.bin").write_bytes(b"x" * 8)
 
 
+@pytest.mark.unit
 def test_symlinks_make_a_checkpoint_foreign(tmp_path):
     from dist_ft.checkpoint import outside
 
@@ -287,6 +288,7 @@ def test_symlinks_make_a_checkpoint_foreign(tmp_path):
     assert outside(linked_root / "checkpoints" / "step-1", linked_root) == linked_root / "checkpoints" / "step-1"
 
 
+@pytest.mark.unit
 def test_rotation_never_deletes_through_a_symlink(tmp_path, capfd):
     from dist_ft.checkpoint import Checkpointer
     from dist_ft.contracts import TrainState

@@ -25,6 +25,7 @@ from dist_ft.errors import UserError
 
 @pytest.mark.parametrize("gpu,capability,picked", [("V100", (7, 0), "fp16"), ("T4", (7, 5), "fp16"),
                                                    ("A100", (8, 0), "bf16"), ("H100", (9, 0), "bf16")])
+@pytest.mark.unit
 def test_auto_precision_is_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeypatch, gpu, capability, picked):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -33,6 +34,7 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_bf16_tensor_cores(monkeyp
     assert eng.resolve_precision("bf16") == "bf16" and eng.resolve_precision("fp16") == "fp16"  # explicit choices stand
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("native,picked", [(True, "bf16"), (False, "fp32")])
 def test_auto_precision_on_cpu_is_unchanged(monkeypatch, native, picked):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -49,6 +51,7 @@ def _cfg(stage: int, grad_accum: int) -> Config:
                                   "engine": {"zero_stage": stage}})
 
 
+@pytest.mark.unit
 def test_bf16_gradients_are_summed_in_fp32_or_refused():
     for stage in (1, 2, 3):
         conf = eng.ds_config(_cfg(stage, 16), "bf16")
@@ -64,6 +67,7 @@ def test_bf16_gradients_are_summed_in_fp32_or_refused():
 
 # ---------------------------------------------------------------- weight-decay groups, resumed settings
 
+@pytest.mark.unit
 def test_decay_groups_follow_the_real_shape_and_are_named():
     placeholder = torch.nn.Parameter(torch.zeros(8))
     placeholder.ds_shape = torch.Size([4, 2])  # a ZeRO-3 partitioned matrix: 1-D here, 2-D for real
@@ -77,6 +81,7 @@ def test_decay_groups_follow_the_real_shape_and_are_named():
     assert groups[1]["params"] == [bias, norm] and groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.unit
 def test_resumed_settings_land_in_the_named_groups():
     a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
     # DeepSpeed dropped the empty decay group: the only group left (index 0) is the no-decay one

@@ -27,6 +27,7 @@ def _cfg(stage: int, grad_accum: int, precision: str = "bf16-autocast") -> Confi
                                   "engine": {"zero_stage": stage, "precision": precision}})
 
 
+@pytest.mark.unit
 def test_autocast_runs_fp32_weights_under_deepspeeds_torch_autocast():
     for stage in (0, 1, 2, 3):
         conf = eng.ds_config(_cfg(stage, 2), prec.AUTOCAST)  # ZeRO-0 + grad_accum 2 is fine: gradients are fp32
@@ -38,6 +39,7 @@ def test_autocast_runs_fp32_weights_under_deepspeeds_torch_autocast():
     assert eng.resolve_precision(prec.AUTOCAST) == prec.AUTOCAST and eng.torch_dtype(prec.AUTOCAST) == torch.float32
 
 
+@pytest.mark.unit
 def test_fp32_sources_only_where_deepspeed_casts_the_module():
     model = torch.nn.Linear(2, 2)
     model.bias.requires_grad_(False)

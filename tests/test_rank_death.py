@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO
 from test_distributed import _port
 import tiny
@@ -97,6 +99,7 @@ class _Store:
         return self.kv[key]
 
 
+@pytest.mark.unit
 def test_liveness_blames_only_missing_ranks_with_a_stale_heartbeat(monkeypatch):
     """On the waiter's own clock: a rank whose counter stops is dead after the bound, unless it has arrived; a
     waiter that itself did not run for a while (suspended) measures afresh."""

@@ -177,6 +177,7 @@ def _owner(**kw):
     return Owner(**{**base, **kw})
 
 
+@pytest.mark.unit
 def test_stale_lock_rules():
     me = Owner.me()
     here = dict(host=me.host, boot_id=me.boot_id, pid_ns=me.pid_ns)
@@ -199,6 +200,7 @@ def test_stale_lock_rules():
     assert stale_reason(job, 0, Owner(me.host, me.pid, me.pid_start, me.started, "78", 1), 300) is None  # another job
 
 
+@pytest.mark.unit
 def test_lock_is_exclusive_and_taken_over_from_another_host_after_its_heartbeat_stops(tmp_path):
     a = RunLock(tmp_path / "run", stale_after_s=300).acquire()
     with pytest.raises(UserError, match="is in use by another run"):
@@ -216,6 +218,7 @@ def test_lock_is_exclusive_and_taken_over_from_another_host_after_its_heartbeat_
     b.release()
 
 
+@pytest.mark.unit
 def test_final_is_swapped_without_a_gap(tmp_path, monkeypatch):
     rundir.commit(tmp_path, "x: 1\n", replace=False)  # (an empty directory becomes a run directory: ours to repair)
     final = tmp_path / "final"
@@ -268,6 +271,7 @@ def test_a_holder_in_another_pid_namespace_keeps_its_lock_while_its_heartbeat_is
         p.wait()
 
 
+@pytest.mark.unit
 def test_a_lock_taken_over_meanwhile_is_never_refreshed_and_stops_the_publish(tmp_path):
     a = RunLock(tmp_path / "run", stale_after_s=300).acquire()
     a.verify("publishing checkpoint step-1")  # still ours: nothing happens
@@ -310,6 +314,7 @@ def test_a_suspended_run_that_lost_its_lock_stops_before_publishing(cfg, tmp_pat
     assert not (out / "final").exists()
 
 
+@pytest.mark.unit
 def test_simultaneous_first_launches_never_traceback(tmp_path):
     """Six launches at once into a directory that does not exist yet, five times: one holds the lock, the others get
     the one-line refusal (or hold it after the first let go); none dies of a race."""
