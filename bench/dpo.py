@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -157,19 +155,11 @@ def run_trl(spec: dict) -> dict:
 
 
 def run_one(spec: dict) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(HERE.parent)}
-    with tempfile.TemporaryDirectory() as tmp:
-        env["DIST_FT_CACHE"] = tmp  # no shards or reference log-probs carried over between runs
-        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "out": tmp})], capture_output=True, text=True, env=env)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        print(f"  FAILED {spec['framework']} {spec['variant']}: {r.stderr[-1500:]}", file=sys.stderr)
-        return {**spec, "error": r.stderr[-500:]}
-    res = json.loads(line[7:])
-    res.pop("out", None)
+    res, output = run.spawn_worker([__file__, "--worker"], spec, f"{spec['framework']} {spec['variant']}", {"TQDM_DISABLE": "1"})
+    if "error" in res:
+        return res
     if res["framework"] == "dist_ft":  # "reference: 800 sequences scored in 12.3 s; stored in ..."
-        m = re.search(r"reference: [\d,]+ sequences scored in ([\d.]+) s", r.stdout + r.stderr)
+        m = re.search(r"reference: [\d,]+ sequences scored in ([\d.]+) s", output)
         res["reference_s"] = float(m.group(1)) if m else None
     res["pairs_per_step"] = res["loss_tokens"] / (res["steps"] - 1)  # actual, steps 2..S
     res["step_s"] = res["train_s"] / (res["steps"] - 1)

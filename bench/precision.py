@@ -36,21 +36,10 @@ def worker(spec: dict) -> None:
 
 
 def run_one(spec: dict) -> dict:
-    import os
-    import subprocess
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(HERE.parent)}
-    with tempfile.TemporaryDirectory() as tmp:
-        env["DIST_FT_CACHE"] = tmp
-        r = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**spec, "out": tmp})], capture_output=True, text=True,
-                           env=env)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if r.returncode != 0 or line is None:
-        print(f"  FAILED {spec['framework']} {spec['precision']} lr {spec['lr']:g}: {r.stderr[-1500:]}", file=sys.stderr)
-        return {**spec, "error": r.stderr[-500:]}
-    res = json.loads(line[7:])
-    res.pop("out", None)
+    res, _ = run.spawn_worker([__file__, "--worker"], spec, f"{spec['framework']} {spec['precision']} lr {spec['lr']:g}",
+                              {"TQDM_DISABLE": "1"})
+    if "error" in res:
+        return res
     print(f"  lr {res['lr']:g} {res['framework']:>7} {res['precision']:<13} loss {res['step1_loss']:.4f} -> {res['final_loss']:.4f}  "
           f"{res['loss_tokens_per_s']:.2f} pairs/s  RSS {res['peak_rss_mb']:.0f} MB", flush=True)
     return res

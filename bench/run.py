@@ -52,19 +52,28 @@ def work_shape(model: Path, data: Path, seq_len: int, tokens_per_step: int) -> d
             "causal_pairs_per_token": sum(n * (n + 1) / 2 for n in lens) / sum(lens)}  # attention work per token (perf.FlopCount)
 
 
-def run_one(spec: dict) -> dict:
+def spawn_worker(argv: list[str], spec: dict, label: str, env: dict | None = None) -> tuple[dict, str]:
+    """Run one measured worker (`python ARGV SPEC_JSON`) in a fresh process with its own empty shard cache (every run
+    tokenizes anew, as the peers do) and 2-core-style thread settings; returns (its RESULT, or the spec with an
+    `error`, printed as FAILED LABEL) and the process's output."""
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent)}
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent), **(env or {})}
     with tempfile.TemporaryDirectory() as tmp:
-        spec = {**spec, "out": tmp}
-        env["DIST_FT_CACHE"] = tmp  # every run tokenizes its data anew, as the peers do: no shard cache carried over
-        r = subprocess.run([sys.executable, str(HERE / "worker.py"), json.dumps(spec)], capture_output=True, text=True, env=env)
+        env["DIST_FT_CACHE"] = tmp  # no shard cache (or stored reference log-probs) carried over between runs
+        r = subprocess.run([sys.executable, *argv, json.dumps({**spec, "out": tmp})], capture_output=True, text=True, env=env)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
-        print(f"  FAILED {spec['framework']}/{spec['variant']}: {r.stderr[-1500:]}", file=sys.stderr)
-        return {**spec, "error": r.stderr[-500:]}
+        print(f"  FAILED {label}: {r.stderr[-1500:]}", file=sys.stderr)
+        return {**spec, "error": r.stderr[-500:]}, r.stdout + r.stderr
     res = json.loads(line[7:])
     res.pop("out", None)
+    return res, r.stdout + r.stderr
+
+
+def run_one(spec: dict) -> dict:
+    res, _ = spawn_worker([str(HERE / "worker.py")], spec, f"{spec['framework']}/{spec['variant']}")
+    if "error" in res:
+        return res
     print(f"  {res['framework']:>10}/{res['variant']:<6} {res['loss_tokens_per_s']:8.0f} loss-tok/s {res['tokens_per_s']:8.0f} tok/s "
           f"pad {res['padding']:5.1%}  TTFS {res['time_to_first_step_s']:5.1f} s  RSS {res['peak_rss_mb']:6.0f} MB  "
           f"loss {res['final_loss']:.3f}", flush=True)

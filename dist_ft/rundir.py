@@ -139,9 +139,10 @@ def commit(out: Path, config_yaml: str, replace: bool) -> list[str]:
     out = Path(out)
     marker = read_marker(out)
     if marker is None:
-        if _ours_only(out):  # (check_target refused this before anything was loaded; files appeared since)
+        foreign = _ours_only(out)
+        if foreign:  # (check_target refused this before anything was loaded; files appeared since)
             raise UserError(f"output.dir '{out}': files that are not a dist_ft run's appeared in it during setup "
-                            f"({', '.join(_ours_only(out)[:4])}); nothing was written: choose another output.dir")
+                            f"({', '.join(foreign[:4])}); nothing was written: choose another output.dir")
         _new_marker(out)
         marker = read_marker(out)
     _restore_final(out)
