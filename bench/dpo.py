@@ -149,6 +149,7 @@ def run_trl(spec: dict) -> dict:
     trainer = Timed(model=model, args=args, train_dataset=Dataset.from_list(conv), processing_class=tok, callbacks=[clock])
     trainer.data_collator = count = _Count(trainer.data_collator)  # after the precompute pass, which used the inner one
     trainer.train()
+    worker.TRAINED.append(trainer.model)  # bench/precision.py scores it on held-out pairs
     b = count.batches[: len(clock.ends)]
     return worker._result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
                           {"step1_loss": clock.losses[0], "reference_s": sum(ref_s) if ref_s else None})

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 START = psutil.Process().create_time()
+TRAINED: list = []  # the model a peer run trained, for held-out scoring after its figures are taken
 
 
 def _result(step_end: list[float], loss_tok: list[int], tokens: list[int], positions: list[int], losses: list[float], extra: dict) -> dict:
@@ -35,6 +36,7 @@ def _result(step_end: list[float], loss_tok: list[int], tokens: list[int], posit
         "loss_tokens_per_s": sum(loss_tok[1:s]) / dt,
         "tokens_per_s": sum(tokens[1:s]) / dt,
         "padding": 1 - sum(tokens[:s]) / max(1, sum(positions[:s])),
+        "step1_loss": losses[0],
         "final_loss": sum(losses[-3:]) / len(losses[-3:]),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **extra,
@@ -169,7 +171,8 @@ def run_trl(spec: dict) -> dict:
     packed = spec["variant"] != "padded"
     args = SFTConfig(max_length=spec["seq_len"], packing=packed, padding_free=packed, assistant_only_loss=True,
                      per_device_train_batch_size=spec["rows"] if packed else spec["examples"],
-                     bf16=False, fp16=False, gradient_checkpointing=False,  # TRL defaults; off for parity (fp32, no recompute)
+                     bf16=spec.get("precision") == "bf16", fp16=False,  # bf16: autocast over fp32 weights (TRL's only bf16 path)
+                     gradient_checkpointing=False,  # TRL's default is on (recompute); off for parity
                      **common)
     peft = None
     if spec.get("lora"):  # the same adapter as dist_ft's model.peft: every projection, rank r, alpha, dropout
@@ -181,6 +184,7 @@ def run_trl(spec: dict) -> dict:
                          peft_config=peft)
     trainer.data_collator = collator = _Counting(trainer.data_collator, tok.pad_token_id)
     trainer.train()
+    TRAINED.append(trainer.model)  # bench/precision.py scores it on held-out data
     b = collator.batches[: len(clock.ends)]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     return _result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
