@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, checkpoint_files, dist, fsio, testhooks
+from . import __version__, checkpoint_files, dist, fsio
 from .contracts import TrainState
 from .errors import UserError
+from .faults import NONE, Faults
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -162,9 +163,9 @@ def inspect_checkpoint(path: Path) -> tuple[Manifest | None, str | None]:
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0):
+    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0, faults: Faults = NONE):
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
-        self.keep_every = keep_every
+        self.keep_every, self.faults = keep_every, faults
         self._left = set()  # old checkpoints outside output.dir that rotation could not delete (noted once each)
         self.base_sha256 = ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
         self.before_publish = lambda what: None  # rank 0: raises if the run may no longer publish (it lost output.dir's lock)
@@ -191,16 +192,16 @@ class Checkpointer:
             engine.save(tmp)
         torch.save({**state.to_dict(), "rng": rng_state()}, tmp / f"rank-{self.rank}.pt")
         mine = checkpoint_files.report(self.rank, tmp, [*dict.fromkeys(written), tmp / f"rank-{self.rank}.pt"])
-        testhooks.in_save(step, self.rank, tmp)
+        self.faults.in_save(step, self.rank, tmp)
         reports = dist.gather_on_main(f"checkpoint step {step}: every rank's state written", mine)
         if self.rank == 0:
             files, owner = checkpoint_files.merge(reports)
             files["config.yaml"] = fsio.write_synced(tmp / "config.yaml", config_yaml)
-            testhooks.pause_in_save(step)
+            self.faults.before_manifest(step)
             files.update(checkpoint_files.unreported(tmp, files))
             checkpoint_files.check(final.name, tmp, files, owner)
             manifest = Manifest(step, self.world, engine.zero_stage, {rel: fi.bytes for rel, fi in sorted(files.items())}, __version__,
-                                os.environ.get("SLURM_JOB_ID", ""), self.base_sha256,
+                                dist.slurm_job()[0], self.base_sha256,
                                 {rel: fi.sha256 for rel, fi in sorted(files.items()) if fi.sha256})
             fsio.write_synced(tmp / "manifest.json", json.dumps(asdict(manifest), indent=1))
             fsio.write_synced(tmp / "COMPLETE", "ok\n")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .errors import UserError
+from .faults import Faults
 
 EXAMPLES = """\
 examples:
@@ -94,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _prepare(args) -> None:
+def _prepare(args, faults: Faults) -> None:
     from pathlib import Path
 
     from . import tasks
@@ -112,7 +113,7 @@ def _prepare(args) -> None:
     preflight(cfg.model, cfg.data.max_seq_len)
     tok = load_tokenizer(cfg.model)
     out = Path(args.out).expanduser() if args.out else shards.cache_entry(cfg.data, tok)
-    manifest = shards.prepare(cfg.data, tok, out, tasks.get(cfg.data.task))
+    manifest = shards.prepare(cfg.data, tok, out, tasks.get(cfg.data.task), faults=faults)
     for split, info in manifest.splits.items():
         st = info.stats
         print(f"{split}: {st.records:,} records, {st.examples:,} examples, {st.tokens:,} tokens "
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        faults = Faults.from_env(os.environ)  # the test suite's fault injection (every rank runs this): none unless DIST_FT_TEST_* set
         if args.cmd == "train":
             from . import train
             from .config import load_config
@@ -133,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             preflight(cfg.model, cfg.data.max_seq_len)  # config.json, context length, attention kernel: before any rank waits on another
-            train.run(cfg)
+            train.run(cfg, faults=faults)
         elif args.cmd == "prepare":
-            _prepare(args)
+            _prepare(args, faults)
         elif args.cmd == "chat":
             from . import chat, inference
 
             tok, model = inference.load(args.model, args.trust_remote_code, args.adapter)
-            gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+            gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, faults=faults)
             if args.prompt is not None:
                 history = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
                 chat.answer_streamed(tok, model, history, **gen)
@@ -149,11 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "serve":
             from .serve import serve
 
-            serve(args.model, args.adapter, args.host, args.port, args.api_key, args.name, args.max_queue, args.max_body_mb)
+            serve(args.model, args.adapter, args.host, args.port, args.api_key, args.name, args.max_queue, args.max_body_mb, faults)
         elif args.cmd == "eval":
-            from . import inference
-
-            from .demo import fmt_heads, fmt_score
+            from . import evaluate, inference
 
             if args.harness:
                 from . import harness
@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("dist-ft eval: give --data FILE (or --harness lm-eval --tasks ...)")
             tok, model = inference.load(args.model)
             if inference.is_sequence_head(args.model):
-                print(fmt_heads(inference.score_heads(tok, model, args.data), model.config.num_labels == 1))
+                print(evaluate.fmt_heads(evaluate.score_heads(tok, model, args.data), model.config.num_labels == 1))
             else:
-                print(fmt_score(inference.score(tok, model, args.data)))
+                print(evaluate.fmt_score(evaluate.score(tok, model, args.data)))
         elif args.cmd == "demo":
             from . import demo
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .config_explain import explain
+from .config_section import Section
 from .errors import UserError
 from .redact import env_secrets, scrub, url_secret
+from .task_settings.dpo import DpoConfig
+from .task_settings.reward import RewardConfig
 
 
 def task_names() -> list[str]:
@@ -24,8 +27,6 @@ def task_names() -> list[str]:
     import pkgutil
 
     return sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")]) if not m.name.startswith("_"))
-
-
 
 
 def _no_credentials(cls, v: Optional[str]) -> Optional[str]:
@@ -43,8 +44,23 @@ def _two_betas(cls, v: Any) -> Any:
     return v
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# What changing a setting between a checkpoint and its resume does (resume.py reads it from the fields; a section's
+# `resume_default` applies to fields without their own, `free` where unset):
+MUST_MATCH = "must_match"  # breaks an exact resume: refused
+RESHARD = "reshard"  # must match, unless the run reshards (another world size or ZeRO stage, the global batch kept)
+APPLIED = "applied"  # applied over the checkpoint's value (the Adam moments and step count kept) and logged
+FREE = "free"  # does not change what the continued run computes
+RESUME_KINDS = (MUST_MATCH, RESHARD, APPLIED, FREE)
+
+
+def on_resume(kind: str) -> dict[str, Any]:
+    """A field's resume rule, as `Field(..., json_schema_extra=on_resume(APPLIED))`."""
+    assert kind in RESUME_KINDS, kind
+    return {"on_resume": kind}
+
+
+class _Section(Section):
+    resume_default: ClassVar[str] = FREE
 
 
 class PeftConfig(_Section):
@@ -58,6 +74,7 @@ class PeftConfig(_Section):
 
 
 class ModelConfig(_Section):
+    resume_default: ClassVar[str] = MUST_MATCH
     path: str = Field("gpt2", description="Hub id, local directory, or `pkg://<python package>` (a directory shipped inside an installed package).")
     gguf_file: Optional[str] = Field(None, description="GGUF file name inside `path` to load (dequantized to a regular model).")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit) to load.")
@@ -78,6 +95,7 @@ class SourceConfig(_Section):
 
 
 class DataConfig(_Section):
+    resume_default: ClassVar[str] = MUST_MATCH  # where shards are cached and how they are built or checked do not change the data
     train: Optional[SourceConfig] = Field(None, description="Training data source (a path string is accepted as shorthand); not needed with `prepared`.")
     validation: Optional[SourceConfig] = Field(None, description="Separate validation source; if unset, `val_fraction` of train is held out.")
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of training records held out for validation when no `validation` source is given.")
@@ -88,11 +106,11 @@ class DataConfig(_Section):
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with an example longer than `max_seq_len` (always counted and reported).")
     seed: int = Field(1234, description="Seed for the validation split and the per-epoch shuffle.")
     prepared: Optional[str] = Field(None, description="Directory or fsspec URL (s3://...) written by `dist-ft prepare`: train reads its shards and tokenizes nothing.")
-    cache_dir: Optional[str] = Field(None, description="Where train builds shards on the fly (keyed by data, tokenizer and settings) and caches remote ones; None: $DIST_FT_CACHE or ~/.cache/dist_ft.")
+    cache_dir: Optional[str] = Field(None, description="Where train builds shards on the fly (keyed by data, tokenizer and settings) and caches remote ones; None: $DIST_FT_CACHE or ~/.cache/dist_ft.", json_schema_extra=on_resume(FREE))
     shard_tokens: int = Field(1 << 25, ge=1, description="Tokens per shard file (the last one of a split may hold fewer).")
     shuffle_window: int = Field(1 << 16, ge=1, description="Rows shuffled together in an epoch, after the shard order is shuffled; memory is O(window).")
-    num_proc: int = Field(0, ge=0, description="Processes that tokenize in prepare (0: every core); sources under 2048 records use one.")
-    verify_shards: bool = Field(True, description="Check each shard's sha256 against the manifest when a run opens it (sizes are always checked).")
+    num_proc: int = Field(0, ge=0, description="Processes that tokenize in prepare (0: every core); sources under 2048 records use one.", json_schema_extra=on_resume(FREE))
+    verify_shards: bool = Field(True, description="Check each shard's sha256 against the manifest when a run opens it (sizes are always checked).", json_schema_extra=on_resume(FREE))
     _no_url_credentials = field_validator("prepared", "cache_dir")(_no_credentials)
 
     @model_validator(mode="after")
@@ -120,28 +138,28 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs` when set.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data when `max_steps` is unset.")
-    micro_batch_size: int = Field(4, ge=1, description="Rows (packed) or examples (padded) per rank per forward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step. Global batch = micro x accum x world size.")
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay; 0.0 is usual for short fine-tunes.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides `epochs` when set.", json_schema_extra=on_resume(APPLIED))
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when `max_steps` is unset.", json_schema_extra=on_resume(APPLIED))
+    micro_batch_size: int = Field(4, ge=1, description="Rows (packed) or examples (padded) per rank per forward pass.", json_schema_extra=on_resume(RESHARD))
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step. Global batch = micro x accum x world size.", json_schema_extra=on_resume(RESHARD))
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).", json_schema_extra=on_resume(APPLIED))
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay; 0.0 is usual for short fine-tunes.", json_schema_extra=on_resume(APPLIED))
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.", json_schema_extra=on_resume(APPLIED))
     _betas = field_validator("betas", mode="before")(_two_betas)
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of `lr` (cosine/linear).")
-    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
-    seed: int = Field(42, description="Seed for model init of new tokens, dropout and sampling.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.", json_schema_extra=on_resume(APPLIED))
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`.", json_schema_extra=on_resume(APPLIED))
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.", json_schema_extra=on_resume(APPLIED))
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final LR as a fraction of `lr` (cosine/linear).", json_schema_extra=on_resume(APPLIED))
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.", json_schema_extra=on_resume(APPLIED))
+    seed: int = Field(42, description="Seed for model init of new tokens, dropout and sampling.", json_schema_extra=on_resume(MUST_MATCH))
     eval_every: int = Field(0, ge=0, description="Run validation every N steps (0: only at the end).")
     log_every: int = Field(1, ge=1, description="Print a console metrics line every N steps (JSONL gets every step).")
     nonfinite_patience: Optional[int] = Field(None, ge=0, description="Consecutive steps with a non-finite loss or gradient norm tolerated before the run stops with exit 3 (no checkpoint is written meanwhile); None: 0, or 25 in fp16 where loss-scale overflows skip steps.")
 
 
 class EngineConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 +gradients, 3 +parameters sharded.")
-    precision: Literal["auto", "fp32", "bf16", "bf16-autocast", "fp16"] = Field("auto", description="`bf16`: bf16 weights + fp32 master copies (least memory); `bf16-autocast`: fp32 weights, bf16 matmuls (torch autocast, as HF Trainer / TRL); `auto`: bf16 where the hardware runs it natively (GPU compute capability 8+, CPU with AVX512-BF16/AMX), fp16 with loss scaling on older GPUs, else fp32.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 +gradients, 3 +parameters sharded.", json_schema_extra=on_resume(RESHARD))
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast", "fp16"] = Field("auto", description="`bf16`: bf16 weights + fp32 master copies (least memory); `bf16-autocast`: fp32 weights, bf16 matmuls (torch autocast, as HF Trainer / TRL); `auto`: bf16 where the hardware runs it natively (GPU compute capability 8+, CPU with AVX512-BF16/AMX), fp16 with loss scaling on older GPUs, else fp32.", json_schema_extra=on_resume(MUST_MATCH))
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="torch.distributed backend; `auto`: nccl on GPUs, gloo on CPU.")
@@ -189,16 +207,6 @@ class TrackConfig(_Section):
         return "disabled" if v is False else v  # YAML reads `off` / `false` as False
 
 
-class DpoConfig(_Section):
-    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="`sigmoid`: DPO's -log sigmoid(beta * margin); `ipo`: (margin - 1/(2 beta))^2 on per-token mean log-probs.")
-    beta: float = Field(0.1, gt=0, description="Strength of the pull toward the reference (higher: stay closer); rewards are beta x log-ratio.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid loss: assumed probability that a pair's preference label is flipped (conservative DPO).")
-
-
-class RewardConfig(_Section):
-    margin: float = Field(0.0, description="Reward models (data.task: reward): the Bradley-Terry loss is -log sigmoid(r_chosen - r_rejected - margin).")
-
-
 class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What to fine-tune.")
     data: DataConfig = Field(..., description="What to train on.")
@@ -207,6 +215,7 @@ class Config(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Fault tolerance: saving and resuming.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where results go.")
     track: TrackConfig = Field(default_factory=TrackConfig, description="Experiment tracking: Weights & Biases and sample generations.")
+    # each task's own settings (task_settings/<task>.py), as cfg.<task>
     dpo: DpoConfig = Field(default_factory=DpoConfig, description="Preference tuning (data.task: dpo): loss and beta.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward models (data.task: reward).")
 

@@ -17,18 +17,6 @@ from .errors import UserError
 CONFIGS = {"sft": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml"}
 
 
-def fmt_score(s: dict) -> str:
-    acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
-    return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
-
-
-def fmt_heads(s: dict, reward: bool) -> str:
-    n, acc = s["n"], s["val_accuracy"]
-    if reward:
-        return f"pairwise accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | mean margin {s['val_margin']:.3f} | loss {s['val_loss']:.4f}"
-    return f"accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | macro-F1 {s['val_macro_f1']:.3f} | loss {s['val_loss']:.4f}"
-
-
 def run(config: str | None, overrides: list[str], stage: str = "sft") -> None:
     from .config import load_config
 
@@ -43,17 +31,18 @@ def _sft(cfg, heldout: str) -> None:
     import torch
 
     from . import inference, train
+    from .evaluate import fmt_score, score
     from .model import load_model
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
     base = load_model(cfg.model, tok, torch.float32, adapters=False)  # the model as it comes, before any training
-    before = inference.score(tok, base, heldout, cfg.data.task)
+    before = score(tok, base, heldout, cfg.data.task)
     del base
     print(f"[demo] before fine-tuning: {fmt_score(before)}", flush=True)
     out = train.run(cfg)
     tok, tuned = inference.load(str(out / "final"))
-    after = inference.score(tok, tuned, heldout, cfg.data.task)
+    after = score(tok, tuned, heldout, cfg.data.task)
     print(f"[demo] before fine-tuning: {fmt_score(before)}")
     print(f"[demo] after  fine-tuning: {fmt_score(after)}")
     n = len(after["samples"])
@@ -69,30 +58,25 @@ def _show(before: dict, after: dict, indices, who: tuple[str, str], marks: tuple
               f"\n[demo]   {who[1]}  bot> {a1}   [{marks[not ok1]}]")
 
 
-def _fmt_pairs(s: dict) -> str:
-    n = len(s["samples"])
-    return (f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | greedy answer as preferred "
-            f"{100 * s['behaviour']:.1f}% ({round(s['behaviour'] * n)}/{n})")
-
-
 def _dpo(cfg, heldout: str) -> None:
     from . import inference, train
+    from .evaluate import fmt_pairs, score_pairs
 
     start = Path(cfg.model.path)
     if not (start / "config.json").is_file():
         raise UserError(f"model.path '{cfg.model.path}': no fine-tuned model there; run the first stage (dist-ft demo) first, which writes it")
     tok, sft = inference.load(str(start))
-    before = inference.score_pairs(tok, sft, heldout)
+    before = score_pairs(tok, sft, heldout)
     del sft
-    print(f"[demo] SFT model (before DPO): {_fmt_pairs(before)}", flush=True)
+    print(f"[demo] SFT model (before DPO): {fmt_pairs(before)}", flush=True)
     out = train.run(cfg)
     tok, tuned = inference.load(str(out / "final"))
-    after = inference.score_pairs(tok, tuned, heldout)
+    after = score_pairs(tok, tuned, heldout)
     beta = cfg.dpo.beta
     rewards = [(beta * (a[0] - b[0]), beta * (a[1] - b[1])) for a, b in zip(after["logps"], before["logps"])]
     accuracy = sum(c > r for c, r in rewards) / max(1, len(rewards))
-    print(f"[demo] SFT model (before DPO): {_fmt_pairs(before)}")
-    print(f"[demo] after DPO:              {_fmt_pairs(after)}")
+    print(f"[demo] SFT model (before DPO): {fmt_pairs(before)}")
+    print(f"[demo] after DPO:              {fmt_pairs(after)}")
     print(f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): {100 * accuracy:.1f}%, "
           f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}")
     pairs = list(zip(before["samples"], after["samples"]))

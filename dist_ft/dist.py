@@ -77,6 +77,12 @@ def env_from(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=int(environ.get("MASTER_PORT") or _free_port()))
 
 
+def slurm_job(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """The SLURM job this process runs in ("" outside SLURM) and how often it was requeued (SLURM_RESTART_COUNT:
+    a requeued job keeps its id and counts up)."""
+    return environ.get("SLURM_JOB_ID", ""), int(environ.get("SLURM_RESTART_COUNT") or 0)
+
+
 LAUNCH_INTS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 

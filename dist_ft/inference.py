@@ -1,8 +1,8 @@
-"""Use a trained model: load an exported directory, generate replies, score held-out conversations.
+"""Use a trained model: load an exported directory, generate replies (batched, or streamed token by token).
 
-Shared by `dist-ft chat`, `dist-ft eval`, the demo and the sample prompts logged at the end of training,
-so all of them render the same chat template and stop on the same end-of-turn token. Nothing here
-imports the training side (engine, loop, checkpoints).
+Shared by `dist-ft chat`, `dist-ft serve`, `dist-ft eval` and the demo (through `evaluate.py`, which scores held-out
+data) and the sample prompts logged at the end of training, so all of them render the same chat template and stop on
+the same end-of-turn token. Nothing here imports the training side (engine, loop, checkpoints).
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import testhooks
 from .adapters import is_prefix_tuned
-from .config import DataConfig
 from .data.chat import stop_token_ids
-from .data.formats import to_conversation
-from .data.sources import read_records
 from .errors import UserError
+from .faults import NONE, Faults
 
 
 def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = None):
@@ -95,88 +92,6 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
     return replies
 
 
-def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) -> dict:
-    """Held-out evaluation: the task's loss (and perplexity) over the file and, for records with a `check`
-    field, answer accuracy (the greedy answer contains the expected string, case-insensitive). `samples`
-    holds (question, answer, correct) for every checked record."""
-    import torch
-
-    from . import tasks
-
-    t = tasks.get(task)
-    data_cfg = DataConfig(train=path, task=task, max_seq_len=1 << 30)  # evaluation keeps whole conversations
-    model.eval()
-    total, n, checks = 0.0, 0, []
-    with torch.no_grad():
-        for where, rec in read_records(data_cfg.train):
-            examples, _ = t.examples(rec, where, data_cfg, tok)
-            batch = t.collate(examples, data_cfg.max_seq_len, tok.pad_token_id, False)
-            total += float(t.loss(model, batch, 0).sum)
-            n += batch.n_loss
-            if "check" in rec:
-                checks.append((to_conversation(rec, "auto", where).messages[:-1], str(rec["check"])))
-    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
-    samples = [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
-    hits = sum(ok for _, _, ok in samples)
-    loss = total / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "accuracy": hits / len(samples) if samples else None,
-            "checked": len(samples), "samples": samples}
-
-
-def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
-    """Preference pairs of a file under `model`: each pair's summed completion log-probs (chosen, rejected), and for
-    pairs with a `check` field the greedy answer to the prompt and whether it contains the checked string."""
-    import torch
-
-    from .data.preference import to_pair, tokenize_pair
-    from .loss import batch_sequence_logps
-    from . import tasks
-
-    dpo = tasks.get("dpo")
-    logps, checks = [], []
-    model.eval()
-    with torch.no_grad():
-        for where, rec in read_records(DataConfig(train=path, task="dpo").train):
-            pair = to_pair(rec, where)
-            batch = dpo.collate([list(tokenize_pair(tok, pair, where))], 1 << 30, tok.pad_token_id, False)
-            logps.append(batch_sequence_logps(model, batch).tolist())
-            if "check" in rec:
-                checks.append((pair.prompt, str(rec["check"])))
-    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
-    samples = [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
-    return {"logps": logps, "preferred": sum(c > r for c, r in logps) / max(1, len(logps)), "samples": samples,
-            "behaviour": sum(ok for *_, ok in samples) / max(1, len(samples))}
-
-
-def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
-    """A sequence head over a file: a classifier (num_labels > 1) on {text|messages, label} records (labels by the
-    model's id2label; one it does not know is refused naming the record), or a reward model (num_labels 1) on
-    preference pairs. Returns the task's eval metrics (val_loss, val_accuracy, ...) and `n`, the records scored."""
-    import torch
-
-    from . import tasks
-
-    reward = model.config.num_labels == 1
-    task = tasks.get("reward" if reward else "classify")
-    if not reward:
-        task = task.with_meta({"labels": [model.config.id2label[i] for i in range(model.config.num_labels)]})
-    cfg = DataConfig(train=path, task=task.name, max_seq_len=1 << 30, packing=False)
-    rows = []
-    for where, rec in read_records(cfg.train):
-        examples, _ = task.examples(rec, where, cfg, tok)
-        rows.append(examples if reward else examples[0])  # a pair is one row of two sequences
-    total, n, sums = 0.0, 0, {}
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = task.collate(rows[i : i + batch_size], cfg.max_seq_len, tok.pad_token_id, False)
-            out = task.loss(model, batch, 0)
-            total, n = total + float(out.sum), n + batch.n_loss
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-    return {**task.eval_metrics(total, n, sums), "n": n}
-
-
 @dataclass
 class Delta:
     text: str  # text added since the previous delta ("" possible)
@@ -188,7 +103,8 @@ GREEDY_BELOW = 1e-3  # temperatures under this sample greedily (1e-45 would over
 
 
 def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-           stop: tuple[str, ...] = (), cancel: threading.Event | None = None, seed: int | None = None) -> Iterator[Delta]:
+           stop: tuple[str, ...] = (), cancel: threading.Event | None = None, seed: int | None = None,
+           faults: Faults = NONE) -> Iterator[Delta]:
     """Generate from `input_ids` on a background thread and yield the text as tokens arrive: the deltas concatenate to
     what `generate` returns for the same prompt (the decoded reply, stripped of surrounding whitespace), cut before the
     first of the `stop` strings. Setting `cancel` (the client went away) stops generation at the next token.
@@ -214,7 +130,7 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
                 self.prompt = False
             else:
                 q.put(value.flatten().tolist())
-                testhooks.slow_token()
+                faults.after_token()
 
         def end(self):
             pass

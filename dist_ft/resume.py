@@ -1,31 +1,53 @@
 """Where a run starts: the resume policy over the checkpoints `checkpoint.py` stores.
 
 `resume_plan`: rank 0 decides (a fresh start, the newest complete checkpoint, a named one, or the run's own
-checkpoint after a SLURM requeue under `output.overwrite`) and every rank follows. A checkpoint is continued only
-when the settings that make a resume exact match (`RESUME_MUST_MATCH`); optimizer and schedule settings that changed
-are applied over the saved ones (`RESUME_APPLIED`); another world size or ZeRO stage reshards when the global
-batch stays the same.
+checkpoint after a SLURM requeue under `output.overwrite`) and every rank follows. What a changed setting does is
+declared on the config's fields (config.py `on_resume`), read here by `settings()`: a checkpoint is continued only
+when the settings that make a resume exact match (`must_match`); optimizer and schedule settings that changed are
+applied over the saved ones (`applied`); another world size or ZeRO stage reshards when the global batch stays the
+same (`reshard`).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from . import dist
 from .checkpoint import Checkpointer, ResumePlan, foreign_refusal, inspect_checkpoint, outside, validate
-from .config import Config, load_config
+from .config import APPLIED, FREE, MUST_MATCH, RESHARD, Config, load_config
 from .errors import UserError
 
-# changing these between a checkpoint and its resume would break exactness, so it is refused
-RESUME_MUST_MATCH = ("model", "data", "train.micro_batch_size", "train.grad_accum", "train.seed", "engine.zero_stage", "engine.precision")
-DATA_MAY_CHANGE = ("cache_dir", "num_proc", "verify_shards")
-RESHARD_MAY_CHANGE = ("train.micro_batch_size", "train.grad_accum", "engine.zero_stage")  # with the global batch kept
-# changing these is applied over the checkpoint's values (DeepSpeed would restore the saved ones) and logged;
-# the Adam moments and the step count are kept
-RESUME_APPLIED = ("train.lr", "train.betas", "train.eps", "train.weight_decay", "train.warmup_steps", "train.schedule",
-                  "train.min_lr_ratio", "train.max_grad_norm", "train.max_steps", "train.epochs")
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf setting of the config as resume sees it: `section.name`, its rule (config.py's `on_resume`)."""
+
+    section: str
+    name: str
+    rule: str
+
+    @property
+    def key(self) -> str:  # as the user writes it, for messages
+        return f"{self.section}.{self.name}"
+
+    def of(self, cfg: Config) -> Any:
+        return getattr(getattr(cfg, self.section), self.name)
+
+
+def settings() -> tuple[Setting, ...]:
+    """Every setting of `Config` with its resume rule: the field's own `on_resume`, else its section's."""
+    out = []
+    for section, f in Config.model_fields.items():
+        model = f.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        for name, field in model.model_fields.items():
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            out.append(Setting(section, name, str(extra.get("on_resume", getattr(model, "resume_default", FREE)))))
+    return tuple(out)
 
 
 def resume_plan(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
@@ -84,7 +106,7 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
 def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
     """The newest checkpoint this very SLURM job wrote before it was requeued (so `output.overwrite` does not
     throw away the progress of a preempted job), or None."""
-    job, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    job, restart = dist.slurm_job()
     if not job or restart == 0 or not done:
         return None
     manifest = validate(done[-1][1])
@@ -104,25 +126,16 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
     if manifest is None or not (path / "config.yaml").is_file():
         raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there ({why or 'config.yaml missing'}; "
                         "expected <output.dir>/checkpoints/step-N)")
-    saved, now = load_config(path / "config.yaml").model_dump(), cfg.model_dump()
-    for tree in (saved, now):  # where shards are cached and how they are built or checked does not change the data
-        for k in DATA_MAY_CHANGE:
-            tree["data"].pop(k)
-
-    def pick(tree, dotted):
-        for k in dotted.split("."):
-            tree = tree[k]
-        return tree
-
+    saved = load_config(path / "config.yaml")
     reshard = manifest.world_size != world or manifest.zero_stage != cfg.engine.zero_stage
-    must = [k for k in RESUME_MUST_MATCH if not (reshard and k in RESHARD_MAY_CHANGE)]
-    changed = [k for k in must if pick(saved, k) != pick(now, k)]
+    must = {MUST_MATCH, RESHARD} if not reshard else {MUST_MATCH}
+    changed = [s.key for s in settings() if s.rule in must and s.of(saved) != s.of(cfg)]
     if changed:
         raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
                         "restore those values, or set output.overwrite=true (or a new output.dir) to start over")
     if reshard:
-        st, nt = saved["train"], now["train"]
-        g_old, g_new = st["micro_batch_size"] * st["grad_accum"] * manifest.world_size, nt["micro_batch_size"] * nt["grad_accum"] * world
+        st, nt = saved.train, cfg.train
+        g_old, g_new = st.micro_batch_size * st.grad_accum * manifest.world_size, nt.micro_batch_size * nt.grad_accum * world
         if g_old != g_new:
             raise UserError(f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has {world} ranks "
                             f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}")
@@ -135,5 +148,5 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
             raise UserError(f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
                             f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
                             "and engine.zero_stage, or set checkpoint.resume=never to start over")
-    applied = tuple((k, pick(saved, k), pick(now, k)) for k in RESUME_APPLIED if pick(saved, k) != pick(now, k))
+    applied = tuple((s.key, s.of(saved), s.of(cfg)) for s in settings() if s.rule == APPLIED and s.of(saved) != s.of(cfg))
     return ResumePlan(path, reshard, replace, applied, foreign=bad is not None)

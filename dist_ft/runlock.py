@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .dist import slurm_job
 from .errors import UserError
 
 LOCK = ".dist_ft.lock"
@@ -51,8 +52,7 @@ class Owner:
 
     @classmethod
     def me(cls) -> "Owner":
-        return cls(socket.gethostname(), os.getpid(), _pid_start(os.getpid()) or "", time.time(), os.environ.get("SLURM_JOB_ID", ""),
-                   int(os.environ.get("SLURM_RESTART_COUNT") or 0), _read("/proc/sys/kernel/random/boot_id"), _pid_ns())
+        return cls(socket.gethostname(), os.getpid(), _pid_start(os.getpid()) or "", time.time(), *slurm_job(), _read("/proc/sys/kernel/random/boot_id"), _pid_ns())
 
     @classmethod
     def parse(cls, raw: bytes | str) -> "Owner | None":

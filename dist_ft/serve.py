@@ -24,6 +24,7 @@ from contextlib import aclosing, suppress
 from fastapi import FastAPI, Request
 from sse_starlette.sse import EventSourceResponse
 
+from .faults import NONE, Faults
 from .inference import Delta, stream
 from .model import POSITION_KEYS
 from .serve_api import ApiError, BodyLimit, ChatRequest, CompletionRequest, Json, install_error_handlers, parse
@@ -61,8 +62,9 @@ class Slot:
 class Server:
     """The model, its request queue and counters."""
 
-    def __init__(self, tok, model, name: str, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 256):
-        self.tok, self.model, self.name, self.api_key = tok, model, name, api_key
+    def __init__(self, tok, model, name: str, api_key: str | None = None, max_queue: int = 16, default_max_tokens: int = 256,
+                 faults: Faults = NONE):
+        self.tok, self.model, self.name, self.api_key, self.faults = tok, model, name, api_key, faults
         self.max_queue, self.default_max_tokens, self.context = max_queue, default_max_tokens, context_length(model)
         self.max_chars = self.context * longest_token(tok)
         self.waiting = 0  # requests admitted (running or queued)
@@ -130,7 +132,7 @@ class Server:
                 if slot.cancel.is_set():  # (the client left while queued)
                     return
                 slot.started = True
-                it = stream(self.tok, self.model, ids, cancel=slot.cancel, **gen)
+                it = stream(self.tok, self.model, ids, cancel=slot.cancel, faults=self.faults, **gen)
                 while (d := await asyncio.get_running_loop().run_in_executor(self.pool, next, it, None)) is not None:
                     if d.finish is not None:
                         outcome = "cancelled" if d.finish == "cancelled" else "served"
@@ -275,7 +277,7 @@ def build_app(server: Server, max_body: int = 8 << 20):
 
 
 def serve(model_dir: str, adapter: str | None, host: str, port: int, api_key: str | None, name: str | None, max_queue: int,
-          max_body_mb: float = 8.0) -> None:
+          max_body_mb: float = 8.0, faults: Faults = NONE) -> None:
     import uvicorn
 
     from .inference import is_sequence_head, load
@@ -285,7 +287,7 @@ def serve(model_dir: str, adapter: str | None, host: str, port: int, api_key: st
 
         raise UserError(f"--model '{model_dir}': a sequence classifier / reward model has no text to generate; serve a chat model")
     tok, model = load(model_dir, adapter=adapter)
-    server = Server(tok, model, name or model_dir, api_key, max_queue)
+    server = Server(tok, model, name or model_dir, api_key, max_queue, faults=faults)
     print(f"serving '{server.name}' on http://{host}:{port}/v1 (context {server.context} tokens, queue {max_queue}, bodies up to "
           f"{max_body_mb:g} MB{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(build_app(server, int(max_body_mb * (1 << 20))), host=host, port=port, log_level="warning")

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from tqdm.auto import tqdm
 
@@ -19,7 +19,10 @@ from .contracts import StepMetrics
 from .redact import scrub
 
 
-def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[str]:
+WandbMode = Literal["online", "offline"]
+
+
+def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[WandbMode]:
     """online / offline, or None for no W&B. `auto` never needs a network: offline unless a key is set."""
     if track.wandb == "disabled":
         return None
@@ -28,7 +31,7 @@ def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[str]:
     env_mode = environ.get("WANDB_MODE", "").lower()
     if env_mode in ("disabled", "off"):
         return None
-    if env_mode in ("online", "offline"):
+    if env_mode == "online" or env_mode == "offline":  # (narrowed to the literal for the type checker)
         return env_mode
     return "online" if environ.get("WANDB_API_KEY") else "offline"
 
@@ -45,7 +48,7 @@ class Tracker:
         if self.enabled:
             self._f = self.path.open("a", encoding="utf-8")
             mode = wandb_mode(track) if track is not None else None
-            if mode:
+            if mode and track is not None:
                 self.wandb = _wandb_init(track, mode, out_dir, run_id, config or {})
                 self.run_id = self.wandb.id
         elif all_ranks:  # debugging: this rank's own view (memory, step times, messages)
@@ -142,7 +145,7 @@ def wandb_unreachable(environ=os.environ, timeout_s: float = 3.0) -> Optional[st
     return f"{host}:{port}: {result[0] if result else f'no answer within {timeout_s:g} s'}"
 
 
-def _wandb_init(track: TrackConfig, mode: str, out_dir: Path, run_id: Optional[str], config: dict):
+def _wandb_init(track: TrackConfig, mode: WandbMode, out_dir: Path, run_id: Optional[str], config: dict):
     import wandb
 
     if mode == "online":

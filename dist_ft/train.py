@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import dist, inference, perf, reference, rundir, tasks, testhooks
+from . import dist, inference, perf, reference, rundir, tasks
+from .evaluate import add_sums, validation
+from .faults import NONE, Faults
 from .resume import resume_plan
 from .runlock import LockLost, RunLock
 from .checkpoint import Checkpointer, ResumePlan, seed_all
@@ -66,14 +68,13 @@ class Agreed:
     save_due: bool  # checkpoint.every_minutes elapsed on some rank
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, faults: Faults = NONE) -> Path:
     signals = Signals(cfg.checkpoint.signals)  # from the first second: a signal during setup still exits 75
     env = lock = r = None
     try:
         env = init_distributed(cfg.engine.dist_backend, cfg.engine.collective_timeout_minutes)
         lock = rundir.claim(cfg, env.is_main)
-        r = setup(cfg, env, signals, lock)
-        return _loop(r)
+        return _loop(r := setup(cfg, env, signals, lock, faults), faults)
     except Exception as e:
         if isinstance(e, Preempted) or (signals.received and r is None):
             dist.report_failure(f"{PREEMPTED_MARK}{e}")  # ranks waiting on this one exit 75 too
@@ -86,15 +87,16 @@ def run(cfg: Config) -> Path:
             lock.release(remove_created_dir=r is None)  # a run that wrote nothing leaves no empty directory behind
 
 
-def _loop(r: Run) -> Path:
+def _loop(r: Run, faults: Faults = NONE) -> Path:
     t = r.cfg.train
     for step in range(r.start + 1, r.total_steps + 1):
+        faults.after_step(step - 1, r.env.rank)  # step - 1 is complete, its eval and checkpoint included (a test may kill here)
         batch = r.loader.next()  # collated on a background thread while the previous step ran
         metrics, agreed = train_step(r, batch)
         r.tracker.log_step(step, metrics)
         r.guard.check(step, metrics)  # a non-finite run stops here (exit 3), before anything saves its state
         if r.prep.val and ((t.eval_every and step % t.eval_every == 0) or step == r.total_steps):
-            r.tracker.log(step, evaluate(r))
+            r.tracker.log(step, validation(r.engine, r.task, r.prep, r.cfg, r.env))
         if agreed.stop:
             if r.guard.healthy:
                 save(r, step, batch.data_state)
@@ -124,11 +126,10 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
         engine.backward(out.sum * scale)
         grad_norm = engine.step()
         loss_sum += out.sum.detach()  # stays on the device: no host sync per micro-batch
-        _accumulate(sums, out.metrics)
+        add_sums(sums, out.metrics)
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
-    keys = sorted(sums)
-    loss_sum, n_signalled, n_due, *totals = dist.all_sum(loss_sum, len(r.signals.received), due, *(sums[k] for k in keys))
+    loss_sum, n_signalled, n_due, *totals = dist.all_sum(loss_sum, len(r.signals.received), due, *tasks.MetricSums.elements(sums))
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
     metrics = StepMetrics(
@@ -136,31 +137,9 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
         padding=1 - n_tokens / n_pos, tokens_per_s=n_tokens / dt, loss_tokens_per_s=n_loss / dt, step_time_s=dt,
         mfu=r.flops.per_token(micro) * n_tokens / dt / (r.peak_flops * r.env.world_size) if r.peak_flops else None,
         epoch=batch.epoch_progress, elapsed_s=perf.process_age_s(), skipped_steps=engine.skipped_steps,
-        memory=perf.device_memory_mb(), task={k: v / max(n_loss, 1) for k, v in zip(keys, totals)},
+        memory=perf.device_memory_mb(), task=tasks.MetricSums.read(sums, totals).record(max(n_loss, 1)),
         model_states=ModelStates(engine.n_params, states, r.formula, engine.n_trainable if r.cfg.model.peft else None) if states else None)
     return metrics, Agreed(stop=bool(n_signalled), save_due=bool(n_due))
-
-
-def evaluate(r: Run) -> dict:
-    """The task's eval metrics over the validation rows, every rank scoring its slice."""
-    r.engine.eval()
-    total, n, sums = torch.zeros((), dtype=torch.float64, device=r.engine.device), 0, {}
-    with torch.no_grad():
-        for batch in dataset.eval_batches(r.prep, r.cfg.train.micro_batch_size, r.env.rank, r.env.world_size):
-            out = r.task.loss(r.engine, batch, r.cfg.engine.loss_chunk_tokens)
-            total += out.sum
-            n += batch.n_loss
-            _accumulate(sums, out.metrics)
-    r.engine.train()
-    keys = sorted(sums)
-    total, n, *totals = dist.all_sum(total, n, *(sums[k] for k in keys))
-    return r.task.eval_metrics(total, n, dict(zip(keys, totals)))
-
-
-def _accumulate(sums: dict, metrics: dict) -> None:
-    """Add one micro-batch's metric sums (tensors on the device: no host sync) to the running totals."""
-    for k, v in metrics.items():
-        sums[k] = sums[k] + v.detach() if k in sums else v.detach().to(torch.float64)
 
 
 def save(r: Run, step: int, data_state: dict) -> None:
@@ -208,7 +187,7 @@ def close(r: Run, exit_code: int = 0) -> None:
 
 # ---------------------------------------------------------------- setup
 
-def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None) -> Run:
+def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None, faults: Faults = NONE) -> Run:
     """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
     run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
     precision = resolve_precision(cfg.engine.precision)
@@ -216,18 +195,18 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None
     seed_all(t.seed)
     tok = load_tokenizer(cfg.model)
     prep = dataset.build(cfg.data, tok, task, env.local_rank, lambda failed: dist.patient_sum("token shards", failed),
-                         log=print if env.local_rank == 0 else lambda *_: None)
+                         log=print if env.local_rank == 0 else lambda *_: None, faults=faults)
     stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
     micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)  # the ragged tail is not counted
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
     out = Path(cfg.output.dir)
-    testhooks.pause_in_setup()
+    faults.in_setup()
     # ZeRO-3: each rank only ever holds its shard of the weights; DeepSpeed casts to bf16/fp16 itself
     model = load_model(cfg.model, tok, torch.float32, task.auto_class, init=partial(zero3_init, cfg, precision), gather=gathered,
                        head=task.head(prep.meta) if task.head else None)
     if task.prepare_model:
         task.prepare_model(model)
-    ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every)
+    ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every, faults)
     if lock is not None:  # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another
         ckpt.before_publish = lock.verify
     plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
@@ -246,9 +225,8 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None
     dist.wait_for_all("rank 0 prepares output.dir")
     tracker = Tracker(out, env.rank, total_steps=total_steps, log_every=t.log_every, start_step=state.step,
                       all_ranks=cfg.output.log_all_ranks, track=cfg.track, run_id=state.run_id, config=yaml.safe_load(dump_config(cfg)))
-    loader = testhooks.wrap_loader(StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"), state.step)
-    r = Run(cfg, env, task, tok, prep, engine, ckpt, tracker, loader, out, state.step, total_steps,
-            perf.FlopCount.of(engine.module), perf.peak_flops(),
+    r = Run(cfg, env, task, tok, prep, engine, ckpt, tracker, StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"),
+            out, state.step, total_steps, perf.FlopCount.of(engine.module), perf.peak_flops(),
             perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable),
             signals, DivergenceGuard(t.nonfinite_patience, precision))
     _report_start(r, precision, plan, stream, t_load)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 import tiny
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 120
 
 

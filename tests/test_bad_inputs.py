@@ -27,8 +27,7 @@ from typing import Callable
 import pytest
 
 import tiny
-from conftest import run_cli
-from test_train import _assert_clean_failure, _cfg
+from helpers import assert_clean_failure, free_port, run_cli, train_args
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
                  "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT")
@@ -50,7 +49,7 @@ LONG_BOTH = {"messages": [{"role": "user", "content": "apple " * 20}, {"role": "
 def finished_run(tmp_path_factory, gpt2_dir, toy_data) -> Path:
     """A previous run's output: checkpoints/, metrics.jsonl, config.yaml, loss.png, final/."""
     tmp = tmp_path_factory.mktemp("finished")
-    r = run_cli(*_cfg(tmp, gpt2_dir, toy_data[0], "train.max_steps=2", "track.wandb=disabled"))
+    r = run_cli(*train_args(tmp, gpt2_dir, toy_data[0], "train.max_steps=2", "track.wandb=disabled"))
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp / "out"
     assert (out / "final").is_dir() and (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
@@ -63,7 +62,7 @@ def prepared(tmp_path_factory, gpt2_dir, toy_data) -> Path:
     from dist_ft.cli import main
 
     tmp = tmp_path_factory.mktemp("prepared")
-    args = _cfg(tmp, gpt2_dir, toy_data[0])
+    args = train_args(tmp, gpt2_dir, toy_data[0])
     assert main(["prepare", args[1], "--out", str(tmp / "shards")]) == 0
     return tmp / "shards"
 
@@ -116,8 +115,8 @@ class Ctx:
         """`dist-ft train` of the toy config into the finished run's directory (with `env` set for the case)."""
         for k, v in (env or {}).items():
             self.monkeypatch.setenv(k, v)
-        return _cfg(self.tmp, model or self.model, data or self.data, f"output.dir={self.run}", "output.overwrite=true",
-                    "track.wandb=disabled", *overrides)
+        return train_args(self.tmp, model or self.model, data or self.data, f"output.dir={self.run}", "output.overwrite=true",
+                          "track.wandb=disabled", *overrides)
 
     def lines(self, *bad, good: list[str] = GOOD, name: str = "d.jsonl") -> Path:
         """A JSONL file: the good lines, then the bad ones (str or raw bytes)."""
@@ -490,7 +489,7 @@ def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, capfd, gpt2_d
         for p in c.cleanup:
             p.unlink(missing_ok=True)
     out, err = capfd.readouterr()
-    _assert_clean_failure(SimpleNamespace(returncode=rc, stderr=err), pattern, None)
+    assert_clean_failure(SimpleNamespace(returncode=rc, stderr=err), pattern, None)
     assert took < 60, f"{case}: took {took:.0f} s to fail"
     assert _snapshot(finished_run) == before, f"{case}: the earlier run's output changed"
     for check in after:
@@ -500,12 +499,10 @@ def test_bad_input_is_one_clear_error(case, tmp_path, monkeypatch, capfd, gpt2_d
 def test_wandb_key_without_network_logs_offline(tmp_path, monkeypatch, gpt2_dir, toy_data):
     """WANDB_API_KEY set and the W&B host unreachable: the run does not hang or fail; it warns (without the key)
     and logs offline files to sync later."""
-    with socket.socket() as s:  # a port nothing listens on: the connection is refused, as with no network
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nothing listens on: the connection is refused, as with no network
     key = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.delenv("WANDB_MODE", raising=False)  # (the test session's offline default): the key alone decides, online
-    r = run_cli(*_cfg(tmp_path, gpt2_dir, toy_data[0], "train.max_steps=1", "track.wandb=auto"), timeout=300,
+    r = run_cli(*train_args(tmp_path, gpt2_dir, toy_data[0], "train.max_steps=1", "track.wandb=auto"), timeout=300,
                 env={"WANDB_API_KEY": key, "WANDB_BASE_URL": f"http://127.0.0.1:{port}"})
     assert r.returncode == 0, r.stderr[-3000:]
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: W&B")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import tiny
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from dist_ft.config import load_config
 from dist_ft.data import shards
 from dist_ft.errors import UserError

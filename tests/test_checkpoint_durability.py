@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_checkpoint import _cmd, _run
+from helpers import run_cmd, train_cmd
 import tiny
 
 SPY = '''
@@ -43,7 +43,7 @@ def run(tmp_path_factory, gpt2_dir):
     (spy / "sitecustomize.py").write_text(SPY)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(spy), os.environ.get("PYTHONPATH")])), "DIST_FT_FSYNC_SPY": str(spy),
            "DIST_FT_TEST_CORRUPT_IN_SAVE": "4:1"}
-    r = _run(_cmd(cfg, out, 2), env)
+    r = run_cmd(train_cmd(cfg, out, 2), env)
     synced = {rank: (spy / f"rank-{rank}.log").read_text().splitlines() for rank in (0, 1)}
     return r, out, synced
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 LAUNCHERS = ("dist-ft ", "deepspeed ", "torchrun ", "srun ", "sbatch ")

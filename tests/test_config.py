@@ -3,7 +3,7 @@ import pytest
 from dist_ft.config import load_config
 from dist_ft.config_reference import reference_markdown
 from dist_ft.errors import UserError
-from conftest import REPO
+from helpers import REPO
 
 
 def _write(tmp_path, text):

@@ -6,7 +6,6 @@ rounding); everything else - data order, global batch, loss normalization - is i
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from helpers import REPO, free_port, run_cli
 import tiny
 
 TOL = 2e-5
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def _launch(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def _deepspeed(cfg: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    port = _port()
+    port = free_port()
     r = _launch([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
                  "launch/train.py", str(cfg), f"output.dir={out}", *overrides])
     # DeepSpeed's CPU shm all-reduce buffers (~66 MB per rank) are unlinked when the job ends, not leaked
@@ -99,14 +92,14 @@ def test_cpu_offload(setup, stage, params):
 def test_torchrun_matches_deepspeed_launcher(setup):
     tmp, cfg = setup
     out = tmp / "torchrun"
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
              "launch/train.py", str(cfg), f"output.dir={out}", "engine.zero_stage=2"])
     _assert_matches_single(tmp, out)
 
 
 def test_torchrun_two_nodes_on_localhost(setup):
     tmp, cfg = setup
-    out, port = tmp / "two_nodes", _port()
+    out, port = tmp / "two_nodes", free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
                                "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                                "--rdzv-id", "two-nodes", "launch/train.py", str(cfg), f"output.dir={out}"],
@@ -120,7 +113,7 @@ def test_deepspeed_hostfile_two_nodes_on_localhost(setup):
     """The multi-node form, `deepspeed --hostfile`, as two "nodes" on this machine (--no_ssh: each node
     starts its own ranks, as a cluster launcher would, instead of DeepSpeed ssh-ing into the hosts)."""
     tmp, cfg = setup
-    out, port = tmp / "hostfile", _port()
+    out, port = tmp / "hostfile", free_port()
     hostfile = tmp / "hostfile.txt"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     procs = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",

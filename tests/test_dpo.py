@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_checkpoint import _cmd, _run
+from helpers import run_cmd, train_cmd
 import tiny
 
 STEPS = 8
@@ -44,7 +44,7 @@ def _weights(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def one(cfg) -> Path:
     out = cfg.parent / "one"
-    r = _run(_cmd(cfg, out, 1))
+    r = run_cmd(train_cmd(cfg, out, 1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reference: scoring 216 sequences with the starting model" in r.stdout
     return out
@@ -175,7 +175,7 @@ def test_batched_and_packed_loss_match_an_fp64_loop(cfg, kind, smoothing):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_equal_one_rank(one, cfg, stage):
     two = cfg.parent / f"two-zero{stage}"
-    r = _run(_cmd(cfg, two, 2, f"engine.zero_stage={stage}", "train.micro_batch_size=1"))
+    r = run_cmd(train_cmd(cfg, two, 2, f"engine.zero_stage={stage}", "train.micro_batch_size=1"))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = tiny.losses(one), tiny.losses(two)
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-5, (a, b)
@@ -187,12 +187,12 @@ def test_two_ranks_equal_one_rank(one, cfg, stage):
 
 def test_sigkill_resume_is_bit_identical_and_refused_on_another_start(one, cfg):
     out = cfg.parent / "killed"
-    r = _run(_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
+    r = run_cmd(train_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
     with tiny.weights_changed_on_disk(cfg.parent / "base"):  # the reference the checkpoint was trained against is gone
-        r = _run(_cmd(cfg, out, 1))  # refused, not silently rescored
+        r = run_cmd(train_cmd(cfg, out, 1))  # refused, not silently rescored
         assert r.returncode == 2 and "differ from those this checkpoint was trained on" in r.stderr and "a DPO run's reference" in r.stderr
-    r = _run(_cmd(cfg, out, 1))
+    r = run_cmd(train_cmd(cfg, out, 1))
     assert r.returncode == 0 and "resumed from" in r.stdout and "reference: log-probs of the starting model read back" in r.stdout, r.stderr[-3000:]
     assert tiny.losses(out) == tiny.losses(one)
     a, b = _weights(one), _weights(out)
@@ -202,7 +202,7 @@ def test_sigkill_resume_is_bit_identical_and_refused_on_another_start(one, cfg):
 def test_lora_reference_is_the_model_with_adapters_off(cfg):
     """With LoRA no reference pass runs (nothing is scored or stored); B = 0 at the start, so step 1 is ln 2 exactly."""
     out = cfg.parent / "lora"
-    r = _run(_cmd(cfg, out, 1, "model.peft.method=lora", "model.peft.r=4", "train.max_steps=4", "train.lr=2.0e-2"))
+    r = run_cmd(train_cmd(cfg, out, 1, "model.peft.method=lora", "model.peft.r=4", "train.max_steps=4", "train.lr=2.0e-2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reference:" not in r.stdout
     steps = [x for x in _records(out) if "loss" in x]

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
-from test_distributed import _port
+from helpers import REPO, free_port
 from dist_ft import engine as eng
 from dist_ft import optim
 from dist_ft.config import Config
@@ -103,7 +102,7 @@ def test_resumed_settings_land_in_the_named_groups():
 def numerics(tmp_path_factory, gpt2_dir):
     out = tmp_path_factory.mktemp("numerics")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                         "tests/engine_numerics.py", str(gpt2_dir), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])

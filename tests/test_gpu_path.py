@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_distributed import _port
+from helpers import REPO, free_port
 import tiny
 from dist_ft.dist import DistEnv, device_index, env_from, plan_devices
 
@@ -106,7 +105,7 @@ def test_every_rank_resumes_where_rank_0_decides(tmp_path, gpt2_dir):
         _fake_checkpoint(Path(f"{d}-rank0"), 6, dump_config(load_config(base, [f"output.dir={d}-rank0", *rank0_yaml_extra])))
         _fake_checkpoint(Path(f"{d}-rank1"), 3, ok)  # the stale view
         cases.append(str(d))
-    mp.spawn(_resume_on_rank, args=(_port(), cases, str(tmp_path / "result")), nprocs=2)
+    mp.spawn(_resume_on_rank, args=(free_port(), cases, str(tmp_path / "result")), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1))
     assert r0[0] == r1[0] == [f"{cases[0]}-rank0/checkpoints/step-6", False]
     assert r0[1][0] == r1[1][0] == "error" and r0[1][1] == r1[1][1]
@@ -123,7 +122,7 @@ def test_two_ranks_survive_rank_0_working_alone_past_the_collective_timeout(tmp_
     cfg = tiny.run_config(tmp_path, gpt2_dir, 48, "max_steps: 4, micro_batch_size: 2, lr: 3.0e-3", "precision: fp32, zero_stage: 2, collective_timeout_minutes: 0.05",
                           "checkpoint: {every_steps: 2}\n")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                         "launch/train.py", str(cfg), f"output.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "DIST_FT_TEST_PAUSE_IN_SAVE": "2:8"})
     assert r.returncode == 0, r.stderr[-3000:]

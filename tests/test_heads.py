@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
-from test_checkpoint import _cmd, _run
+from helpers import REPO, run_cli, run_cmd, train_cmd
 import tiny
 
 SENTIMENT = REPO / "data" / "sentiment" / "train.jsonl"
@@ -86,7 +85,7 @@ def cls_cfg(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cls_run(cls_cfg) -> Path:
     out = cls_cfg.parent / "one"
-    r = _run(_cmd(cls_cfg, out, 1, "train.micro_batch_size=8"))
+    r = run_cmd(train_cmd(cls_cfg, out, 1, "train.micro_batch_size=8"))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -115,9 +114,9 @@ def test_classifier_two_ranks_equal_one_rank(cls_cfg):
     """12 steps at lr 1e-3: further on, Adam amplifies the rounding of another padding width and reduction order into
     differences of order lr on parameters whose gradient is near zero (the fresh head)."""
     one, two = cls_cfg.parent / "one-20", cls_cfg.parent / "two-20"
-    r = _run(_cmd(cls_cfg, one, 1, "train.max_steps=12", "train.lr=1.0e-3"))
+    r = run_cmd(train_cmd(cls_cfg, one, 1, "train.max_steps=12", "train.lr=1.0e-3"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(_cmd(cls_cfg, two, 2, "engine.zero_stage=2", "train.micro_batch_size=4", "train.max_steps=12", "train.lr=1.0e-3"))
+    r = run_cmd(train_cmd(cls_cfg, two, 2, "engine.zero_stage=2", "train.micro_batch_size=4", "train.max_steps=12", "train.lr=1.0e-3"))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = tiny.losses(one), tiny.losses(two)
     assert max(abs(x - y) for x, y in zip(a, b)) < 2e-5
@@ -129,10 +128,10 @@ def test_classifier_two_ranks_equal_one_rank(cls_cfg):
 def test_classifier_lora_resume_after_sigkill_is_bit_identical(cls_cfg):
     lora = ("model.peft.method=lora", "model.peft.r=4", "train.max_steps=30")
     ref, out = cls_cfg.parent / "lora", cls_cfg.parent / "lora-killed"
-    assert _run(_cmd(cls_cfg, ref, 1, *lora)).returncode == 0
-    r = _run(_cmd(cls_cfg, out, 1, *lora), {"DIST_FT_TEST_KILL_AT_STEP": "25"})
+    assert run_cmd(train_cmd(cls_cfg, ref, 1, *lora)).returncode == 0
+    r = run_cmd(train_cmd(cls_cfg, out, 1, *lora), {"DIST_FT_TEST_KILL_AT_STEP": "25"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-20").is_dir()
-    r = _run(_cmd(cls_cfg, out, 1, *lora))
+    r = run_cmd(train_cmd(cls_cfg, out, 1, *lora))
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
     assert tiny.losses(out) == tiny.losses(ref)
     a, b = (load_file(o / "final" / "adapter" / "adapter_model.safetensors") for o in (ref, out))
@@ -145,7 +144,7 @@ def test_reward_model_learns_pairs_and_eval_reports_pairwise_accuracy(tmp_path, 
     cfg = tmp_path / "reward.yaml"
     cfg.write_text(f"model: {{path: {gpt2_dir}}}\ndata: {{train: {train}, validation: {val}, max_seq_len: 64, task: reward, packing: false}}\n"
                    "train: {max_steps: 100, micro_batch_size: 4, lr: 5.0e-3, warmup_steps: 5}\nengine: {precision: fp32}\ntrack: {wandb: disabled}\n")
-    r = _run(_cmd(cfg, tmp_path / "out", 1))
+    r = run_cmd(train_cmd(cfg, tmp_path / "out", 1))
     assert r.returncode == 0, r.stderr[-3000:]
     ev = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() if "val_accuracy" in x][-1]
     assert ev["val_accuracy"] > 0.75 and ev["val_margin"] > 0, ev

@@ -78,9 +78,10 @@ def test_imports_follow_the_pipeline():
     training = {"dist_ft.train", "dist_ft.engine", "dist_ft.engine_state", "dist_ft.checkpoint", "dist_ft.track"}
     rules = {  # module (or package prefix) -> what it must not import
         "dist_ft.model": {"dist_ft.data", "dist_ft.tasks", *training},
-        "dist_ft.data": {"dist_ft.tasks", "dist_ft.model", "dist_ft.tokenizer", "dist_ft.inference", *training},
-        "dist_ft.tasks": {"dist_ft.model", "dist_ft.inference", *training},
-        "dist_ft.inference": training,
+        "dist_ft.data": {"dist_ft.tasks", "dist_ft.model", "dist_ft.tokenizer", "dist_ft.inference", "dist_ft.evaluate", *training},
+        "dist_ft.tasks": {"dist_ft.model", "dist_ft.inference", "dist_ft.evaluate", *training},
+        "dist_ft.inference": {"dist_ft.evaluate", *training},  # load / generate / stream; scoring is evaluate's
+        "dist_ft.evaluate": training,  # the engine is handed in, called like a model
         "dist_ft.adapters": {"dist_ft.data", "dist_ft.tasks", "dist_ft.inference", "dist_ft.model", *training},
         "dist_ft.chat": training,
         "dist_ft.serve": training,
@@ -96,3 +97,24 @@ def test_imports_follow_the_pipeline():
 def test_modules_stay_small():
     big = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 300}
     assert not big, big
+
+
+def test_faults_are_read_from_the_environment_in_one_place():
+    """Test faults come in as a `Faults` value built once at the command line: no module imports a hooks module, and
+    the DIST_FT_TEST_* names (an environ.get / [] / getenv needs the name as a string) appear only in faults.py."""
+    hooks, readers = [], []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = str(p.relative_to(PKG.parent))
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, ast.Import):
+                names = [a.name for a in n.names]
+            elif isinstance(n, ast.ImportFrom):
+                names = [n.module or "", *(a.name for a in n.names)]
+            else:
+                names = []
+            hooks += [rel for name in names if "testhooks" in name.split(".")]
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and "DIST_FT_TEST_" in n.value:
+                readers.append(rel)
+    assert not hooks, hooks
+    assert not (PKG / "testhooks.py").exists()
+    assert sorted(set(readers)) == ["dist_ft/faults.py"], readers

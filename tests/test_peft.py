@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
-from test_checkpoint import _cmd, _run
+from helpers import run_cli, run_cmd, train_cmd
 import tiny
 
 STEPS = 8
@@ -95,7 +94,7 @@ def _adapter(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def lora_run(run_cfg) -> Path:
     out = run_cfg.parent / "lora"
-    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
+    r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| model states per rank:" in r.stdout
     return out
@@ -136,13 +135,13 @@ def test_lora_run_checkpoints_only_the_adapter_and_exports_merged_and_adapter(lo
 
 def test_lora_resume_after_sigkill_is_bit_exact_and_refused_on_another_base(lora_run, run_cfg):
     out = run_cfg.parent / "lora-killed"
-    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
+    r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
     # the base changes on disk under the run: the adapter checkpoint must not continue on it
     with tiny.weights_changed_on_disk(run_cfg.parent / "base"):
-        r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
+        r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
         assert r.returncode == 2 and "the base model's weights (sha256" in r.stderr and "differ from those this checkpoint was trained on" in r.stderr
-    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
+    r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
     assert tiny.losses(out) == tiny.losses(lora_run)
     a, b = _adapter(lora_run), _adapter(out)
@@ -153,7 +152,7 @@ def test_lora_resume_after_sigkill_is_bit_exact_and_refused_on_another_base(lora
 def lora_one_rank(run_cfg) -> Path:
     """Without dropout (its masks differ per rank layout): the reference for the multi-rank runs."""
     out = run_cfg.parent / "lora-zero0-1"
-    r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", "model.peft.dropout=0", *LORA))
+    r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", "model.peft.dropout=0", *LORA))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -163,7 +162,7 @@ def test_lora_two_ranks_equal_one_rank(lora_one_rank, run_cfg, stage):
     """The same global batch on 2 ranks: the adapter saved from ZeRO-2/3 partitions is whole and equals the one-rank
     ZeRO-0 adapter up to reduction order."""
     two = run_cfg.parent / f"lora-zero{stage}-2"
-    r = _run(_cmd(run_cfg, two, 2, f"engine.zero_stage={stage}", "train.micro_batch_size=1", "model.peft.dropout=0", *LORA))
+    r = run_cmd(train_cmd(run_cfg, two, 2, f"engine.zero_stage={stage}", "train.micro_batch_size=1", "model.peft.dropout=0", *LORA))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _adapter(lora_one_rank), _adapter(two)
     assert a.keys() == b.keys() and all(b[k].shape == a[k].shape and b[k].numel() > 0 for k in a)
@@ -178,8 +177,8 @@ def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
     from dist_ft.inference import load
 
     out = tmp_path / "prefix"
-    r = _run(_cmd(run_cfg, out, 1, "model.peft.method=prefix", "model.peft.num_virtual_tokens=4", "data.packing=false",
-                  "train.max_steps=24", "train.lr=0.1"))
+    r = run_cmd(train_cmd(run_cfg, out, 1, "model.peft.method=prefix", "model.peft.num_virtual_tokens=4", "data.packing=false",
+                          "train.max_steps=24", "train.lr=0.1"))
     assert r.returncode == 0, r.stderr[-3000:]
     losses = tiny.losses(out)
     assert losses[-1] < losses[0] - 0.1, losses  # (a random tiny base: virtual tokens alone move it slowly)
@@ -210,7 +209,7 @@ def test_lora_export_is_byte_for_byte_reproducible(run_cfg, tmp_path):
     finals = []
     for seed in ("0", "1"):  # (before the fix these two wrote target_modules in two different orders)
         out = tmp_path / f"seed-{seed}"
-        r = _run(_cmd(run_cfg, out, 1, "engine.zero_stage=0", "train.max_steps=2", "checkpoint.every_steps=0", *LORA), {"PYTHONHASHSEED": seed})
+        r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", "train.max_steps=2", "checkpoint.every_steps=0", *LORA), {"PYTHONHASHSEED": seed})
         assert r.returncode == 0, r.stderr[-3000:]
         finals.append(out / "final")
     files = [sorted(str(p.relative_to(f)) for p in f.rglob("*") if p.is_file()) for f in finals]

@@ -12,9 +12,7 @@ import pytest
 import torch
 
 import tiny
-from conftest import REPO
-from test_checkpoint import _assert_identical, _cmd, _run
-from test_distributed import _port
+from helpers import REPO, assert_identical_runs, free_port, run_cmd, train_cmd
 from dist_ft import engine as eng
 from dist_ft import precision as prec
 from dist_ft.config import Config
@@ -54,7 +52,7 @@ def test_fp32_sources_only_where_deepspeed_casts_the_module():
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory, gpt2_dir):
     out = tmp_path_factory.mktemp("precision")
-    env = {**os.environ, "MASTER_PORT": str(_port()),
+    env = {**os.environ, "MASTER_PORT": str(free_port()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "tests/precision_probe.py", str(gpt2_dir), str(out)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -102,7 +100,7 @@ def autocast_cfg(tmp_path_factory, gpt2_dir):
 @pytest.mark.parametrize("ranks,stage", [(1, 0), (2, 3)])
 def test_autocast_trains_at_zero0_and_zero3_with_grad_accum(autocast_cfg, ranks, stage):
     out = autocast_cfg.parent / f"run-{ranks}-{stage}"
-    r = _run(_cmd(autocast_cfg, out, ranks, f"engine.zero_stage={stage}", "train.max_steps=4"))
+    r = run_cmd(train_cmd(autocast_cfg, out, ranks, f"engine.zero_stage={stage}", "train.max_steps=4"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "bf16-autocast" in r.stdout
     losses = tiny.losses(out)
@@ -111,9 +109,9 @@ def test_autocast_trains_at_zero0_and_zero3_with_grad_accum(autocast_cfg, ranks,
 
 def test_autocast_resume_after_sigkill_is_bit_exact(autocast_cfg):
     ref, out = autocast_cfg.parent / "ref", autocast_cfg.parent / "killed"
-    assert _run(_cmd(autocast_cfg, ref, 1)).returncode == 0
-    r = _run(_cmd(autocast_cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "3"})
+    assert run_cmd(train_cmd(autocast_cfg, ref, 1)).returncode == 0
+    r = run_cmd(train_cmd(autocast_cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "3"})
     assert r.returncode != 0 and not (out / "final").exists()
-    r = _run(_cmd(autocast_cfg, out, 1))
+    r = run_cmd(train_cmd(autocast_cfg, out, 1))
     assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[-3000:]
-    _assert_identical(ref, out)
+    assert_identical_runs(ref, out)

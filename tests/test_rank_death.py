@@ -11,15 +11,14 @@ import time
 
 import pytest
 
-from conftest import REPO
-from test_distributed import _port
+from helpers import REPO, free_port
 import tiny
 
 BOUND_S = 12  # engine.collective_timeout_minutes = 0.2
 
 
 def _ranks(cmd: list[str], env_extra: dict, world: int = 2) -> list[subprocess.Popen]:
-    port = str(_port())
+    port = str(free_port())
     return [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                              env={**os.environ, **env_extra, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
                                   "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})

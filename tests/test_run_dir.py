@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from test_checkpoint import _assert_identical, _cmd, _run
+from helpers import REPO, assert_identical_runs, run_cmd, train_cmd
 import tiny
 from dist_ft import fsio, rundir
 from dist_ft.runlock import LOCK, LockLost, Owner, RunLock, stale_reason
@@ -32,7 +31,7 @@ def cfg(tmp_path_factory, gpt2_dir):
 @pytest.fixture(scope="module")
 def reference(cfg):
     out = cfg.parent / "ref"
-    r = _run(_cmd(cfg, out, 1))
+    r = run_cmd(train_cmd(cfg, out, 1))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -41,7 +40,7 @@ def reference(cfg):
 def killed(cfg):
     """A run SIGKILLed right after step 2 (its checkpoint complete): a lock from a dead pid is left behind."""
     out = cfg.parent / "killed"
-    r = _run(_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "2"})
+    r = run_cmd(train_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "2"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-2" / "COMPLETE").is_file()
     return out
 
@@ -64,12 +63,12 @@ def _lrs(out):
 def test_overwrite_starts_a_fresh_run_and_replaces_the_old_one(cfg, reference, tmp_path):
     out = _copy(reference, tmp_path / "again")
     (out / "notes.txt").write_text("mine")  # not a run output: left alone
-    r = _run(_cmd(cfg, out, 1, "output.overwrite=true", "train.lr=6.0e-3"))
+    r = run_cmd(train_cmd(cfg, out, 1, "output.overwrite=true", "train.lr=6.0e-3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed" not in r.stdout and "output.overwrite: replaced the earlier run" in r.stdout
     fresh = tmp_path / "fresh"
-    assert _run(_cmd(cfg, fresh, 1, "train.lr=6.0e-3")).returncode == 0
-    _assert_identical(fresh, out)  # 4 new steps from scratch, the new lr from step 1, the new model exported
+    assert run_cmd(train_cmd(cfg, fresh, 1, "train.lr=6.0e-3")).returncode == 0
+    assert_identical_runs(fresh, out)  # 4 new steps from scratch, the new lr from step 1, the new model exported
     assert _lrs(out)[0] == 6.0e-3 and "lr: 0.006" in (out / "config.yaml").read_text()
     assert (out / "notes.txt").read_text() == "mine" and not list(out.glob(".replaced-*"))
 
@@ -77,14 +76,14 @@ def test_overwrite_starts_a_fresh_run_and_replaces_the_old_one(cfg, reference, t
 def test_resume_never_over_checkpoints_is_refused(cfg, killed, tmp_path):
     out = _copy(killed, tmp_path / "never")
     before = _snapshot(out)
-    r = _run(_cmd(cfg, out, 1, "checkpoint.resume=never"))
+    r = run_cmd(train_cmd(cfg, out, 1, "checkpoint.resume=never"))
     assert r.returncode == 2 and "holds checkpoints of an earlier run" in r.stderr and "output.overwrite=true" in r.stderr
     assert _snapshot(out) == before
 
 
 def test_changed_optimizer_settings_are_applied_on_resume_and_logged(cfg, reference, killed, tmp_path):
     out = _copy(killed, tmp_path / "betas")
-    r = _run(_cmd(cfg, out, 1, "train.betas=[0.5,0.6]", "train.lr=6.0e-3"))
+    r = run_cmd(train_cmd(cfg, out, 1, "train.betas=[0.5,0.6]", "train.lr=6.0e-3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "applied settings changed since the checkpoint: train.lr 0.003 -> 0.006, train.betas (0.9, 0.999) -> (0.5, 0.6)" in r.stdout
     ref, got = tiny.losses(reference), tiny.losses(out)
@@ -96,7 +95,7 @@ def test_changed_optimizer_settings_are_applied_on_resume_and_logged(cfg, refere
 def test_betas_alone_change_the_continuation(cfg, reference, killed, tmp_path):
     """DeepSpeed restores the saved betas: without applying them the resumed run would equal the reference."""
     out = _copy(killed, tmp_path / "betas-only")
-    r = _run(_cmd(cfg, out, 1, "train.betas=[0.5,0.6]"))
+    r = run_cmd(train_cmd(cfg, out, 1, "train.betas=[0.5,0.6]"))
     assert r.returncode == 0 and "train.betas (0.9, 0.999) -> (0.5, 0.6)" in r.stdout
     assert tiny.losses(out)[3] != tiny.losses(reference)[3]
 
@@ -109,20 +108,20 @@ def test_torn_metrics_and_orphans_do_not_block_resume(cfg, reference, killed, tm
     for orphan in ("checkpoints/step-4.tmp", "checkpoints/.universal-step-2.tmp", "final.tmp"):
         (out / orphan).mkdir(parents=True)
         (out / orphan / "junk").write_text("x")
-    r = _run(_cmd(cfg, out, 1))
+    r = run_cmd(train_cmd(cfg, out, 1))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "took over the lock of a run that is gone" in r.stdout and "pid" in r.stdout
-    _assert_identical(reference, out)
+    assert_identical_runs(reference, out)
     assert not [p for p in out.rglob("*.tmp")] and not (out / LOCK).exists()
 
 
 def test_foreign_checkpoint_needs_trust(cfg, reference, killed, tmp_path):
     src = killed / "checkpoints" / "step-2"
     out = tmp_path / "elsewhere"
-    r = _run(_cmd(cfg, out, 1, f"checkpoint.resume={src}"))
+    r = run_cmd(train_cmd(cfg, out, 1, f"checkpoint.resume={src}"))
     assert r.returncode == 2 and "outside output.dir" in r.stderr and "checkpoint.trust_foreign=true" in r.stderr
     assert not out.exists()  # the run created the directory for its lock and removed it again
-    r = _run(_cmd(cfg, out, 1, f"checkpoint.resume={src}", "checkpoint.trust_foreign=true"))
+    r = run_cmd(train_cmd(cfg, out, 1, f"checkpoint.resume={src}", "checkpoint.trust_foreign=true"))
     assert r.returncode == 0 and f"resumed from {src}" in r.stdout
     assert tiny.losses(out) == tiny.losses(reference)[2:]  # this directory's metrics start after the foreign step 2
     ref, got = load_file(reference / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
@@ -133,19 +132,19 @@ def test_bad_input_after_the_model_loads_writes_nothing(cfg, reference, tmp_path
     out = _copy(reference, tmp_path / "keep")
     before = _snapshot(out)
     # the resume check fails after model, tokenizer and data loaded; config.yaml used to be written before all of them
-    r = _run(_cmd(cfg, out, 1, "output.overwrite=true", "checkpoint.resume=/nonexistent/step-9", "checkpoint.trust_foreign=true",
-                  "train.lr=0.5"))
+    r = run_cmd(train_cmd(cfg, out, 1, "output.overwrite=true", "checkpoint.resume=/nonexistent/step-9", "checkpoint.trust_foreign=true",
+                          "train.lr=0.5"))
     assert r.returncode == 2 and "no complete checkpoint there" in r.stderr
     assert _snapshot(out) == before
 
 
 def test_divergence_stops_without_saving_the_bad_state(cfg, tmp_path):
     out = tmp_path / "nan"
-    r = _run(_cmd(cfg, out, 1, "train.lr=1e30", "train.max_steps=6", "checkpoint.every_steps=1"))
+    r = run_cmd(train_cmd(cfg, out, 1, "train.lr=1e30", "train.max_steps=6", "checkpoint.every_steps=1"))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode == 3 and len(errors) == 1 and "not finite" in errors[0] and "nonfinite_patience=0" in errors[0], r.stderr[-2000:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # the last finite state
-    r = _run(_cmd(cfg, out, 1, "train.lr=1e30", "train.max_steps=6", "checkpoint.every_steps=1", "train.nonfinite_patience=2"))
+    r = run_cmd(train_cmd(cfg, out, 1, "train.lr=1e30", "train.max_steps=6", "checkpoint.every_steps=1", "train.nonfinite_patience=2"))
     assert r.returncode == 3 and "for 3 consecutive step(s)" in r.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
 
@@ -153,13 +152,13 @@ def test_divergence_stops_without_saving_the_bad_state(cfg, tmp_path):
 def test_signal_during_setup_exits_75_and_a_second_run_is_locked_out(cfg, tmp_path):
     out = tmp_path / "early"
     env = {**os.environ, "DIST_FT_TEST_PAUSE_IN_SETUP": "120"}
-    p = subprocess.Popen(_cmd(cfg, out, 1), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen(train_cmd(cfg, out, 1), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (out / LOCK).is_file() and time.time() < deadline:
             time.sleep(0.2)
-        second = _run(_cmd(cfg, out, 1))
+        second = run_cmd(train_cmd(cfg, out, 1))
         assert second.returncode == 2 and f"'{out}' is in use by another run (host " in second.stderr and f"pid {p.pid}" in second.stderr
         time.sleep(3)  # the first run is in its setup pause (model not loaded yet)
         p.send_signal(signal.SIGUSR1)
@@ -291,7 +290,7 @@ def test_a_lock_taken_over_meanwhile_is_never_refreshed_and_stops_the_publish(tm
 def test_a_suspended_run_that_lost_its_lock_stops_before_publishing(cfg, tmp_path):
     """SIGSTOP mid-save (as `scontrol suspend`), another host's run takes the lock, SIGCONT: exit 4, no step published."""
     out = tmp_path / "suspended"
-    p = subprocess.Popen(_cmd(cfg, out, 1, "checkpoint.every_steps=1"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen(train_cmd(cfg, out, 1, "checkpoint.every_steps=1"), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True, env={**os.environ, "DIST_FT_TEST_PAUSE_IN_SAVE": "2:6"})
     try:
         deadline = time.time() + 300

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from helpers import REPO, free_port, run_cli
 import tiny
 
 openai = pytest.importorskip("openai")
@@ -37,15 +36,9 @@ def chat_model(tmp_path_factory, gpt2_dir, toy_data) -> Path:
     return tmp / "out" / "final"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def _server(model: Path, *args: str, env: dict | None = None):
-    port = _port()
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "dist_ft", "serve", "--model", str(model), "--port", str(port), "--name", "toy", *args],
                          cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     import httpx

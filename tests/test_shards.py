@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from helpers import REPO, free_port, run_cli
 import tiny
 from dist_ft import tasks
 from dist_ft.config import load_config
@@ -165,18 +165,13 @@ def test_reader_memory_maps_instead_of_loading(prepared, gpt2_dir):
 
 
 def test_a_bad_record_fails_every_rank_instead_of_hanging(tmp_path, gpt2_dir):
-    import socket
     import subprocess
     import sys
-
-    from conftest import REPO
 
     recs = tiny.toy_chat(40)
     recs[17] = {"messages": [{"role": "user", "content": "no answer"}]}
     data = tiny.write_jsonl(tmp_path / "bad.jsonl", recs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
                         "launch/train.py", str(_cfg(tmp_path, gpt2_dir, data)), f"output.dir={tmp_path / 'out'}"],
                        capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -10,8 +10,9 @@ import subprocess
 import torch
 from safetensors.torch import load_file
 
+from helpers import REPO
 import tiny
-from slurm_jobs import REPO, STEPS, log, require, sbatch, wait, wait_for_steps
+from slurm_jobs import STEPS, log, require, sbatch, wait, wait_for_steps
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sh"))
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import REPO
 import tiny
-from slurm_jobs import REPO, STEPS, job, log, require, sbatch, wait, wait_for_steps
+from slurm_jobs import STEPS, job, log, require, sbatch, wait, wait_for_steps
 
 NODES = REPO / "tests" / "slurm" / "two_nodes.sh"
 EVERY = 20  # checkpoint cadence of the two-node runs

@@ -105,3 +105,22 @@ def test_env_mapping_launchers():
     assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.master_port) == (5, 8, 1, "gpu07", 24242)
     single = env_from({})
     assert (single.rank, single.world_size) == (0, 1)
+
+
+def test_test_faults_come_from_the_environment_once():
+    from dist_ft.faults import NONE, PAUSE_S, Faults
+
+    assert Faults.from_env({}) == NONE == Faults.from_env({"DIST_FT_TEST_KILL_AT_STEP": " ", "OTHER": "1"})
+    f = Faults.from_env({"DIST_FT_TEST_KILL_AT_STEP": "7", "DIST_FT_TEST_PAUSE_IN_SAVE": "6", "DIST_FT_TEST_KILL_RANK_IN_SAVE": "2:1",
+                         "DIST_FT_TEST_CORRUPT_IN_SAVE": "4:1", "DIST_FT_TEST_KILL_AFTER_SHARD": "2", "DIST_FT_TEST_SLOW_TOKENS": "0.5",
+                         "DIST_FT_TEST_PAUSE_IN_SETUP": "120"})
+    assert f == Faults(kill_at_step=7, pause_in_save=(6, PAUSE_S), kill_rank_in_save=(2, 1), corrupt_in_save=(4, 1), kill_after_shard=2,
+                       slow_tokens=0.5, pause_in_setup=120.0)
+    assert Faults.from_env({"DIST_FT_TEST_PAUSE_IN_SAVE": "2:8"}).pause_in_save == (2, 8.0)
+    for name, bad in [("KILL_AT_STEP", "x"), ("PAUSE_IN_SAVE", "2:soon"), ("KILL_RANK_IN_SAVE", "2"), ("CORRUPT_IN_SAVE", "2:1:0"),
+                      ("SLOW_TOKENS", "-1"), ("PAUSE_IN_SETUP", "nan")]:
+        with pytest.raises(UserError, match=f"DIST_FT_TEST_{name}='{bad}': expected"):
+            Faults.from_env({f"DIST_FT_TEST_{name}": bad})
+    for step in range(5):  # unset: every hook is a no-op
+        NONE.after_step(step, 0), NONE.in_save(step, 0, None), NONE.before_manifest(step), NONE.after_shard(step)
+    NONE.after_token(), NONE.in_setup()

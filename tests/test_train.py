@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import REPO, assert_clean_failure, run_cli, train_args
 import tiny
 
 
@@ -14,18 +14,11 @@ def _metrics(out: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
 
 
-def _cfg(tmp_path: Path, model: Path, train: Path, *extra: str) -> list[str]:
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {train}, max_seq_len: 128}}\n"
-                   "train: {micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2}\nengine: {precision: fp32}\n")
-    return ["train", str(cfg), f"output.dir={tmp_path / 'out'}", *extra]
-
-
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, gpt2_dir, toy_data):
     tmp = tmp_path_factory.mktemp("chat_run")
     train, val = toy_data
-    r = run_cli(*_cfg(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=150", "train.lr=5e-3", "train.eval_every=75",
+    r = run_cli(*train_args(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=150", "train.lr=5e-3", "train.eval_every=75",
                         "track.wandb=offline", 'track.sample_prompts=["What color is the cat?"]', "track.sample_max_new_tokens=8"))
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "out", r
@@ -94,7 +87,7 @@ def test_batched_greedy_answers_equal_one_at_a_time(chat_run):
 
 
 def test_pad_to_longest_mode_trains(tmp_path, gpt2_dir, toy_data):
-    r = run_cli(*_cfg(tmp_path, gpt2_dir, toy_data[0], "data.packing=false", "train.max_steps=10"))
+    r = run_cli(*train_args(tmp_path, gpt2_dir, toy_data[0], "data.packing=false", "train.max_steps=10"))
     assert r.returncode == 0, r.stderr[-3000:]
     steps, _ = _metrics(tmp_path / "out")
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -103,7 +96,7 @@ def test_pad_to_longest_mode_trains(tmp_path, gpt2_dir, toy_data):
 
 def test_continued_pretraining_on_raw_text(tmp_path, gpt2_dir):
     text = tiny.write_jsonl(tmp_path / "text.jsonl", [{"text": line} for line in tiny.corpus()])
-    r = run_cli(*_cfg(tmp_path, gpt2_dir, text, "data.task=pretrain", "train.max_steps=15"))
+    r = run_cli(*train_args(tmp_path, gpt2_dir, text, "data.task=pretrain", "train.max_steps=15"))
     assert r.returncode == 0, r.stderr[-3000:]
     steps, _ = _metrics(tmp_path / "out")
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
@@ -116,7 +109,7 @@ def test_continued_pretraining_on_raw_text(tmp_path, gpt2_dir):
 def test_overlong_examples_are_counted(tmp_path, gpt2_dir, mode, expect):
     long = {"messages": [{"role": "user", "content": "apple " * 40}, {"role": "assistant", "content": "red " * 40}]}
     data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.toy_chat(16) + [long] * 3)
-    r = run_cli(*_cfg(tmp_path, gpt2_dir, data, "data.max_seq_len=64", f"data.overlong={mode}", "train.max_steps=2"))
+    r = run_cli(*train_args(tmp_path, gpt2_dir, data, "data.max_seq_len=64", f"data.overlong={mode}", "train.max_steps=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"over max_seq_len: {expect}" in r.stdout + r.stderr
 
@@ -137,8 +130,8 @@ def test_bad_data_is_one_clear_error(tmp_path, gpt2_dir, case):
     path = tmp_path / ("nope.jsonl" if content is None else f"{case}.jsonl")
     if content is not None:
         path.write_text(content)
-    r = run_cli(*_cfg(tmp_path, gpt2_dir, path, "train.max_steps=2"))
-    _assert_clean_failure(r, pattern, tmp_path / "out")
+    r = run_cli(*train_args(tmp_path, gpt2_dir, path, "train.max_steps=2"))
+    assert_clean_failure(r, pattern, tmp_path / "out")
 
 
 @pytest.mark.parametrize("override,pattern", [
@@ -147,27 +140,16 @@ def test_bad_data_is_one_clear_error(tmp_path, gpt2_dir, case):
     ("model.path=/does/not/exist", r"model.path '/does/not/exist': directory does not exist"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path, gpt2_dir, toy_data, override, pattern):
-    r = run_cli(*_cfg(tmp_path, gpt2_dir, toy_data[0], override))
-    _assert_clean_failure(r, pattern, tmp_path / "out")
+    r = run_cli(*train_args(tmp_path, gpt2_dir, toy_data[0], override))
+    assert_clean_failure(r, pattern, tmp_path / "out")
 
 
 def test_finished_run_is_not_overwritten(chat_run):
     out, _ = chat_run
     before = (out / "final" / "model.safetensors").stat().st_mtime_ns
     r = run_cli("train", str(out / "config.yaml"))
-    _assert_clean_failure(r, r"already holds a finished run", None)
+    assert_clean_failure(r, r"already holds a finished run", None)
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before
-
-
-def _assert_clean_failure(r, pattern, out):
-    import re
-
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and re.search(pattern, errors[0]), r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
-    if out is not None:
-        assert not (out / "final").exists() and not (out / "config.yaml").exists()
 
 
 TASK_WITH_METRICS = """
@@ -187,7 +169,7 @@ def loss(model, batch, chunk):  # SFT's loss, plus two metric sums a task could 
 
 
 def eval_metrics(total, n, sums):
-    return {**sft.eval_metrics(total, n, sums), "val_twice": sums["twice"] / n, "val_units": sums["units"] / n}
+    return {**sft.eval_metrics(total, n, sums), "val_twice": sums.scalar["twice"] / n, "val_units": sums.scalar["units"] / n}
 
 
 task = replace(sft, loss=loss, eval_metrics=eval_metrics)
@@ -202,10 +184,8 @@ def test_task_metric_sums_reach_the_step_and_eval_records(tmp_path, gpt2_dir, to
     import subprocess
     import sys
 
-    from conftest import REPO
-
-    args = _cfg(tmp_path, gpt2_dir, toy_data[0], f"data.validation={toy_data[1]}", "train.max_steps=3", "train.grad_accum=2",
-                "train.micro_batch_size=2", "track.wandb=disabled")[1:]
+    args = train_args(tmp_path, gpt2_dir, toy_data[0], f"data.validation={toy_data[1]}", "train.max_steps=3", "train.grad_accum=2",
+                      "train.micro_batch_size=2", "track.wandb=disabled")[1:]
     r = subprocess.run([sys.executable, "-c", TASK_WITH_METRICS, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     steps, evals = _metrics(tmp_path / "out")

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from ..config import DataConfig
 from ..errors import UserError
+from ..faults import NONE, Faults
 from . import shards
 from ..contracts import Batch
 from .shards import Manifest, SplitStats
@@ -62,7 +63,8 @@ def _on_local_main(fn: Callable[[], None], local_rank: int, sync: Callable[[int]
         raise UserError("data: preparing the shards failed on another rank (its error is printed above)")
 
 
-def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> tuple[Path, Manifest]:
+def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print,
+           faults: Faults = NONE) -> tuple[Path, Manifest]:
     """The shard directory for this config (prepared, fetched or built now) and its checked manifest."""
     if cfg.packing and not task.packable:
         raise UserError(f"data.task {task.name} scores one sequence per row (its head pools the last token), so packing cannot be used; "
@@ -83,7 +85,7 @@ def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int]
         def build_once() -> None:
             if not (root / shards.MANIFEST).is_file():
                 log(f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)")
-                shards.prepare(cfg, tok, root, task, log=log, progress=None)
+                shards.prepare(cfg, tok, root, task, log=log, progress=None, faults=faults)
 
         _on_local_main(build_once, local_rank, sync)
         where = str(root)
@@ -92,10 +94,11 @@ def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int]
     return root, manifest
 
 
-def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print) -> Prepared:
+def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print,
+          faults: Faults = NONE) -> Prepared:
     """Find or write the shards (records become examples through `task`), check them, and open them. Every bad
     record or shard raises UserError naming it."""
-    root, manifest = locate(cfg, tok, task, local_rank, sync, log)
+    root, manifest = locate(cfg, tok, task, local_rank, sync, log, faults)
     train = shards.ShardSet(root, manifest, "train", cfg.verify_shards, task.group)
     val = None
     if "validation" in manifest.splits:

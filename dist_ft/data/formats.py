@@ -52,7 +52,9 @@ def json_type(v) -> str:
     return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(v), "object")
 
 
-def _message_list(raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
+def message_list(raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
+    """`raw` (a record's `key`) as checked {role, content} messages: a non-empty list of objects with `role_key` and
+    `content_key`, roles mapped through `role_map` (None: system, user or assistant only)."""
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{where}: '{key}' must be a non-empty array of messages, got {'an empty one' if raw == [] else 'JSON ' + json_type(raw)}; "
                         f"give [{{\"{role_key}\": ..., \"{content_key}\": ...}}, ...]")
@@ -110,9 +112,9 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
                                 "give the document's text")
             return Conversation(text=text)
         if fmt == "messages":
-            msgs = _message_list(rec["messages"], where, "messages", "role", "content", None)
+            msgs = message_list(rec["messages"], where, "messages", "role", "content", None)
         elif fmt == "sharegpt":
-            msgs = _message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+            msgs = message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
         elif fmt == "alpaca":
             msgs = _alpaca(rec, where)
         else:  # pragma: no cover - config validation restricts fmt

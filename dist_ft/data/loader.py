@@ -43,9 +43,10 @@ class StepLoader:
 
     def _work(self) -> None:
         while not self._stop.is_set():
+            item: Step | BaseException
             try:
                 item = self._make()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread, raised there
+            except BaseException as e:  # handed to the main thread, raised there
                 item = e
             while not self._stop.is_set():
                 try:

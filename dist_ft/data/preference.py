@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .chat import IGNORE, Example, end_of_turn_id, tokenize_conversation
-from .formats import SHAREGPT_ROLES, Conversation, _check_roles, _message_list, json_type
+from .formats import SHAREGPT_ROLES, Conversation, _check_roles, json_type, message_list
 
 
 @dataclass
@@ -31,7 +31,7 @@ def _completion(v, where: str, key: str, sharegpt: bool) -> dict:
     if isinstance(v, dict):
         v = [v]
     rk, ck, roles = ("from", "value", SHAREGPT_ROLES) if sharegpt and v and isinstance(v[0], dict) and "from" in v[0] else ("role", "content", None)
-    msgs = _message_list(v, where, key, rk, ck, roles) if isinstance(v, list) else None
+    msgs = message_list(v, where, key, rk, ck, roles) if isinstance(v, list) else None
     if msgs is None:
         raise UserError(f"{where}: '{key}' must be a string or an assistant message, got JSON {json_type(v)}; give the reply text")
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
@@ -42,13 +42,13 @@ def _completion(v, where: str, key: str, sharegpt: bool) -> dict:
 
 def _prompt(rec: dict, where: str) -> tuple[list[dict], bool]:
     if "conversations" in rec:
-        return _message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES), True
+        return message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES), True
     p = rec["prompt"]
     if isinstance(p, str):
         if not p.strip():
             raise UserError(f"{where}: 'prompt' is empty; give the user's message")
         return [{"role": "user", "content": p}], False
-    return _message_list(p, where, "prompt", "role", "content", None), False
+    return message_list(p, where, "prompt", "role", "content", None), False
 
 
 def _check_prompt(msgs: list[dict], where: str) -> None:
@@ -71,7 +71,7 @@ def to_pair(rec: dict, where: str) -> Pair:
         if not (isinstance(rec["chosen"], list) and isinstance(rec["rejected"], list)):
             raise UserError(f"{where}: without 'prompt', 'chosen' and 'rejected' must be whole conversations (message lists), got "
                             f"JSON {json_type(rec['chosen'])} and {json_type(rec['rejected'])}; or add 'prompt'")
-        c, r = (_message_list(rec[k], where, k, "role", "content", None) for k in ("chosen", "rejected"))
+        c, r = (message_list(rec[k], where, k, "role", "content", None) for k in ("chosen", "rejected"))
         prompt = c[:-1]
         for i, (a, b) in enumerate(zip(c[:-1], r[:-1])):
             if a != b:

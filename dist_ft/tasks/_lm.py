@@ -4,52 +4,38 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+from ..config import DataConfig
 from ..contracts import Batch
 from ..data.chat import Example
 from ..data.packing import collate_packed, collate_padded
-from ..data.shards import COUNTERS
+from ..data.shards.manifest import SplitStats
 from ..loss import token_loss_sum
-from . import LossOut
+from . import Item, LossOut, MetricSums, Model
+from ._shared import as_examples, as_rows
 
 
-
-def counters() -> dict:
-    counts = dict.fromkeys(COUNTERS, 0)
-    counts["records"] = 1
-    return counts
-
-
-def fit(ex: Example, cfg, counts: dict) -> list[Example]:
+def fit(ex: Example, cfg: DataConfig) -> tuple[list[Example], SplitStats]:
     """An example longer than data.max_seq_len is truncated or dropped (data.overlong), and counted."""
     if len(ex.input_ids) <= cfg.max_seq_len:
-        return [ex]
+        return [ex], SplitStats()
     if cfg.overlong == "drop":
-        counts["dropped_overlong"] = 1
-        return []
+        return [], SplitStats(dropped_overlong=1)
     ex = Example(ex.input_ids[: cfg.max_seq_len], ex.labels[: cfg.max_seq_len])
-    counts["truncated"] = 1
     if ex.n_loss == 0:
-        counts["dropped_no_loss_after_truncation"] = 1
-        return []
-    return [ex]
+        return [], SplitStats(truncated=1, dropped_no_loss_after_truncation=1)
+    return [ex], SplitStats(truncated=1)
 
 
-def finish(examples: list[Example], counts: dict) -> tuple[list[Example], dict]:
-    counts["examples"] = len(examples)
-    counts["tokens"] = sum(len(e.input_ids) for e in examples)
-    counts["loss_tokens"] = sum(e.n_loss for e in examples)
-    return examples, counts
+def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> Batch:
+    return collate_packed(as_rows(items), seq_len, pad_id) if packing else collate_padded(as_examples(items), pad_id)
 
 
-def collate(items: list, seq_len: int, pad_id: int, packing: bool) -> Batch:
-    return collate_packed(items, seq_len, pad_id) if packing else collate_padded(items, pad_id)
-
-
-def loss(model, batch: Batch, chunk: int) -> LossOut:
+def loss(model: Model, batch: Batch, chunk: int) -> LossOut:
     return LossOut(token_loss_sum(model, batch, chunk))
 
 
-def eval_metrics(loss_sum: float, n: float, sums: dict) -> dict:
+def eval_metrics(loss_sum: float, n: float, sums: MetricSums) -> dict[str, float]:
     loss = loss_sum / max(n, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}

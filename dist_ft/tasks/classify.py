@@ -7,17 +7,25 @@ tokens as one extra position that only carries the class id, so shards need no o
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 
+from ..config import DataConfig
 from ..contracts import Batch
 from ..data.chat import IGNORE, Example
-from ..data.formats import _message_list, json_type
+from ..data.formats import json_type, message_list
 from ..data.packing import collate_padded
+from ..data.shards.manifest import SplitStats
 from ..errors import UserError
-from . import LossOut, Task, _lm
+from . import Item, LossOut, Meta, MetricSums, Model, Task
+from ._shared import as_examples, finish, scores
+
+if TYPE_CHECKING:
+    from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 
 def _label(rec: dict, where: str) -> str:
@@ -29,7 +37,7 @@ def _label(rec: dict, where: str) -> str:
     return str(v)
 
 
-def scan(records) -> dict:
+def scan(records: Iterable[tuple[str, dict]]) -> Meta:
     """The label set of the training records (`records`: (where, record) pairs): integers in numeric order, else sorted."""
     seen: dict[str, str] = {}
     for where, rec in records:
@@ -42,63 +50,59 @@ def scan(records) -> dict:
     return {"labels": labels}
 
 
-def examples(rec: dict, where: str, cfg, tok, meta: dict | None = None):
-    counts = _lm.counters()
+def examples(rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase,
+             meta: Meta | None = None) -> tuple[list[Example], SplitStats]:
     label = _label(rec, where)
     labels = (meta or {}).get("labels", [])
     if label not in labels:
         raise UserError(f"{where}: label {label!r} never occurs in the training data (labels: {', '.join(labels)}); fix the label "
                         "or add training records of that class")
     if "messages" in rec:
-        msgs = _message_list(rec["messages"], where, "messages", "role", "content", None)
-        ids = list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+        msgs = message_list(rec["messages"], where, "messages", "role", "content", None)
+        ids = list(cast("BatchEncoding", tok.apply_chat_template(msgs, tokenize=True, return_dict=True))["input_ids"])
     elif isinstance(rec.get("text"), str) and rec["text"].strip():
         ids = tok(rec["text"], add_special_tokens=True)["input_ids"]
     else:
         raise UserError(f"{where}: a classification record needs a non-empty 'text' or 'messages' (keys: {', '.join(sorted(rec))})")
+    stats = SplitStats()
     if len(ids) > cfg.max_seq_len - 1:
         if cfg.overlong == "drop":
-            counts["dropped_overlong"] = 1
-            return _lm.finish([], counts)
-        counts["truncated"] = 1
+            return finish([], SplitStats(dropped_overlong=1))
+        stats = SplitStats(truncated=1)
         ids = ids[: cfg.max_seq_len - 1]
     k = labels.index(label)
-    return _lm.finish([Example(ids + [k], [IGNORE] * len(ids) + [k])], counts)
+    return finish([Example(ids + [k], [IGNORE] * len(ids) + [k])], stats)
 
 
-def collate(items: list, seq_len: int, pad_id: int, packing: bool) -> Batch:
+def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> Batch:
     """One sequence per row, right-padded (the head pools the last non-pad token); the class is the stored last position."""
-    b = collate_padded([Example(ex.input_ids[:-1], [IGNORE] * (len(ex.input_ids) - 1)) for ex in items], pad_id)
-    return replace(b, n_loss=len(items), extra={"classes": torch.tensor([ex.input_ids[-1] for ex in items])})
+    seqs = as_examples(items)
+    b = collate_padded([Example(ex.input_ids[:-1], [IGNORE] * (len(ex.input_ids) - 1)) for ex in seqs], pad_id)
+    return replace(b, n_loss=len(seqs), extra={"classes": torch.tensor([ex.input_ids[-1] for ex in seqs])})
 
 
-def scores(model, batch: Batch) -> torch.Tensor:
-    """The head's output per row, fp32 [rows, num_labels] (pooled at each row's last non-pad token)."""
-    dev = model.device
-    return model(**batch.model_inputs(dev), use_cache=False).logits.float()
-
-
-def loss(model, batch: Batch, chunk: int) -> LossOut:
+def loss(model: Model, batch: Batch, chunk: int) -> LossOut:
+    """Cross-entropy summed over the rows; metric sums: correct rows, and per class (index = class id) the rows of
+    that class (`true`), predicted as it (`pred`) and both (`tp`)."""
     logits = scores(model, batch)
     y = batch.extra["classes"].to(logits.device)
     keep = float(batch.n_loss > 0)  # a padding batch of evaluation counts nothing
     pred = logits.argmax(-1)
-    metrics = {"accuracy": keep * (pred == y).double().sum()}
-    for c in range(logits.shape[1]):
-        metrics[f"true_{c}"] = keep * (y == c).double().sum()
-        metrics[f"pred_{c}"] = keep * (pred == c).double().sum()
-        metrics[f"tp_{c}"] = keep * ((pred == c) & (y == c)).double().sum()
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    is_true, is_pred = y[:, None] == classes, pred[:, None] == classes  # [rows, classes]
+    metrics = {"accuracy": keep * (pred == y).double().sum(), "true": keep * is_true.double().sum(0),
+               "pred": keep * is_pred.double().sum(0), "tp": keep * (is_true & is_pred).double().sum(0)}
     return LossOut(keep * F.cross_entropy(logits, y, reduction="sum"), metrics)
 
 
-def eval_metrics(loss_sum: float, n: float, sums: dict) -> dict:
-    classes = sorted(int(k[5:]) for k in sums if k.startswith("true_"))
-    f1 = [2 * sums[f"tp_{c}"] / (sums[f"true_{c}"] + sums[f"pred_{c}"]) for c in classes if sums[f"true_{c}"] + sums[f"pred_{c}"] > 0]
-    out = {"val_loss": loss_sum / max(n, 1), "val_accuracy": sums["accuracy"] / max(n, 1), "val_macro_f1": sum(f1) / max(1, len(f1))}
-    return {**out, **{f"val_count_{c}": int(sums[f"true_{c}"]) for c in classes}}
+def eval_metrics(loss_sum: float, n: float, sums: MetricSums) -> dict[str, float]:
+    true, pred, tp = (sums.per_class[k] for k in ("true", "pred", "tp"))
+    f1 = [2 * tp[c] / (true[c] + pred[c]) for c in range(len(true)) if true[c] + pred[c] > 0]
+    out = {"val_loss": loss_sum / max(n, 1), "val_accuracy": sums.scalar["accuracy"] / max(n, 1), "val_macro_f1": sum(f1) / max(1, len(f1))}
+    return {**out, **{f"val_count_{c}": int(t) for c, t in enumerate(true)}}
 
 
-def head(meta: dict) -> dict:
+def head(meta: Meta) -> dict[str, Any]:
     labels = meta["labels"]
     return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {v: k for k, v in enumerate(labels)}}
 

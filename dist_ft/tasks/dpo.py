@@ -11,49 +11,28 @@ across micro-batches or ranks. A batch's loss units are pairs. Dropout is off (a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..config import Config
 from ..contracts import Batch
-from ..data.chat import Example
 from ..data.packing import collate_packed, collate_padded
-from ..data.preference import to_pair, tokenize_pair
-from ..errors import UserError
 from ..loss import batch_sequence_logps
-from . import LossOut, Task, _lm
+from . import Item, LossOut, MetricSums, Model, Task
+from ._shared import as_rows, pair_examples
 
 GROUP = 2  # chosen, rejected: consecutive in every row
 METRICS = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected")
 
 
-def examples(rec: dict, where: str, cfg, tok):
-    if cfg.format != "auto":
-        raise UserError(f"data.format '{cfg.format}' with data.task {cfg.task}: preference records have their own shapes; set data.format: auto")
-    counts = _lm.counters()
-    pair = tokenize_pair(tok, to_pair(rec, where), where)
-    if max(len(e.input_ids) for e in pair) > cfg.max_seq_len:
-        if cfg.overlong == "drop":
-            counts["dropped_overlong"] = 1
-            return _lm.finish([], counts)
-        counts["truncated"] = 1
-        pair = tuple(Example(e.input_ids[: cfg.max_seq_len], e.labels[: cfg.max_seq_len]) for e in pair)
-        for key, e in zip(("chosen", "rejected"), pair):
-            if e.n_loss == 0:
-                raise UserError(f"{where}: the {key} completion starts after data.max_seq_len {cfg.max_seq_len} tokens, so truncation removes "
-                                "all of it; raise data.max_seq_len, shorten the prompt, or set data.overlong: drop")
-        if pair[0].input_ids == pair[1].input_ids:
-            raise UserError(f"{where}: 'chosen' and 'rejected' differ only after data.max_seq_len {cfg.max_seq_len} tokens, so truncation "
-                            "leaves the same sequence twice and the pair prefers nothing; raise data.max_seq_len, shorten the prompt, "
-                            "or set data.overlong: drop")
-    return _lm.finish(list(pair), counts)
-
-
-def collate(items: list, seq_len: int, pad_id: int, packing: bool) -> Batch:
+def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> Batch:
     """Rows of whole pairs -> one batch: padded (a row per sequence) or packed (rows of GROUP x seq_len)."""
-    rows = [list(r) for r in items]
+    rows = as_rows(items)
     seqs = [ex for row in rows for ex in row]
     b = collate_packed(rows, GROUP * seq_len, pad_id) if packing else collate_padded(seqs, pad_id)
     width, seq_id, k = b.input_ids.shape[1], [], 0
@@ -74,7 +53,7 @@ def _means(logps: torch.Tensor, batch: Batch) -> torch.Tensor:
     return logps / torch.bincount(seq, minlength=batch.extra["n_seq"]).clamp(min=1)
 
 
-def loss(model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str = "sigmoid", smoothing: float = 0.0,
+def loss(model: Model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str = "sigmoid", smoothing: float = 0.0,
          adapters: bool = False) -> LossOut:
     """Summed over the batch's pairs: sigmoid (DPO) or IPO loss of the policy-vs-reference log-ratio margin, and the sums
     of the rewards (beta x log-ratio), reward accuracy and margin, and the completions' log-probs."""
@@ -86,7 +65,8 @@ def loss(model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str = "sig
     if ref is not None:
         ref = ref.to(lp.device)
     elif adapters:  # LoRA / prefix: the reference is the same model with its adapters switched off
-        with torch.no_grad(), getattr(model, "module", model).disable_adapter():
+        peft_model: Any = getattr(model, "module", model)  # the engine's module, or the model itself
+        with torch.no_grad(), peft_model.disable_adapter():
             ref = batch_sequence_logps(model, batch)
     else:
         raise RuntimeError("dpo: the batch carries no reference log-probs (the reference pass did not run)")
@@ -103,27 +83,28 @@ def loss(model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str = "sig
     return LossOut(losses.sum(), metrics)
 
 
-def eval_metrics(loss_sum: float, n: float, sums: dict) -> dict:
+def eval_metrics(loss_sum: float, n: float, sums: MetricSums) -> dict[str, float]:
     n = max(n, 1)
-    return {"val_loss": loss_sum / n, **{f"val_{k}": sums[k] / n for k in METRICS if k in sums}}
+    return {"val_loss": loss_sum / n, **{f"val_{k}": sums.scalar[k] / n for k in METRICS if k in sums.scalar}}
 
 
-def disable_dropout(model) -> None:
+def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere (modules, and attention that reads a float from its config): the reference was scored
     without it, so at step 1 policy and reference log-probs agree and the loss is ln 2."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
+            m.attention_dropout = 0.0  # type: ignore[assignment]  # a plain float (torch types attributes as tensors)
 
 
-def configure(task: Task, cfg) -> Task:
+def configure(task: Task, cfg: Config) -> Task:
+    """Bound: the config's `dpo:` settings (task_settings/dpo.py), and whether the reference is the adapters-off model."""
     d, adapters = cfg.dpo, cfg.model.peft is not None
     return replace(task, loss=partial(loss, beta=d.beta, kind=d.loss, smoothing=d.label_smoothing, adapters=adapters),
                    reference=not adapters)
 
 
 LN2 = math.log(2.0)  # the sigmoid loss at step 1, where policy == reference
-TASK = Task(name="dpo", auto_class="AutoModelForCausalLM", examples=examples, collate=collate, loss=loss,
+TASK = Task(name="dpo", auto_class="AutoModelForCausalLM", examples=pair_examples, collate=collate, loss=loss,
             eval_metrics=eval_metrics, group=GROUP, reference=True, prepare_model=disable_dropout, configure=configure)

@@ -1,8 +1,9 @@
 """GPU tier fixtures. `python3 -m pytest -q tests/gpu` on a machine with one CUDA GPU; every test skips without CUDA.
 
-tests/conftest.py (a parent directory's conftest) is loaded too: `gpt2_dir`, `llama_dir`, `run_cli` and the
-per-session shard cache come from there. Every run in test_gpu.py is one rank on one GPU (NCCL process group of
-size 1); test_multi_gpu.py runs two ranks where at least two GPUs are visible.
+tests/conftest.py (a parent directory's conftest) is loaded too: `gpt2_dir`, `llama_dir` and the per-session
+shard cache come from there; `run_cli` and the other shared helpers from tests/helpers.py. Every run in test_gpu.py
+is one rank on one GPU (NCCL process group of size 1); test_multi_gpu.py runs two ranks where at least two GPUs are
+visible.
 """
 
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parents[1]
-if str(TESTS) not in sys.path:  # tiny.py and the root conftest's helpers
+if str(TESTS) not in sys.path:  # tiny.py and helpers.py
     sys.path.insert(0, str(TESTS))
 
 

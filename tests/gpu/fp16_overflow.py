@@ -10,18 +10,13 @@ step was skipped, whether the parameters and the LR moved, and the loss scale; t
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # tests/: tiny.py
+sys.path.insert(0, str(HERE.parent))  # tests/: tiny.py, helpers.py
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port  # noqa: E402
 
 
 def loss_scale(engine):
@@ -34,7 +29,7 @@ def loss_scale(engine):
 
 
 def main(model_dir: str) -> dict:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     import torch
 
     from dist_ft import dist

@@ -26,23 +26,13 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA GPU (torch.cuda.is_available() is False)")
 
-from conftest import REPO, run_cli  # noqa: E402  (tests/conftest.py)
-from test_distributed import _port  # noqa: E402
+from helpers import REPO, assert_ok, free_port, metric_records, run_cli  # noqa: E402  (tests/helpers.py)
 import tiny  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STAGES = (0, 2, 3)
 BF16_REL = 5e-2  # loss curves of different ZeRO stages / launchers in bf16: reduction order differs, bf16 rounding grows
 STEPS = 8
-
-
-def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-5000:]}"
-    return r
-
-
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def _max_rel(a: list[float], b: list[float]) -> float:
@@ -66,7 +56,7 @@ def zero_run(bf16_cfg):
     def get(stage: int):
         if stage not in done:
             out = bf16_cfg.parent / f"zero{stage}"
-            r = _ok(run_cli("train", str(bf16_cfg), f"engine.zero_stage={stage}", f"output.dir={out}"))
+            r = assert_ok(run_cli("train", str(bf16_cfg), f"engine.zero_stage={stage}", f"output.dir={out}"))
             done[stage] = (out, r.stdout)
         return done[stage]
 
@@ -83,7 +73,7 @@ def test_bf16_training_on_one_gpu(zero_run, stage):
     losses = tiny.losses(out)
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < 0.9 * losses[0], losses  # it learns
-    steps = [r for r in _records(out) if "loss" in r]
+    steps = [r for r in metric_records(out) if "loss" in r]
     peak = perf.peak_flops()
     for r in steps:
         assert r["gpu_peak_mb"] > 0 and r["gpu_alloc_mb"] > 0 and "rss_mb" not in r, r
@@ -91,7 +81,7 @@ def test_bf16_training_on_one_gpu(zero_run, stage):
         assert (r.get("mfu") is not None) == (peak is not None), (torch.cuda.get_device_name(), r.get("mfu"))
         if peak is not None:
             assert 0 < r["mfu"] < 1, r["mfu"]
-    mem = next((r for r in _records(out) if "mem_params_bytes" in r), None)
+    mem = next((r for r in metric_records(out) if "mem_params_bytes" in r), None)
     assert mem is not None, "model-state bytes were not measured at step 2"
     # bf16 parameters on the GPU: 2 bytes per parameter (world 1: nothing sharded away, even at ZeRO-3)
     assert mem["mem_params_bytes"] == pytest.approx(mem["mem_formula_params_bytes"], rel=0.02), mem
@@ -105,8 +95,8 @@ def test_bf16_zero_stages_agree(zero_run):
 
 def test_deepspeed_launcher_on_one_gpu(bf16_cfg, zero_run):
     out = bf16_cfg.parent / "launcher-zero2"
-    r = _ok(subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(_port()),
-                            "launch/train.py", str(bf16_cfg), "engine.zero_stage=2", f"output.dir={out}"],
+    r = assert_ok(subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+                                  "launch/train.py", str(bf16_cfg), "engine.zero_stage=2", f"output.dir={out}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600))
     assert "world 1 | ZeRO 2 | bf16" in r.stdout and "| nccl process group" in r.stdout
     assert r.stdout.count(f"step {STEPS:>6} | loss") == 1
@@ -117,8 +107,8 @@ def test_deepspeed_launcher_on_one_gpu(bf16_cfg, zero_run):
 # ---------------------------------------------------------------- fp16 dynamic loss scaling
 
 def test_fp16_forced_overflow_is_skipped(gpt2_dir, repo_pythonpath):
-    r = _ok(subprocess.run([sys.executable, str(HERE / "fp16_overflow.py"), str(gpt2_dir)], cwd=REPO, capture_output=True,
-                           text=True, timeout=600, env={**os.environ, **repo_pythonpath}))
+    r = assert_ok(subprocess.run([sys.executable, str(HERE / "fp16_overflow.py"), str(gpt2_dir)], cwd=REPO, capture_output=True,
+                                 text=True, timeout=600, env={**os.environ, **repo_pythonpath}))
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, r.stdout[-3000:]
     res = json.loads(line[len("RESULT "):])
@@ -257,13 +247,13 @@ def test_resume_after_sigkill_is_bit_exact_bf16_zero2(tmp_path, gpt2_dropout_dir
                               timeout=600, start_new_session=True)
 
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    _ok(train(ref))
+    assert_ok(train(ref))
     r = train(out, DIST_FT_TEST_KILL_AT_STEP=str(kill_at))
     assert r.returncode == -signal.SIGKILL and not (out / "final").exists(), (r.returncode, r.stderr[-2000:])
     before_kill = tiny.losses(out)
     assert before_kill == tiny.losses(ref)[:kill_at], ("two uninterrupted runs already differ before the kill: the GPU kernels "
                                                        "are not deterministic here, so a bitwise resume cannot be judged")
-    r = _ok(train(out))
+    r = assert_ok(train(out))
     assert f"resumed from {out / 'checkpoints' / f'step-{kill_at // 3 * 3}'}" in r.stdout
     assert tiny.losses(out) == tiny.losses(ref)
     wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
@@ -282,7 +272,7 @@ def test_zero3_export_equals_zero_to_fp32_of_final_checkpoint(tmp_path, gpt2_dir
     cfg = tiny.run_config(tmp_path, gpt2_dir, 96, f"max_steps: {steps}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
                           "precision: bf16, zero_stage: 3", "checkpoint: {every_steps: 3}\n")
     out = tmp_path / "run"
-    r = _ok(run_cli("train", str(cfg), f"output.dir={out}"))
+    r = assert_ok(run_cli("train", str(cfg), f"output.dir={out}"))
     assert "world 1 | ZeRO 3 | bf16" in r.stdout
     step_dir = out / "checkpoints" / f"step-{steps}"  # the checkpoint of the last step: the export is taken right after it
     assert (step_dir / "COMPLETE").is_file()
@@ -315,14 +305,14 @@ def test_srun_task_with_one_visible_gpu_and_a_high_local_id(bf16_cfg, tmp_path):
     """`srun --gpus-per-task=1`: task 3 of a node sees only its own GPU, so it must take cuda:0, not cuda:3
     (which does not exist for it). Simulated with one task whose SLURM_LOCALID is 3 and one visible GPU."""
     out = tmp_path / "srun-layout"
-    _ok(run_cli("prepare", str(bf16_cfg)))  # a lone task with local id 3 is no node's shard builder (local rank 0)
+    assert_ok(run_cli("prepare", str(bf16_cfg)))  # a lone task with local id 3 is no node's shard builder (local rank 0)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="3", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
-    r = _ok(subprocess.run([sys.executable, "launch/train.py", str(bf16_cfg), f"output.dir={out}", "train.max_steps=2"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
+    r = assert_ok(subprocess.run([sys.executable, "launch/train.py", str(bf16_cfg), f"output.dir={out}", "train.max_steps=2"],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
     assert "rank 0 of 1 (local rank 3)" in r.stdout and "nccl process group" in r.stdout
-    assert any("gpu_peak_mb" in rec for rec in _records(out))
+    assert any("gpu_peak_mb" in rec for rec in metric_records(out))
 
 
 def test_fused_loss_never_holds_tokens_x_vocab_logits_on_gpu():

@@ -31,8 +31,7 @@ GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 ON_CPU = GPUS < 2 and os.environ.get("DIST_FT_MULTI_GPU_ON_CPU") == "1"
 pytestmark = pytest.mark.skipif(GPUS < 2 and not ON_CPU, reason=f"multi-GPU tier: needs >= 2 CUDA GPUs ({GPUS} visible)")
 
-from conftest import REPO  # noqa: E402  (tests/conftest.py)
-from test_distributed import _port  # noqa: E402
+from helpers import REPO, assert_ok, free_port, metric_records  # noqa: E402  (tests/helpers.py)
 import tiny  # noqa: E402
 
 PRECISION, BACKEND = ("fp32", "gloo") if ON_CPU else ("bf16", "nccl")
@@ -43,21 +42,10 @@ EAGER = ("model.attn_implementation=eager",)  # deterministic kernels: sdpa's CU
 def _launch(cfg: Path, out: Path, *overrides: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """2 ranks through the deepspeed launcher, in their own session: the kill hook SIGKILLs the whole process group
     (launcher and ranks), as a node failure would."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "launch/train.py", str(cfg), f"output.dir={out}", *overrides]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)
-
-
-def _ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-5000:]}"
-    return r
-
-
-def _records(out: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------- ZeRO-3 + optimizer offload on 2 ranks
@@ -80,7 +68,7 @@ def z3_env() -> dict:
 def z3_run(z3_cfg, z3_env) -> tuple[Path, str]:
     """The uninterrupted 20-step run: the learning test's subject and the kill test's reference."""
     out = z3_cfg.parent / "uninterrupted"
-    return out, _ok(_launch(z3_cfg, out, *EAGER, env=z3_env)).stdout
+    return out, assert_ok(_launch(z3_cfg, out, *EAGER, env=z3_env)).stdout
 
 
 def test_zero3_offload_on_two_gpus_learns_and_exports(z3_run, gpt2_dropout_dir):
@@ -94,7 +82,7 @@ def test_zero3_offload_on_two_gpus_learns_and_exports(z3_run, gpt2_dropout_dir):
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:3]) / 3, losses  # it learns
     if not ON_CPU:
-        steps = [r for r in _records(out) if "loss" in r]
+        steps = [r for r in metric_records(out) if "loss" in r]
         assert all(r["gpu_peak_mb"] > 0 for r in steps), steps[-1]
     # the export: consolidated from both ranks' ZeRO-3 partitions, loads as a Hugging Face model, equals its file
     weights = load_file(out / "final" / "model.safetensors")
@@ -117,7 +105,7 @@ def test_sigkill_and_resume_on_two_gpus_is_bit_exact(z3_cfg, z3_env, z3_run):
                                                             "or collectives are not deterministic here, so a bitwise resume cannot be "
                                                             "judged")
     resumed = KILL_AT // EVERY * EVERY
-    r = _ok(_launch(z3_cfg, out, *EAGER, env=z3_env))
+    r = assert_ok(_launch(z3_cfg, out, *EAGER, env=z3_env))
     assert f"resumed from {out / 'checkpoints' / f'step-{resumed}'}" in r.stdout
     assert tiny.losses(out) == tiny.losses(ref)
     wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
@@ -140,20 +128,20 @@ def test_two_packed_rows_train_and_score_as_unpacked_with_flash_attention(tmp_pa
                           f"precision: {PRECISION}, zero_stage: 2")
     cfg.write_text(cfg.read_text().replace("max_seq_len: 128}", "max_seq_len: 128, val_fraction: 0.25}"))
     trained = tmp_path / "trained"
-    _ok(_launch(cfg, trained, "data.packing=false"))
+    assert_ok(_launch(cfg, trained, "data.packing=false"))
     # 2. score it packed and unpacked with flash-attention-2 at micro batch 2: one step at a vanishing LR (the weights
     #    keep their bf16 values), then the validation pass over all held-out examples
     scored = {}
     for packing in (True, False):
         out = tmp_path / f"fa2-packing-{packing}"
-        r = _ok(_launch(cfg, out, f"model.path={trained / 'final'}", f"model.attn_implementation={attn}",
-                        f"data.packing={str(packing).lower()}", "train.micro_batch_size=2", "train.max_steps=1", "train.lr=1e-12",
-                        "train.warmup_steps=0"))
+        r = assert_ok(_launch(cfg, out, f"model.path={trained / 'final'}", f"model.attn_implementation={attn}",
+                              f"data.packing={str(packing).lower()}", "train.micro_batch_size=2", "train.max_steps=1", "train.lr=1e-12",
+                              "train.warmup_steps=0"))
         unit = "rows" if packing else "examples"
         assert f"world 2 | ZeRO 2 | {PRECISION} | global batch = 2 micro x 1 accum x 2 ranks = 4 {unit}" in r.stdout
         if packing:
             assert " packed rows of 128" in r.stdout  # (several examples per row: what the boundaries are for)
-        val = [x["val_loss"] for x in _records(out) if "val_loss" in x]
+        val = [x["val_loss"] for x in metric_records(out) if "val_loss" in x]
         scored[packing] = (tiny.losses(out)[0], val[-1])
     (train_p, val_p), (train_u, val_u) = scored[True], scored[False]
     assert val_u < 0.2, f"the model did not learn enough to tell (validation loss {val_u:.3f} unpacked)"

@@ -1,7 +1,7 @@
 """The records of one split, tokenized in order: in-process for small sources, else in a worker pool.
 
 Workers return each example as raw arrays (uint32 token ids, uint8 loss mask) ready for the shard writer,
-with the counters of its record; results come back in record order whatever the number of workers.
+with the stats of its record; results come back in record order whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ BATCH = 256  # records per worker task
 POOL_AFTER = 2048  # smaller sources are tokenized in-process: a pool costs more than it saves
 
 Record = tuple[int, str, dict]  # (index in the source, where (file:line), record)
-Encoded = tuple[int, list[tuple[bytes, bytes]], SplitStats]  # (index, [(token ids, loss mask)] per example, counters)
+Encoded = tuple[int, list[tuple[bytes, bytes]], SplitStats]  # (index, [(token ids, loss mask)] per example, the record's stats)
 
 
 def _held_out(seed: int, i: int, fraction: float) -> bool:
@@ -46,10 +46,10 @@ def split_records(cfg: DataConfig, split: str) -> tuple[SourceConfig, Iterator[R
 def _encode(batch: list[Record], cfg: DataConfig, tok, task) -> list[Encoded]:
     out = []
     for i, where, rec in batch:
-        examples, counts = task.examples(rec, where, cfg, tok)
+        examples, stats = task.examples(rec, where, cfg, tok)
         arrays = [(np.asarray(e.input_ids, dtype=np.uint32).tobytes(),
                    (np.asarray(e.labels) != IGNORE).astype(np.uint8).tobytes()) for e in examples]
-        out.append((i, arrays, SplitStats.from_json(counts)))
+        out.append((i, arrays, stats))
     return out
 
 

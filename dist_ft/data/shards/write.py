@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ... import fsio, testhooks
+from ... import fsio
 from ...config import DataConfig
 from ...errors import UserError
+from ...faults import NONE, Faults
 from ...runlock import FileLock
 from ..chat import IGNORE
 from ..packing import pack
@@ -89,7 +90,8 @@ def _kept_shards(split_dir: Path) -> list[ShardMeta]:
     return metas
 
 
-def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtype, log, progress: bool | None) -> SplitManifest | None:
+def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtype, log, progress: bool | None,
+                   faults: Faults) -> SplitManifest | None:
     src, records = pool.split_records(cfg, split)
     metas = _kept_shards(split_dir)
     if metas:
@@ -114,7 +116,7 @@ def _prepare_split(cfg: DataConfig, tok, task, split: str, split_dir: Path, dtyp
                     tokens += counts.tokens
                     if writer.tokens >= cfg.shard_tokens:
                         metas.append(writer.flush(len(metas), i + 1))
-                        testhooks.kill_after_shard(len(metas))
+                        faults.after_shard(len(metas))
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s", refresh=False)
         finally:
@@ -140,7 +142,8 @@ STALE_S = 300.0  # a lock with no heartbeat this long (another host's, or a susp
 WAIT_S = 6 * 3600.0  # how long a second prepare waits for a live one before it gives up
 
 
-def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | None = True, wait_s: float = WAIT_S) -> Manifest:
+def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | None = True, wait_s: float = WAIT_S,
+            faults: Faults = NONE) -> Manifest:
     """Tokenize (`task.examples` per record), pack and write the train (and validation) shards of `cfg` into
     `out`; returns the manifest.
     Reuses `out` when it already holds these shards; refuses to replace different ones. Concurrent prepares of one
@@ -152,7 +155,7 @@ def prepare(cfg: DataConfig, tok, out: Path, task, log=print, progress: bool | N
     if lock.note:
         log(f"prepare {out}: {lock.note}")
     try:
-        return _prepare_locked(cfg, tok, out, task, log, progress, lock)
+        return _prepare_locked(cfg, tok, out, task, log, progress, lock, faults)
     finally:
         lock.release()
 
@@ -168,7 +171,7 @@ def _refuse_foreign(out: Path) -> None:
                             "a new or empty directory")
 
 
-def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool | None, lock: FileLock) -> Manifest:
+def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool | None, lock: FileLock, faults: Faults) -> Manifest:
     key = dataset_key(cfg, tok)
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
@@ -194,7 +197,7 @@ def _prepare_locked(cfg: DataConfig, tok, out: Path, task, log, progress: bool |
     for split in ("train", "validation"):
         if split == "validation" and cfg.validation is None and cfg.val_fraction == 0:
             continue
-        done = _prepare_split(cfg, tok, task, split, partial / split, dtype, log, progress)
+        done = _prepare_split(cfg, tok, task, split, partial / split, dtype, log, progress, faults)
         if done is not None:
             splits[split] = done
     train = splits["train"].stats
@@ -218,7 +221,7 @@ def _no_examples(cfg: DataConfig, tok, task, stats: SplitStats) -> UserError:
     """Why no record of the train split gave an example, told on the first one (every record gave none)."""
     src, records = pool.split_records(cfg, "train")
     _, where, rec = next(records, (0, str(src.path), None))
-    whole, _ = task.examples(rec, where, cfg.model_copy(update={"max_seq_len": 1 << 40}), tok) if rec else ([], {})  # untruncated
+    whole, _ = task.examples(rec, where, cfg.model_copy(update={"max_seq_len": 1 << 40}), tok) if rec else ([], SplitStats())  # untruncated
     n = len(whole[0].input_ids) if whole else 0
     first = next((p for p, label in enumerate(whole[0].labels) if label != IGNORE), None) if whole else None
     limit, none = cfg.max_seq_len, (f"no record of {src.path} gave a training example ({stats.records:,} records: "

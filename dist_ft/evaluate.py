@@ -1,0 +1,158 @@
+"""Evaluation: one loop for every place that measures a model on held-out data.
+
+- `validation`: training's periodic eval (the engine over the run's validation rows, every rank its slice).
+- `score` (a chat / language model on a file), `score_pairs` (preference pairs), `score_heads` (a classifier or
+  reward model): `dist-ft eval` and the demo, on a loaded export (`inference.load`).
+- `fmt_score` / `fmt_pairs` / `fmt_heads`: the one-line summaries they print.
+All of them run batches through `_forward` (eval mode, no gradients); the task's loss and metric sums are added up
+by `loss_sums` / `add_sums`, which training's step uses too. Nothing here imports the training side (engine, loop,
+checkpoints): the engine is passed in and called like a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from .config import DataConfig
+from .data.formats import to_conversation
+from .data.sources import read_records
+from .inference import generate
+
+# max_seq_len for scoring a file: a length no record reaches, so every conversation (pair, text) is scored whole,
+# never truncated or dropped as training's data.max_seq_len would (collate pads to the longest row, not to this)
+WHOLE_SEQ_LEN = 1 << 30
+
+
+def add_sums(sums: dict, values: dict) -> None:
+    """Add one batch's sums (tensors on the device: no host sync) to the running float64 totals in `sums`."""
+    import torch
+
+    for k, v in values.items():
+        sums[k] = sums[k] + v.detach() if k in sums else v.detach().to(torch.float64)
+
+
+def _forward(model, batches: Iterable, fn: Callable) -> list:
+    """`fn(batch)` for each of `batches` (built one at a time as they are consumed), with the model in eval mode and
+    no gradients recorded."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return [fn(batch) for batch in batches]
+
+
+def loss_sums(model, task, batches: Iterable, chunk: int = 0) -> tuple:
+    """(loss sum, loss units, metric sums) of the task over `batches`: the sums are float64 tensors left on the model's
+    device (0.0 for no batches), the units an int."""
+    outs = _forward(model, batches, lambda batch: (task.loss(model, batch, chunk), batch.n_loss))
+    total, sums = {}, {}
+    for out, _ in outs:
+        add_sums(total, {"loss": out.sum})
+        add_sums(sums, out.metrics)
+    return total.get("loss", 0.0), sum(n for _, n in outs), sums
+
+
+def validation(engine, task, prep, cfg, env) -> dict:
+    """The task's eval metrics over the run's validation rows, every rank scoring its slice (summed over the ranks)."""
+    from . import dist
+    from .data import dataset
+    from .tasks import MetricSums
+
+    batches = dataset.eval_batches(prep, cfg.train.micro_batch_size, env.rank, env.world_size)
+    total, n, sums = loss_sums(engine, task, batches, cfg.engine.loss_chunk_tokens)
+    engine.train()
+    total, n, *totals = dist.all_sum(total, n, *MetricSums.elements(sums))
+    return task.eval_metrics(total, n, MetricSums.read(sums, totals))
+
+
+def _checked(tok, model, checks: list, max_new_tokens: int) -> list:
+    """(question, greedy answer, whether it contains the expected string, case-insensitive) for each (prompt, expected)."""
+    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
+    return [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
+
+
+def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) -> dict:
+    """Held-out evaluation: the task's loss (and perplexity) over the file and, for records with a `check`
+    field, answer accuracy (the greedy answer contains the expected string, case-insensitive). `samples`
+    holds (question, answer, correct) for every checked record."""
+    from . import tasks
+
+    t = tasks.get(task)
+    data_cfg = DataConfig(train=path, task=task, max_seq_len=WHOLE_SEQ_LEN)
+    checks = []
+
+    def batches():  # one per record
+        for where, rec in read_records(data_cfg.train):
+            examples, _ = t.examples(rec, where, data_cfg, tok)
+            yield t.collate(examples, data_cfg.max_seq_len, tok.pad_token_id, False)
+            if "check" in rec:
+                checks.append((to_conversation(rec, "auto", where).messages[:-1], str(rec["check"])))
+
+    total, n, _ = loss_sums(model, t, batches())
+    samples = _checked(tok, model, checks, max_new_tokens)
+    hits = sum(ok for _, _, ok in samples)
+    loss = float(total) / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "accuracy": hits / len(samples) if samples else None,
+            "checked": len(samples), "samples": samples}
+
+
+def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
+    """Preference pairs of a file under `model`: each pair's summed completion log-probs (chosen, rejected), and for
+    pairs with a `check` field the greedy answer to the prompt and whether it contains the checked string."""
+    from . import tasks
+    from .data.preference import to_pair, tokenize_pair
+    from .loss import batch_sequence_logps
+
+    dpo = tasks.get("dpo")
+    checks = []
+
+    def batches():  # one pair each
+        for where, rec in read_records(DataConfig(train=path, task="dpo").train):
+            pair = to_pair(rec, where)
+            yield dpo.collate([list(tokenize_pair(tok, pair, where))], WHOLE_SEQ_LEN, tok.pad_token_id, False)
+            if "check" in rec:
+                checks.append((pair.prompt, str(rec["check"])))
+
+    logps = _forward(model, batches(), lambda batch: batch_sequence_logps(model, batch).tolist())
+    samples = _checked(tok, model, checks, max_new_tokens)
+    return {"logps": logps, "preferred": sum(c > r for c, r in logps) / max(1, len(logps)), "samples": samples,
+            "behaviour": sum(ok for *_, ok in samples) / max(1, len(samples))}
+
+
+def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
+    """A sequence head over a file: a classifier (num_labels > 1) on {text|messages, label} records (labels by the
+    model's id2label; one it does not know is refused naming the record), or a reward model (num_labels 1) on
+    preference pairs. Returns the task's eval metrics (val_loss, val_accuracy, ...) and `n`, the records scored."""
+    from . import tasks
+
+    reward = model.config.num_labels == 1
+    task = tasks.get("reward" if reward else "classify")
+    if not reward:
+        task = task.with_meta({"labels": [model.config.id2label[i] for i in range(model.config.num_labels)]})
+    cfg = DataConfig(train=path, task=task.name, max_seq_len=WHOLE_SEQ_LEN, packing=False)
+    rows = []
+    for where, rec in read_records(cfg.train):
+        examples, _ = task.examples(rec, where, cfg, tok)
+        rows.append(examples if reward else examples[0])  # a pair is one row of two sequences
+    batches = (task.collate(rows[i : i + batch_size], cfg.max_seq_len, tok.pad_token_id, False) for i in range(0, len(rows), batch_size))
+    total, n, sums = loss_sums(model, task, batches)
+    return {**task.eval_metrics(float(total), n, tasks.MetricSums.read(sums)), "n": n}
+
+
+def fmt_score(s: dict) -> str:
+    acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
+    return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
+
+
+def fmt_pairs(s: dict) -> str:
+    n = len(s["samples"])
+    return (f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | greedy answer as preferred "
+            f"{100 * s['behaviour']:.1f}% ({round(s['behaviour'] * n)}/{n})")
+
+
+def fmt_heads(s: dict, reward: bool) -> str:
+    n, acc = s["n"], s["val_accuracy"]
+    if reward:
+        return f"pairwise accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | mean margin {s['val_margin']:.3f} | loss {s['val_loss']:.4f}"
+    return f"accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | macro-F1 {s['val_macro_f1']:.3f} | loss {s['val_loss']:.4f}"
