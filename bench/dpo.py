@@ -38,10 +38,12 @@ import worker  # noqa: E402
 
 RUNS = [("dist_ft", "packed"), ("dist_ft", "padded"), ("trl", "precomputed"), ("trl", "ref_model")]
 BETA, LR = 0.1, 1e-5
-TRL_SETTINGS = ("DPOConfig(loss_type=['sigmoid'], beta=0.1, per_device_train_batch_size=<pairs/step>, max_length=<max len>, "
-                "precompute_ref_log_probs=True|False, bf16=<as dist_ft>, gradient_checkpointing=False (TRL default True: recompute), "
-                "padding_free=False (1.16 ignores True), disable_dropout=True, use_cpu=True, dataloader_num_workers=0, "
-                "dataloader_pin_memory=False, optim=adamw_torch, lr constant, max_grad_norm=1.0, weight_decay=0)")
+TRL_SETTINGS = (
+    "DPOConfig(loss_type=['sigmoid'], beta=0.1, per_device_train_batch_size=<pairs/step>, max_length=<max len>, "
+    "precompute_ref_log_probs=True|False, bf16=<as dist_ft>, gradient_checkpointing=False (TRL default True: recompute), "
+    "padding_free=False (1.16 ignores True), disable_dropout=True, use_cpu=True, dataloader_num_workers=0, "
+    "dataloader_pin_memory=False, optim=adamw_torch, lr constant, max_grad_norm=1.0, weight_decay=0)"
+)
 
 
 def pairs(n: int, seed: int = 0) -> list[dict]:
@@ -51,8 +53,13 @@ def pairs(n: int, seed: int = 0) -> list[dict]:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
         words = [prep._words(rng, rng.randint(lo, hi)).rstrip(".,?") for lo, hi in ((1, 6), (3, 12), (3, 12))]
-        out.append({"prompt": f"{words[0]}. What is {a} plus {b}?", "chosen": f"{a} plus {b} is {a + b}. {words[1]}.",
-                    "rejected": f"{a} plus {b} is {wrong}. {words[2]}."})
+        out.append(
+            {
+                "prompt": f"{words[0]}. What is {a} plus {b}?",
+                "chosen": f"{a} plus {b} is {a + b}. {words[1]}.",
+                "rejected": f"{a} plus {b} is {wrong}. {words[2]}.",
+            }
+        )
     return out
 
 
@@ -86,11 +93,20 @@ def packed_rows(model: Path, recs: list[dict], seq_len: int, pairs_per_step: int
     from dist_ft.data.preference import to_pair, tokenize_pair
     from dist_ft.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(ModelConfig(path=str(model)))  # SmolLM2: 41-78 tokens per sequence, 4.1 pairs per 512-token row
-    lens = [[len(e.input_ids) for e in tokenize_pair(tok, to_pair(r, f"pair {i}"), f"pair {i}")] for i, r in enumerate(recs)]
+    tok = load_tokenizer(
+        ModelConfig(path=str(model))
+    )  # SmolLM2: 41-78 tokens per sequence, 4.1 pairs per 512-token row
+    lens = [
+        [len(e.input_ids) for e in tokenize_pair(tok, to_pair(r, f"pair {i}"), f"pair {i}")]
+        for i, r in enumerate(recs)
+    ]
     per_row = len(lens) / len(pack([min(sum(x), 2 * seq_len) for x in lens], 2 * seq_len))
     flat = [n for x in lens for n in x]
-    return {"rows": max(1, round(pairs_per_step / per_row)), "pairs_per_row": per_row, "seq_tokens": [min(flat), max(flat)]}
+    return {
+        "rows": max(1, round(pairs_per_step / per_row)),
+        "pairs_per_row": per_row,
+        "seq_tokens": [min(flat), max(flat)],
+    }
 
 
 def run_dist_ft(spec: dict) -> dict:  # in the worker process, as run_trl
@@ -101,18 +117,33 @@ def run_dist_ft(spec: dict) -> dict:  # in the worker process, as run_trl
     from dist_ft.track import read_steps
 
     out, packed = Path(spec["out"]), spec["variant"] == "packed"
-    cfg = {"model": {"path": spec["model"]},
-           "data": {"train": spec["data"], "task": "dpo", "max_seq_len": spec["seq_len"], "packing": packed},
-           "train": {"max_steps": spec["steps"], "micro_batch_size": spec["rows"] if packed else spec["pairs_per_step"],
-                     "lr": LR, "schedule": "constant", "warmup_steps": 0},
-           "engine": {"precision": spec["precision"]}, "dpo": {"beta": BETA, "loss": "sigmoid"},
-           "checkpoint": {"every_steps": 0, "resume": "never"}, "track": {"wandb": "disabled"},
-           "output": {"dir": str(out / "run"), "overwrite": True}}
+    cfg = {
+        "model": {"path": spec["model"]},
+        "data": {"train": spec["data"], "task": "dpo", "max_seq_len": spec["seq_len"], "packing": packed},
+        "train": {
+            "max_steps": spec["steps"],
+            "micro_batch_size": spec["rows"] if packed else spec["pairs_per_step"],
+            "lr": LR,
+            "schedule": "constant",
+            "warmup_steps": 0,
+        },
+        "engine": {"precision": spec["precision"]},
+        "dpo": {"beta": BETA, "loss": "sigmoid"},
+        "checkpoint": {"every_steps": 0, "resume": "never"},
+        "track": {"wandb": "disabled"},
+        "output": {"dir": str(out / "run"), "overwrite": True},
+    }
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     train.run(load_config(out / "cfg.yaml", []))
     steps = read_steps(out / "run" / "metrics.jsonl")  # loss_tokens = pairs
-    return worker._result([worker.START + s.elapsed_s for s in steps], [s.loss_tokens for s in steps], [s.tokens for s in steps],
-                          [round(s.tokens / (1 - s.padding)) for s in steps], [s.loss for s in steps], {"step1_loss": steps[0].loss})
+    return worker._result(
+        [worker.START + s.elapsed_s for s in steps],
+        [s.loss_tokens for s in steps],
+        [s.tokens for s in steps],
+        [round(s.tokens / (1 - s.padding)) for s in steps],
+        [s.loss for s in steps],
+        {"step1_loss": steps[0].loss},
+    )
 
 
 class _Count:
@@ -131,7 +162,9 @@ def run_trl(spec: dict) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    tok, model, rows, clock, common = worker._hf_common(spec)  # fp32 weights, AdamW, constant LR, clip 1.0, use_cpu
+    tok, model, rows, clock, common = worker._hf_common(
+        spec
+    )  # fp32 weights, AdamW, constant LR, clip 1.0, use_cpu
     ref_s = []
 
     class Timed(DPOTrainer):
@@ -141,22 +174,51 @@ def run_trl(spec: dict) -> dict:
             ref_s.append(time.time() - t0)
             return out
 
-    args = DPOConfig(loss_type=["sigmoid"], beta=BETA, per_device_train_batch_size=spec["pairs_per_step"], max_length=spec["seq_len"],
-                     precompute_ref_log_probs=spec["variant"] == "precomputed", bf16=spec["precision"] == "bf16", fp16=False,
-                     gradient_checkpointing=False, padding_free=False, disable_dropout=True, dataloader_pin_memory=False, **common)
-    conv = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]  # conversational: the chat template
-    trainer = Timed(model=model, args=args, train_dataset=Dataset.from_list(conv), processing_class=tok, callbacks=[clock])
-    trainer.data_collator = count = _Count(trainer.data_collator)  # after the precompute pass, which used the inner one
+    args = DPOConfig(
+        loss_type=["sigmoid"],
+        beta=BETA,
+        per_device_train_batch_size=spec["pairs_per_step"],
+        max_length=spec["seq_len"],
+        precompute_ref_log_probs=spec["variant"] == "precomputed",
+        bf16=spec["precision"] == "bf16",
+        fp16=False,
+        gradient_checkpointing=False,
+        padding_free=False,
+        disable_dropout=True,
+        dataloader_pin_memory=False,
+        **common,
+    )
+    conv = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+        }
+        for r in rows
+    ]  # conversational: the chat template
+    trainer = Timed(
+        model=model, args=args, train_dataset=Dataset.from_list(conv), processing_class=tok, callbacks=[clock]
+    )
+    trainer.data_collator = count = _Count(
+        trainer.data_collator
+    )  # after the precompute pass, which used the inner one
     trainer.train()
     worker.TRAINED.append(trainer.model)  # bench/precision.py scores it on held-out pairs
     b = count.batches[: len(clock.ends)]
-    return worker._result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
-                          {"step1_loss": clock.losses[0], "reference_s": sum(ref_s) if ref_s else None})
+    return worker._result(
+        clock.ends,
+        [x[0] for x in b],
+        [x[1] for x in b],
+        [x[2] for x in b],
+        clock.losses,
+        {"step1_loss": clock.losses[0], "reference_s": sum(ref_s) if ref_s else None},
+    )
 
 
 def run_one(spec: dict) -> dict:
-    res, output = run.spawn_worker([__file__, "--worker"], spec, f"{spec['framework']} {spec['variant']}", {"TQDM_DISABLE": "1"})
+    res, output = run.spawn_worker(
+        [__file__, "--worker"], spec, f"{spec['framework']} {spec['variant']}", {"TQDM_DISABLE": "1"}
+    )
     if "error" in res:
         return res
     if res["framework"] == "dist_ft":  # "reference: 800 sequences scored in 12.3 s; stored in ..."
@@ -164,38 +226,57 @@ def run_one(spec: dict) -> dict:
         res["reference_s"] = float(m.group(1)) if m else None
     res["pairs_per_step"] = res["loss_tokens"] / (res["steps"] - 1)  # actual, steps 2..S
     res["step_s"] = res["train_s"] / (res["steps"] - 1)
-    print(f"  {res['framework']:>7} {res['variant']:<11} {res['loss_tokens_per_s']:6.2f} pairs/s  step {res['step_s']:5.2f} s  "
-          f"TTFS {res['time_to_first_step_s']:5.1f} s  RSS {res['peak_rss_mb']:6.0f} MB  loss {res['step1_loss']:.4f} -> {res['final_loss']:.4f}",
-          flush=True)
+    print(
+        f"  {res['framework']:>7} {res['variant']:<11} {res['loss_tokens_per_s']:6.2f} pairs/s  step {res['step_s']:5.2f} s  "
+        f"TTFS {res['time_to_first_step_s']:5.1f} s  RSS {res['peak_rss_mb']:6.0f} MB  loss {res['step1_loss']:.4f} -> {res['final_loss']:.4f}",
+        flush=True,
+    )
     return res
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| run | pairs/step | pairs/s | step time | tokens/pair | padding | reference pass | time to 1st step | peak RSS | loss step 1 | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | pairs/step | pairs/s | step time | tokens/pair | padding | reference pass | time to 1st step | peak RSS | loss step 1 | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['framework']} {r['variant']} | failed |" + " |" * 9)
             continue
         ref = f"{r['reference_s']:.1f} s" if r.get("reference_s") is not None else "in every step"
-        lines.append(f"| {r['framework']} {r['variant']} | {r['pairs_per_step']:.2f} | {r['loss_tokens_per_s']:.2f} | {r['step_s']:.2f} s | "
-                     f"{r['tokens'] / r['loss_tokens']:.1f} | {r['padding']:.1%} | {ref} | {r['time_to_first_step_s']:.1f} s | "
-                     f"{r['peak_rss_mb']:,.0f} MB | {r['step1_loss']:.4f} | {r['final_loss']:.4f} |")
+        lines.append(
+            f"| {r['framework']} {r['variant']} | {r['pairs_per_step']:.2f} | {r['loss_tokens_per_s']:.2f} | {r['step_s']:.2f} s | "
+            f"{r['tokens'] / r['loss_tokens']:.1f} | {r['padding']:.1%} | {ref} | {r['time_to_first_step_s']:.1f} s | "
+            f"{r['peak_rss_mb']:,.0f} MB | {r['step1_loss']:.4f} | {r['final_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 
 def ratios(results: list[dict]) -> str:
     ok = {f"{r['framework']} {r['variant']}": r["loss_tokens_per_s"] for r in results if "error" not in r}
-    return "\n".join(f"- {ours}: " + ", ".join(f"{ok[ours] / v:.2f}x {peer}" for peer, v in ok.items() if peer.startswith("trl"))
-                     for ours in ok if ours.startswith("dist_ft"))
+    return "\n".join(
+        f"- {ours}: "
+        + ", ".join(f"{ok[ours] / v:.2f}x {peer}" for peer, v in ok.items() if peer.startswith("trl"))
+        for ours in ok
+        if ours.startswith("dist_ft")
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 10; 3 with --smoke)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default 10; 3 with --smoke)"
+    )
     ap.add_argument("--pairs-per-step", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=256, help="max tokens per sequence (dist_ft packed rows are twice this)")
-    ap.add_argument("--smoke", action="store_true", help="tiny GPT-2-shaped model, 64 pairs, 3 steps; writes nothing")
+    ap.add_argument(
+        "--max-len",
+        type=int,
+        default=256,
+        help="max tokens per sequence (dist_ft packed rows are twice this)",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny GPT-2-shaped model, 64 pairs, 3 steps; writes nothing"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -203,7 +284,11 @@ def main() -> None:
 
         spec = json.loads(a.worker)
         torch.set_num_threads(spec["threads"])
-        print("RESULT " + json.dumps({**spec, **{"dist_ft": run_dist_ft, "trl": run_trl}[spec["framework"]](spec)}), flush=True)
+        print(
+            "RESULT "
+            + json.dumps({**spec, **{"dist_ft": run_dist_ft, "trl": run_trl}[spec["framework"]](spec)}),
+            flush=True,
+        )
         return
     from dist_ft.engine import resolve_precision
 
@@ -216,12 +301,24 @@ def main() -> None:
         shape = packed_rows(model, recs, a.max_len, a.pairs_per_step)
         name = "tiny gpt2-2x64 (smoke)" if a.smoke else "smollm2-135m"
         precision = resolve_precision("auto")
-        head = (f"{name}, {len(recs)} pairs ({shape['seq_tokens'][0]}-{shape['seq_tokens'][1]} tokens per sequence), max length "
-                f"{a.max_len}, {a.pairs_per_step} pairs/step (dist_ft packed: {shape['rows']} rows of {2 * a.max_len}, "
-                f"{shape['pairs_per_row']:.2f} pairs/row), {steps} steps, {precision}, lr {LR:g}, beta {BETA}, sigmoid")
+        head = (
+            f"{name}, {len(recs)} pairs ({shape['seq_tokens'][0]}-{shape['seq_tokens'][1]} tokens per sequence), max length "
+            f"{a.max_len}, {a.pairs_per_step} pairs/step (dist_ft packed: {shape['rows']} rows of {2 * a.max_len}, "
+            f"{shape['pairs_per_row']:.2f} pairs/row), {steps} steps, {precision}, lr {LR:g}, beta {BETA}, sigmoid"
+        )
         print(head, flush=True)
-        base = {"model_name": name, "model": str(model), "data": str(data), "seq_len": a.max_len, "steps": steps, "threads": 2,
-                "pairs_per_step": a.pairs_per_step, "rows": shape["rows"], "precision": precision, "lr": LR}
+        base = {
+            "model_name": name,
+            "model": str(model),
+            "data": str(data),
+            "seq_len": a.max_len,
+            "steps": steps,
+            "threads": 2,
+            "pairs_per_step": a.pairs_per_step,
+            "rows": shape["rows"],
+            "precision": precision,
+            "lr": LR,
+        }
         results = [run_one({**base, "framework": f, "variant": v}) for f, v in RUNS]
     who = run.machine()
     md = f"Machine: {who}\n\n{head}\n\nTRL: {TRL_SETTINGS}\n\n{table(results)}\n\npairs/s ratios:\n{ratios(results)}\n"
@@ -229,7 +326,9 @@ def main() -> None:
     if not a.smoke:
         out = HERE / "results"
         out.mkdir(exist_ok=True)
-        (out / "dpo.json").write_text(json.dumps({"machine": who, "setup": head, "trl": TRL_SETTINGS, "results": results}, indent=1))
+        (out / "dpo.json").write_text(
+            json.dumps({"machine": who, "setup": head, "trl": TRL_SETTINGS, "results": results}, indent=1)
+        )
         (out / "dpo.md").write_text(md)
 
 

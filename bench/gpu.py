@@ -55,10 +55,20 @@ sys.path.insert(0, str(REPO))
 
 FULL = {"name": "gpt2-124m", "seq_len": 1024, "micro": 8, "steps": 200}  # model dimensions: prep.GPT2_SHAPES
 SMOKE = {"name": "gpt2-2x64-smoke", "seq_len": 128, "micro": 4, "steps": 3}
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+)
 
 
 # ---------------------------------------------------------------- inputs (parent process)
+
 
 def model_facts(model: Path, seq_len: int) -> dict:
     """Parameter count (tied weights once, as dist_ft counts them) and the FLOP counter's weights, without loading weights."""
@@ -73,8 +83,14 @@ def model_facts(model: Path, seq_len: int) -> dict:
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in m.parameters())
-    return {"n_params": n, "flops": dataclasses.asdict(perf.FlopCount.of(m)), "vocab": cfg.vocab_size,
-            "layers": cfg.n_layer, "heads": cfg.n_head, "width": cfg.n_embd}
+    return {
+        "n_params": n,
+        "flops": dataclasses.asdict(perf.FlopCount.of(m)),
+        "vocab": cfg.vocab_size,
+        "layers": cfg.n_layer,
+        "heads": cfg.n_head,
+        "width": cfg.n_embd,
+    }
 
 
 def flops_per_s(facts: dict, r: dict, pairs_per_token: float) -> float:
@@ -82,7 +98,9 @@ def flops_per_s(facts: dict, r: dict, pairs_per_token: float) -> float:
     from dist_ft import perf
 
     head_at = r["loss_tokens_per_s"] if r["framework"] == "dist_ft" else r["tokens_per_s"]
-    return perf.FlopCount(**facts["flops"]).flops(r["tokens_per_s"], head_at, r["tokens_per_s"] * pairs_per_token)
+    return perf.FlopCount(**facts["flops"]).flops(
+        r["tokens_per_s"], head_at, r["tokens_per_s"] * pairs_per_token
+    )
 
 
 def device_info() -> dict:
@@ -93,10 +111,15 @@ def device_info() -> dict:
     from dist_ft import perf
 
     cuda = torch.cuda.is_available()
-    return {"device": torch.cuda.get_device_name() if cuda else "CPU (no CUDA device)",
-            "peak_flops": perf.peak_flops(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "cuda": torch.version.cuda if cuda else None,
-            "date": datetime.date.today().isoformat()}
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "CPU (no CUDA device)",
+        "peak_flops": perf.peak_flops(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 # ---------------------------------------------------------------- one measured run (bench/worker.py, fresh process)
@@ -108,25 +131,38 @@ def run_one(spec: dict) -> dict:
     """One run in a fresh process (`bench/worker.py SPEC`, as bench/run.py runs it), pinned to one GPU, with its own
     on-the-fly shard cache."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.update(
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0] if visible else "0"  # one GPU for both frameworks
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "out": tmp}
         env["DIST_FT_CACHE"] = tmp  # tokenized anew, as the HF recipe does: no shard cache carried over
-        r = subprocess.run([sys.executable, str(HERE / "worker.py"), json.dumps(spec)],
-                           capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, str(HERE / "worker.py"), json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
-        print(f"  FAILED {spec['framework']}: exit {r.returncode}\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
+        print(
+            f"  FAILED {spec['framework']}: exit {r.returncode}\n{r.stderr[-3000:]}",
+            file=sys.stderr,
+            flush=True,
+        )
         return {**spec, "error": (r.stderr or r.stdout)[-1500:]}
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     res.pop("out", None)
     return res
 
 
 # ---------------------------------------------------------------- report
+
 
 def _fmt_mb(mb) -> str:
     return "n/a" if mb is None else f"{mb:,.0f} MB"
@@ -135,61 +171,94 @@ def _fmt_mb(mb) -> str:
 def table(results: list[dict], facts: dict, info: dict, pairs_per_token: float) -> str:
     peak = info["peak_flops"]
     ok = [r for r in results if "error" not in r]
-    lines = ["| run | tokens/s | loss-bearing tokens/s | MFU | peak GPU memory | time to first step | padding | loss tokens |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | tokens/s | loss-bearing tokens/s | MFU | peak GPU memory | time to first step | padding | loss tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in ok:
         mfu = flops_per_s(facts, r, pairs_per_token) / peak if peak else None
         r["mfu"] = mfu
-        mem = _fmt_mb(r.get("peak_gpu_mb")) if r.get("peak_gpu_mb") is not None else f"n/a (CPU; peak RSS {r['peak_rss_mb']:,.0f} MB)"
-        lines.append(f"| {RUNS[r['framework']]} | {r['tokens_per_s']:,.0f} | {r['loss_tokens_per_s']:,.0f} | "
-                     f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {mem} | {r['time_to_first_step_s']:.1f} s | "
-                     f"{r['padding']:.1%} | {r['loss_tokens']:,} |")
+        mem = (
+            _fmt_mb(r.get("peak_gpu_mb"))
+            if r.get("peak_gpu_mb") is not None
+            else f"n/a (CPU; peak RSS {r['peak_rss_mb']:,.0f} MB)"
+        )
+        lines.append(
+            f"| {RUNS[r['framework']]} | {r['tokens_per_s']:,.0f} | {r['loss_tokens_per_s']:,.0f} | "
+            f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {mem} | {r['time_to_first_step_s']:.1f} s | "
+            f"{r['padding']:.1%} | {r['loss_tokens']:,} |"
+        )
     for r in results:
         if "error" in r:
             lines.append(f"| {RUNS[r['framework']]} | FAILED | | | | | | |")
     by = {r["framework"]: r for r in ok}
     if "dist_ft" in by and "hf_trainer" in by:
         a, b = by["dist_ft"], by["hf_trainer"]
-        lines += ["", f"dist_ft / HF Trainer: **{a['tokens_per_s'] / b['tokens_per_s']:.2f}x** tokens/s, "
-                      f"**{a['loss_tokens_per_s'] / b['loss_tokens_per_s']:.2f}x** loss-bearing tokens/s, "
-                      f"{a['time_to_first_step_s'] / b['time_to_first_step_s']:.2f}x time to first step"
-                      + (f", {a['peak_gpu_mb'] / b['peak_gpu_mb']:.2f}x peak GPU memory" if a.get("peak_gpu_mb") and b.get("peak_gpu_mb") else "")]
+        lines += [
+            "",
+            f"dist_ft / HF Trainer: **{a['tokens_per_s'] / b['tokens_per_s']:.2f}x** tokens/s, "
+            f"**{a['loss_tokens_per_s'] / b['loss_tokens_per_s']:.2f}x** loss-bearing tokens/s, "
+            f"{a['time_to_first_step_s'] / b['time_to_first_step_s']:.2f}x time to first step"
+            + (
+                f", {a['peak_gpu_mb'] / b['peak_gpu_mb']:.2f}x peak GPU memory"
+                if a.get("peak_gpu_mb") and b.get("peak_gpu_mb")
+                else ""
+            ),
+        ]
     return "\n".join(lines)
 
 
 def header(info: dict, facts: dict, shape: dict, spec: dict, smoke: bool) -> str:
     from dist_ft import perf
 
-    peak = f"{info['peak_flops'] / 1e12:,.0f} TFLOP/s dense bf16" if info["peak_flops"] else "peak unknown: no MFU"
+    peak = (
+        f"{info['peak_flops'] / 1e12:,.0f} TFLOP/s dense bf16"
+        if info["peak_flops"]
+        else "peak unknown: no MFU"
+    )
     f = facts["flops"]
-    return (f"Device: {info['device']} ({peak}); torch {info['torch']}"
-            + (f" (CUDA {info['cuda']})" if info["cuda"] else "")
-            + f", DeepSpeed {info['deepspeed']}, transformers {info['transformers']}; {info['date']}"
-            + (" -- SMOKE RUN (tiny model, not a measurement)" if smoke else "") + "\n\n"
-            f"Model: {shape['name']} ({facts['layers']} layers x {facts['width']}, {facts['heads']} heads, vocab {facts['vocab']:,}, "
-            f"{facts['n_params'] / 1e6:.1f}M params), "
-            f"{spec['precision']}, seq {spec['seq_len']}, {spec['rows'] * spec['seq_len']:,} tokens/step "
-            f"(dist_ft {spec['rows']} packed rows, HF Trainer {spec['examples']} padded examples), {spec['steps']} steps, "
-            f"throughput over steps 2..{spec['steps']}.\n\n"
-            f"MFU counts executed FLOPs: {perf.FLOP_FORMULA} (N_mm {f['matmul'] / 1e6:.1f}M, N_head {f['head'] / 1e6:.1f}M, "
-            f"L {f['layers']}, d_attn {f['attn_width']}, sum n(n+1)/2 = {spec['causal_pairs_per_token']:.0f} per token "
-            f"on this data; the output layer at loss positions for dist_ft, at every token for HF Trainer).")
+    return (
+        f"Device: {info['device']} ({peak}); torch {info['torch']}"
+        + (f" (CUDA {info['cuda']})" if info["cuda"] else "")
+        + f", DeepSpeed {info['deepspeed']}, transformers {info['transformers']}; {info['date']}"
+        + (" -- SMOKE RUN (tiny model, not a measurement)" if smoke else "")
+        + "\n\n"
+        f"Model: {shape['name']} ({facts['layers']} layers x {facts['width']}, {facts['heads']} heads, vocab {facts['vocab']:,}, "
+        f"{facts['n_params'] / 1e6:.1f}M params), "
+        f"{spec['precision']}, seq {spec['seq_len']}, {spec['rows'] * spec['seq_len']:,} tokens/step "
+        f"(dist_ft {spec['rows']} packed rows, HF Trainer {spec['examples']} padded examples), {spec['steps']} steps, "
+        f"throughput over steps 2..{spec['steps']}.\n\n"
+        f"MFU counts executed FLOPs: {perf.FLOP_FORMULA} (N_mm {f['matmul'] / 1e6:.1f}M, N_head {f['head'] / 1e6:.1f}M, "
+        f"L {f['layers']}, d_attn {f['attn_width']}, sum n(n+1)/2 = {spec['causal_pairs_per_token']:.0f} per token "
+        f"on this data; the output layer at loss positions for dist_ft, at every token for HF Trainer)."
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny model, seq 128, 3 steps (CPU fp32 without a GPU): checks the code path")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model, seq 128, 3 steps (CPU fp32 without a GPU): checks the code path",
+    )
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default 200; smoke 3)")
     ap.add_argument("--micro", type=int, help="dist_ft packed rows per step (default 8; smoke 4)")
-    ap.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"], help="attention kernel for both (default: the model's, sdpa)")
+    ap.add_argument(
+        "--attn",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        help="attention kernel for both (default: the model's, sdpa)",
+    )
     args = ap.parse_args()
 
     import torch
 
     cuda = torch.cuda.is_available()
     if not args.smoke and not cuda:
-        print("error: bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-              "`python bench/gpu.py --smoke` checks the code path on CPU", file=sys.stderr)
+        print(
+            "error: bench/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "`python bench/gpu.py --smoke` checks the code path on CPU",
+            file=sys.stderr,
+        )
         return 2
     import prep
     import run as cpu_bench
@@ -197,35 +266,74 @@ def main() -> int:
     shape = SMOKE if args.smoke else FULL
     seq, steps, micro = shape["seq_len"], args.steps or shape["steps"], args.micro or shape["micro"]
     info = device_info()
-    print(f"device: {info['device']} | torch {info['torch']} | DeepSpeed {info['deepspeed']} | transformers {info['transformers']}", flush=True)
+    print(
+        f"device: {info['device']} | torch {info['torch']} | DeepSpeed {info['deepspeed']} | transformers {info['transformers']}",
+        flush=True,
+    )
     data = prep.chat_data()
     model = prep.model_dir(shape["name"])
     facts = model_facts(model, seq)
-    work = cpu_bench.work_shape(model, data, seq, micro * seq)  # HF examples per step for the same tokens per step
-    spec = {"model": str(model), "data": str(data), "seq_len": seq, "steps": steps, "lr": 1e-4, "rows": micro,
-            "examples": work["examples"], "mean_example_tokens": work["mean_example_tokens"],
-            "causal_pairs_per_token": work["causal_pairs_per_token"],
-            "precision": "bf16" if cuda else "fp32", "attn": args.attn, "threads": os.cpu_count()}
-    print(f"{shape['name']}: {facts['n_params'] / 1e6:.1f}M params, seq {seq}, {micro * seq:,} tokens/step "
-          f"({micro} packed rows / {work['examples']} padded examples), {steps} steps, {spec['precision']}", flush=True)
+    work = cpu_bench.work_shape(
+        model, data, seq, micro * seq
+    )  # HF examples per step for the same tokens per step
+    spec = {
+        "model": str(model),
+        "data": str(data),
+        "seq_len": seq,
+        "steps": steps,
+        "lr": 1e-4,
+        "rows": micro,
+        "examples": work["examples"],
+        "mean_example_tokens": work["mean_example_tokens"],
+        "causal_pairs_per_token": work["causal_pairs_per_token"],
+        "precision": "bf16" if cuda else "fp32",
+        "attn": args.attn,
+        "threads": os.cpu_count(),
+    }
+    print(
+        f"{shape['name']}: {facts['n_params'] / 1e6:.1f}M params, seq {seq}, {micro * seq:,} tokens/step "
+        f"({micro} packed rows / {work['examples']} padded examples), {steps} steps, {spec['precision']}",
+        flush=True,
+    )
     from dist_ft import perf
 
     print(f"MFU formula: {perf.FLOP_FORMULA}", flush=True)
     results = []
     for framework in RUNS:
         t = time.time()
-        results.append(run_one({**spec, "framework": framework, "variant": "packed" if framework == "dist_ft" else "padded"}))
+        results.append(
+            run_one(
+                {**spec, "framework": framework, "variant": "packed" if framework == "dist_ft" else "padded"}
+            )
+        )
         r = results[-1]
         if "error" not in r:
-            print(f"  {RUNS[framework]:<18} {r['tokens_per_s']:>10,.0f} tok/s {r['loss_tokens_per_s']:>10,.0f} loss-tok/s  "
-                  f"TTFS {r['time_to_first_step_s']:5.1f} s  GPU peak {_fmt_mb(r.get('peak_gpu_mb'))}  ({time.time() - t:.0f} s)", flush=True)
-    md = header(info, facts, shape, spec, args.smoke) + "\n\n" + table(results, facts, info, spec["causal_pairs_per_token"])
+            print(
+                f"  {RUNS[framework]:<18} {r['tokens_per_s']:>10,.0f} tok/s {r['loss_tokens_per_s']:>10,.0f} loss-tok/s  "
+                f"TTFS {r['time_to_first_step_s']:5.1f} s  GPU peak {_fmt_mb(r.get('peak_gpu_mb'))}  ({time.time() - t:.0f} s)",
+                flush=True,
+            )
+    md = (
+        header(info, facts, shape, spec, args.smoke)
+        + "\n\n"
+        + table(results, facts, info, spec["causal_pairs_per_token"])
+    )
     md += "\n"
     out_dir = prep.CACHE if args.smoke else HERE / "results"
     name = "gpu-smoke" if args.smoke else "gpu"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps({"info": info, "model": {**shape, **facts}, "spec": spec, "smoke": args.smoke,
-                                                      "results": results}, indent=1))
+    (out_dir / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "info": info,
+                "model": {**shape, **facts},
+                "spec": spec,
+                "smoke": args.smoke,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     (out_dir / f"{name}.md").write_text(md)
     print("\n" + md)
     print(f"wrote {out_dir / name}.json and .md")

@@ -18,7 +18,7 @@ def _seq_logps(model, examples, batch: int = 16) -> tuple[list[float], list[int]
     model.eval()
     with torch.no_grad():
         for i in range(0, len(examples), batch):
-            part = examples[i:i + batch]
+            part = examples[i : i + batch]
             width = max(len(e.input_ids) for e in part)
             ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in part])
             mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in part])
@@ -36,7 +36,10 @@ def sft_examples(tok, records: list[dict]):
     from dist_ft.data.chat import tokenize_conversation
     from dist_ft.data.formats import to_conversation
 
-    return [tokenize_conversation(tok, to_conversation(r, "messages", f"held-out {i}"), f"held-out {i}") for i, r in enumerate(records)]
+    return [
+        tokenize_conversation(tok, to_conversation(r, "messages", f"held-out {i}"), f"held-out {i}")
+        for i, r in enumerate(records)
+    ]
 
 
 def pair_examples(tok, records: list[dict]):
@@ -55,9 +58,15 @@ def sft_loss(model, examples) -> dict:
 
 def dpo_figures(model, examples, ref_logps: list[float], beta: float) -> dict:
     logps, _ = _seq_logps(model, examples)
-    margins = [beta * ((logps[i] - ref_logps[i]) - (logps[i + 1] - ref_logps[i + 1])) for i in range(0, len(logps), 2)]
+    margins = [
+        beta * ((logps[i] - ref_logps[i]) - (logps[i + 1] - ref_logps[i + 1]))
+        for i in range(0, len(logps), 2)
+    ]
     loss = [float(-torch.nn.functional.logsigmoid(torch.tensor(m, dtype=torch.float64))) for m in margins]
-    return {"heldout_loss": sum(loss) / len(loss), "heldout_reward_accuracy": sum(m > 0 for m in margins) / len(margins)}
+    return {
+        "heldout_loss": sum(loss) / len(loss),
+        "heldout_reward_accuracy": sum(m > 0 for m in margins) / len(margins),
+    }
 
 
 def reference_logps(model_dir: str, examples) -> list[float]:

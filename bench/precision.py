@@ -45,7 +45,9 @@ def worker(spec: dict) -> None:
     else:
         fn = sft.run_dist_ft if spec["framework"] == "dist_ft" else sft.run_trl
         res = fn({**spec, "variant": "padded", "examples": spec["per_step"]})
-    res["examples_per_s"] = spec["per_step"] * (res["steps"] - 1) / res["train_s"]  # conversations or pairs, steps 2..S
+    res["examples_per_s"] = (
+        spec["per_step"] * (res["steps"] - 1) / res["train_s"]
+    )  # conversations or pairs, steps 2..S
     # held-out, after the run's own figures (peak RSS included) are taken
     tok = load_tokenizer(ModelConfig(path=spec["model"]))
     recs = [json.loads(x) for x in Path(spec["heldout"]).read_text().splitlines()]
@@ -67,22 +69,30 @@ def run_one(spec: dict) -> dict:
     if "error" in res:
         return res
     extra = f"  accuracy {res['heldout_reward_accuracy']:.3f}" if "heldout_reward_accuracy" in res else ""
-    print(f"  {label:<36} loss {res['step1_loss']:.4f} -> {res['final_loss']:.4f}  held-out {res['heldout_loss']:.4f}{extra}  "
-          f"{res['examples_per_s']:.2f} ex/s  {res['tokens_per_s']:.0f} tok/s  RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+    print(
+        f"  {label:<36} loss {res['step1_loss']:.4f} -> {res['final_loss']:.4f}  held-out {res['heldout_loss']:.4f}{extra}  "
+        f"{res['examples_per_s']:.2f} ex/s  {res['tokens_per_s']:.0f} tok/s  RSS {res['peak_rss_mb']:.0f} MB",
+        flush=True,
+    )
     return res
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| task | lr | run | precision | loss step 1 | final loss | held-out loss | held-out reward acc. | examples/s | tokens/s "
-             "| peak RSS |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | lr | run | precision | loss step 1 | final loss | held-out loss | held-out reward acc. | examples/s | tokens/s "
+        "| peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         row = f"| {r['task']} | {r['lr']:g} | {r['framework']} | {r['precision']} |"
         if "error" in r:
             lines.append(row + " failed |" + " |" * 6)
             continue
         acc = f"{r['heldout_reward_accuracy']:.1%}" if "heldout_reward_accuracy" in r else "-"
-        lines.append(row + f" {r['step1_loss']:.4f} | {r['final_loss']:.4f} | {r['heldout_loss']:.4f} | {acc} | "
-                     f"{r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:,.0f} MB |")
+        lines.append(
+            row + f" {r['step1_loss']:.4f} | {r['final_loss']:.4f} | {r['heldout_loss']:.4f} | {acc} | "
+            f"{r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:,.0f} MB |"
+        )
     return "\n".join(lines)
 
 
@@ -93,10 +103,20 @@ def _jsonl(path: Path, recs: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 50; 3 with --smoke)")
-    ap.add_argument("--lr", type=float, nargs="+", default=None, help="learning rates (default 1e-5 1e-4; 1e-4 with --smoke)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default 50; 3 with --smoke)"
+    )
+    ap.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=None,
+        help="learning rates (default 1e-5 1e-4; 1e-4 with --smoke)",
+    )
     ap.add_argument("--tasks", nargs="+", choices=["sft", "dpo"], default=["sft", "dpo"])
-    ap.add_argument("--per-step", type=int, default=8, help="conversations (SFT) or pairs (DPO) per optimizer step")
+    ap.add_argument(
+        "--per-step", type=int, default=8, help="conversations (SFT) or pairs (DPO) per optimizer step"
+    )
     ap.add_argument("--heldout", type=int, default=64, help="held-out conversations / pairs")
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--only", choices=["dist_ft", "trl"], help="run one framework's rows")
@@ -108,20 +128,54 @@ def main() -> None:
     steps, lrs = a.steps or (3 if a.smoke else 50), a.lr or ([1e-4] if a.smoke else [1e-5, 1e-4])
     name = "tiny gpt2-2x64 (smoke)" if a.smoke else "smollm2-135m"
     n = steps * a.per_step  # one epoch: every record seen once
-    head = (f"{name}, {steps} steps, {a.per_step} conversations or pairs per step ({n} records, one epoch), max length {a.max_len}, "
-            f"{a.heldout} held-out records, AdamW constant lr, clip 1.0, no weight decay, DPO beta {dpo.BETA} sigmoid")
+    head = (
+        f"{name}, {steps} steps, {a.per_step} conversations or pairs per step ({n} records, one epoch), max length {a.max_len}, "
+        f"{a.heldout} held-out records, AdamW constant lr, clip 1.0, no weight decay, DPO beta {dpo.BETA} sigmoid"
+    )
     print(head, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, train, held = dpo.model_dir(a.smoke, tmp), dpo.pairs(n, seed=0), dpo.pairs(a.heldout, seed=1)
-        chat = lambda recs: [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]}
-                             for r in recs]  # noqa: E731
-        files = {"dpo": (_jsonl(tmp / "pairs.jsonl", train), _jsonl(tmp / "pairs-heldout.jsonl", held)),
-                 "sft": (_jsonl(tmp / "chat.jsonl", chat(train)), _jsonl(tmp / "chat-heldout.jsonl", chat(held)))}
-        base = {"model_name": name, "model": str(model), "seq_len": a.max_len, "steps": steps, "threads": 2, "per_step": a.per_step,
-                "pairs_per_step": a.per_step, "rows": 1}
-        results = [run_one({**base, "task": t, "data": files[t][0], "heldout": files[t][1], "lr": lr, "framework": f, "precision": p})
-                   for t in a.tasks for lr in lrs for f, p in ROWS if a.only in (None, f)]
+        chat = lambda recs: [
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["chosen"]},
+                ]
+            }
+            for r in recs
+        ]  # noqa: E731
+        files = {
+            "dpo": (_jsonl(tmp / "pairs.jsonl", train), _jsonl(tmp / "pairs-heldout.jsonl", held)),
+            "sft": (_jsonl(tmp / "chat.jsonl", chat(train)), _jsonl(tmp / "chat-heldout.jsonl", chat(held))),
+        }
+        base = {
+            "model_name": name,
+            "model": str(model),
+            "seq_len": a.max_len,
+            "steps": steps,
+            "threads": 2,
+            "per_step": a.per_step,
+            "pairs_per_step": a.per_step,
+            "rows": 1,
+        }
+        results = [
+            run_one(
+                {
+                    **base,
+                    "task": t,
+                    "data": files[t][0],
+                    "heldout": files[t][1],
+                    "lr": lr,
+                    "framework": f,
+                    "precision": p,
+                }
+            )
+            for t in a.tasks
+            for lr in lrs
+            for f, p in ROWS
+            if a.only in (None, f)
+        ]
     try:
         who = run.machine()
     except ImportError as e:  # run.machine() names TRL's version
@@ -130,7 +184,9 @@ def main() -> None:
     print("\n" + md)
     if not a.smoke:
         (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "precision.json").write_text(json.dumps({"machine": who, "setup": head, "results": results}, indent=1))
+        (HERE / "results" / "precision.json").write_text(
+            json.dumps({"machine": who, "setup": head, "results": results}, indent=1)
+        )
         (HERE / "results" / "precision.md").write_text(md)
 
 

@@ -21,7 +21,8 @@ GPT2_SHAPES = {  # name: (layers, width, heads, positions)
 def _words(rng: random.Random, n: int) -> str:
     syll = ["ka", "lo", "ri", "ven", "to", "sa", "mi", "dor", "el", "an", "tu", "qi", "por", "de", "na", "lu"]
     vocab = ["the", "a", "of", "and", "to", "in", "is", "that", "for", "it"] + [
-        "".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(600)]
+        "".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(600)
+    ]
     out = []
     for i in range(n):
         out.append(rng.choice(vocab))
@@ -41,7 +42,9 @@ def chat_data(n: int = 3000, seed: int = 0) -> Path:
         msgs = [{"role": "system", "content": "You are a helpful assistant."}] if rng.random() < 0.3 else []
         for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
             msgs.append({"role": "user", "content": _words(rng, max(3, int(rng.lognormvariate(3.2, 0.8))))})
-            msgs.append({"role": "assistant", "content": _words(rng, max(3, int(rng.lognormvariate(4.2, 0.8))))})
+            msgs.append(
+                {"role": "assistant", "content": _words(rng, max(3, int(rng.lognormvariate(4.2, 0.8))))}
+            )
         rows.append({"messages": msgs})
     CACHE.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -66,7 +69,9 @@ def tokenizer_dir() -> Path:
     if not (out / "tokenizer.json").exists():
         from dist_ft.tokenizer import load_tokenizer
 
-        load_tokenizer(_smollm2()).save_pretrained(out)  # with our ChatML template (generation markers) and a pad token
+        load_tokenizer(_smollm2()).save_pretrained(
+            out
+        )  # with our ChatML template (generation markers) and a pad token
     return out
 
 
@@ -82,12 +87,21 @@ def model_dir(name: str) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir())
     if name == "smollm2-135m":
         model = load_model(_smollm2(), tok, torch.float32)  # dequantized, GGUF quantizer marker dropped
-        model.config.use_cache = True  # as the model ships; dist_ft turns it off for training, peers get the default
+        model.config.use_cache = (
+            True  # as the model ships; dist_ft turns it off for training, peers get the default
+        )
     else:
         layers, width, heads, positions = GPT2_SHAPES[name]
         torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=len(tok), n_positions=positions, n_embd=width, n_layer=layers, n_head=heads,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(
+            vocab_size=len(tok),
+            n_positions=positions,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(out)
     tok.save_pretrained(out)

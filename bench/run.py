@@ -25,7 +25,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import prep  # noqa: E402
 
-PEERS = [("dist_ft", "packed"), ("dist_ft", "padded"), ("hf_trainer", "padded"), ("trl", "padded"), ("trl", "packed")]
+PEERS = [
+    ("dist_ft", "packed"),
+    ("dist_ft", "padded"),
+    ("hf_trainer", "padded"),
+    ("trl", "padded"),
+    ("trl", "packed"),
+]
 
 
 def machine() -> str:
@@ -34,10 +40,15 @@ def machine() -> str:
     import transformers
     import trl
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    return (f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, "
-            f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}; {datetime.date.today().isoformat()}")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM, "
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+        f"trl {trl.__version__}; {datetime.date.today().isoformat()}"
+    )
 
 
 def work_shape(model: Path, data: Path, seq_len: int, tokens_per_step: int) -> dict:
@@ -46,21 +57,39 @@ def work_shape(model: Path, data: Path, seq_len: int, tokens_per_step: int) -> d
 
     tok = AutoTokenizer.from_pretrained(model)
     rows = [json.loads(x) for x in data.read_text().splitlines()]
-    lens = [min(seq_len, len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])) for r in rows[:500]]
+    lens = [
+        min(
+            seq_len, len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+        )
+        for r in rows[:500]
+    ]
     mean = sum(lens) / len(lens)
-    return {"rows": max(1, tokens_per_step // seq_len), "examples": max(1, round(tokens_per_step / mean)), "mean_example_tokens": mean,
-            "causal_pairs_per_token": sum(n * (n + 1) / 2 for n in lens) / sum(lens)}  # attention work per token (perf.FlopCount)
+    return {
+        "rows": max(1, tokens_per_step // seq_len),
+        "examples": max(1, round(tokens_per_step / mean)),
+        "mean_example_tokens": mean,
+        "causal_pairs_per_token": sum(n * (n + 1) / 2 for n in lens) / sum(lens),
+    }  # attention work per token (perf.FlopCount)
 
 
 def spawn_worker(argv: list[str], spec: dict, label: str, env: dict | None = None) -> tuple[dict, str]:
     """Run one measured worker (`python ARGV SPEC_JSON`) in a fresh process with its own empty shard cache (every run
     tokenizes anew, as the peers do) and 2-core-style thread settings; returns (its RESULT, or the spec with an
     `error`, printed as FAILED LABEL) and the process's output."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent), **(env or {})}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec["threads"]),
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(HERE.parent),
+        **(env or {}),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         env["DIST_FT_CACHE"] = tmp  # no shard cache (or stored reference log-probs) carried over between runs
-        r = subprocess.run([sys.executable, *argv, json.dumps({**spec, "out": tmp})], capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [sys.executable, *argv, json.dumps({**spec, "out": tmp})], capture_output=True, text=True, env=env
+        )
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if r.returncode != 0 or line is None:
         print(f"  FAILED {label}: {r.stderr[-1500:]}", file=sys.stderr)
@@ -74,32 +103,62 @@ def run_one(spec: dict) -> dict:
     res, _ = spawn_worker([str(HERE / "worker.py")], spec, f"{spec['framework']}/{spec['variant']}")
     if "error" in res:
         return res
-    print(f"  {res['framework']:>10}/{res['variant']:<6} {res['loss_tokens_per_s']:8.0f} loss-tok/s {res['tokens_per_s']:8.0f} tok/s "
-          f"pad {res['padding']:5.1%}  TTFS {res['time_to_first_step_s']:5.1f} s  RSS {res['peak_rss_mb']:6.0f} MB  "
-          f"loss {res['final_loss']:.3f}", flush=True)
+    print(
+        f"  {res['framework']:>10}/{res['variant']:<6} {res['loss_tokens_per_s']:8.0f} loss-tok/s {res['tokens_per_s']:8.0f} tok/s "
+        f"pad {res['padding']:5.1%}  TTFS {res['time_to_first_step_s']:5.1f} s  RSS {res['peak_rss_mb']:6.0f} MB  "
+        f"loss {res['final_loss']:.3f}",
+        flush=True,
+    )
     return res
 
 
-def compare(model_name: str, seq_len: int, tokens_per_step: int, steps: int, data: Path, peers=PEERS, threads: int = 2) -> list[dict]:
+def compare(
+    model_name: str, seq_len: int, tokens_per_step: int, steps: int, data: Path, peers=PEERS, threads: int = 2
+) -> list[dict]:
     model = prep.model_dir(model_name)
     shape = work_shape(model, data, seq_len, tokens_per_step)
-    print(f"{model_name}, seq {seq_len}, {tokens_per_step} tokens/step ({shape['rows']} rows packed / {shape['examples']} examples padded), "
-          f"{steps} steps", flush=True)
-    base = {"model_name": model_name, "model": str(model), "data": str(data), "seq_len": seq_len, "tokens_per_step": tokens_per_step,
-            "steps": steps, "lr": 1e-4, "threads": threads, **shape}
+    print(
+        f"{model_name}, seq {seq_len}, {tokens_per_step} tokens/step ({shape['rows']} rows packed / {shape['examples']} examples padded), "
+        f"{steps} steps",
+        flush=True,
+    )
+    base = {
+        "model_name": model_name,
+        "model": str(model),
+        "data": str(data),
+        "seq_len": seq_len,
+        "tokens_per_step": tokens_per_step,
+        "steps": steps,
+        "lr": 1e-4,
+        "threads": threads,
+        **shape,
+    }
     return [run_one({**base, "framework": f, "variant": v}) for f, v in peers]
 
 
 def table(results: list[dict]) -> str:
     ok = [r for r in results if "error" not in r]
-    lines = ["| model | seq | run | loss-bearing tok/s | tok/s | padding | time to 1st step | peak RSS | loss tokens (vs dist_ft packed) | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | seq | run | loss-bearing tok/s | tok/s | padding | time to 1st step | peak RSS | loss tokens (vs dist_ft packed) | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in ok:
-        ref = next((x for x in ok if x["framework"] == "dist_ft" and x["variant"] == "packed" and x["model_name"] == r["model_name"]
-                    and x["seq_len"] == r["seq_len"]), r)
-        lines.append(f"| {r['model_name']} | {r['seq_len']} | {r['framework']} {r['variant']} | {r['loss_tokens_per_s']:,.0f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['padding']:.1%} | {r['time_to_first_step_s']:.1f} s | {r['peak_rss_mb']:,.0f} MB | "
-                     f"{r['loss_tokens']:,} ({r['loss_tokens'] / ref['loss_tokens']:.2f}x) | {r['final_loss']:.3f} |")
+        ref = next(
+            (
+                x
+                for x in ok
+                if x["framework"] == "dist_ft"
+                and x["variant"] == "packed"
+                and x["model_name"] == r["model_name"]
+                and x["seq_len"] == r["seq_len"]
+            ),
+            r,
+        )
+        lines.append(
+            f"| {r['model_name']} | {r['seq_len']} | {r['framework']} {r['variant']} | {r['loss_tokens_per_s']:,.0f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['padding']:.1%} | {r['time_to_first_step_s']:.1f} s | {r['peak_rss_mb']:,.0f} MB | "
+            f"{r['loss_tokens']:,} ({r['loss_tokens'] / ref['loss_tokens']:.2f}x) | {r['final_loss']:.3f} |"
+        )
     return "\n".join(lines)
 
 
@@ -107,7 +166,11 @@ def ratios(results: list[dict]) -> str:
     out = []
     groups = sorted({(r["model_name"], r["seq_len"]) for r in results if "error" not in r})
     for m, s in groups:
-        g = {(r["framework"], r["variant"]): r["loss_tokens_per_s"] for r in results if "error" not in r and (r["model_name"], r["seq_len"]) == (m, s)}
+        g = {
+            (r["framework"], r["variant"]): r["loss_tokens_per_s"]
+            for r in results
+            if "error" not in r and (r["model_name"], r["seq_len"]) == (m, s)
+        }
         ours = g.get(("dist_ft", "packed"))
         if not ours:
             continue
@@ -133,10 +196,21 @@ def chart(results: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(groups)), 4))
     width = 0.8 / len(runs)
     for i, run in enumerate(runs):
-        ys = [next((r["loss_tokens_per_s"] for r in ok if (r["model_name"], r["seq_len"]) == g and f"{r['framework']} {r['variant']}" == run), 0)
-              for g in groups]
+        ys = [
+            next(
+                (
+                    r["loss_tokens_per_s"]
+                    for r in ok
+                    if (r["model_name"], r["seq_len"]) == g and f"{r['framework']} {r['variant']}" == run
+                ),
+                0,
+            )
+            for g in groups
+        ]
         ax.bar([j + i * width for j in range(len(groups))], ys, width, label=run)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{m}\nseq {s}" for m, s in groups], fontsize=8)
+    ax.set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(groups))], [f"{m}\nseq {s}" for m, s in groups], fontsize=8
+    )
     ax.set_ylabel("loss-bearing tokens / s")
     import textwrap
 
@@ -152,10 +226,27 @@ def checkpoint_times(models: list[str], data: Path) -> list[dict]:
     rows = []
     for name in models:
         model = prep.model_dir(name)
-        spec = {"framework": "dist_ft", "variant": "packed", "model": str(model), "data": str(data), "seq_len": 256, "rows": 2,
-                "examples": 2, "steps": 2, "lr": 1e-4, "threads": 2, "every_steps": 1}
+        spec = {
+            "framework": "dist_ft",
+            "variant": "packed",
+            "model": str(model),
+            "data": str(data),
+            "seq_len": 256,
+            "rows": 2,
+            "examples": 2,
+            "steps": 2,
+            "lr": 1e-4,
+            "threads": 2,
+            "every_steps": 1,
+        }
         r = run_one(spec)
-        rows.append({"model_name": name, "checkpoint_save_s": r.get("checkpoint_save_s"), "checkpoint_load_s": r.get("checkpoint_load_s")})
+        rows.append(
+            {
+                "model_name": name,
+                "checkpoint_save_s": r.get("checkpoint_save_s"),
+                "checkpoint_load_s": r.get("checkpoint_load_s"),
+            }
+        )
     return rows
 
 
@@ -166,27 +257,47 @@ def lora_bench(data: Path, steps: int) -> None:
     """dist_ft full fine-tuning vs dist_ft LoRA vs TRL SFTTrainer with the same LoRA (peft_config), SmolLM2-135M."""
     model = prep.model_dir("smollm2-135m")
     shape = work_shape(model, data, 512, 2048)
-    base = {"model_name": "smollm2-135m", "model": str(model), "data": str(data), "seq_len": 512, "tokens_per_step": 2048,
-            "steps": steps, "lr": 1e-4, "threads": 2, **shape}
-    runs = [({"framework": "dist_ft", "variant": "packed"}, "full"), ({"framework": "dist_ft", "variant": "packed", "lora": LORA}, "lora"),
-            ({"framework": "trl", "variant": "packed", "lora": LORA}, "lora"), ({"framework": "trl", "variant": "padded", "lora": LORA}, "lora")]
+    base = {
+        "model_name": "smollm2-135m",
+        "model": str(model),
+        "data": str(data),
+        "seq_len": 512,
+        "tokens_per_step": 2048,
+        "steps": steps,
+        "lr": 1e-4,
+        "threads": 2,
+        **shape,
+    }
+    runs = [
+        ({"framework": "dist_ft", "variant": "packed"}, "full"),
+        ({"framework": "dist_ft", "variant": "packed", "lora": LORA}, "lora"),
+        ({"framework": "trl", "variant": "packed", "lora": LORA}, "lora"),
+        ({"framework": "trl", "variant": "padded", "lora": LORA}, "lora"),
+    ]
     results = [{**run_one({**base, **spec}), "method": method} for spec, method in runs]
-    lines = ["| run | method | trainable params | optimizer state | step time | loss-bearing tok/s | RSS while training | "
-             "peak RSS (load, export) | time to 1st step | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | method | trainable params | optimizer state | step time | loss-bearing tok/s | RSS while training | "
+        "peak RSS (load, export) | time to 1st step | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | failed | | | | | | | |")
             continue
         opt = f"{r['optimizer_bytes'] / 2**20:,.1f} MB" if r.get("optimizer_bytes") else "?"
-        lines.append(f"| {r['framework']} {r['variant']} | {r['method']} | {r.get('trainable_params') or 0:,} | {opt} | "
-                     f"{r['train_s'] / max(1, r['steps'] - 1):.2f} s | {r['loss_tokens_per_s']:,.0f} | {r.get('train_rss_mb') or 0:,.0f} MB | "
-                     f"{r['peak_rss_mb']:,.0f} MB | "
-                     f"{r['time_to_first_step_s']:.1f} s | {r['final_loss']:.3f} |")
+        lines.append(
+            f"| {r['framework']} {r['variant']} | {r['method']} | {r.get('trainable_params') or 0:,} | {opt} | "
+            f"{r['train_s'] / max(1, r['steps'] - 1):.2f} s | {r['loss_tokens_per_s']:,.0f} | {r.get('train_rss_mb') or 0:,.0f} MB | "
+            f"{r['peak_rss_mb']:,.0f} MB | "
+            f"{r['time_to_first_step_s']:.1f} s | {r['final_loss']:.3f} |"
+        )
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     who = machine()
-    md = f"Machine: {who}\n\nSmolLM2-135M, seq 512, 2048 tokens/step, {steps} steps, fp32, LoRA r {LORA['r']} alpha {LORA['alpha']:g} " \
-         f"dropout {LORA['dropout']} on every projection\n\n" + "\n".join(lines) + "\n"
+    md = (
+        f"Machine: {who}\n\nSmolLM2-135M, seq 512, 2048 tokens/step, {steps} steps, fp32, LoRA r {LORA['r']} alpha {LORA['alpha']:g} "
+        f"dropout {LORA['dropout']} on every projection\n\n" + "\n".join(lines) + "\n"
+    )
     (out / "lora.json").write_text(json.dumps({"machine": who, "results": results}, indent=1))
     (out / "lora.md").write_text(md)
     print("\n" + md)
@@ -195,7 +306,9 @@ def lora_bench(data: Path, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="GPT-2-shaped model only, seq 512: a few minutes")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8 quick, 10 full)")
+    ap.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run (default 8 quick, 10 full)"
+    )
     ap.add_argument("--lora", action="store_true", help="only the LoRA comparison on SmolLM2-135M")
     args = ap.parse_args()
     data = prep.chat_data()
@@ -220,9 +333,15 @@ def main() -> None:
     (out / f"{name}.json").write_text(json.dumps({"machine": who, "results": results, **extra}, indent=1))
     md = f"Machine: {who}\n\n{table(results)}\n\n{ratios(results)}\n"
     if extra.get("checkpoint"):
-        md += "\n| model | checkpoint save (engine + optimizer + RNG, fsynced) | load (resume) |\n|---|---|---|\n" + "\n".join(
-            f"| {c['model_name']} | {c['checkpoint_save_s']:.2f} s | {c['checkpoint_load_s']:.2f} s |"
-            for c in extra["checkpoint"] if c["checkpoint_save_s"] and c["checkpoint_load_s"]) + "\n"
+        md += (
+            "\n| model | checkpoint save (engine + optimizer + RNG, fsynced) | load (resume) |\n|---|---|---|\n"
+            + "\n".join(
+                f"| {c['model_name']} | {c['checkpoint_save_s']:.2f} s | {c['checkpoint_load_s']:.2f} s |"
+                for c in extra["checkpoint"]
+                if c["checkpoint_save_s"] and c["checkpoint_load_s"]
+            )
+            + "\n"
+        )
     (out / f"{name}.md").write_text(md)
     chart(results, out / f"{name}.png", who)
     print("\n" + md)

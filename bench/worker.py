@@ -24,7 +24,14 @@ START = psutil.Process().create_time()
 TRAINED: list = []  # the model a peer run trained, for held-out scoring after its figures are taken
 
 
-def _result(step_end: list[float], loss_tok: list[int], tokens: list[int], positions: list[int], losses: list[float], extra: dict) -> dict:
+def _result(
+    step_end: list[float],
+    loss_tok: list[int],
+    tokens: list[int],
+    positions: list[int],
+    losses: list[float],
+    extra: dict,
+) -> dict:
     s = len(step_end)
     dt = step_end[-1] - step_end[0]
     return {
@@ -54,11 +61,24 @@ def run_dist_ft(spec: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     packing = spec["variant"] == "packed"
     cfg = {
-        "model": {"path": spec["model"], **({"attn_implementation": spec["attn"]} if spec.get("attn") else {}),
-                  **({"peft": {"method": "lora", **spec["lora"]}} if spec.get("lora") else {})},
-        "data": {"train": spec["data"], "max_seq_len": spec["seq_len"], "packing": packing, "num_proc": spec.get("num_proc", 0)},
-        "train": {"max_steps": spec["steps"], "micro_batch_size": spec["rows"] if packing else spec["examples"],
-                  "lr": spec["lr"], "schedule": "constant", "warmup_steps": 0},
+        "model": {
+            "path": spec["model"],
+            **({"attn_implementation": spec["attn"]} if spec.get("attn") else {}),
+            **({"peft": {"method": "lora", **spec["lora"]}} if spec.get("lora") else {}),
+        },
+        "data": {
+            "train": spec["data"],
+            "max_seq_len": spec["seq_len"],
+            "packing": packing,
+            "num_proc": spec.get("num_proc", 0),
+        },
+        "train": {
+            "max_steps": spec["steps"],
+            "micro_batch_size": spec["rows"] if packing else spec["examples"],
+            "lr": spec["lr"],
+            "schedule": "constant",
+            "warmup_steps": 0,
+        },
         "engine": {"precision": spec.get("precision", "fp32"), "zero_stage": spec.get("zero_stage", 0)},
         "checkpoint": {"every_steps": spec.get("every_steps", 0), "resume": "never"},
         "track": {"wandb": "disabled"},
@@ -73,24 +93,60 @@ def run_dist_ft(spec: dict) -> dict:
     if spec.get("every_steps"):  # checkpoint timing: resume the finished run for one more step
         import subprocess  # a fresh process, as a requeued job would be
 
-        subprocess.run([sys.executable, "-m", "dist_ft", "train", str(out / "cfg.yaml"), f"train.max_steps={spec['steps'] + 1}",
-                        "checkpoint.resume=auto"], check=True,
-                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")})
-        loads = [r["checkpoint_load_s"] for r in read_metrics(out / "run" / "metrics.jsonl") if "checkpoint_load_s" in r]
-    peaks = [s.memory["gpu_peak_mb"] for s in steps if s.memory.get("gpu_peak_mb") is not None]  # while training (not the export)
-    return _result([START + s.elapsed_s for s in steps], [s.loss_tokens for s in steps], [s.tokens for s in steps],
-                   [round(s.tokens / (1 - s.padding)) for s in steps], [s.loss for s in steps],
-                   {"checkpoint_save_s": saves[-1] if saves else None, "checkpoint_load_s": loads[-1] if loads else None,
-                    "peak_gpu_mb": max(peaks) if peaks else None, "dist_ft_logged_mfu": steps[-1].mfu,
-                    "optimizer_bytes": next((r["mem_optimizer_bytes"] for r in recs if "mem_optimizer_bytes" in r), None),
-                    "trainable_params": next((r["params_trainable"] for r in recs if "params_trainable" in r), None),
-                    "train_rss_mb": max((s.memory.get("rss_mb") or 0 for s in steps), default=None)})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dist_ft",
+                "train",
+                str(out / "cfg.yaml"),
+                f"train.max_steps={spec['steps'] + 1}",
+                "checkpoint.resume=auto",
+            ],
+            check=True,
+            env={
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+            },
+        )
+        loads = [
+            r["checkpoint_load_s"]
+            for r in read_metrics(out / "run" / "metrics.jsonl")
+            if "checkpoint_load_s" in r
+        ]
+    peaks = [
+        s.memory["gpu_peak_mb"] for s in steps if s.memory.get("gpu_peak_mb") is not None
+    ]  # while training (not the export)
+    return _result(
+        [START + s.elapsed_s for s in steps],
+        [s.loss_tokens for s in steps],
+        [s.tokens for s in steps],
+        [round(s.tokens / (1 - s.padding)) for s in steps],
+        [s.loss for s in steps],
+        {
+            "checkpoint_save_s": saves[-1] if saves else None,
+            "checkpoint_load_s": loads[-1] if loads else None,
+            "peak_gpu_mb": max(peaks) if peaks else None,
+            "dist_ft_logged_mfu": steps[-1].mfu,
+            "optimizer_bytes": next(
+                (r["mem_optimizer_bytes"] for r in recs if "mem_optimizer_bytes" in r), None
+            ),
+            "trainable_params": next((r["params_trainable"] for r in recs if "params_trainable" in r), None),
+            "train_rss_mb": max((s.memory.get("rss_mb") or 0 for s in steps), default=None),
+        },
+    )
 
 
 def _optimizer_bytes(trainer) -> int:
     import torch
 
-    return sum(v.numel() * v.element_size() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    return sum(
+        v.numel() * v.element_size()
+        for st in trainer.optimizer.state.values()
+        for v in st.values()
+        if torch.is_tensor(v)
+    )
 
 
 class _Counting:
@@ -135,9 +191,23 @@ def _hf_common(spec: dict):
             if logs and "loss" in logs:
                 self.losses.append(logs["loss"])
 
-    common = dict(output_dir=spec["out"], max_steps=spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant",
-                  warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", logging_steps=1,
-                  save_strategy="no", report_to="none", use_cpu=not cuda, dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    common = dict(
+        output_dir=spec["out"],
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
     return tok, model, rows, Clock(), common
 
 
@@ -150,17 +220,38 @@ def run_hf_trainer(spec: dict) -> dict:
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
     enc = tok(texts, truncation=True, max_length=spec["seq_len"])
     t0 = time.time()  # bookkeeping (assistant-token counts), not part of the recipe: excluded from TTFS
-    n_assist = [sum(tok.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)
-                    ["assistant_masks"][: spec["seq_len"]]) for r in rows]
+    n_assist = [
+        sum(
+            tok.apply_chat_template(r["messages"], return_dict=True, return_assistant_tokens_mask=True)[
+                "assistant_masks"
+            ][: spec["seq_len"]]
+        )
+        for r in rows
+    ]
     book = time.time() - t0
-    ds = Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "n_assist": n_assist})
+    ds = Dataset.from_dict(
+        {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "n_assist": n_assist}
+    )
     collator = _Counting(DataCollatorForLanguageModeling(tok, mlm=False), tok.pad_token_id)
-    args = TrainingArguments(per_device_train_batch_size=spec["examples"], remove_unused_columns=False,
-                             bf16=spec.get("precision") == "bf16", **common)  # bf16: autocast over fp32 weights
+    args = TrainingArguments(
+        per_device_train_batch_size=spec["examples"],
+        remove_unused_columns=False,
+        bf16=spec.get("precision") == "bf16",
+        **common,
+    )  # bf16: autocast over fp32 weights
     Trainer(model=model, args=args, train_dataset=ds, data_collator=collator, callbacks=[clock]).train()
     b = collator.batches[: len(clock.ends)]
-    return _result([t - book for t in clock.ends], [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
-                   {"note": "loss over all tokens (recipe); assistant tokens counted as useful", "peak_gpu_mb": clock.peak_gpu_mb})
+    return _result(
+        [t - book for t in clock.ends],
+        [x[0] for x in b],
+        [x[1] for x in b],
+        [x[2] for x in b],
+        clock.losses,
+        {
+            "note": "loss over all tokens (recipe); assistant tokens counted as useful",
+            "peak_gpu_mb": clock.peak_gpu_mb,
+        },
+    )
 
 
 def run_trl(spec: dict) -> dict:
@@ -169,26 +260,54 @@ def run_trl(spec: dict) -> dict:
 
     tok, model, rows, clock, common = _hf_common(spec)
     packed = spec["variant"] != "padded"
-    args = SFTConfig(max_length=spec["seq_len"], packing=packed, padding_free=packed, assistant_only_loss=True,
-                     per_device_train_batch_size=spec["rows"] if packed else spec["examples"],
-                     bf16=spec.get("precision") == "bf16", fp16=False,  # bf16: autocast over fp32 weights (TRL's only bf16 path)
-                     gradient_checkpointing=False,  # TRL's default is on (recompute); off for parity
-                     **common)
+    args = SFTConfig(
+        max_length=spec["seq_len"],
+        packing=packed,
+        padding_free=packed,
+        assistant_only_loss=True,
+        per_device_train_batch_size=spec["rows"] if packed else spec["examples"],
+        bf16=spec.get("precision") == "bf16",
+        fp16=False,  # bf16: autocast over fp32 weights (TRL's only bf16 path)
+        gradient_checkpointing=False,  # TRL's default is on (recompute); off for parity
+        **common,
+    )
     peft = None
     if spec.get("lora"):  # the same adapter as dist_ft's model.peft: every projection, rank r, alpha, dropout
         from peft import LoraConfig
 
         lo = spec["lora"]
-        peft = LoraConfig(r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"], target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[clock],
-                         peft_config=peft)
+        peft = LoraConfig(
+            r=lo["r"],
+            lora_alpha=lo["alpha"],
+            lora_dropout=lo["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[clock],
+        peft_config=peft,
+    )
     trainer.data_collator = collator = _Counting(trainer.data_collator, tok.pad_token_id)
     trainer.train()
     TRAINED.append(trainer.model)  # bench/precision.py scores it on held-out data
     b = collator.batches[: len(clock.ends)]
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return _result(clock.ends, [x[0] for x in b], [x[1] for x in b], [x[2] for x in b], clock.losses,
-                   {"optimizer_bytes": _optimizer_bytes(trainer), "trainable_params": trainable, "train_rss_mb": clock.rss_mb})
+    return _result(
+        clock.ends,
+        [x[0] for x in b],
+        [x[1] for x in b],
+        [x[2] for x in b],
+        clock.losses,
+        {
+            "optimizer_bytes": _optimizer_bytes(trainer),
+            "trainable_params": trainable,
+            "train_rss_mb": clock.rss_mb,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import torch
 from .config import PeftConfig
 from .errors import UserError
 
-ADAPTER_DIR = "adapter"  # final/adapter: the adapter alone, for PeftModel.from_pretrained / dist-ft chat --adapter
+ADAPTER_DIR = (
+    "adapter"  # final/adapter: the adapter alone, for PeftModel.from_pretrained / dist-ft chat --adapter
+)
 _TASK_TYPES = {"AutoModelForCausalLM": "CAUSAL_LM", "AutoModelForSequenceClassification": "SEQ_CLS"}
 
 
@@ -24,9 +26,13 @@ def fixed_draws(seed: int = 0):
     """Random draws inside come from generators seeded with `seed` (the CPU's, and this rank's GPU's once CUDA is up:
     ZeRO-3 resizes embeddings on the GPU), and every generator is put back after. Not `torch.manual_seed`: that reseeds
     every CUDA generator, which `fork_rng(devices=[])` does not restore, so `train.seed` would stop driving GPU dropout."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = (
+        [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    )
     with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)  # what torch.manual_seed does on the CPU: the same draws as ever
+        torch.default_generator.manual_seed(
+            seed
+        )  # what torch.manual_seed does on the CPU: the same draws as ever
         for d in devices:
             torch.cuda.default_generators[d].manual_seed(seed)
         yield
@@ -43,8 +49,15 @@ def peft_config(cfg: PeftConfig, model, new_tokens: list[int], auto_class: str =
         return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     extra = {"trainable_token_indices": list(new_tokens)} if new_tokens and cfg.train_new_tokens else {}
-    return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, fan_in_fan_out=conv1d,
-                      target_modules="all-linear" if cfg.target_modules == "auto" else list(cfg.target_modules), **extra)
+    return LoraConfig(
+        task_type=task_type,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        fan_in_fan_out=conv1d,
+        target_modules="all-linear" if cfg.target_modules == "auto" else list(cfg.target_modules),
+        **extra,
+    )
 
 
 def wrap(model, cfg: PeftConfig, new_tokens: list[int], auto_class: str = "AutoModelForCausalLM"):
@@ -55,13 +68,24 @@ def wrap(model, cfg: PeftConfig, new_tokens: list[int], auto_class: str = "AutoM
 
     conf = peft_config(cfg, model, new_tokens, auto_class)
     try:
-        with warnings.catch_warnings(), fixed_draws(0):  # the same initial adapter on every rank, ZeRO stage and load
+        with (
+            warnings.catch_warnings(),
+            fixed_draws(0),
+        ):  # the same initial adapter on every rank, ZeRO stage and load
             warnings.simplefilter("ignore")  # peft's notes on deprecated transformers attributes
             return get_peft_model(model, conf)
     except ValueError as e:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in ("Linear", "Conv1D")})
-        raise UserError(f"model.peft.target_modules {cfg.target_modules}: {str(e).splitlines()[0]}; this model's projections "
-                        f"are named {', '.join(names)}") from None
+        names = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if type(m).__name__ in ("Linear", "Conv1D")
+            }
+        )
+        raise UserError(
+            f"model.peft.target_modules {cfg.target_modules}: {str(e).splitlines()[0]}; this model's projections "
+            f"are named {', '.join(names)}"
+        ) from None
 
 
 def is_prefix_tuned(model) -> bool:
@@ -95,7 +119,9 @@ def check_adapter(adapter_dir: Path, expected: dict[str, tuple]) -> None:
             raise RuntimeError(f"{path}: {name} was saved with shape {tuple(t.shape)} (empty)")
     shapes = sorted(tuple(t.shape) for t in saved.values())
     if shapes != sorted(expected.values()):
-        raise RuntimeError(f"{path}: saved tensor shapes {shapes} differ from the trained adapter's {sorted(expected.values())}")
+        raise RuntimeError(
+            f"{path}: saved tensor shapes {shapes} differ from the trained adapter's {sorted(expected.values())}"
+        )
 
 
 def export(base_loader, conf, adapter: dict[str, torch.Tensor]):

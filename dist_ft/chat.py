@@ -31,12 +31,25 @@ def interactive(tok, model, system: str | None, **gen) -> None:
         history.append({"role": "assistant", "content": answer_streamed(tok, model, history, **gen)})
 
 
-def answer_streamed(tok, model, history: list[dict], max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-                    faults: Faults = NONE) -> str:
+def answer_streamed(
+    tok,
+    model,
+    history: list[dict],
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    faults: Faults = NONE,
+) -> str:
     """Print the reply to `history` token by token as it is generated (then a newline); return it."""
-    ids = list(tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    ids = list(
+        tok.apply_chat_template(history, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     parts = []
-    for d in stream(tok, model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, faults=faults):
+    for d in stream(
+        tok, model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, faults=faults
+    ):
         parts.append(d.text)
         sys.stdout.write(d.text)
         sys.stdout.flush()

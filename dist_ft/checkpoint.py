@@ -42,8 +42,12 @@ class Manifest:
     files: dict  # relative path -> size in bytes
     dist_ft_version: str = ""
     job: str = ""  # the SLURM job that wrote it ("" outside SLURM): a requeued job knows its own checkpoints
-    base_sha256: str = ""  # parameter-efficient runs: the frozen base the adapter belongs to (not saved with it)
-    sha256: dict = field(default_factory=dict)  # relative path -> sha256 of the small files (rank states, config)
+    base_sha256: str = (
+        ""  # parameter-efficient runs: the frozen base the adapter belongs to (not saved with it)
+    )
+    sha256: dict = field(
+        default_factory=dict
+    )  # relative path -> sha256 of the small files (rank states, config)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,9 @@ class ResumePlan:
     replace: bool = False  # output.overwrite: the earlier run's outputs are moved aside (after validation)
     applied: tuple = ()  # (key, saved, now) of optimizer/schedule settings changed since the checkpoint
     skipped: tuple = ()  # (name, why) of damaged checkpoints newer than `path`, passed over
-    foreign: bool = False  # `path` (or a file in it) lies outside output.dir, accepted with checkpoint.trust_foreign
+    foreign: bool = (
+        False  # `path` (or a file in it) lies outside output.dir, accepted with checkpoint.trust_foreign
+    )
 
     def describe_applied(self) -> str:
         return ", ".join(f"{k} {old} -> {new}" for k, old, new in self.applied)
@@ -71,9 +77,13 @@ def seed_all(seed: int) -> None:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():  # this rank's own GPU (dropout masks are drawn there)
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -115,8 +125,11 @@ def outside(path: Path, out_dir: Path) -> Path | None:
                 continue
             seen.add(real)
             with os.scandir(p) as entries:
-                todo += [Path(e.path) for e in sorted(entries, key=lambda e: e.name, reverse=True)
-                         if e.is_symlink() or e.is_dir(follow_symlinks=False)]
+                todo += [
+                    Path(e.path)
+                    for e in sorted(entries, key=lambda e: e.name, reverse=True)
+                    if e.is_symlink() or e.is_dir(follow_symlinks=False)
+                ]
         except (OSError, RuntimeError):  # a symlink loop or an unreadable folder: nothing to vouch for
             return p
     return None
@@ -129,11 +142,15 @@ def foreign_refusal(path: Path, bad: Path, out_dir: Path) -> str:
     except (OSError, RuntimeError):
         real = "a symlink loop or unreadable folder"
     if bad == path:
-        where = f"is a symlink to {real}" if path.is_symlink() else f"lies at {real} (through a symlinked folder)"
+        where = (
+            f"is a symlink to {real}" if path.is_symlink() else f"lies at {real} (through a symlinked folder)"
+        )
     else:
         where = f"holds {bad.relative_to(path)}, which resolves to {real}"
-    return (f"checkpoint '{path}' {where}, outside output.dir '{out_dir}'; loading a checkpoint runs its pickled files, so "
-            "set checkpoint.trust_foreign=true if you trust where it came from, or replace the link with a copy of the checkpoint")
+    return (
+        f"checkpoint '{path}' {where}, outside output.dir '{out_dir}'; loading a checkpoint runs its pickled files, so "
+        "set checkpoint.trust_foreign=true if you trust where it came from, or replace the link with a copy of the checkpoint"
+    )
 
 
 def _remove(path: Path, out_dir: Path) -> bool:
@@ -158,21 +175,35 @@ def inspect_checkpoint(path: Path) -> tuple[Manifest | None, str | None]:
         manifest = Manifest(**json.loads((path / "manifest.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"manifest.json unreadable ({type(e).__name__})"
-    bad = fsio.first_mismatch(path, {rel: fsio.FileInfo(size, manifest.sha256.get(rel)) for rel, size in manifest.files.items()})
+    bad = fsio.first_mismatch(
+        path, {rel: fsio.FileInfo(size, manifest.sha256.get(rel)) for rel, size in manifest.files.items()}
+    )
     return (None, f"{bad[0]}: {bad[1]}") if bad else (manifest, None)
 
 
 class Checkpointer:
-    def __init__(self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0, faults: Faults = NONE):
+    def __init__(
+        self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0, faults: Faults = NONE
+    ):
         self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
         self.keep_every, self.faults = keep_every, faults
-        self._left = set()  # old checkpoints outside output.dir that rotation could not delete (noted once each)
-        self.base_sha256 = ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
-        self.before_publish = lambda what: None  # rank 0: raises if the run may no longer publish (it lost output.dir's lock)
+        self._left = (
+            set()
+        )  # old checkpoints outside output.dir that rotation could not delete (noted once each)
+        self.base_sha256 = (
+            ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
+        )
+        self.before_publish = lambda what: (
+            None
+        )  # rank 0: raises if the run may no longer publish (it lost output.dir's lock)
 
     def survey(self) -> list[tuple[int, Path, str | None]]:
         """(step, path, why it is damaged or None) of every checkpoint directory, complete or not, oldest first."""
-        found = sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name))) if self.root.is_dir() else []
+        found = (
+            sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+            if self.root.is_dir()
+            else []
+        )
         return [(s, p, damage(p)) for s, p in found]
 
     def complete(self) -> list[tuple[int, Path]]:
@@ -185,13 +216,17 @@ class Checkpointer:
         step = state.step
         final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
         if self.rank == 0:
-            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp, ignore_errors=True)  # (never through a link)
+            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(
+                tmp, ignore_errors=True
+            )  # (never through a link)
             tmp.mkdir(parents=True)
         dist.wait_for_all(f"checkpoint step {step}: folder")
         with fsio.collect_written() as written:  # the engine announces each file this rank writes
             engine.save(tmp)
         torch.save({**state.to_dict(), "rng": rng_state()}, tmp / f"rank-{self.rank}.pt")
-        mine = checkpoint_files.report(self.rank, tmp, [*dict.fromkeys(written), tmp / f"rank-{self.rank}.pt"])
+        mine = checkpoint_files.report(
+            self.rank, tmp, [*dict.fromkeys(written), tmp / f"rank-{self.rank}.pt"]
+        )
         self.faults.in_save(step, self.rank, tmp)
         reports = dist.gather_on_main(f"checkpoint step {step}: every rank's state written", mine)
         if self.rank == 0:
@@ -200,13 +235,22 @@ class Checkpointer:
             self.faults.before_manifest(step)
             files.update(checkpoint_files.unreported(tmp, files))
             checkpoint_files.check(final.name, tmp, files, owner)
-            manifest = Manifest(step, self.world, engine.zero_stage, {rel: fi.bytes for rel, fi in sorted(files.items())}, __version__,
-                                dist.slurm_job()[0], self.base_sha256,
-                                {rel: fi.sha256 for rel, fi in sorted(files.items()) if fi.sha256})
+            manifest = Manifest(
+                step,
+                self.world,
+                engine.zero_stage,
+                {rel: fi.bytes for rel, fi in sorted(files.items())},
+                __version__,
+                dist.slurm_job()[0],
+                self.base_sha256,
+                {rel: fi.sha256 for rel, fi in sorted(files.items()) if fi.sha256},
+            )
             fsio.write_synced(tmp / "manifest.json", json.dumps(asdict(manifest), indent=1))
             fsio.write_synced(tmp / "COMPLETE", "ok\n")
             self.before_publish(f"publishing checkpoint {final.name}")
-            if final.is_symlink():  # a linked (trusted foreign) step-N of the same step: the link gives way, its target is kept
+            if (
+                final.is_symlink()
+            ):  # a linked (trusted foreign) step-N of the same step: the link gives way, its target is kept
                 final.unlink()
             # folders only: each rank fsynced its own files (a re-save of the same step, e.g. on a signal right after a periodic
             # save, replaces it)
@@ -216,17 +260,24 @@ class Checkpointer:
                     continue  # a milestone: kept for good
                 if not _remove(old, self.root.parent) and old not in self._left:
                     self._left.add(old)
-                    print(f"note: checkpoint.keep leaves {old} in place: it lies outside output.dir (at {old.resolve()}, through "
-                          "a symlink), and dist_ft deletes nothing there; remove it yourself when it is no longer needed",
-                          file=sys.stderr, flush=True)
-        dist.wait_for_all(f"checkpoint step {step}: rank 0 fsyncs and publishes it")  # however long a slow filesystem takes
+                    print(
+                        f"note: checkpoint.keep leaves {old} in place: it lies outside output.dir (at {old.resolve()}, through "
+                        "a symlink), and dist_ft deletes nothing there; remove it yourself when it is no longer needed",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        dist.wait_for_all(
+            f"checkpoint step {step}: rank 0 fsyncs and publishes it"
+        )  # however long a slow filesystem takes
         return final
 
     def universal(self, path: Path, engine, trusted: bool = False) -> Path:
         """Convert a checkpoint to DeepSpeed's universal format next to it, once; all ranks call this. A leftover
         conversion that leads outside output.dir (a symlink) is not reused unless the checkpoint itself was trusted."""
         out = self.root / f".universal-{path.name}"
-        if self.rank == 0 and (out.is_symlink() or (out.exists() and not trusted and outside(out, self.root.parent) is not None)):
+        if self.rank == 0 and (
+            out.is_symlink() or (out.exists() and not trusted and outside(out, self.root.parent) is not None)
+        ):
             _remove(out, self.root.parent)
         if self.rank == 0 and not (out / "COMPLETE").is_file():
             with fsio.atomic_dir(out) as tmp:
@@ -243,14 +294,20 @@ class Checkpointer:
             raise UserError(foreign_refusal(path, bad, self.root.parent))
         manifest = validate(path)
         if manifest is None:
-            raise UserError(f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from manifest.json)")
-        _same_base(path, manifest.base_sha256, self.base_sha256)  # every rank: each computed the base's fingerprint
+            raise UserError(
+                f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from manifest.json)"
+            )
+        _same_base(
+            path, manifest.base_sha256, self.base_sha256
+        )  # every rank: each computed the base's fingerprint
         universal = self.universal(path, engine, plan.foreign) if plan.reshard else None
         engine.load(universal or path)
         # data position is global (the same in every rank's file); RNG streams of new ranks start from the last old one
         state = torch.load(path / f"rank-{min(self.rank, manifest.world_size - 1)}.pt", weights_only=True)
         set_rng_state(state.pop("rng"))
-        if universal is not None:  # loaded everywhere: the conversion has served (the next save is in the new layout)
+        if (
+            universal is not None
+        ):  # loaded everywhere: the conversion has served (the next save is in the new layout)
             dist.wait_for_all("universal checkpoint loaded")
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)
@@ -261,6 +318,8 @@ def _same_base(path: Path, saved: str, now: str) -> None:
     """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on; a DPO run only
     against the reference (its starting weights) it was trained against."""
     if saved != now:
-        raise UserError(f"{path}: the base model's weights (sha256 {now[:12] or 'none'}) differ from those this "
-                        f"checkpoint was trained on ({saved[:12] or 'none'}; an adapter's base, or a DPO run's reference); resume on "
-                        "the same model.path and model.peft, or start over in a new output.dir")
+        raise UserError(
+            f"{path}: the base model's weights (sha256 {now[:12] or 'none'}) differ from those this "
+            f"checkpoint was trained on ({saved[:12] or 'none'}; an adapter's base, or a DPO run's reference); resume on "
+            "the same model.path and model.peft, or start over in a new output.dir"
+        )

@@ -16,7 +16,9 @@ from pathlib import Path
 from . import fsio
 from .errors import UserError
 
-HASH_BELOW = 1 << 20  # reported files smaller than this carry their sha256 (rank states, configs); GBs only their size
+HASH_BELOW = (
+    1 << 20
+)  # reported files smaller than this carry their sha256 (rank states, configs); GBs only their size
 
 
 def report(rank: int, root: Path, paths) -> str:
@@ -34,8 +36,10 @@ def merge(reports: list[str]) -> tuple[dict[str, fsio.FileInfo], dict[str, int]]
         for rel, (size, sha) in r["files"].items():
             fi = fsio.FileInfo(size, sha)
             if rel in files and files[rel] != fi:
-                raise UserError(f"ranks {owner[rel]} and {r['rank']} both wrote {rel} and describe it differently ({files[rel].bytes} "
-                                f"and {fi.bytes} bytes): two ranks wrote one file; the checkpoint is not published")
+                raise UserError(
+                    f"ranks {owner[rel]} and {r['rank']} both wrote {rel} and describe it differently ({files[rel].bytes} "
+                    f"and {fi.bytes} bytes): two ranks wrote one file; the checkpoint is not published"
+                )
             files[rel], owner[rel] = fi, owner.get(rel, r["rank"])
     return files, owner
 
@@ -54,6 +58,8 @@ def check(name: str, root: Path, files: dict[str, fsio.FileInfo], owner: dict[st
         if why is not None:
             who = f"rank {owner.get(rel, 0)}"
             said = f"{want.bytes} bytes" + (f", sha256 {want.sha256[:12]}" if want.sha256 else "")
-            raise UserError(f"checkpoint {name}: {who} wrote and fsynced {rel} ({said}) but rank 0 finds it {why}; the checkpoint is "
-                            f"not published (the previous one stays the latest). Every node must see output.dir's filesystem alike "
-                            f"(one shared mount, not node-local disks); check {who}'s node and its mount, then resume")
+            raise UserError(
+                f"checkpoint {name}: {who} wrote and fsynced {rel} ({said}) but rank 0 finds it {why}; the checkpoint is "
+                f"not published (the previous one stays the latest). Every node must see output.dir's filesystem alike "
+                f"(one shared mount, not node-local disks); check {who}'s node and its mount, then resume"
+            )

@@ -37,12 +37,18 @@ def explain(err: ValidationError, source: str, root) -> str:
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc, root), n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?" if close else f"; valid keys here: {', '.join(_fields_at(loc, root))}"
+            hint = (
+                f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (close[0],))}'?"
+                if close
+                else f"; valid keys here: {', '.join(_fields_at(loc, root))}"
+            )
             lines.append(f"{source}: unknown config key '{key}'{hint}")
         elif not loc:  # a rule across sections: its message names the keys
             lines.append(f"{source}: {e['msg'].replace('Value error, ', '')}")
         elif e["type"] == "model_type":
-            lines.append(f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), got {e.get('input')!r}")
+            lines.append(
+                f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), got {e.get('input')!r}"
+            )
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required config key '{key}'")
         else:

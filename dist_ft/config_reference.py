@@ -9,18 +9,26 @@ from .config import Config
 
 
 def reference_markdown() -> str:
-    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test)."""
+    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test). A union's
+    `|` is escaped: it would end the table cell otherwise."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, f in model.model_fields.items():
             ann = f.annotation
-            sub = next((c for c in (ann, *getattr(ann, "__args__", ())) if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            sub = next(
+                (
+                    c
+                    for c in (ann, *getattr(ann, "__args__", ()))
+                    if isinstance(c, type) and issubclass(c, BaseModel)
+                ),
+                None,
+            )
             key = f"{prefix}{name}"
             if sub is not None:
                 walk(sub, key + ".")
                 continue
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             rows.append(f"| `{key}` | `{typ}` | `{default}` | {f.description} |")
 

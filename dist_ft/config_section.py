@@ -8,4 +8,5 @@ from pydantic import BaseModel, ConfigDict
 
 class Section(BaseModel):
     """A config section: an unknown key is an error (with a did-you-mean), and an assignment is validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -36,7 +36,9 @@ def _sft(cfg, heldout: str) -> None:
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, tok, torch.float32, adapters=False)  # the model as it comes, before any training
+    base = load_model(
+        cfg.model, tok, torch.float32, adapters=False
+    )  # the model as it comes, before any training
     before = score(tok, base, heldout, cfg.data.task)
     del base
     print(f"[demo] before fine-tuning: {fmt_score(before)}", flush=True)
@@ -46,16 +48,22 @@ def _sft(cfg, heldout: str) -> None:
     print(f"[demo] before fine-tuning: {fmt_score(before)}")
     print(f"[demo] after  fine-tuning: {fmt_score(after)}")
     n = len(after["samples"])
-    _show(before, after, [0, n // 2] if n > 1 else range(n), ("base model", "fine-tuned"), ("correct", "wrong"))  # two facts
-    print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}\n[demo] next stage:   dist-ft demo --stage dpo")
+    _show(
+        before, after, [0, n // 2] if n > 1 else range(n), ("base model", "fine-tuned"), ("correct", "wrong")
+    )  # two facts
+    print(
+        f"[demo] chat with it:  dist-ft chat --model {out / 'final'}\n[demo] next stage:   dist-ft demo --stage dpo"
+    )
 
 
 def _show(before: dict, after: dict, indices, who: tuple[str, str], marks: tuple[str, str]) -> None:
     """Held-out questions answered before and after training, each answer marked right (marks[0]) or not."""
     for i in indices:
         (q, a0, ok0), (_, a1, ok1) = before["samples"][i], after["samples"][i]
-        print(f"[demo] held-out  you> {q}\n[demo]   {who[0]}  bot> {a0}   [{marks[not ok0]}]"
-              f"\n[demo]   {who[1]}  bot> {a1}   [{marks[not ok1]}]")
+        print(
+            f"[demo] held-out  you> {q}\n[demo]   {who[0]}  bot> {a0}   [{marks[not ok0]}]"
+            f"\n[demo]   {who[1]}  bot> {a1}   [{marks[not ok1]}]"
+        )
 
 
 def _dpo(cfg, heldout: str) -> None:
@@ -64,7 +72,9 @@ def _dpo(cfg, heldout: str) -> None:
 
     start = Path(cfg.model.path)
     if not (start / "config.json").is_file():
-        raise UserError(f"model.path '{cfg.model.path}': no fine-tuned model there; run the first stage (dist-ft demo) first, which writes it")
+        raise UserError(
+            f"model.path '{cfg.model.path}': no fine-tuned model there; run the first stage (dist-ft demo) first, which writes it"
+        )
     tok, sft = inference.load(str(start))
     before = score_pairs(tok, sft, heldout)
     del sft
@@ -77,10 +87,20 @@ def _dpo(cfg, heldout: str) -> None:
     accuracy = sum(c > r for c, r in rewards) / max(1, len(rewards))
     print(f"[demo] SFT model (before DPO): {fmt_pairs(before)}")
     print(f"[demo] after DPO:              {fmt_pairs(after)}")
-    print(f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): {100 * accuracy:.1f}%, "
-          f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}")
+    print(
+        f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): {100 * accuracy:.1f}%, "
+        f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}"
+    )
     pairs = list(zip(before["samples"], after["samples"]))
-    changed = [i for i, (b, a) in enumerate(pairs) if b[2] != a[2]]  # answers that moved to (or from) the preferred one
+    changed = [
+        i for i, (b, a) in enumerate(pairs) if b[2] != a[2]
+    ]  # answers that moved to (or from) the preferred one
     # the first question, the first change, the last question
-    _show(before, after, dict.fromkeys([0, *changed[:1], len(pairs) - 1]), ("SFT model ", "after DPO "), ("as preferred", "not preferred"))
+    _show(
+        before,
+        after,
+        dict.fromkeys([0, *changed[:1], len(pairs) - 1]),
+        ("SFT model ", "after DPO "),
+        ("as preferred", "not preferred"),
+    )
     print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")

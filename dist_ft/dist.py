@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
 
 from .rendezvous import gather_on_main, report_failure, start_heartbeat, stop_heartbeat, wait_for_all  # noqa: F401 - dist's API
 
@@ -38,7 +38,13 @@ class DistEnv:
 
 def _first_slurm_host(nodelist: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         # "node[01-04],other" -> "node01": good enough when scontrol is not on PATH
@@ -71,10 +77,17 @@ def env_from(environ: Mapping[str, str]) -> DistEnv:
             rank=int(environ["SLURM_PROCID"]),
             world_size=int(environ["SLURM_NTASKS"]),
             local_rank=int(environ.get("SLURM_LOCALID", 0)),
-            master_addr=environ.get("MASTER_ADDR") or _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            master_addr=environ.get("MASTER_ADDR")
+            or _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             master_port=int(environ.get("MASTER_PORT") or 20000 + job % 20000),
         )
-    return DistEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=int(environ.get("MASTER_PORT") or _free_port()))
+    return DistEnv(
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        master_addr="127.0.0.1",
+        master_port=int(environ.get("MASTER_PORT") or _free_port()),
+    )
 
 
 def slurm_job(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
@@ -83,7 +96,15 @@ def slurm_job(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
     return environ.get("SLURM_JOB_ID", ""), int(environ.get("SLURM_RESTART_COUNT") or 0)
 
 
-LAUNCH_INTS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+LAUNCH_INTS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 def check_launch(environ: Mapping[str, str]) -> None:
@@ -93,22 +114,36 @@ def check_launch(environ: Mapping[str, str]) -> None:
     from .errors import UserError
 
     for k in LAUNCH_INTS:
-        if k in environ and not environ[k].strip().isdigit() and (environ[k].strip() or k != "MASTER_PORT"):  # "" port: pick one
-            raise UserError(f"{k}={environ[k]!r} is not a non-negative integer; fix the launcher's environment (or unset {k} to run one process)")
+        if (
+            k in environ and not environ[k].strip().isdigit() and (environ[k].strip() or k != "MASTER_PORT")
+        ):  # "" port: pick one
+            raise UserError(
+                f"{k}={environ[k]!r} is not a non-negative integer; fix the launcher's environment (or unset {k} to run one process)"
+            )
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world, names = int(environ["RANK"]), int(environ["WORLD_SIZE"]), ("RANK", "WORLD_SIZE")
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        rank, world, names = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), ("SLURM_PROCID", "SLURM_NTASKS")
+        rank, world, names = (
+            int(environ["SLURM_PROCID"]),
+            int(environ["SLURM_NTASKS"]),
+            ("SLURM_PROCID", "SLURM_NTASKS"),
+        )
         step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", ""))
-        if world > 1 and not (step.isdigit() and int(step) < 0xFFFFFFF0):  # batch, extern and interactive steps are special ids
-            raise UserError(f"SLURM_NTASKS={world} but this process was not started by srun (no job step: SLURM_STEP_ID is "
-                            f"{'unset' if not step else repr(step)}), so rank 0 would wait forever for {world - 1} ranks that never start; "
-                            "launch with srun, e.g. `srun python launch/train.py CONFIG` in the batch script (as slurm/job.sh does)")
+        if world > 1 and not (
+            step.isdigit() and int(step) < 0xFFFFFFF0
+        ):  # batch, extern and interactive steps are special ids
+            raise UserError(
+                f"SLURM_NTASKS={world} but this process was not started by srun (no job step: SLURM_STEP_ID is "
+                f"{'unset' if not step else repr(step)}), so rank 0 would wait forever for {world - 1} ranks that never start; "
+                "launch with srun, e.g. `srun python launch/train.py CONFIG` in the batch script (as slurm/job.sh does)"
+            )
     else:
         return
     if world < 1 or rank >= world:
-        raise UserError(f"{names[0]}={rank} with {names[1]}={world}: the rank must be below the world size; fix the launcher's "
-                        f"environment (or unset {names[0]} and {names[1]} to run one process)")
+        raise UserError(
+            f"{names[0]}={rank} with {names[1]}={world}: the rank must be below the world size; fix the launcher's "
+            f"environment (or unset {names[0]} and {names[1]} to run one process)"
+        )
 
 
 def device_index(local_rank: int, visible_gpus: int) -> int | None:
@@ -126,8 +161,9 @@ def _device_id_supported(torch) -> bool:
     2.6.0 < torch < 2.7.1 (pytorch#153960), so it is not passed there."""
     import inspect
 
-    return ("device_id" in inspect.signature(torch.distributed.init_process_group).parameters
-            and not ("2.6.0" < torch.__version__ < "2.7.1"))
+    return "device_id" in inspect.signature(torch.distributed.init_process_group).parameters and not (
+        "2.6.0" < torch.__version__ < "2.7.1"
+    )
 
 
 @dataclass(frozen=True)
@@ -138,15 +174,22 @@ class DevicePlan:
     bind_device: bool  # pass device_id to init_process_group (NCCL binds this rank's GPU eagerly)
 
 
-def plan_devices(env: DistEnv, visible_gpus: int, backend: str = "auto", device_id_ok: bool = True) -> DevicePlan:
+def plan_devices(
+    env: DistEnv, visible_gpus: int, backend: str = "auto", device_id_ok: bool = True
+) -> DevicePlan:
     """What `init` does for a rank, decided without touching a device (unit-tested per launcher layout)."""
     index = device_index(env.local_rank, visible_gpus)
     if backend == "auto":
         backend = "nccl" if index is not None else "gloo"
-    exported = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
-                    # DeepSpeed takes LOCAL_RANK as the device index (engine, zero.Init): with one visible GPU per
-                    # task that index is 0 whatever the task's local rank
-                    LOCAL_RANK=str(env.local_rank if index is None else index))
+    exported = dict(
+        RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        MASTER_ADDR=env.master_addr,
+        MASTER_PORT=str(env.master_port),
+        # DeepSpeed takes LOCAL_RANK as the device index (engine, zero.Init): with one visible GPU per
+        # task that index is 0 whatever the task's local rank
+        LOCAL_RANK=str(env.local_rank if index is None else index),
+    )
     # binding makes torch split every later group from this one; a 1-rank job has no peer for that (DeepSpeed#8248)
     bind = index is not None and backend == "nccl" and env.world_size > 1 and device_id_ok
     return DevicePlan(index, backend, exported, bind)
@@ -160,7 +203,12 @@ def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
 
     check_launch(os.environ)
     env = env_from(os.environ)
-    plan = plan_devices(env, torch.cuda.device_count() if torch.cuda.is_available() else 0, backend, _device_id_supported(torch))
+    plan = plan_devices(
+        env,
+        torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        backend,
+        _device_id_supported(torch),
+    )
     if plan.index is not None:
         torch.cuda.set_device(plan.index)  # NCCL and every tensor of a collective live on the current device
     os.environ.update(plan.exported)
@@ -168,15 +216,21 @@ def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     if not torch.distributed.is_initialized():
         kw = {"device_id": torch.device("cuda", plan.index)} if plan.bind_device else {}
         torch.distributed.init_process_group(backend=plan.backend, timeout=timeout, **kw)
-    start_heartbeat(timeout.total_seconds())  # a rank dead for longer than a collective would wait stops every store wait
+    start_heartbeat(
+        timeout.total_seconds()
+    )  # a rank dead for longer than a collective would wait stops every store wait
     return env
 
 
-def device() -> "torch.device":  # noqa: F821 - torch is imported lazily
+def device() -> torch.device:  # noqa: F821 - torch is imported lazily
     """The device this rank computes and communicates on (set by `init`)."""
     import torch
 
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def patient_sum(what: str, value: float) -> float:
@@ -231,8 +285,14 @@ def all_sum(*values) -> list[float]:
     import torch.distributed as dist
 
     dev = device()
-    t = torch.stack([v.detach().to(dev, torch.float64) if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64, device=dev)
-                     for v in values])
+    t = torch.stack(
+        [
+            v.detach().to(dev, torch.float64)
+            if torch.is_tensor(v)
+            else torch.tensor(float(v), dtype=torch.float64, device=dev)
+            for v in values
+        ]
+    )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.cpu().tolist()

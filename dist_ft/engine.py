@@ -18,9 +18,9 @@ import torch
 
 from . import dist, engine_state, optim
 from . import precision as precision_
-from .precision import AUTOCAST, cpu_has_native_bf16, gpu_has_native_bf16, torch_dtype  # noqa: F401 (re-exported)
 from .config import Config
 from .errors import UserError
+from .precision import AUTOCAST, cpu_has_native_bf16, gpu_has_native_bf16, torch_dtype  # noqa: F401 (re-exported)
 
 
 def resolve_precision(requested: str) -> str:
@@ -35,10 +35,12 @@ def _bf16_gradients(cfg: Config) -> dict:
     accumulating micro-batches is refused; one micro-batch per step needs none."""
     if cfg.engine.zero_stage == 0:
         if cfg.train.grad_accum > 1:
-            raise UserError("engine.precision bf16 with engine.zero_stage 0 and train.grad_accum > 1: DeepSpeed would sum the "
-                            "micro-batches' gradients in bf16 (it has no fp32 accumulator at ZeRO-0), losing the small ones. "
-                            "Use engine.zero_stage: 1 (an fp32 accumulator; on one rank the same memory as 0), train.grad_accum: 1 "
-                            "or engine.precision: fp32 (precision auto picks bf16 on GPUs with compute capability 8+)")
+            raise UserError(
+                "engine.precision bf16 with engine.zero_stage 0 and train.grad_accum > 1: DeepSpeed would sum the "
+                "micro-batches' gradients in bf16 (it has no fp32 accumulator at ZeRO-0), losing the small ones. "
+                "Use engine.zero_stage: 1 (an fp32 accumulator; on one rank the same memory as 0), train.grad_accum: 1 "
+                "or engine.precision: fp32 (precision auto picks bf16 on GPUs with compute capability 8+)"
+            )
         return {"communication_data_type": "fp32"}
     return {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
 
@@ -59,10 +61,17 @@ def ds_config(cfg: Config, precision: str) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-            # torch's AdamW on CPU / without offload; DeepSpeedCPUAdam when states live on the CPU
-            "torch_adam": not e.offload_optimizer}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
+                # torch's AdamW on CPU / without offload; DeepSpeedCPUAdam when states live on the CPU
+                "torch_adam": not e.offload_optimizer,
+            },
+        },
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         **(_bf16_gradients(cfg) if precision == "bf16" else {}),
@@ -91,12 +100,17 @@ def zero3_init(cfg: Config, precision: str):
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> dist.DistEnv:
     """The process group on this rank's own device (`dist.init`), then DeepSpeed's communication layer on it."""
-    import deepspeed
     from datetime import timedelta
 
+    import deepspeed
+
     env = dist.init(backend, timeout_minutes)
-    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(
+        dist_backend=torch.distributed.get_backend(),
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
     return env
 
 
@@ -128,29 +142,50 @@ class Engine:
 
     def __init__(self, ds_engine, precision: str):
         self._ds, self.precision = ds_engine, precision
-        self.group_names = [g["name"] for g in self._groups()]  # the groups DeepSpeed kept (it drops empty ones), in order
-        self._model_states: dict | None = None  # bytes this rank holds for params / grads / optimizer, once measured
+        self.group_names = [
+            g["name"] for g in self._groups()
+        ]  # the groups DeepSpeed kept (it drops empty ones), in order
+        self._model_states: dict | None = (
+            None  # bytes this rank holds for params / grads / optimizer, once measured
+        )
         self._states_taken = False
 
     @classmethod
-    def build(cls, cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False) -> "Engine":
+    def build(
+        cls, cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False
+    ) -> Engine:
         """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO stage)."""
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
         t = cfg.train
-        sched = partial(optim.lr_lambda, warmup=t.warmup_steps, total=total_steps, schedule=t.schedule, min_ratio=t.min_lr_ratio)
+        sched = partial(
+            optim.lr_lambda,
+            warmup=t.warmup_steps,
+            total=total_steps,
+            schedule=t.schedule,
+            min_ratio=t.min_lr_ratio,
+        )
         config = ds_config(cfg, precision)
         leaves = {type(m) for m in model.modules() if type(m).__name__ == "TrainableTokensLayer"}
-        if leaves and cfg.engine.zero_stage == 3:  # peft reads its base embedding's weight directly: fetch it with the layer
+        if (
+            leaves and cfg.engine.zero_stage == 3
+        ):  # peft reads its base embedding's weight directly: fetch it with the layer
             deepspeed.utils.set_z3_leaf_modules(model, list(leaves))
         if load_universal:
             config["checkpoint"] = {"load_universal": True}
-        groups = optim.build(model.named_parameters(), t.weight_decay)  # decay by real shape (ZeRO-3: ds_shape)
-        fp32 = precision_.fp32_sources(model, precision, cfg.engine.zero_stage)  # DeepSpeed casts them to bf16 below
-        ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config,
-                                           lr_scheduler=lambda opt: LambdaLR(opt, sched))
-        engine_state.set_masters(ds, fp32)  # the fp32 masters start from the fp32 weights, not their bf16 rounding
+        groups = optim.build(
+            model.named_parameters(), t.weight_decay
+        )  # decay by real shape (ZeRO-3: ds_shape)
+        fp32 = precision_.fp32_sources(
+            model, precision, cfg.engine.zero_stage
+        )  # DeepSpeed casts them to bf16 below
+        ds, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=config, lr_scheduler=lambda opt: LambdaLR(opt, sched)
+        )
+        engine_state.set_masters(
+            ds, fp32
+        )  # the fp32 masters start from the fp32 weights, not their bf16 rounding
         del fp32
         engine = cls(ds, precision)
         engine.train()  # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
@@ -176,7 +211,9 @@ class Engine:
 
     @property
     def n_params(self) -> int:
-        return sum(getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters())  # full sizes under ZeRO-3
+        return sum(
+            getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters()
+        )  # full sizes under ZeRO-3
 
     @property
     def n_trainable(self) -> int:
@@ -187,10 +224,15 @@ class Engine:
         every rank. All ranks must call it (ZeRO-3 gathers)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        out, zero0 = {}, engine_state.zero0_masters(self._ds)  # ZeRO-0 bf16: DeepSpeed's getter has no masters there
+        out, zero0 = (
+            {},
+            engine_state.zero0_masters(self._ds),
+        )  # ZeRO-0 bf16: DeepSpeed's getter has no masters there
         for n, p in self._ds.module.named_parameters():
             if p.requires_grad:
-                master = zero0[id(p)] if id(p) in zero0 else safe_get_full_fp32_param(p)  # None: fp32 ZeRO-0 (the parameter)
+                master = (
+                    zero0[id(p)] if id(p) in zero0 else safe_get_full_fp32_param(p)
+                )  # None: fp32 ZeRO-0 (the parameter)
                 out[n] = (p.data if master is None else master).detach().float().cpu().clone()
         return out
 
@@ -210,10 +252,16 @@ class Engine:
         norm = None
         if boundary and self._model_states is None and ds.global_steps == 1:
             self._model_states = engine_state.model_state_bytes(ds)
-        if boundary and ds.zero_optimization_stage() == 0 and not (ds.bfloat16_enabled() or ds.fp16_enabled()):
+        if (
+            boundary
+            and ds.zero_optimization_stage() == 0
+            and not (ds.bfloat16_enabled() or ds.fp16_enabled())
+        ):
             # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced here
             grads = [p.grad for p in ds.module.parameters() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+            norm = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            )
         ds.step()
         if boundary and norm is None:
             n = ds.get_global_grad_norm()
@@ -249,14 +297,23 @@ class Engine:
         ones); Adam's moments and the step count stay. The schedule's shape always comes from the config (its
         lambda is not saved), so the current LR is recomputed from the new peak."""
         groups, sched = self._groups(), self._ds.lr_scheduler
-        optim.apply(groups, self.group_names, lr=lr, lr_factor=sched.lr_lambdas[0](sched.last_epoch), betas=betas, eps=eps,
-                    weight_decay=weight_decay)  # by the groups' names: DeepSpeed drops empty groups
+        optim.apply(
+            groups,
+            self.group_names,
+            lr=lr,
+            lr_factor=sched.lr_lambdas[0](sched.last_epoch),
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+        )  # by the groups' names: DeepSpeed drops empty groups
         sched.base_lrs = [lr] * len(groups)
         sched._last_lr = [g["lr"] for g in groups]
 
     def _groups(self) -> list[dict]:
         opt = self._ds.optimizer
-        return getattr(opt, "optimizer", opt).param_groups  # ZeRO / BF16_Optimizer wrap the torch / DeepSpeed Adam
+        return getattr(
+            opt, "optimizer", opt
+        ).param_groups  # ZeRO / BF16_Optimizer wrap the torch / DeepSpeed Adam
 
     to_universal = staticmethod(engine_state.to_universal)
 

@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from . import fsio
 from .errors import UserError
@@ -47,7 +50,13 @@ def save(engine, directory: Path) -> None:
 
     writer.save = save_and_announce
     try:
-        engine.save_checkpoint(str(directory), tag=TAG, client_state=info, save_latest=False, exclude_frozen_parameters=has_frozen(engine))
+        engine.save_checkpoint(
+            str(directory),
+            tag=TAG,
+            client_state=info,
+            save_latest=False,
+            exclude_frozen_parameters=has_frozen(engine),
+        )
     finally:
         if own:
             writer.save = inner
@@ -68,12 +77,28 @@ def load(engine, directory: Path) -> None:
 def to_universal(src: Path, dst: Path) -> None:
     """Convert the engine state saved in `src` to DeepSpeed's universal format (per-parameter fp32 weights and
     optimizer states, independent of world size and ZeRO stage) in `dst`, which the caller publishes."""
-    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src / TAG),
-                        "--output_folder", str(dst / TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(src / TAG),
+            "--output_folder",
+            str(dst / TAG),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
-        raise UserError(f"{src}: converting to a universal checkpoint for the new world size / ZeRO stage failed: "
-                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise UserError(
+            f"{src}: converting to a universal checkpoint for the new world size / ZeRO stage failed: "
+            f"{(r.stderr.strip().splitlines() or ['?'])[-1]}"
+        )
     # provide both names of the common state, so any stage can load what any stage saved
     have = [n for n in _COMMON_STATE if (dst / TAG / n).is_file()]
     if not have:
@@ -103,7 +128,9 @@ def model_state_bytes(engine) -> dict:
         buf = getattr(opt, "grads_in_partition", None)
         averaged = getattr(opt, "averaged_gradients", None)
         masters = getattr(opt, "single_partition_of_fp32_groups", None) or []
-        bf16_accumulators = getattr(opt, "fp32_groups_gradients_flat", None)  # BF16_Optimizer (bf16 ZeRO-1): fp32 grads
+        bf16_accumulators = getattr(
+            opt, "fp32_groups_gradients_flat", None
+        )  # BF16_Optimizer (bf16 ZeRO-1): fp32 grads
         if torch.is_tensor(buf):
             g_bytes = _nbytes([buf])
         elif bf16_accumulators:
@@ -116,9 +143,10 @@ def model_state_bytes(engine) -> dict:
             g_bytes = _nbytes(p.grad for p in params)
     inner = getattr(opt, "optimizer", opt)
     o_bytes = _nbytes(v for st in inner.state.values() for v in st.values())
-    o_bytes += _nbytes(p for g in inner.param_groups for p in g["params"] if id(p) not in own)  # fp32 master partitions
+    o_bytes += _nbytes(
+        p for g in inner.param_groups for p in g["params"] if id(p) not in own
+    )  # fp32 master partitions
     return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}
-
 
 
 def zero0_masters(engine) -> dict:
@@ -145,7 +173,9 @@ def set_masters(engine, sources: list) -> None:
 
     zero0 = zero0_masters(engine)
     if zero0:  # its init ran one Adam step on zero gradients (to create the states): undo its step count (else the first real
-        inner = engine.optimizer.optimizer  # update is 0.74 lr, bias-corrected as step 2) and its weight decay (below)
+        inner = (
+            engine.optimizer.optimizer
+        )  # update is 0.74 lr, bias-corrected as step 2) and its weight decay (below)
         for st in inner.state.values():
             if "step" in st:
                 st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0

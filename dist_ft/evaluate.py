@@ -68,7 +68,9 @@ def validation(engine, task, prep, cfg, env) -> dict:
 
 def _checked(tok, model, checks: list, max_new_tokens: int) -> list:
     """(question, greedy answer, whether it contains the expected string, case-insensitive) for each (prompt, expected)."""
-    answers = generate(tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
+    answers = generate(
+        tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True
+    )
     return [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
 
 
@@ -93,8 +95,13 @@ def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) ->
     samples = _checked(tok, model, checks, max_new_tokens)
     hits = sum(ok for _, _, ok in samples)
     loss = float(total) / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "accuracy": hits / len(samples) if samples else None,
-            "checked": len(samples), "samples": samples}
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50)),
+        "accuracy": hits / len(samples) if samples else None,
+        "checked": len(samples),
+        "samples": samples,
+    }
 
 
 def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
@@ -116,8 +123,12 @@ def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
 
     logps = _forward(model, batches(), lambda batch: batch_sequence_logps(model, batch).tolist())
     samples = _checked(tok, model, checks, max_new_tokens)
-    return {"logps": logps, "preferred": sum(c > r for c, r in logps) / max(1, len(logps)), "samples": samples,
-            "behaviour": sum(ok for *_, ok in samples) / max(1, len(samples))}
+    return {
+        "logps": logps,
+        "preferred": sum(c > r for c, r in logps) / max(1, len(logps)),
+        "samples": samples,
+        "behaviour": sum(ok for *_, ok in samples) / max(1, len(samples)),
+    }
 
 
 def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
@@ -135,20 +146,29 @@ def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
     for where, rec in read_records(cfg.train):
         examples, _ = task.examples(rec, where, cfg, tok)
         rows.append(examples if reward else examples[0])  # a pair is one row of two sequences
-    batches = (task.collate(rows[i : i + batch_size], cfg.max_seq_len, tok.pad_token_id, False) for i in range(0, len(rows), batch_size))
+    batches = (
+        task.collate(rows[i : i + batch_size], cfg.max_seq_len, tok.pad_token_id, False)
+        for i in range(0, len(rows), batch_size)
+    )
     total, n, sums = loss_sums(model, task, batches)
     return {**task.eval_metrics(float(total), n, tasks.MetricSums.read(sums)), "n": n}
 
 
 def fmt_score(s: dict) -> str:
-    acc = "n/a" if s["accuracy"] is None else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
+    acc = (
+        "n/a"
+        if s["accuracy"] is None
+        else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
+    )
     return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
 
 
 def fmt_pairs(s: dict) -> str:
     n = len(s["samples"])
-    return (f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | greedy answer as preferred "
-            f"{100 * s['behaviour']:.1f}% ({round(s['behaviour'] * n)}/{n})")
+    return (
+        f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | greedy answer as preferred "
+        f"{100 * s['behaviour']:.1f}% ({round(s['behaviour'] * n)}/{n})"
+    )
 
 
 def fmt_heads(s: dict, reward: bool) -> str:

@@ -27,7 +27,9 @@ def save_hf(model, tok, state_dict: dict, out: Path, extra=None) -> Path:
     return out
 
 
-def write_final(engine, cfg, tok, auto_class: str, out: Path, is_main: bool, base_sha256: str = "") -> str | None:
+def write_final(
+    engine, cfg, tok, auto_class: str, out: Path, is_main: bool, base_sha256: str = ""
+) -> str | None:
     """Every rank joins the gather of what was trained; rank 0 writes `out` and returns a note for the log (None
     elsewhere). An adapter run first checks that training left the frozen base as it found it."""
     if cfg.model.peft is None:
@@ -43,13 +45,19 @@ def write_final(engine, cfg, tok, auto_class: str, out: Path, is_main: bool, bas
 
     now = adapters.fingerprint(whole_params(engine.module))
     if now != base_sha256:
-        raise RuntimeError(f"the frozen base weights changed during training (sha256 {base_sha256[:12]} -> {now[:12]}): a bug, please report it")
+        raise RuntimeError(
+            f"the frozen base weights changed during training (sha256 {base_sha256[:12]} -> {now[:12]}): a bug, please report it"
+        )
     trained = engine.trainable_fp32()  # the adapter, whole, fp32 master values
     if not is_main:
         return None
     conf = copy.deepcopy(engine.module.peft_config["default"])
-    model, save_adapter = adapters.export(lambda: load_model(cfg.model, tok, torch.float32, auto_class, adapters=False), conf, trained)
+    model, save_adapter = adapters.export(
+        lambda: load_model(cfg.model, tok, torch.float32, auto_class, adapters=False), conf, trained
+    )
     save_hf(model, tok, model.state_dict(), out, extra=lambda tmp: save_adapter(tmp, tok))
     what = "merged model" if cfg.model.peft.method == "lora" else "base model"
-    return (f" ({what} + {out / adapters.ADAPTER_DIR}: {sum(v.numel() for v in trained.values()):,} trained parameters; "
-            f"base weights unchanged, sha256 {now[:12]})")
+    return (
+        f" ({what} + {out / adapters.ADAPTER_DIR}: {sum(v.numel() for v in trained.values()):,} trained parameters; "
+        f"base weights unchanged, sha256 {now[:12]})"
+    )

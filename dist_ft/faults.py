@@ -49,6 +49,7 @@ class Faults:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Faults:
         """The faults the DIST_FT_TEST_* variables of `environ` ask for (see the module docstring)."""
+
         def get(name: str, form: str, parse):
             value = environ.get(f"DIST_FT_TEST_{name}", "").strip()
             if not value:
@@ -56,8 +57,10 @@ class Faults:
             try:
                 return parse(value)
             except ValueError:
-                raise UserError(f"DIST_FT_TEST_{name}={value!r}: expected {form} (a test fault-injection variable; unset it "
-                                "to run normally)") from None
+                raise UserError(
+                    f"DIST_FT_TEST_{name}={value!r}: expected {form} (a test fault-injection variable; unset it "
+                    "to run normally)"
+                ) from None
 
         def pair(kind):
             def parse(value: str):
@@ -65,6 +68,7 @@ class Faults:
                 if not sep:
                     raise ValueError(value)
                 return int(first), kind(second)
+
             return parse
 
         def seconds(value: str) -> float:
@@ -77,13 +81,15 @@ class Faults:
             step, _, s = value.partition(":")
             return int(step), seconds(s) if s else PAUSE_S
 
-        return cls(kill_at_step=get("KILL_AT_STEP", "a step number N", int),
-                   pause_in_save=get("PAUSE_IN_SAVE", "STEP or STEP:SECONDS", pause),
-                   kill_rank_in_save=get("KILL_RANK_IN_SAVE", "STEP:RANK", pair(int)),
-                   corrupt_in_save=get("CORRUPT_IN_SAVE", "STEP:RANK", pair(int)),
-                   kill_after_shard=get("KILL_AFTER_SHARD", "a shard count N", int),
-                   slow_tokens=get("SLOW_TOKENS", "SECONDS (>= 0)", seconds),
-                   pause_in_setup=get("PAUSE_IN_SETUP", "SECONDS (>= 0)", seconds))
+        return cls(
+            kill_at_step=get("KILL_AT_STEP", "a step number N", int),
+            pause_in_save=get("PAUSE_IN_SAVE", "STEP or STEP:SECONDS", pause),
+            kill_rank_in_save=get("KILL_RANK_IN_SAVE", "STEP:RANK", pair(int)),
+            corrupt_in_save=get("CORRUPT_IN_SAVE", "STEP:RANK", pair(int)),
+            kill_after_shard=get("KILL_AFTER_SHARD", "a shard count N", int),
+            slow_tokens=get("SLOW_TOKENS", "SECONDS (>= 0)", seconds),
+            pause_in_setup=get("PAUSE_IN_SETUP", "SECONDS (>= 0)", seconds),
+        )
 
     def after_step(self, step: int, rank: int) -> None:
         """Step `step` is complete, its evaluation and checkpoint included (the loop calls this before it takes the

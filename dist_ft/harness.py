@@ -26,7 +26,7 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 def loglikelihood(tok, model, context: str, continuation: str) -> float:
@@ -36,7 +36,7 @@ def loglikelihood(tok, model, context: str, continuation: str) -> float:
     ctx, cont = encode_pair(tok, context, continuation)
     ids = torch.tensor([(ctx + cont)[:-1]])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -len(cont):].float()
+        logits = model(input_ids=ids).logits[0, -len(cont) :].float()
     return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).double().sum())
 
 
@@ -50,37 +50,69 @@ def _task_dir(tmp: Path) -> Path:
     return tmp
 
 
-def run(model_dir: str, tasks: list[str], include: str | None = None, limit: int | None = None, batch_size: int = 8,
-        out: Path | None = None) -> dict:
+def run(
+    model_dir: str,
+    tasks: list[str],
+    include: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    out: Path | None = None,
+) -> dict:
     """Run lm-eval's HF backend (fp32, CPU unless a GPU is there) on `model_dir`; returns its results dict and writes
     them, with each sample's per-choice log-likelihoods, to `out` (default: <model_dir>/../eval/lm-eval-<tasks>.json)."""
     if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"--model '{model_dir}': not an exported model directory (expected config.json inside)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model and the shipped data are local; never wait on the hub
+        raise UserError(
+            f"--model '{model_dir}': not an exported model directory (expected config.json inside)"
+        )
+    os.environ.setdefault(
+        "HF_HUB_OFFLINE", "1"
+    )  # the model and the shipped data are local; never wait on the hub
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("--harness lm-eval needs the lm-eval package: pip install 'dist_ft[eval]' (or pip install lm-eval)") from None
+        raise UserError(
+            "--harness lm-eval needs the lm-eval package: pip install 'dist_ft[eval]' (or pip install lm-eval)"
+        ) from None
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
         manager = TaskManager(include_path=[str(_task_dir(Path(tmp)))] + ([include] if include else []))
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
-            raise UserError(f"--tasks: no lm-eval task {unknown[0]!r} (shipped here: {', '.join(p.stem for p in SHIPPED.glob('*.yaml'))}; "
-                            "your own: --include DIR with its YAML)")
+            raise UserError(
+                f"--tasks: no lm-eval task {unknown[0]!r} (shipped here: {', '.join(p.stem for p in SHIPPED.glob('*.yaml'))}; "
+                "your own: --include DIR with its YAML)"
+            )
         t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32"}, tasks=tasks,
-                                      task_manager=manager, batch_size=batch_size, limit=limit, log_samples=True,
-                                      device="cuda" if torch.cuda.is_available() else "cpu")
+        res = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": str(model_dir), "dtype": "float32"},
+            tasks=tasks,
+            task_manager=manager,
+            batch_size=batch_size,
+            limit=limit,
+            log_samples=True,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
     seconds = time.perf_counter() - t0
     out = out or Path(model_dir).resolve().parent / "eval" / f"lm-eval-{'-'.join(tasks)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    samples = {t: [{"doc": s["doc"], "target": s["target"], "loglikelihoods": [float(r[0][0]) for r in s["resps"]]}
-                   for s in res.get("samples", {}).get(t, [])] for t in tasks}
-    saved = {"model": str(model_dir), "tasks": tasks, "seconds": round(seconds, 1), "results": res["results"], "samples": samples}
+    samples = {
+        t: [
+            {"doc": s["doc"], "target": s["target"], "loglikelihoods": [float(r[0][0]) for r in s["resps"]]}
+            for s in res.get("samples", {}).get(t, [])
+        ]
+        for t in tasks
+    }
+    saved = {
+        "model": str(model_dir),
+        "tasks": tasks,
+        "seconds": round(seconds, 1),
+        "results": res["results"],
+        "samples": samples,
+    }
     out.write_text(json.dumps(saved, indent=1, default=str))
     return {**saved, "path": str(out)}
 
@@ -88,6 +120,10 @@ def run(model_dir: str, tasks: list[str], include: str | None = None, limit: int
 def table(saved: dict) -> str:
     lines = []
     for task, metrics in saved["results"].items():
-        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k)
+        shown = ", ".join(
+            f"{k.split(',')[0]} {v:.4f}"
+            for k, v in metrics.items()
+            if isinstance(v, float) and "stderr" not in k
+        )
         lines.append(f"{task}: {shown} ({len(saved['samples'].get(task, []))} samples)")
     return "\n".join(lines + [f"saved {saved['path']} ({saved['seconds']} s)"])

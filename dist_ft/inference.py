@@ -30,17 +30,25 @@ def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = 
     from .model import grow_embeddings
 
     if not Path(model_dir).is_dir() or not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"--model '{model_dir}': not an exported model directory (expected config.json inside, e.g. runs/demo/final)")
+        raise UserError(
+            f"--model '{model_dir}': not an exported model directory (expected config.json inside, e.g. runs/demo/final)"
+        )
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"--adapter '{adapter}': not an adapter directory (expected adapter_config.json inside, e.g. runs/demo/final/adapter)")
+        raise UserError(
+            f"--adapter '{adapter}': not an adapter directory (expected adapter_config.json inside, e.g. runs/demo/final/adapter)"
+        )
     if adapter is None and needs_applying(Path(model_dir) / ADAPTER_DIR):
         adapter = str(Path(model_dir) / ADAPTER_DIR)
-    tok_dir = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    tok_dir = (
+        adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    )
     tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
     auto = AutoModelForSequenceClassification if is_sequence_head(model_dir) else AutoModelForCausalLM
     model = auto.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if not tok.chat_template:
-        raise UserError(f"--model '{model_dir}': tokenizer has no chat template; export it with dist-ft train (which saves one)")
+        raise UserError(
+            f"--model '{model_dir}': tokenizer has no chat template; export it with dist-ft train (which saves one)"
+        )
     if adapter is not None:
         grow_embeddings(model, len(tok))  # the rows the run's tokenizer added, as training made them
         model.generation_config.eos_token_id = stop_token_ids(tok)
@@ -60,12 +68,25 @@ def is_sequence_head(model_dir: str) -> bool:
 def _generation_kwargs(model, temperature: float, top_p: float) -> dict:
     """Sampling (temperature 0: greedy) and, for a prefix-tuned model, no KV cache: it enters its virtual tokens as a
     cache, which generate()'s own cache drops (peft 0.21 with transformers 5: the answer would be the base model's)."""
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     return {**sampling, **({"use_cache": False} if is_prefix_tuned(model) else {})}
 
 
-def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int = 256, temperature: float = 0.7,
-             top_p: float = 0.9, batch_size: int = 16, progress: bool = False) -> list[str]:
+def generate(
+    tok,
+    model,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[str]:
     """The assistant's next reply to each conversation (temperature 0: greedy), `batch_size` conversations per
     generate() call (left-padded; one at a time for a prefix-tuned model); `progress` shows a bar. (`stream` yields
     one reply as it is generated.)"""
@@ -75,14 +96,27 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
     kw, stops = _generation_kwargs(model, temperature, top_p), stop_token_ids(tok)
     size = 1 if "use_cache" in kw else max(1, batch_size)
     replies, side = [], tok.padding_side
-    bar = tqdm(total=len(conversations), desc="generate", unit=" replies", disable=not progress or len(conversations) < 2)
+    bar = tqdm(
+        total=len(conversations),
+        desc="generate",
+        unit=" replies",
+        disable=not progress or len(conversations) < 2,
+    )
     try:
         tok.padding_side = "left"  # every prompt ends where generation starts
         for i in range(0, len(conversations), size):
             chunk = conversations[i : i + size]
-            enc = tok.apply_chat_template(chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True)
+            enc = tok.apply_chat_template(
+                chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+            )
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stops, **kw)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=stops,
+                    **kw,
+                )
             width = enc["input_ids"].shape[1]
             replies += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
             bar.update(len(chunk))
@@ -96,15 +130,27 @@ def generate(tok, model, conversations: list[list[dict]], *, max_new_tokens: int
 class Delta:
     text: str  # text added since the previous delta ("" possible)
     tokens: int  # tokens generated so far (the stop token included)
-    finish: str | None = None  # set on the last delta: "stop" (end of turn or a stop string), "length", "cancelled"
+    finish: str | None = (
+        None  # set on the last delta: "stop" (end of turn or a stop string), "length", "cancelled"
+    )
 
 
 GREEDY_BELOW = 1e-3  # temperatures under this sample greedily (1e-45 would overflow the softmax)
 
 
-def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-           stop: tuple[str, ...] = (), cancel: threading.Event | None = None, seed: int | None = None,
-           faults: Faults = NONE) -> Iterator[Delta]:
+def stream(
+    tok,
+    model,
+    input_ids: list[int],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    stop: tuple[str, ...] = (),
+    cancel: threading.Event | None = None,
+    seed: int | None = None,
+    faults: Faults = NONE,
+) -> Iterator[Delta]:
     """Generate from `input_ids` on a background thread and yield the text as tokens arrive: the deltas concatenate to
     what `generate` returns for the same prompt (the decoded reply, stripped of surrounding whitespace), cut before the
     first of the `stop` strings. Setting `cancel` (the client went away) stops generation at the next token.
@@ -115,7 +161,11 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
 
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
     from transformers.generation.streamers import BaseStreamer
 
     q: queue.Queue = queue.Queue()
@@ -146,8 +196,11 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
         def __init__(self):
             top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
             top_k = 50 if top_k is None else top_k
-            self.warpers = [TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k > 0 else []),
-                            *([TopPLogitsWarper(top_p)] if top_p < 1 else [])]
+            self.warpers = [
+                TemperatureLogitsWarper(temperature),
+                *([TopKLogitsWarper(top_k)] if top_k > 0 else []),
+                *([TopPLogitsWarper(top_p)] if top_p < 1 else []),
+            ]
             self.rng: torch.Generator | None = None
 
         def __call__(self, ids, scores):
@@ -165,10 +218,22 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
         try:
             with torch.no_grad():
                 ids = torch.tensor([input_ids])
-                sampled = {"logits_processor": LogitsProcessorList([Sample()])} if temperature >= GREEDY_BELOW else {}
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=Tokens(),
-                               eos_token_id=stops, pad_token_id=tok.pad_token_id, stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                               **_generation_kwargs(model, 0.0, top_p), **sampled)
+                sampled = (
+                    {"logits_processor": LogitsProcessorList([Sample()])}
+                    if temperature >= GREEDY_BELOW
+                    else {}
+                )
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    streamer=Tokens(),
+                    eos_token_id=stops,
+                    pad_token_id=tok.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                    **_generation_kwargs(model, 0.0, top_p),
+                    **sampled,
+                )
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             q.put(e)
         finally:
@@ -191,10 +256,19 @@ def stream(tok, model, input_ids: list[int], *, max_new_tokens: int = 256, tempe
         if hit:
             cut = True
             cancel.set()
-        if body.startswith(sent) and not body.endswith("\ufffd"):  # (a multi-byte character may be incomplete)
-            yield Delta(body[len(sent):], len(ids))
+        if body.startswith(sent) and not body.endswith(
+            "\ufffd"
+        ):  # (a multi-byte character may be incomplete)
+            yield Delta(body[len(sent) :], len(ids))
             sent = body
     body, _ = reply_so_far()
-    finish = ("stop" if cut or (ids and ids[-1] in stops) else "cancelled" if cancel.is_set()
-              else "length" if len(ids) >= max_new_tokens else "stop")
-    yield Delta(body[len(sent):] if body.startswith(sent) else "", len(ids), finish)
+    finish = (
+        "stop"
+        if cut or (ids and ids[-1] in stops)
+        else "cancelled"
+        if cancel.is_set()
+        else "length"
+        if len(ids) >= max_new_tokens
+        else "stop"
+    )
+    yield Delta(body[len(sent) :] if body.startswith(sent) else "", len(ids), finish)

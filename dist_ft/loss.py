@@ -49,9 +49,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk: int):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        total, g_h, g_w, g_b = _chunked(h, weight, bias, targets, chunk, need_h, need_w, bias is not None and need_b)
+        total, g_h, g_w, g_b = _chunked(
+            h, weight, bias, targets, chunk, need_h, need_w, bias is not None and need_b
+        )
         # kept until backward in the dtype of what they are gradients of, as autograd would hand them over
-        ctx.save_for_backward(g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype))
+        ctx.save_for_backward(
+            g_h, None if g_w is None else g_w.to(weight.dtype), None if g_b is None else g_b.to(bias.dtype)
+        )
         return total
 
     @staticmethod
@@ -59,8 +63,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return *(None if g is None else g * grad_out.to(g.dtype) for g in ctx.saved_tensors), None, None
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                         chunk: int) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """sum_i -log softmax(h_i W^T + b)[targets_i], fp32, `chunk` positions at a time (0: all at once).
     `h` is [n, hidden] (only loss-bearing positions), `targets` [n]."""
     if not torch.is_grad_enabled():  # evaluation: no gradients to compute ahead
@@ -106,7 +111,9 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
     if _fusable(model, head, chunk):
         fused = []
 
-        def fused_head(hidden: torch.Tensor) -> torch.Tensor:  # runs inside the head module's call (and its hooks)
+        def fused_head(
+            hidden: torch.Tensor,
+        ) -> torch.Tensor:  # runs inside the head module's call (and its hooks)
             fused.append(linear_cross_entropy(kept(hidden), head.weight, head.bias, targets, chunk))
             return fused[-1]
 
@@ -118,7 +125,9 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
         # the same numbers, maybe re-wrapped (ZeRO-3's backward hook returns a detached view of the output); a
         # model that softcaps or scales its logits would return new ones, and the fused loss would be wrong for it
         if out.shape != () or out.data_ptr() != fused[-1].data_ptr():
-            raise RuntimeError(f"{type(model).__name__} changes its output layer's result before returning it; set engine.loss_chunk_tokens=0")
+            raise RuntimeError(
+                f"{type(model).__name__} changes its output layer's result before returning it; set engine.loss_chunk_tokens=0"
+            )
         return out
     handle = head.register_forward_pre_hook(lambda _, args: (kept(args[0]),)) if head is not None else None
     try:
@@ -147,10 +156,14 @@ def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) 
     finally:
         handle.remove()
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-    return torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(0, seq_of_loss.to(dev), logp.double())
+    return torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(
+        0, seq_of_loss.to(dev), logp.double()
+    )
 
 
 def batch_sequence_logps(engine, batch: Batch) -> torch.Tensor:
     """`sequence_logps` of a pairwise task's batch, whose `extra` maps its loss positions to sequences (`seq_of_loss`,
     `n_seq`); a padding batch (`Batch.without_loss`) keeps the forward and scores nothing."""
-    return sequence_logps(engine, batch, batch.extra["seq_of_loss"][: batch.loss_index.numel()], batch.extra["n_seq"])
+    return sequence_logps(
+        engine, batch, batch.extra["seq_of_loss"][: batch.loss_index.numel()], batch.extra["n_seq"]
+    )

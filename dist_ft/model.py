@@ -18,8 +18,10 @@ POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequenc
 
 def _require_flash_attn() -> None:
     if importlib.util.find_spec("flash_attn") is None:
-        raise UserError("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed; "
-                        "pip install flash-attn --no-build-isolation (on a CUDA machine), or set model.attn_implementation: sdpa")
+        raise UserError(
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed; "
+            "pip install flash-attn --no-build-isolation (on a CUDA machine), or set model.attn_implementation: sdpa"
+        )
 
 
 def attn_implementation(requested: str) -> str:
@@ -33,7 +35,10 @@ def attn_implementation(requested: str) -> str:
     if not torch.cuda.is_available():
         import sys
 
-        print("note: model.attn_implementation: flash_attention_2 is unavailable (there is no CUDA GPU); using sdpa", file=sys.stderr)
+        print(
+            "note: model.attn_implementation: flash_attention_2 is unavailable (there is no CUDA GPU); using sdpa",
+            file=sys.stderr,
+        )
         return "sdpa"
     return requested
 
@@ -55,12 +60,22 @@ def preflight(cfg: ModelConfig, max_seq_len: int) -> None:
     key = next((k for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
     if key is not None and max_seq_len > getattr(config, key):
         n = getattr(config, key)
-        raise UserError(f"data.max_seq_len {max_seq_len} is above the model's {key} {n} (model.path '{cfg.path}'), so rows "
-                        f"would run past its last position; set data.max_seq_len to {n} or less")
+        raise UserError(
+            f"data.max_seq_len {max_seq_len} is above the model's {key} {n} (model.path '{cfg.path}'), so rows "
+            f"would run past its last position; set data.max_seq_len to {n} or less"
+        )
 
 
-def load_model(cfg: ModelConfig, tok, dtype=None, auto_class: str = "AutoModelForCausalLM", adapters: bool = True,
-               init=contextlib.nullcontext, gather=lambda *params: contextlib.nullcontext(), head: dict | None = None):
+def load_model(
+    cfg: ModelConfig,
+    tok,
+    dtype=None,
+    auto_class: str = "AutoModelForCausalLM",
+    adapters: bool = True,
+    init=contextlib.nullcontext,
+    gather=lambda *params: contextlib.nullcontext(),
+    head: dict | None = None,
+):
     """`auto_class`: the transformers Auto class the task's head needs. With `model.peft`, the model comes wrapped
     in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge). `init()`: the context the base
     is built in (ZeRO-3: partitioned as it loads); the adapters are added after it, with `gather(params)` making the

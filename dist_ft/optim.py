@@ -29,8 +29,10 @@ def build(named_parameters, weight_decay: float) -> list[dict]:
     for _, p in named_parameters:
         if p.requires_grad:
             (decay if real_ndim(p) >= 2 else no_decay).append(p)
-    return [{"name": DECAY, "params": decay, "weight_decay": weight_decay},
-            {"name": NO_DECAY, "params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"name": DECAY, "params": decay, "weight_decay": weight_decay},
+        {"name": NO_DECAY, "params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def weight_decay_of(name: str, weight_decay: float) -> float:
@@ -39,15 +41,30 @@ def weight_decay_of(name: str, weight_decay: float) -> float:
     return weight_decay if name == DECAY else 0.0
 
 
-def apply(groups: list[dict], names: list[str], *, lr: float, lr_factor: float, betas, eps: float, weight_decay: float) -> None:
+def apply(
+    groups: list[dict],
+    names: list[str],
+    *,
+    lr: float,
+    lr_factor: float,
+    betas,
+    eps: float,
+    weight_decay: float,
+) -> None:
     """Put the config's AdamW settings on the optimizer's `groups` (after a checkpoint restored the saved ones), the
     group at index i being `names[i]` (recorded when the engine was built: a checkpoint saved before the groups
     had names restores groups without them). `lr_factor`: the schedule's multiplier now."""
     if len(names) != len(groups):
         raise ValueError(f"{len(groups)} optimizer parameter groups, {len(names)} names")
     for name, g in zip(names, groups):
-        g.update(name=name, betas=tuple(betas), eps=eps, weight_decay=weight_decay_of(name, weight_decay),
-                 initial_lr=lr, lr=lr * lr_factor)
+        g.update(
+            name=name,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay_of(name, weight_decay),
+            initial_lr=lr,
+            lr=lr * lr_factor,
+        )
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

@@ -39,17 +39,23 @@ def resolve(requested: str, cpu_native=cpu_has_native_bf16) -> str:
     on_gpu = torch.cuda.is_available()
     if requested == "auto":
         if on_gpu:
-            return "bf16" if gpu_has_native_bf16() else "fp16"  # fp16 runs with DeepSpeed's dynamic loss scaling
+            return (
+                "bf16" if gpu_has_native_bf16() else "fp16"
+            )  # fp16 runs with DeepSpeed's dynamic loss scaling
         # emulated bf16 on CPUs without AVX512-BF16/AMX is many times slower than fp32
         return "bf16" if cpu_native() else "fp32"
     if requested == "fp16" and not on_gpu:
-        raise UserError("engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use fp32 or bf16")
+        raise UserError(
+            "engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use fp32 or bf16"
+        )
     return requested
 
 
 def torch_dtype(precision: str) -> torch.dtype:
     """The dtype of the module's weights while training."""
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, AUTOCAST: torch.float32}[precision]
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, AUTOCAST: torch.float32}[
+        precision
+    ]
 
 
 def autocast_section(precision: str) -> dict:

@@ -19,20 +19,65 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 from urllib.parse import quote
 
 MASK = "***"
 STORAGE_OPTIONS = "DIST_FT_STORAGE_OPTIONS"
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-              "HUGGINGFACE_HUB_TOKEN", "WANDB_API_KEY", "DIST_FT_API_KEY", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY",
-              "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_CLIENT_SECRET", "GOOGLE_API_KEY", "OPENAI_API_KEY")
+SECRET_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HUGGINGFACE_HUB_TOKEN",
+    "WANDB_API_KEY",
+    "DIST_FT_API_KEY",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_ACCOUNT_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_CLIENT_SECRET",
+    "GOOGLE_API_KEY",
+    "OPENAI_API_KEY",
+)
 # query parameters whose value is a credential (matched whole and case-insensitively after `?`, `&` or `;`)
-SECRET_PARAMS = ("sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "x-goog-signature",
-                 "x-goog-credential", "x-goog-security-token", "googleaccessid", "awsaccesskeyid", "token", "access_token",
-                 "refresh_token", "id_token", "auth", "auth_token", "api_key", "api-key", "apikey", "key", "access_key",
-                 "secret", "secret_key", "client_secret", "password", "passwd", "pwd", "sas", "sas_token", "code",
-                 "policy", "key-pair-id", "session_token", "security_token")
+SECRET_PARAMS = (
+    "sig",
+    "signature",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+    "x-goog-security-token",
+    "googleaccessid",
+    "awsaccesskeyid",
+    "token",
+    "access_token",
+    "refresh_token",
+    "id_token",
+    "auth",
+    "auth_token",
+    "api_key",
+    "api-key",
+    "apikey",
+    "key",
+    "access_key",
+    "secret",
+    "secret_key",
+    "client_secret",
+    "password",
+    "passwd",
+    "pwd",
+    "sas",
+    "sas_token",
+    "code",
+    "policy",
+    "key-pair-id",
+    "session_token",
+    "security_token",
+)
 _SECRET_KEY_NAME = re.compile(r"(?i)key|secret|token|passw|credential|signature|sas|auth|connection")
 
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*:/{1,3}"  # one slash too: pathlib turns `s3://` into `s3:/`
@@ -40,9 +85,13 @@ _STOP = r"\s'\"<>`"
 # scheme://userinfo@ : userinfo without `/` (any `:` / `@` in it: up to the last `@` before a `/`), or `user:` and
 # then anything, `/` included, up to the last `@` before whitespace or a quote
 _USERINFO = re.compile(rf"({_SCHEME})((?:[^{_STOP}/:@]*:[^{_STOP}]*|[^{_STOP}/]*)@)")
-_PARAMS = re.compile(rf"(?i)([?&;](?:{'|'.join(re.escape(p) for p in sorted(SECRET_PARAMS, key=len, reverse=True))})=)[^&#;{_STOP}]+")
+_PARAMS = re.compile(
+    rf"(?i)([?&;](?:{'|'.join(re.escape(p) for p in sorted(SECRET_PARAMS, key=len, reverse=True))})=)[^&#;{_STOP}]+"
+)
 _AZURE = re.compile(r"(?i)\b((?:AccountKey|SharedAccessKey|SharedAccessSignature)=)[^;\s'\"]+")
-_BEARER = re.compile(r"(?i)(\bbearer\s+|\bauthorization\s*[:=]\s*(?:basic\s+)?)(?!\*\*\*)[A-Za-z0-9._~+/=\-]{8,}")
+_BEARER = re.compile(
+    r"(?i)(\bbearer\s+|\bauthorization\s*[:=]\s*(?:basic\s+)?)(?!\*\*\*)[A-Za-z0-9._~+/=\-]{8,}"
+)
 _HF_TOKEN = re.compile(r"\b(hf_|api_org_)[A-Za-z0-9]{16,}\b")
 
 
@@ -65,11 +114,13 @@ def option_values(opts, all_values: bool = True) -> list[str]:
     return out
 
 
-def env_secrets(environ: Optional[Mapping[str, str]] = None, all_values: bool = True) -> list[str]:
+def env_secrets(environ: Mapping[str, str] | None = None, all_values: bool = True) -> list[str]:
     """The secret strings this environment holds: $DIST_FT_STORAGE_OPTIONS' values (`option_values`) and the
     usual credential variables'. Never raises (an unparsable $DIST_FT_STORAGE_OPTIONS is masked whole)."""
     environ = os.environ if environ is None else environ
-    out = [environ[k] for k in SECRET_ENV if len(environ.get(k) or "") >= 8]  # shorter ones are not real credentials
+    out = [
+        environ[k] for k in SECRET_ENV if len(environ.get(k) or "") >= 8
+    ]  # shorter ones are not real credentials
     raw = (environ.get(STORAGE_OPTIONS) or "").strip()
     if raw:
         try:
@@ -79,7 +130,7 @@ def env_secrets(environ: Optional[Mapping[str, str]] = None, all_values: bool = 
     return out
 
 
-def scrub(text: str, extra_secrets: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> str:
+def scrub(text: str, extra_secrets: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> str:
     """`text` with every secret it holds masked (see the module doc). `environ`: where the storage options and
     credential variables are read (default os.environ); pass {} to mask by pattern and `extra_secrets` only."""
     if not text:
@@ -94,7 +145,7 @@ def scrub(text: str, extra_secrets: Iterable[str] = (), environ: Optional[Mappin
     return _HF_TOKEN.sub(rf"\1{MASK}", text)
 
 
-def url_secret(value: str) -> Optional[str]:
+def url_secret(value: str) -> str | None:
     """What secret a config value (a path or URL) holds: 'credentials' (user:secret@ in it), or the token query
     parameter's name; None when it holds none."""
     if _USERINFO.search(value):

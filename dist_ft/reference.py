@@ -33,13 +33,25 @@ def starting_point(cfg, task, prep: Prepared, engine, precision: str, env) -> st
     if not task.reference:
         return ""
     sha = fingerprint(whole_params(engine.module, frozen_only=False))
-    attach(prep, engine, key(sha, precision, prep), cfg.data.cache_path(), cfg.train.micro_batch_size, env,
-           print if env.is_main else lambda *_: None)
+    attach(
+        prep,
+        engine,
+        key(sha, precision, prep),
+        cfg.data.cache_path(),
+        cfg.train.micro_batch_size,
+        env,
+        print if env.is_main else lambda *_: None,
+    )
     return sha
 
 
 def key(weights_sha256: str, precision: str, prep: Prepared) -> str:
-    parts = {"weights": weights_sha256, "precision": precision, "data": prep.fingerprint, "validation": len(prep.val.items) if prep.val else 0}
+    parts = {
+        "weights": weights_sha256,
+        "precision": precision,
+        "data": prep.fingerprint,
+        "validation": len(prep.val.items) if prep.val else 0,
+    }
     return fsio.sha256_bytes(json.dumps(parts, sort_keys=True).encode())
 
 
@@ -80,7 +92,9 @@ def _write(paths: list[Path], k: str, refs: dict) -> Path:
     raise OSError(f"cannot write reference log-probs to {' or '.join(str(p.parent) for p in paths)}")
 
 
-def _score(engine, prep: Prepared, rows, ids_of, n_rows: int, n_ex: int, micro: int, rank: int, world: int) -> torch.Tensor:
+def _score(
+    engine, prep: Prepared, rows, ids_of, n_rows: int, n_ex: int, micro: int, rank: int, world: int
+) -> torch.Tensor:
     """Summed completion log-prob of every example of `rows`, [n_ex] fp64, each rank scoring rows rank::world (and
     running as many forwards as every other rank, so ZeRO-3's gathers stay in step)."""
     out = torch.zeros(n_ex, dtype=torch.float64, device=engine.device)
@@ -102,14 +116,37 @@ def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) ->
     refs = dist.broadcast_object(_read(paths, k, sizes) if env.is_main else None)
     if refs is None:
         t0, n = time.perf_counter(), sum(sizes.values())
-        log(f"reference: scoring {n:,} sequences with the starting model (once; stored under its weights' hash {k[:12]})")
+        log(
+            f"reference: scoring {n:,} sequences with the starting model (once; stored under its weights' hash {k[:12]})"
+        )
         engine.eval()
         train = prep.train.items
-        refs = {"train": _score(engine, prep, train.__getitem__, train.example_ids, len(train), sizes["train"], micro, env.rank, env.world_size)}
+        refs = {
+            "train": _score(
+                engine,
+                prep,
+                train.__getitem__,
+                train.example_ids,
+                len(train),
+                sizes["train"],
+                micro,
+                env.rank,
+                env.world_size,
+            )
+        }
         if prep.val:
             starts = np.cumsum([0] + [len(r) for r in prep.val.items])
-            refs["validation"] = _score(engine, prep, prep.val.items.__getitem__, lambda i: range(starts[i], starts[i + 1]),
-                                        len(prep.val.items), sizes["validation"], micro, env.rank, env.world_size)
+            refs["validation"] = _score(
+                engine,
+                prep,
+                prep.val.items.__getitem__,
+                lambda i: range(starts[i], starts[i + 1]),
+                len(prep.val.items),
+                sizes["validation"],
+                micro,
+                env.rank,
+                env.world_size,
+            )
         engine.train()
         refs = {s: v.cpu().numpy() for s, v in refs.items()}
         if env.is_main:

@@ -89,9 +89,13 @@ class _Liveness:
     def dead(self, store, arrival_keys: list[str]) -> list[tuple[int, float]]:
         """(rank, seconds without a beat) of ranks that have not arrived and whose heartbeat is older than the bound."""
         now = time.monotonic()
-        if now - self.last < self.interval:  # (the first look after one interval of waiting: most waits are short)
+        if (
+            now - self.last < self.interval
+        ):  # (the first look after one interval of waiting: most waits are short)
             return []
-        if now - self.last > max(3 * self.interval, 5.0):  # this waiter did not run for a while (stopped, suspended): afresh
+        if now - self.last > max(
+            3 * self.interval, 5.0
+        ):  # this waiter did not run for a while (stopped, suspended): afresh
             self.seen.clear()
         self.last = now
         stale = []
@@ -107,10 +111,12 @@ class _Liveness:
 def _dead_rank_error(dead: list[tuple[int, float]], what: str, bound: float) -> UserError:
     ranks = ", ".join(str(r) for r, _ in dead)
     age = max(a for _, a in dead)
-    return UserError(f"rank {ranks} stopped sending heartbeats {age:.0f} s ago (the bound is engine.collective_timeout_minutes = "
-                     f"{bound / 60:g}) while the other ranks waited for it ({what}): its process died or its node went down "
-                     f"(see rank {ranks}'s log: killed, out of memory?). The launcher does not end the other ranks: stop the whole "
-                     "job, then run the same command to resume from the last complete checkpoint")
+    return UserError(
+        f"rank {ranks} stopped sending heartbeats {age:.0f} s ago (the bound is engine.collective_timeout_minutes = "
+        f"{bound / 60:g}) while the other ranks waited for it ({what}): its process died or its node went down "
+        f"(see rank {ranks}'s log: killed, out of memory?). The launcher does not end the other ranks: stop the whole "
+        "job, then run the same command to resume from the last complete checkpoint"
+    )
 
 
 def _wait(what: str, data: str | None, poll_s: float) -> list[str] | None:

@@ -46,7 +46,9 @@ def settings() -> tuple[Setting, ...]:
         assert isinstance(model, type) and issubclass(model, BaseModel), section
         for name, field in model.model_fields.items():
             extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-            out.append(Setting(section, name, str(extra.get("on_resume", getattr(model, "resume_default", FREE)))))
+            out.append(
+                Setting(section, name, str(extra.get("on_resume", getattr(model, "resume_default", FREE))))
+            )
     return tuple(out)
 
 
@@ -73,17 +75,23 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
     checkpoint (outside output.dir only with checkpoint.trust_foreign: loading it unpickles its files)."""
     out, mode, overwrite = Path(cfg.output.dir), cfg.checkpoint.resume, cfg.output.overwrite
     if not overwrite and (out / "final").exists():
-        raise UserError(f"output.dir '{out}' already holds a finished run (final/); choose another output.dir, "
-                        "or set output.overwrite=true to replace it with a new run")
+        raise UserError(
+            f"output.dir '{out}' already holds a finished run (final/); choose another output.dir, "
+            "or set output.overwrite=true to replace it with a new run"
+        )
     if mode not in ("auto", "never"):
         path = Path(mode)
         inside = path.resolve().is_relative_to(out.resolve())
         if not inside and not cfg.checkpoint.trust_foreign:
-            raise UserError(f"checkpoint.resume '{path}' is outside output.dir '{out}'; loading a checkpoint runs its pickled "
-                            "files, so set checkpoint.trust_foreign=true if you trust where it came from")
+            raise UserError(
+                f"checkpoint.resume '{path}' is outside output.dir '{out}'; loading a checkpoint runs its pickled "
+                "files, so set checkpoint.trust_foreign=true if you trust where it came from"
+            )
         if inside and overwrite:
-            raise UserError(f"checkpoint.resume '{path}' lies in output.dir, which output.overwrite=true replaces; "
-                            "drop output.overwrite to continue that checkpoint")
+            raise UserError(
+                f"checkpoint.resume '{path}' lies in output.dir, which output.overwrite=true replaces; "
+                "drop output.overwrite to continue that checkpoint"
+            )
         return _checked(cfg, path, world, replace=overwrite)
     survey = ckpt.survey()
     done = [(s, p) for s, p, why in survey if why is None]
@@ -92,15 +100,23 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
         return _checked(cfg, own, world, replace=False) if own else ResumePlan(None, False, replace=True)
     if mode == "never":
         if survey:
-            raise UserError(f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
-                            "there: set output.overwrite=true to replace it, or choose another output.dir")
+            raise UserError(
+                f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
+                "there: set output.overwrite=true to replace it, or choose another output.dir"
+            )
         return ResumePlan(None, False)
     damaged = [(p.name, why) for s, p, why in survey if why is not None and s > (done[-1][0] if done else -1)]
     if damaged and not done:
         name, why = damaged[-1]
-        raise UserError(f"output.dir '{out}' holds checkpoints but none is complete ({name}: {why}); starting over there "
-                        "would mix two runs: set output.overwrite=true to replace them, or restore the missing files")
-    return replace(_checked(cfg, done[-1][1], world, replace=False), skipped=tuple(damaged)) if done else ResumePlan(None, False)
+        raise UserError(
+            f"output.dir '{out}' holds checkpoints but none is complete ({name}: {why}); starting over there "
+            "would mix two runs: set output.overwrite=true to replace them, or restore the missing files"
+        )
+    return (
+        replace(_checked(cfg, done[-1][1], world, replace=False), skipped=tuple(damaged))
+        if done
+        else ResumePlan(None, False)
+    )
 
 
 def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
@@ -124,29 +140,46 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
         raise UserError(foreign_refusal(path, bad, out))
     manifest, why = inspect_checkpoint(path)
     if manifest is None or not (path / "config.yaml").is_file():
-        raise UserError(f"checkpoint.resume '{path}': no complete checkpoint there ({why or 'config.yaml missing'}; "
-                        "expected <output.dir>/checkpoints/step-N)")
+        raise UserError(
+            f"checkpoint.resume '{path}': no complete checkpoint there ({why or 'config.yaml missing'}; "
+            "expected <output.dir>/checkpoints/step-N)"
+        )
     saved = load_config(path / "config.yaml")
     reshard = manifest.world_size != world or manifest.zero_stage != cfg.engine.zero_stage
     must = {MUST_MATCH, RESHARD} if not reshard else {MUST_MATCH}
     changed = [s.key for s in settings() if s.rule in must and s.of(saved) != s.of(cfg)]
     if changed:
-        raise UserError(f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
-                        "restore those values, or set output.overwrite=true (or a new output.dir) to start over")
+        raise UserError(
+            f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
+            "restore those values, or set output.overwrite=true (or a new output.dir) to start over"
+        )
     if reshard:
         st, nt = saved.train, cfg.train
-        g_old, g_new = st.micro_batch_size * st.grad_accum * manifest.world_size, nt.micro_batch_size * nt.grad_accum * world
+        g_old, g_new = (
+            st.micro_batch_size * st.grad_accum * manifest.world_size,
+            nt.micro_batch_size * nt.grad_accum * world,
+        )
         if g_old != g_new:
-            raise UserError(f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has {world} ranks "
-                            f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}")
-        if cfg.model.peft is not None:  # DeepSpeed's universal conversion expects every parameter in the checkpoint
-            raise UserError(f"{path}: a parameter-efficient (model.peft) checkpoint resumes only on its own world size "
-                            f"({manifest.world_size}) and engine.zero_stage ({manifest.zero_stage}); relaunch with those")
+            raise UserError(
+                f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has {world} ranks "
+                f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}"
+            )
+        if (
+            cfg.model.peft is not None
+        ):  # DeepSpeed's universal conversion expects every parameter in the checkpoint
+            raise UserError(
+                f"{path}: a parameter-efficient (model.peft) checkpoint resumes only on its own world size "
+                f"({manifest.world_size}) and engine.zero_stage ({manifest.zero_stage}); relaunch with those"
+            )
         if not {manifest.zero_stage, cfg.engine.zero_stage} <= {1, 2}:
             # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads but
             # does not continue the run exactly (tested), so neither is offered
-            raise UserError(f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
-                            f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
-                            "and engine.zero_stage, or set checkpoint.resume=never to start over")
-    applied = tuple((s.key, s.of(saved), s.of(cfg)) for s in settings() if s.rule == APPLIED and s.of(saved) != s.of(cfg))
+            raise UserError(
+                f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
+                f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
+                "and engine.zero_stage, or set checkpoint.resume=never to start over"
+            )
+    applied = tuple(
+        (s.key, s.of(saved), s.of(cfg)) for s in settings() if s.rule == APPLIED and s.of(saved) != s.of(cfg)
+    )
     return ResumePlan(path, reshard, replace, applied, foreign=bad is not None)

@@ -31,11 +31,30 @@ from .runlock import LOCK_FILES, RunLock
 
 MARKER = ".dist_ft-run.json"
 # what a run writes (anything else in output.dir is the user's and never touched)
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "samples.jsonl", "loss.png", "config.yaml", "wandb", "metrics-rank-*.jsonl",
-               "rank-*.log")
+RUN_OUTPUTS = (
+    "checkpoints",
+    "final",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "loss.png",
+    "config.yaml",
+    "wandb",
+    "metrics-rank-*.jsonl",
+    "rank-*.log",
+)
 # temporaries a crash can leave: never referenced by a complete run, so removed at start
-LEFTOVERS = ("checkpoints/step-*.tmp", "checkpoints/.universal-*.tmp", "final.tmp", "final.old", ".replaced-*", "metrics.jsonl.tmp",
-             "config.yaml.tmp", "loss.tmp.png", f"{MARKER}.tmp", *LOCK_FILES[1:])
+LEFTOVERS = (
+    "checkpoints/step-*.tmp",
+    "checkpoints/.universal-*.tmp",
+    "final.tmp",
+    "final.old",
+    ".replaced-*",
+    "metrics.jsonl.tmp",
+    "config.yaml.tmp",
+    "loss.tmp.png",
+    f"{MARKER}.tmp",
+    *LOCK_FILES[1:],
+)
 
 
 def read_marker(out: Path) -> dict | None:
@@ -44,14 +63,22 @@ def read_marker(out: Path) -> dict | None:
         data = json.loads((Path(out) / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    ok = isinstance(data, dict) and data.get("dist_ft_run") == 1 and all(
-        isinstance(data.get(k), list) and all(isinstance(n, str) for n in data[k]) for k in ("outputs", "leftovers"))
+    ok = (
+        isinstance(data, dict)
+        and data.get("dist_ft_run") == 1
+        and all(
+            isinstance(data.get(k), list) and all(isinstance(n, str) for n in data[k])
+            for k in ("outputs", "leftovers")
+        )
+    )
     return data if ok else None
 
 
 def _ours_only(out: Path) -> list[str]:
     """The entries of `out` that are not ours (empty for a directory a run may claim: only our lock files in it)."""
-    return sorted(p.name for p in out.iterdir() if not any(fnmatch.fnmatchcase(p.name, g) for g in LOCK_FILES))
+    return sorted(
+        p.name for p in out.iterdir() if not any(fnmatch.fnmatchcase(p.name, g) for g in LOCK_FILES)
+    )
 
 
 def _inside(path: Path, out: Path) -> bool:
@@ -82,14 +109,20 @@ def check_target(cfg) -> None:
     out = Path(given).expanduser().resolve()
     what = f"output.dir '{given}'"
     if out == Path("/") or out == Path.home().resolve():
-        raise UserError(f"{what} is {'the root directory' if out == Path('/') else 'your home directory'}; a run writes checkpoints, "
-                        "logs and final/ there: give a directory of its own, e.g. output.dir=runs/my-run")
+        raise UserError(
+            f"{what} is {'the root directory' if out == Path('/') else 'your home directory'}; a run writes checkpoints, "
+            "logs and final/ there: give a directory of its own, e.g. output.dir=runs/my-run"
+        )
     if out.exists() and not out.is_dir():
-        raise UserError(f"{what} is a file, not a directory: give a directory for the run, e.g. output.dir=runs/my-run")
+        raise UserError(
+            f"{what} is a file, not a directory: give a directory for the run, e.g. output.dir=runs/my-run"
+        )
     for key, path in _read_paths(cfg):
         if _inside(Path(path).expanduser().resolve(), out):
-            raise UserError(f"{what} contains {key} '{path}', which this run reads (and output.overwrite would replace what lies in "
-                            "a run directory): write the run to another directory, e.g. output.dir=runs/next, or move the input out of it")
+            raise UserError(
+                f"{what} contains {key} '{path}', which this run reads (and output.overwrite would replace what lies in "
+                "a run directory): write the run to another directory, e.g. output.dir=runs/next, or move the input out of it"
+            )
     if not out.exists() or read_marker(out) is not None:
         return
     foreign = _ours_only(out)
@@ -97,11 +130,15 @@ def check_target(cfg) -> None:
         return
     shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
     if out == Path.cwd().resolve():
-        raise UserError(f"{what} is the current directory, which holds files that are not a dist_ft run's ({shown}); "
-                        "give the run a directory of its own, e.g. output.dir=runs/my-run")
-    raise UserError(f"{what} is not empty and was not written by dist_ft (no {MARKER} in it; it holds {shown}); dist_ft writes "
-                    "only into a new or empty directory or its own run directory, and never deletes files it did not write: "
-                    "choose another output.dir")
+        raise UserError(
+            f"{what} is the current directory, which holds files that are not a dist_ft run's ({shown}); "
+            "give the run a directory of its own, e.g. output.dir=runs/my-run"
+        )
+    raise UserError(
+        f"{what} is not empty and was not written by dist_ft (no {MARKER} in it; it holds {shown}); dist_ft writes "
+        "only into a new or empty directory or its own run directory, and never deletes files it did not write: "
+        "choose another output.dir"
+    )
 
 
 def claim(cfg, is_main: bool) -> RunLock | None:
@@ -128,9 +165,21 @@ def holds_run(out: Path, marker: dict) -> list[str]:
 
 
 def _new_marker(out: Path) -> None:
-    fsio.write_atomic(out / MARKER, json.dumps({
-        "dist_ft_run": 1, "id": uuid.uuid4().hex, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-        "outputs": list(RUN_OUTPUTS), "leftovers": list(LEFTOVERS)}, indent=1) + "\n")
+    fsio.write_atomic(
+        out / MARKER,
+        json.dumps(
+            {
+                "dist_ft_run": 1,
+                "id": uuid.uuid4().hex,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "host": socket.gethostname(),
+                "outputs": list(RUN_OUTPUTS),
+                "leftovers": list(LEFTOVERS),
+            },
+            indent=1,
+        )
+        + "\n",
+    )
 
 
 def commit(out: Path, config_yaml: str, replace: bool) -> list[str]:
@@ -141,8 +190,10 @@ def commit(out: Path, config_yaml: str, replace: bool) -> list[str]:
     if marker is None:
         foreign = _ours_only(out)
         if foreign:  # (check_target refused this before anything was loaded; files appeared since)
-            raise UserError(f"output.dir '{out}': files that are not a dist_ft run's appeared in it during setup "
-                            f"({', '.join(foreign[:4])}); nothing was written: choose another output.dir")
+            raise UserError(
+                f"output.dir '{out}': files that are not a dist_ft run's appeared in it during setup "
+                f"({', '.join(foreign[:4])}); nothing was written: choose another output.dir"
+            )
         _new_marker(out)
         marker = read_marker(out)
     _restore_final(out)

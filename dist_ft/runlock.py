@@ -51,20 +51,33 @@ class Owner:
     pid_ns: str = ""  # the pid namespace (/proc/self/ns/pid): a container's pid 1 is not ours
 
     @classmethod
-    def me(cls) -> "Owner":
-        return cls(socket.gethostname(), os.getpid(), _pid_start(os.getpid()) or "", time.time(), *slurm_job(), _read("/proc/sys/kernel/random/boot_id"), _pid_ns())
+    def me(cls) -> Owner:
+        return cls(
+            socket.gethostname(),
+            os.getpid(),
+            _pid_start(os.getpid()) or "",
+            time.time(),
+            *slurm_job(),
+            _read("/proc/sys/kernel/random/boot_id"),
+            _pid_ns(),
+        )
 
     @classmethod
-    def parse(cls, raw: bytes | str) -> "Owner | None":
+    def parse(cls, raw: bytes | str) -> Owner | None:
         try:
             data = json.loads(raw)
             return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
-    def same_pid_space(self, other: "Owner") -> bool:
+    def same_pid_space(self, other: Owner) -> bool:
         """Whether this owner's pid can be looked up in `other`'s /proc: same host name, boot and pid namespace."""
-        return self.host == other.host and bool(self.boot_id) and self.boot_id == other.boot_id and self.pid_ns == other.pid_ns
+        return (
+            self.host == other.host
+            and bool(self.boot_id)
+            and self.boot_id == other.boot_id
+            and self.pid_ns == other.pid_ns
+        )
 
     def describe(self) -> str:
         job = f", SLURM job {self.job}" if self.job else ""
@@ -90,11 +103,17 @@ def _pid_start(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    after = stat.rsplit(")", 1)[1].split()  # the fields after the command name: state, ..., starttime (field 22)
-    return None if after[0] in "ZX" else after[19]  # a zombie (dead, not yet reaped by its parent) is not running
+    after = stat.rsplit(")", 1)[
+        1
+    ].split()  # the fields after the command name: state, ..., starttime (field 22)
+    return (
+        None if after[0] in "ZX" else after[19]
+    )  # a zombie (dead, not yet reaped by its parent) is not running
 
 
-def stale_reason(owner: Owner, age_s: float, me: Owner, stale_after_s: float, setting: str = "output.lock_stale_minutes") -> str | None:
+def stale_reason(
+    owner: Owner, age_s: float, me: Owner, stale_after_s: float, setting: str = "output.lock_stale_minutes"
+) -> str | None:
     """Why `owner`'s lock (heartbeat `age_s` old) is abandoned, or None while it may still be running."""
     if owner.job and owner.job == me.job and owner.restart < me.restart:
         return f"SLURM job {owner.job} was requeued (restart {owner.restart} -> {me.restart})"
@@ -119,18 +138,22 @@ class FileLock:
     def __init__(self, path: Path, stale_after_s: float, setting: str):
         self.path, self.stale_after_s, self.setting = Path(path), stale_after_s, setting
         self.owner, self.note = Owner.me(), None
-        self.lost: str | None = None  # why the lock is no longer ours, once the heartbeat or a check found out
+        self.lost: str | None = (
+            None  # why the lock is no longer ours, once the heartbeat or a check found out
+        )
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
-    def attempt(self) -> "Owner | bool":
+    def attempt(self) -> Owner | bool:
         """One try: True once the lock is ours, the holder's Owner while a live holder has it, False to try again (a
         stale lock was just taken over, a torn one is being written, or the directory vanished meanwhile)."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return self._take_over_if_stale()
-        except FileNotFoundError:  # (e.g. a simultaneous launch that failed removed the directory it had created)
+        except (
+            FileNotFoundError
+        ):  # (e.g. a simultaneous launch that failed removed the directory it had created)
             return False
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(asdict(self.owner)))
@@ -140,7 +163,7 @@ class FileLock:
         self._beat.start()
         return True
 
-    def wait(self, what: str, log, max_wait_s: float, poll_s: float = 2.0, tell_s: float = 300.0) -> "FileLock":
+    def wait(self, what: str, log, max_wait_s: float, poll_s: float = 2.0, tell_s: float = 300.0) -> FileLock:
         """Take the lock, waiting while another live process holds it (polled every `poll_s`; said at once and every
         `tell_s`); a holder that dies is taken over by the rules above. Gives up after `max_wait_s` with a UserError."""
         t0, told = time.monotonic(), None
@@ -151,18 +174,24 @@ class FileLock:
                 return self
             waited = time.monotonic() - t0
             if isinstance(got, Owner) and (told is None or waited - told >= tell_s):
-                log(f"{what}: waiting for {got.describe()}, which holds {self.path} ({waited / 60:.0f} min so far; the wait ends "
-                    f"when it finishes, or if it dies, and gives up after {max_wait_s / 3600:g} h)")
+                log(
+                    f"{what}: waiting for {got.describe()}, which holds {self.path} ({waited / 60:.0f} min so far; the wait ends "
+                    f"when it finishes, or if it dies, and gives up after {max_wait_s / 3600:g} h)"
+                )
                 told = waited
             if waited > max_wait_s:
                 holder = got.describe() if isinstance(got, Owner) else "another process"
-                raise UserError(f"{what}: gave up after waiting {waited / 60:.0f} min for {holder}, which holds {self.path}; "
-                                f"if that process is stuck, stop it (a dead holder's lock is taken over), then retry")
+                raise UserError(
+                    f"{what}: gave up after waiting {waited / 60:.0f} min for {holder}, which holds {self.path}; "
+                    f"if that process is stuck, stop it (a dead holder's lock is taken over), then retry"
+                )
             time.sleep(poll_s)
 
-    def _take_over_if_stale(self) -> "Owner | bool":
+    def _take_over_if_stale(self) -> Owner | bool:
         owner, age = self._read()
-        if owner is None:  # torn (its writer died between create and write, or is writing now) or vanished meanwhile
+        if (
+            owner is None
+        ):  # torn (its writer died between create and write, or is writing now) or vanished meanwhile
             if age is None or age < 60:
                 time.sleep(0.5)
                 return False
@@ -247,7 +276,7 @@ class RunLock(FileLock):
         super().__init__(Path(out) / LOCK, stale_after_s, "output.lock_stale_minutes")
         self.out, self.created_dir = Path(out), False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         for _ in range(8):
             try:
                 self.out.mkdir(parents=True)
@@ -258,16 +287,20 @@ class RunLock(FileLock):
             if got is True:
                 return self
             if isinstance(got, Owner):
-                raise UserError(f"output.dir '{self.out}' is in use by another run ({got.describe()}); wait for it to end, "
-                                f"stop it, or choose another output.dir (a dead run's lock is taken over automatically)")
+                raise UserError(
+                    f"output.dir '{self.out}' is in use by another run ({got.describe()}); wait for it to end, "
+                    f"stop it, or choose another output.dir (a dead run's lock is taken over automatically)"
+                )
         raise UserError(f"{self.path}: could not take the run lock (another run keeps taking it); retry")
 
     def verify(self, before: str) -> None:
         """Raise `LockLost` unless the lock is still this run's (called right before `before` is published)."""
         if self.check():
-            raise LockLost(f"output.dir '{self.out}': this run no longer holds its lock ({self.lost}; it was suspended or cut off "
-                           f"for longer than output.lock_stale_minutes, and another run took the directory over); stopped before "
-                           f"{before}, leaving that run's files alone. Check which run should own '{self.out}'")
+            raise LockLost(
+                f"output.dir '{self.out}': this run no longer holds its lock ({self.lost}; it was suspended or cut off "
+                f"for longer than output.lock_stale_minutes, and another run took the directory over); stopped before "
+                f"{before}, leaving that run's files alone. Check which run should own '{self.out}'"
+            )
 
     def release(self, remove_created_dir: bool = False) -> None:
         """Drop the lock if it is still ours; `remove_created_dir`: a run that failed before writing anything

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Literal, Optional, Union
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -19,10 +29,19 @@ MAX_STOPS, MAX_STOP_CHARS, MAX_MODEL_CHARS = 4, 256, 256
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        self.status, self.body = (
+            status,
+            {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        )
 
 
 class Json(JSONResponse):
@@ -37,12 +56,14 @@ def error_response(e: ApiError, headers: dict | None = None) -> Json:
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI fields this server ignores (user, logprobs=false, ...) are accepted
+    model_config = ConfigDict(
+        extra="allow"
+    )  # OpenAI fields this server ignores (user, logprobs=false, ...) are accepted
 
 
 class TextPart(_Open):
     type: StrictStr
-    text: Optional[StrictStr] = None
+    text: StrictStr | None = None
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -55,11 +76,13 @@ class TextPart(_Open):
 
 class Message(_Open):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[StrictStr, list[TextPart], None] = Field(...)
+    content: StrictStr | list[TextPart] | None = Field(...)
 
     def text(self) -> dict:
         """{role, content} for the chat template: text parts joined by newlines, `developer` as `system`."""
-        body = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or ())
+        body = (
+            self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or ())
+        )
         return {"role": "system" if self.role == "developer" else self.role, "content": body}
 
     @model_validator(mode="after")
@@ -70,19 +93,19 @@ class Message(_Open):
 
 
 class StreamOptions(_Open):
-    include_usage: Optional[StrictBool] = None
+    include_usage: StrictBool | None = None
 
 
 class _Sampling(_Open):
     model: StrictStr = Field(..., max_length=MAX_MODEL_CHARS)
-    max_tokens: Optional[StrictInt] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False, strict=True)
-    top_p: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False, strict=True)
-    stream: Optional[StrictBool] = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[StrictStr, list[StrictStr], None] = None
-    seed: Optional[StrictInt] = Field(None, ge=-(2**63), lt=2**63)
-    n: Optional[StrictInt] = Field(None, ge=1, le=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, strict=True)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, strict=True)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = Field(None, ge=-(2**63), lt=2**63)
+    n: StrictInt | None = Field(None, ge=1, le=1)
 
     @field_validator("stop")
     @classmethod
@@ -110,15 +133,15 @@ class _Sampling(_Open):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(..., min_length=1)
-    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     def prompt_chars(self) -> int:
         return sum(len(m.text()["content"]) for m in self.messages)
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[StrictStr, list[StrictStr]]
-    max_tokens: Optional[StrictInt] = Field(16, ge=1)  # (OpenAI's default for completions)
+    prompt: StrictStr | list[StrictStr]
+    max_tokens: StrictInt | None = Field(16, ge=1)  # (OpenAI's default for completions)
 
     @field_validator("prompt")
     @classmethod
@@ -166,7 +189,11 @@ def _param(data, err: dict) -> str | None:
     for i, part in enumerate(loc):
         if isinstance(part, int) and isinstance(data, list) and 0 <= part < len(data):
             path, data = f"{path}[{part}]", data[part]
-        elif isinstance(part, str) and isinstance(data, dict) and (part in data or (i == len(loc) - 1 and err["type"] == "missing")):
+        elif (
+            isinstance(part, str)
+            and isinstance(data, dict)
+            and (part in data or (i == len(loc) - 1 and err["type"] == "missing"))
+        ):
             path, data = f"{path}.{part}".lstrip("."), data.get(part)
         elif not isinstance(part, str):
             break
@@ -178,13 +205,21 @@ async def parse(request, model: type[_Sampling]) -> _Sampling:
     raw = await request.body()
     try:
         data = await asyncio.to_thread(json.loads, raw) if raw else None
-    except (ValueError, RecursionError):  # (not JSON, too deep, an integer of more than 4300 digits, invalid UTF-8)
-        raise ApiError(400, "We could not parse the JSON body of your request: send a JSON object with Content-Type: "
-                            "application/json") from None
+    except (
+        ValueError,
+        RecursionError,
+    ):  # (not JSON, too deep, an integer of more than 4300 digits, invalid UTF-8)
+        raise ApiError(
+            400,
+            "We could not parse the JSON body of your request: send a JSON object with Content-Type: "
+            "application/json",
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object")
     if (where := _bad_unicode(data)) is not None:
-        raise ApiError(400, f"Invalid Unicode (a lone surrogate) in '{where}'", param=where, code="invalid_unicode")
+        raise ApiError(
+            400, f"Invalid Unicode (a lone surrogate) in '{where}'", param=where, code="invalid_unicode"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -193,7 +228,9 @@ async def parse(request, model: type[_Sampling]) -> _Sampling:
         if first["type"] == "missing":
             raise ApiError(400, f"Missing required parameter: '{param}'", param=param) from None
         msg = first["msg"].removeprefix("Value error, ")
-        raise ApiError(400, f"Invalid value for '{param or 'body'}': {msg}", param=param, code="invalid_value") from None
+        raise ApiError(
+            400, f"Invalid value for '{param or 'body'}': {msg}", param=param, code="invalid_value"
+        ) from None
 
 
 def install_error_handlers(app) -> None:
@@ -207,10 +244,19 @@ def install_error_handlers(app) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request, e: HTTPException):
         what = f"{request.method} {request.url.path}"[:200]
-        message = {404: f"Unknown request URL: {what}", 405: f"Method not allowed: {what}"}.get(e.status_code, str(e.detail)[:200])
+        message = {404: f"Unknown request URL: {what}", 405: f"Method not allowed: {what}"}.get(
+            e.status_code, str(e.detail)[:200]
+        )
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return error_response(ApiError(e.status_code, message, kind, {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code)),
-                              getattr(e, "headers", None))
+        return error_response(
+            ApiError(
+                e.status_code,
+                message,
+                kind,
+                {404: "unknown_url", 405: "method_not_allowed"}.get(e.status_code),
+            ),
+            getattr(e, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
@@ -218,7 +264,9 @@ def install_error_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def _crash(request, e: Exception):
-        return error_response(ApiError(500, "The server had an error while processing your request", "server_error"))
+        return error_response(
+            ApiError(500, "The server had an error while processing your request", "server_error")
+        )
 
 
 class BodyLimit:
@@ -229,8 +277,11 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     def error(self) -> ApiError:
-        return ApiError(413, f"The request body is too large: at most {self.limit} bytes (dist-ft serve --max-body-mb)",
-                        code="request_too_large")
+        return ApiError(
+            413,
+            f"The request body is too large: at most {self.limit} bytes (dist-ft serve --max-body-mb)",
+            code="request_too_large",
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

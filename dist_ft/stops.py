@@ -44,13 +44,19 @@ class DivergenceGuard:
     def check(self, step: int, m: StepMetrics) -> None:
         skipped = (m.skipped_steps or 0) > self._skipped
         self._skipped = m.skipped_steps or 0
-        bad = skipped or not math.isfinite(m.loss) or (m.grad_norm is not None and not math.isfinite(m.grad_norm))
+        bad = (
+            skipped
+            or not math.isfinite(m.loss)
+            or (m.grad_norm is not None and not math.isfinite(m.grad_norm))
+        )
         self.streak = self.streak + 1 if bad else 0
         if self.streak > self.patience:
-            raise Diverged(f"step {step}: loss {m.loss:.6g}, grad norm {m.grad_norm if m.grad_norm is None else f'{m.grad_norm:.6g}'}: "
-                           f"not finite for {self.streak} consecutive step(s) (train.nonfinite_patience={self.patience}); this state was "
-                           "not saved and the last good checkpoint is kept: lower train.lr, add train.warmup_steps or set "
-                           "train.max_grad_norm, then rerun the same command to resume from that checkpoint")
+            raise Diverged(
+                f"step {step}: loss {m.loss:.6g}, grad norm {m.grad_norm if m.grad_norm is None else f'{m.grad_norm:.6g}'}: "
+                f"not finite for {self.streak} consecutive step(s) (train.nonfinite_patience={self.patience}); this state was "
+                "not saved and the last good checkpoint is kept: lower train.lr, add train.warmup_steps or set "
+                "train.max_grad_norm, then rerun the same command to resume from that checkpoint"
+            )
 
     @property
     def healthy(self) -> bool:

@@ -22,7 +22,9 @@ def load_tokenizer(cfg: ModelConfig):
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, and the bare Exception of the tokenizers library
         raise hub.load_error(cfg, "tokenizer", e) from None
     if not getattr(tok, "is_fast", False):
-        raise UserError(f"model.path '{cfg.path}': a fast (Rust) tokenizer is required for assistant-token masks; install `tokenizers` or convert the tokenizer")
+        raise UserError(
+            f"model.path '{cfg.path}': a fast (Rust) tokenizer is required for assistant-token masks; install `tokenizers` or convert the tokenizer"
+        )
     if cfg.chat_template == "chatml" or not tok.chat_template:
         install_chatml(tok)
     elif isinstance(tok.chat_template, dict):
@@ -43,8 +45,13 @@ def _named_templates(cfg: ModelConfig, templates: dict) -> None:
 
     others = ", ".join(sorted(n for n in templates if n != "default"))
     if "default" not in templates:
-        raise UserError(f"model.path '{cfg.path}': the tokenizer has several named chat templates ({others}) and none named "
-                        "'default', so which to train with is unclear; name one 'default' in tokenizer_config.json, "
-                        "or set model.chat_template: chatml")
-    print(f"note: model.path '{cfg.path}': training with the chat template named 'default'; the others ({others}) are kept "
-          "in the export, unused here", file=sys.stderr)
+        raise UserError(
+            f"model.path '{cfg.path}': the tokenizer has several named chat templates ({others}) and none named "
+            "'default', so which to train with is unclear; name one 'default' in tokenizer_config.json, "
+            "or set model.chat_template: chatml"
+        )
+    print(
+        f"note: model.path '{cfg.path}': training with the chat template named 'default'; the others ({others}) are kept "
+        "in the export, unused here",
+        file=sys.stderr,
+    )

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from tqdm.auto import tqdm
 
@@ -18,11 +18,10 @@ from .config import TrackConfig
 from .contracts import StepMetrics
 from .redact import scrub
 
-
 WandbMode = Literal["online", "offline"]
 
 
-def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[WandbMode]:
+def wandb_mode(track: TrackConfig, environ=os.environ) -> WandbMode | None:
     """online / offline, or None for no W&B. `auto` never needs a network: offline unless a key is set."""
     if track.wandb == "disabled":
         return None
@@ -37,9 +36,19 @@ def wandb_mode(track: TrackConfig, environ=os.environ) -> Optional[WandbMode]:
 
 
 class Tracker:
-    def __init__(self, out_dir: Path, rank: int, *, total_steps: int, log_every: int, start_step: int = 0,
-                 all_ranks: bool = False, track: Optional[TrackConfig] = None, run_id: Optional[str] = None,
-                 config: Optional[dict] = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        rank: int,
+        *,
+        total_steps: int,
+        log_every: int,
+        start_step: int = 0,
+        all_ranks: bool = False,
+        track: TrackConfig | None = None,
+        run_id: str | None = None,
+        config: dict | None = None,
+    ):
         """`run_id`: the W&B run to continue (from a checkpoint); `config`: the resolved config W&B shows."""
         self.enabled, self.log_every = rank == 0, log_every
         self.path = out_dir / "metrics.jsonl"
@@ -54,10 +63,19 @@ class Tracker:
         elif all_ranks:  # debugging: this rank's own view (memory, step times, messages)
             self._f = (out_dir / f"metrics-rank-{rank}.jsonl").open("a", encoding="utf-8")
             self._side = (out_dir / f"rank-{rank}.log").open("a", encoding="utf-8")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not self.enabled or not sys.stderr.isatty())  # no bar in log files
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.enabled or not sys.stderr.isatty(),
+        )  # no bar in log files
 
     def info(self, msg: str) -> None:
-        msg = scrub(msg)  # the console and rank-R.log never show a secret (the config in W&B is dump_config's, scrubbed too)
+        msg = scrub(
+            msg
+        )  # the console and rank-R.log never show a secret (the config in W&B is dump_config's, scrubbed too)
         if self.enabled:
             tqdm.write(msg)
         elif self._side:
@@ -69,9 +87,15 @@ class Tracker:
             from .perf import format_table
 
             s = m.model_states
-            trains = f" ({s.n_trainable:,} trainable, {100 * s.n_trainable / s.n_params:.2f}%)" if s.n_trainable is not None else ""
-            self.info(f"{s.n_params / 1e6:.2f}M params{trains} | model states per rank: "
-                      f"{format_table(s.formula, s.measured)}")
+            trains = (
+                f" ({s.n_trainable:,} trainable, {100 * s.n_trainable / s.n_params:.2f}%)"
+                if s.n_trainable is not None
+                else ""
+            )
+            self.info(
+                f"{s.n_params / 1e6:.2f}M params{trains} | model states per rank: "
+                f"{format_table(s.formula, s.measured)}"
+            )
         self.log(step, m.record())
 
     def log(self, step: int, metrics: dict) -> None:
@@ -89,11 +113,16 @@ class Tracker:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics.get('tokens_per_s', 0):.0f}")
             if step % self.log_every == 0:
                 gn = metrics.get("grad_norm")
-                tqdm.write(f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3e} | grad_norm "
-                           f"{'n/a' if gn is None else f'{gn:.3f}'} | tok/s {metrics['tokens_per_s']:.0f} | "
-                           f"loss-tok/s {metrics['loss_tokens_per_s']:.0f}")
+                tqdm.write(
+                    f"step {step:>6} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3e} | grad_norm "
+                    f"{'n/a' if gn is None else f'{gn:.3f}'} | tok/s {metrics['tokens_per_s']:.0f} | "
+                    f"loss-tok/s {metrics['loss_tokens_per_s']:.0f}"
+                )
         elif any(k.startswith("val_") for k in metrics):
-            tqdm.write(f"eval @ step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            tqdm.write(
+                f"eval @ step {step} | "
+                + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            )
 
     def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
         """Sample generations: samples.jsonl and a W&B table."""
@@ -105,7 +134,14 @@ class Tracker:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"samples": wandb.Table(columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows])}, step=step)
+            self.wandb.log(
+                {
+                    "samples": wandb.Table(
+                        columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows]
+                    )
+                },
+                step=step,
+            )
 
     def close(self, exit_code: int = 0) -> None:
         for f in (self._f, self._side):
@@ -119,7 +155,7 @@ class Tracker:
             self.wandb.finish(exit_code=exit_code)
 
 
-def wandb_unreachable(environ=os.environ, timeout_s: float = 3.0) -> Optional[str]:
+def wandb_unreachable(environ=os.environ, timeout_s: float = 3.0) -> str | None:
     """Why the W&B server cannot be reached (None when it can): one TCP connect to its host, DNS included,
     bounded to `timeout_s` however the network fails (a thread does it: name lookups ignore socket timeouts)."""
     import socket
@@ -145,19 +181,29 @@ def wandb_unreachable(environ=os.environ, timeout_s: float = 3.0) -> Optional[st
     return f"{host}:{port}: {result[0] if result else f'no answer within {timeout_s:g} s'}"
 
 
-def _wandb_init(track: TrackConfig, mode: WandbMode, out_dir: Path, run_id: Optional[str], config: dict):
+def _wandb_init(track: TrackConfig, mode: WandbMode, out_dir: Path, run_id: str | None, config: dict):
     import wandb
 
     if mode == "online":
         why = wandb_unreachable()
         if why is not None:  # never hang on a network that is not there: the run logs offline, to sync later
             mode = "offline"
-            print(f"warning: W&B server unreachable ({why}); logging offline to {out_dir / 'wandb'} instead, "
-                  "upload it later with `wandb sync`", file=sys.stderr, flush=True)
+            print(
+                f"warning: W&B server unreachable ({why}); logging offline to {out_dir / 'wandb'} instead, "
+                "upload it later with `wandb sync`",
+                file=sys.stderr,
+                flush=True,
+            )
     run = wandb.init(
-        project=track.project, entity=track.entity, name=track.run_name or out_dir.resolve().name, tags=track.tags,
-        id=run_id, resume="allow",  # a resumed or requeued job continues the run its checkpoint names
-        dir=str(out_dir), mode=mode, config=config,
+        project=track.project,
+        entity=track.entity,
+        name=track.run_name or out_dir.resolve().name,
+        tags=track.tags,
+        id=run_id,
+        resume="allow",  # a resumed or requeued job continues the run its checkpoint names
+        dir=str(out_dir),
+        mode=mode,
+        config=config,
         settings=wandb.Settings(console="off", silent=True, save_code=False, disable_git=True),
     )
     return run

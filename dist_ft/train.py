@@ -18,10 +18,6 @@ import torch
 import yaml
 
 from . import dist, inference, perf, reference, rundir, tasks
-from .evaluate import add_sums, validation
-from .faults import NONE, Faults
-from .resume import resume_plan
-from .runlock import LockLost, RunLock
 from .checkpoint import Checkpointer, ResumePlan, seed_all
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
@@ -29,8 +25,12 @@ from .data import dataset
 from .data.loader import Step, StepLoader
 from .engine import Engine, gathered, init_distributed, resolve_precision, zero3_init
 from .errors import PREEMPTED_MARK, Preempted
+from .evaluate import add_sums, validation
 from .export import write_final
+from .faults import NONE, Faults
 from .model import load_model
+from .resume import resume_plan
+from .runlock import LockLost, RunLock
 from .stops import DivergenceGuard, Signals
 from .tokenizer import load_tokenizer
 from .track import Tracker, truncate_metrics
@@ -41,6 +41,7 @@ EXIT_PREEMPTED = 75  # saved on a signal; rerun (or requeue) the same command to
 @dataclass
 class Run:
     """Everything the loop needs, built once by `setup`."""
+
     cfg: Config
     env: dist.DistEnv
     task: tasks.Task
@@ -64,6 +65,7 @@ class Run:
 @dataclass(frozen=True)
 class Agreed:
     """What every rank decided together at the end of a step (one collective with the loss)."""
+
     stop: bool  # a rank got a preemption signal: save and exit 75
     save_due: bool  # checkpoint.every_minutes elapsed on some rank
 
@@ -78,19 +80,26 @@ def run(cfg: Config, faults: Faults = NONE) -> Path:
     except Exception as e:
         if isinstance(e, Preempted) or (signals.received and r is None):
             dist.report_failure(f"{PREEMPTED_MARK}{e}")  # ranks waiting on this one exit 75 too
-            print(f"stopped by a signal during setup ({e}); nothing to save: exit {EXIT_PREEMPTED} - run the same command to start", flush=True)
+            print(
+                f"stopped by a signal during setup ({e}); nothing to save: exit {EXIT_PREEMPTED} - run the same command to start",
+                flush=True,
+            )
             _exit_preempted(env is None or env.is_main)
         dist.report_failure(str(e))  # ranks waiting on this one stop instead of waiting forever
         raise
     finally:
         if lock is not None:
-            lock.release(remove_created_dir=r is None)  # a run that wrote nothing leaves no empty directory behind
+            lock.release(
+                remove_created_dir=r is None
+            )  # a run that wrote nothing leaves no empty directory behind
 
 
 def _loop(r: Run, faults: Faults = NONE) -> Path:
     t = r.cfg.train
     for step in range(r.start + 1, r.total_steps + 1):
-        faults.after_step(step - 1, r.env.rank)  # step - 1 is complete, its eval and checkpoint included (a test may kill here)
+        faults.after_step(
+            step - 1, r.env.rank
+        )  # step - 1 is complete, its eval and checkpoint included (a test may kill here)
         batch = r.loader.next()  # collated on a background thread while the previous step ran
         metrics, agreed = train_step(r, batch)
         r.tracker.log_step(step, metrics)
@@ -101,7 +110,9 @@ def _loop(r: Run, faults: Faults = NONE) -> Path:
             if r.guard.healthy:
                 save(r, step, batch.data_state)
             rerun = " without output.overwrite" if r.cfg.output.overwrite else ""
-            r.tracker.info(f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command{rerun} to resume")
+            r.tracker.info(
+                f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command{rerun} to resume"
+            )
             close(r, EXIT_PREEMPTED)
             _exit_preempted(r.env.is_main)
         every = r.cfg.checkpoint.every_steps
@@ -116,7 +127,9 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     """One optimizer step over this rank's `grad_accum` micro-batches; returns what it measured (summed over ranks)."""
     t0, engine, lr = time.perf_counter(), r.engine, r.engine.lr
     micro = batch.batches
-    n_loss, n_tokens, n_pos = dist.all_sum(sum(b.n_loss for b in micro), sum(b.n_tokens for b in micro), sum(b.n_positions for b in micro))
+    n_loss, n_tokens, n_pos = dist.all_sum(
+        sum(b.n_loss for b in micro), sum(b.n_tokens for b in micro), sum(b.n_positions for b in micro)
+    )
     # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
     # makes the step's gradient the mean over every loss unit (e.g. loss-bearing token) of the global batch.
     scale = r.cfg.train.grad_accum * r.env.world_size / max(n_loss, 1)
@@ -129,16 +142,35 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
         add_sums(sums, out.metrics)
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
-    loss_sum, n_signalled, n_due, *totals = dist.all_sum(loss_sum, len(r.signals.received), due, *tasks.MetricSums.elements(sums))
+    loss_sum, n_signalled, n_due, *totals = dist.all_sum(
+        loss_sum, len(r.signals.received), due, *tasks.MetricSums.elements(sums)
+    )
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
     metrics = StepMetrics(
-        loss=loss_sum / max(n_loss, 1), lr=lr, grad_norm=grad_norm, tokens=int(n_tokens), loss_tokens=int(n_loss),
-        padding=1 - n_tokens / n_pos, tokens_per_s=n_tokens / dt, loss_tokens_per_s=n_loss / dt, step_time_s=dt,
-        mfu=r.flops.per_token(micro) * n_tokens / dt / (r.peak_flops * r.env.world_size) if r.peak_flops else None,
-        epoch=batch.epoch_progress, elapsed_s=perf.process_age_s(), skipped_steps=engine.skipped_steps,
-        memory=perf.device_memory_mb(), task=tasks.MetricSums.read(sums, totals).record(max(n_loss, 1)),
-        model_states=ModelStates(engine.n_params, states, r.formula, engine.n_trainable if r.cfg.model.peft else None) if states else None)
+        loss=loss_sum / max(n_loss, 1),
+        lr=lr,
+        grad_norm=grad_norm,
+        tokens=int(n_tokens),
+        loss_tokens=int(n_loss),
+        padding=1 - n_tokens / n_pos,
+        tokens_per_s=n_tokens / dt,
+        loss_tokens_per_s=n_loss / dt,
+        step_time_s=dt,
+        mfu=r.flops.per_token(micro) * n_tokens / dt / (r.peak_flops * r.env.world_size)
+        if r.peak_flops
+        else None,
+        epoch=batch.epoch_progress,
+        elapsed_s=perf.process_age_s(),
+        skipped_steps=engine.skipped_steps,
+        memory=perf.device_memory_mb(),
+        task=tasks.MetricSums.read(sums, totals).record(max(n_loss, 1)),
+        model_states=ModelStates(
+            engine.n_params, states, r.formula, engine.n_trainable if r.cfg.model.peft else None
+        )
+        if states
+        else None,
+    )
     return metrics, Agreed(stop=bool(n_signalled), save_due=bool(n_due))
 
 
@@ -154,15 +186,22 @@ def export(r: Run) -> None:
     """Every rank joins the gather of the full weights; rank 0 writes `final/` and answers the sample prompts."""
     r.loader.close()
     _still_ours(r, "exporting final/")
-    note = write_final(r.engine, r.cfg, r.tok, r.task.auto_class, r.out / "final", r.env.is_main, r.ckpt.base_sha256)
+    note = write_final(
+        r.engine, r.cfg, r.tok, r.task.auto_class, r.out / "final", r.env.is_main, r.ckpt.base_sha256
+    )
     if note is None:
         return
     r.tracker.info(f"exported Hugging Face model to {r.out / 'final'}{note}")
     track = r.cfg.track
     if track.sample_prompts and r.task.auto_class == "AutoModelForCausalLM":
         tok, model = inference.load(str(r.out / "final"))
-        answers = inference.generate(tok, model, [[{"role": "user", "content": p}] for p in track.sample_prompts],
-                                     max_new_tokens=track.sample_max_new_tokens, temperature=0.0)
+        answers = inference.generate(
+            tok,
+            model,
+            [[{"role": "user", "content": p}] for p in track.sample_prompts],
+            max_new_tokens=track.sample_max_new_tokens,
+            temperature=0.0,
+        )
         r.tracker.samples(r.total_steps, list(zip(track.sample_prompts, answers)))
 
 
@@ -187,31 +226,54 @@ def close(r: Run, exit_code: int = 0) -> None:
 
 # ---------------------------------------------------------------- setup
 
-def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None, faults: Faults = NONE) -> Run:
+
+def setup(
+    cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None, faults: Faults = NONE
+) -> Run:
     """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
     run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
     precision = resolve_precision(cfg.engine.precision)
     t, task = cfg.train, tasks.for_config(cfg)
     seed_all(t.seed)
     tok = load_tokenizer(cfg.model)
-    prep = dataset.build(cfg.data, tok, task, env.local_rank, lambda failed: dist.patient_sum("token shards", failed),
-                         log=print if env.local_rank == 0 else lambda *_: None, faults=faults)
+    prep = dataset.build(
+        cfg.data,
+        tok,
+        task,
+        env.local_rank,
+        lambda failed: dist.patient_sum("token shards", failed),
+        log=print if env.local_rank == 0 else lambda *_: None,
+        faults=faults,
+    )
     stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
-    micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)  # the ragged tail is not counted
+    micro_steps_per_epoch = stream.n // (
+        t.micro_batch_size * env.world_size
+    )  # the ragged tail is not counted
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
     out = Path(cfg.output.dir)
     faults.in_setup()
     # ZeRO-3: each rank only ever holds its shard of the weights; DeepSpeed casts to bf16/fp16 itself
-    model = load_model(cfg.model, tok, torch.float32, task.auto_class, init=partial(zero3_init, cfg, precision), gather=gathered,
-                       head=task.head(prep.meta) if task.head else None)
+    model = load_model(
+        cfg.model,
+        tok,
+        torch.float32,
+        task.auto_class,
+        init=partial(zero3_init, cfg, precision),
+        gather=gathered,
+        head=task.head(prep.meta) if task.head else None,
+    )
     if task.prepare_model:
         task.prepare_model(model)
     ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every, faults)
-    if lock is not None:  # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another
+    if (
+        lock is not None
+    ):  # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another
         ckpt.before_publish = lock.verify
     plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
     engine = Engine.build(cfg, model, total_steps, precision, load_universal=plan.reshard)
-    ckpt.base_sha256 = reference.starting_point(cfg, task, prep, engine, precision, env)  # adapter's base / DPO's reference
+    ckpt.base_sha256 = reference.starting_point(
+        cfg, task, prep, engine, precision, env
+    )  # adapter's base / DPO's reference
     state, t_load = TrainState(0, stream.state_dict()), time.perf_counter()
     if plan.path is not None:
         state = ckpt.load(plan, engine)
@@ -221,48 +283,96 @@ def setup(cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None
     t_load = time.perf_counter() - t_load
     if env.is_main:  # every check passed: the first writes
         rundir.commit(out, dump_config(cfg), plan.replace)
-        truncate_metrics(out / "metrics.jsonl", state.step)  # a resumed run rewrites the steps after its checkpoint
+        truncate_metrics(
+            out / "metrics.jsonl", state.step
+        )  # a resumed run rewrites the steps after its checkpoint
     dist.wait_for_all("rank 0 prepares output.dir")
-    tracker = Tracker(out, env.rank, total_steps=total_steps, log_every=t.log_every, start_step=state.step,
-                      all_ranks=cfg.output.log_all_ranks, track=cfg.track, run_id=state.run_id, config=yaml.safe_load(dump_config(cfg)))
-    r = Run(cfg, env, task, tok, prep, engine, ckpt, tracker, StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"),
-            out, state.step, total_steps, perf.FlopCount.of(engine.module), perf.peak_flops(),
-            perf.expected_model_state_bytes(engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable),
-            signals, DivergenceGuard(t.nonfinite_patience, precision))
+    tracker = Tracker(
+        out,
+        env.rank,
+        total_steps=total_steps,
+        log_every=t.log_every,
+        start_step=state.step,
+        all_ranks=cfg.output.log_all_ranks,
+        track=cfg.track,
+        run_id=state.run_id,
+        config=yaml.safe_load(dump_config(cfg)),
+    )
+    r = Run(
+        cfg,
+        env,
+        task,
+        tok,
+        prep,
+        engine,
+        ckpt,
+        tracker,
+        StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"),
+        out,
+        state.step,
+        total_steps,
+        perf.FlopCount.of(engine.module),
+        perf.peak_flops(),
+        perf.expected_model_state_bytes(
+            engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable
+        ),
+        signals,
+        DivergenceGuard(t.nonfinite_patience, precision),
+    )
     _report_start(r, precision, plan, stream, t_load)
-    dist.wait_for_all("setup")  # rank 0 may still be starting W&B; the loop's first collective must not time out on it
-    signals.in_setup = False  # from here a signal sets a flag; the ranks agree on it at the next step boundary
+    dist.wait_for_all(
+        "setup"
+    )  # rank 0 may still be starting W&B; the loop's first collective must not time out on it
+    signals.in_setup = (
+        False  # from here a signal sets a flag; the ranks agree on it at the next step boundary
+    )
     return r
 
 
 def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: float) -> None:
     cfg, env, prep, tracker, total_steps = r.cfg, r.env, r.prep, r.tracker, r.total_steps
     if plan.path is not None:
-        tracker.info(f"resumed from {plan.path}{' (resharded to this world size / ZeRO stage)' if plan.reshard else ''}: "
-                     f"step {r.start}, data epoch {stream.epoch} sample {stream.index:,}, "
-                     f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s{plan.describe_skipped()}")
+        tracker.info(
+            f"resumed from {plan.path}{' (resharded to this world size / ZeRO stage)' if plan.reshard else ''}: "
+            f"step {r.start}, data epoch {stream.epoch} sample {stream.index:,}, "
+            f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s{plan.describe_skipped()}"
+        )
         if plan.applied:
-            tracker.info(f"resume: applied settings changed since the checkpoint: {plan.describe_applied()} "
-                         "(Adam moments and step count kept)")
+            tracker.info(
+                f"resume: applied settings changed since the checkpoint: {plan.describe_applied()} "
+                "(Adam moments and step count kept)"
+            )
         tracker.log(r.start, {"checkpoint_load_s": t_load})
     tracker.info(f"data: shards {prep.root} (dataset {prep.fingerprint})")
-    width = prep.seq_len * r.task.group  # a packed row holds whole groups (a preference pair: 2 x max_seq_len)
+    width = (
+        prep.seq_len * r.task.group
+    )  # a packed row holds whole groups (a preference pair: 2 x max_seq_len)
     tracker.info(_data_summary("train", prep.train, width))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, width))
     t, unit = cfg.train, "rows" if prep.packing else "examples"
-    tracker.info(f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = "
-                 f"{t.micro_batch_size} micro x {t.grad_accum} accum x {env.world_size} ranks = "
-                 f"{t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps | task {cfg.data.task}")
-    tracker.info(f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) on {socket.gethostname()} | master {env.master_addr}:{env.master_port}"
-                 f" | {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no'} process group")
+    tracker.info(
+        f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = "
+        f"{t.micro_batch_size} micro x {t.grad_accum} accum x {env.world_size} ranks = "
+        f"{t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps | task {cfg.data.task}"
+    )
+    tracker.info(
+        f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) on {socket.gethostname()} | master {env.master_addr}:{env.master_port}"
+        f" | {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no'} process group"
+    )
 
 
 def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
     s = split.stats
-    rows = f", {s.rows} packed rows of {seq_len} (padding {100 * s.padding_fraction:.1f}%)" if s.rows is not None else ""
-    return (f"{name}: {s.records} records -> {s.examples} examples{rows}; {s.tokens:,} tokens, "
-            f"{s.loss_tokens:,} loss-bearing; over max_seq_len: {s.truncated} truncated, {s.dropped} dropped")
+    rows = (
+        f", {s.rows} packed rows of {seq_len} (padding {100 * s.padding_fraction:.1f}%)"
+        if s.rows is not None
+        else ""
+    )
+    return (
+        f"{name}: {s.records} records -> {s.examples} examples{rows}; {s.tokens:,} tokens, "
+        f"{s.loss_tokens:,} loss-bearing; over max_seq_len: {s.truncated} truncated, {s.dropped} dropped"
+    )
 
 
 def _exit_preempted(is_main: bool) -> None:

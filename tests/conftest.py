@@ -19,9 +19,20 @@ pytest_plugins = ["slurm_jobs"]  # the SLURM helpers and the shared one-node ref
 # in-process logic (config, formats, labels, packing and loss oracles on tiny models, bad inputs, device planning, lock
 # and precision rules), about 1.5 min on 2 cores. Everything else is `integration` (training runs, multi-rank launches,
 # serving, SLURM); `slurm` and `gpu` name what those need. The README's test command runs every tier.
-UNIT_FILES = {"test_config.py", "test_layout.py", "test_loss.py", "test_packing.py", "test_perf.py", "test_model.py", "test_data.py",
-              "test_stream_and_env.py", "test_cluster_configs.py", "test_bad_inputs.py", "test_gpu_path.py",
-              "test_resume_rules.py"}
+UNIT_FILES = {
+    "test_config.py",
+    "test_layout.py",
+    "test_loss.py",
+    "test_packing.py",
+    "test_perf.py",
+    "test_model.py",
+    "test_data.py",
+    "test_stream_and_env.py",
+    "test_cluster_configs.py",
+    "test_bad_inputs.py",
+    "test_gpu_path.py",
+    "test_resume_rules.py",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -78,4 +89,6 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("data")
-    return tiny.write_jsonl(d / "train.jsonl", tiny.toy_chat(64)), tiny.write_jsonl(d / "val.jsonl", tiny.toy_chat(8))
+    return tiny.write_jsonl(d / "train.jsonl", tiny.toy_chat(64)), tiny.write_jsonl(
+        d / "val.jsonl", tiny.toy_chat(8)
+    )

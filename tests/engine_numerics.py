@@ -29,7 +29,7 @@ from dist_ft.model import load_model
 from dist_ft.tokenizer import load_tokenizer
 
 ACCUM, K = 16, 3
-SMALL = 2.0 ** -9
+SMALL = 2.0**-9
 WD, LR, STEPS, ROWS, SEQ = 0.5, 1e-2, 4, 4, 16
 # GPT-2's key bias has a zero gradient (softmax ignores it): only rounding noise, which Adam with eps 1e-8 turns into
 # lr-sized steps that differ between 2 ranks and 1 process; eps 1e-6 keeps that noise far below the tolerance
@@ -54,21 +54,33 @@ class Dot(torch.nn.Module):
 
 
 def config(model_dir: str, stage: int, precision: str, **train) -> Config:
-    return Config.model_validate({"model": {"path": model_dir}, "data": {"train": "unused.jsonl"},  # validated, never read
-                                  "train": {"max_grad_norm": 0.0, **train}, "engine": {"zero_stage": stage, "precision": precision}})
+    return Config.model_validate(
+        {
+            "model": {"path": model_dir},
+            "data": {"train": "unused.jsonl"},  # validated, never read
+            "train": {"max_grad_norm": 0.0, **train},
+            "engine": {"zero_stage": stage, "precision": precision},
+        }
+    )
 
 
 def grad_sums(model_dir: str, rank: int, stage: int, precision: str) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     torch.manual_seed(0)
-    engine = eng.Engine.build(config(model_dir, stage, precision, grad_accum=ACCUM, micro_batch_size=1), Dot(), 10, precision)
+    engine = eng.Engine.build(
+        config(model_dir, stage, precision, grad_accum=ACCUM, micro_batch_size=1), Dot(), 10, precision
+    )
     for m in range(ACCUM):
         engine.backward(engine(x=torch.tensor([micro_x(m, rank)])))
         if m == ACCUM - 1:
             grad = safe_get_full_grad(engine.module.w)  # every rank: it gathers / reduces
         norm = engine.step()
-    out = {"grad": grad.float().flatten().tolist(), "norm": norm, "optimizer": type(engine._ds.optimizer).__name__}
+    out = {
+        "grad": grad.float().flatten().tolist(),
+        "norm": norm,
+        "optimizer": type(engine._ds.optimizer).__name__,
+    }
     engine.close()
     return out
 
@@ -77,21 +89,37 @@ def rows(rank: int, world: int, vocab: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab, (STEPS, ROWS, SEQ), generator=g)
     per = ROWS // world
-    return ids[:, rank * per:(rank + 1) * per]
+    return ids[:, rank * per : (rank + 1) * per]
 
 
 def decayed_run(model_dir: str, rank: int, world: int, stage: int, out: Path) -> dict:
-    cfg = config(model_dir, stage, "fp32", micro_batch_size=ROWS // world, lr=LR, eps=EPS, weight_decay=WD, schedule="constant")
+    cfg = config(
+        model_dir,
+        stage,
+        "fp32",
+        micro_batch_size=ROWS // world,
+        lr=LR,
+        eps=EPS,
+        weight_decay=WD,
+        schedule="constant",
+    )
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tok, torch.float32, init=partial(eng.zero3_init, cfg, "fp32"), gather=eng.gathered)
+    model = load_model(
+        cfg.model, tok, torch.float32, init=partial(eng.zero3_init, cfg, "fp32"), gather=eng.gathered
+    )
     placeholders = sorted({tuple(p.shape) for p in model.parameters()}) if stage == 3 else None
     engine = eng.Engine.build(cfg, model, STEPS, "fp32")
     for ids in rows(rank, world, len(tok)):
         engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
         engine.step()
     weights = engine.trainable_fp32()
-    groups = {n: {"weight_decay": g["weight_decay"], "n_params": len(g["params"])} for n, g in zip(engine.group_names, engine._groups())}
-    engine.apply_optimizer_settings(LR, cfg.train.betas, cfg.train.eps, 0.25)  # as a resumed run with a changed weight decay
+    groups = {
+        n: {"weight_decay": g["weight_decay"], "n_params": len(g["params"])}
+        for n, g in zip(engine.group_names, engine._groups())
+    }
+    engine.apply_optimizer_settings(
+        LR, cfg.train.betas, cfg.train.eps, 0.25
+    )  # as a resumed run with a changed weight decay
     resumed = {n: g["weight_decay"] for n, g in zip(engine.group_names, engine._groups())}
     engine.close()
     if rank == 0:
@@ -116,5 +144,7 @@ def main(model_dir: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]  # the deepspeed launcher adds it
+    args = [
+        a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))
+    ]  # the deepspeed launcher adds it
     main(args[0], Path(args[1]))

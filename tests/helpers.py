@@ -27,8 +27,15 @@ def free_port() -> int:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run `dist-ft ...` as users do (a subprocess), returning CompletedProcess with text output."""
-    return subprocess.run([sys.executable, "-m", "dist_ft", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "dist_ft", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def train_cmd(cfg: Path, out: Path, ranks: int, *extra: str) -> list[str]:
@@ -36,23 +43,42 @@ def train_cmd(cfg: Path, out: Path, ranks: int, *extra: str) -> list[str]:
     args = [str(cfg), f"output.dir={out}", *extra]
     if ranks == 1:
         return [sys.executable, "-m", "dist_ft", "train", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(free_port()), "launch/train.py", *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        *args,
+    ]
 
 
 def run_cmd(cmd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
     """Run `cmd` from the checkout in its own session, text output captured, env_extra over os.environ."""
     env = {**os.environ, **(env_extra or {})}
     # own session: the kill hook SIGKILLs the whole process group, as a node failure would
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True, check=False)
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+        check=False,
+    )
 
 
 def train_args(tmp_path: Path, model: Path, train: Path, *extra: str) -> list[str]:
     """Write a small fp32 config to tmp_path/run.yaml; return `train` args with output.dir=tmp_path/out."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {train}, max_seq_len: 128}}\n"
-                   "train: {micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2}\nengine: {precision: fp32}\n")
+    cfg.write_text(
+        f"model: {{path: {model}}}\ndata: {{train: {train}, max_seq_len: 128}}\n"
+        "train: {micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2}\nengine: {precision: fp32}\n"
+    )
     return ["train", str(cfg), f"output.dir={tmp_path / 'out'}", *extra]
 
 
@@ -65,8 +91,9 @@ def metric_records(out: Path) -> list[dict]:
 
 def assert_ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Assert a process exited 0 (else show the ends of its stdout and stderr); return it."""
-    assert r.returncode == 0, (f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}"
-                               f"\n--- stderr\n{r.stderr[-5000:]}")
+    assert r.returncode == 0, (
+        f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-5000:]}"
+    )
     return r
 
 

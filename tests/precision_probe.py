@@ -25,16 +25,29 @@ LR, STEPS, ROWS, SEQ = 1e-4, 5, 4, 32
 
 
 def config(model_dir: str, stage: int, precision: str) -> Config:
-    return Config.model_validate({"model": {"path": model_dir}, "data": {"train": "unused.jsonl"},
-                                  "train": {"lr": LR, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0,
-                                            "max_grad_norm": 0.0, "micro_batch_size": ROWS},
-                                  "engine": {"zero_stage": stage, "precision": precision}})
+    return Config.model_validate(
+        {
+            "model": {"path": model_dir},
+            "data": {"train": "unused.jsonl"},
+            "train": {
+                "lr": LR,
+                "warmup_steps": 0,
+                "schedule": "constant",
+                "weight_decay": 0.0,
+                "max_grad_norm": 0.0,
+                "micro_batch_size": ROWS,
+            },
+            "engine": {"zero_stage": stage, "precision": precision},
+        }
+    )
 
 
 def build(model_dir: str, stage: int, precision: str):
     cfg = config(model_dir, stage, precision)
     tok = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tok, torch.float32, init=partial(eng.zero3_init, cfg, precision), gather=eng.gathered)
+    model = load_model(
+        cfg.model, tok, torch.float32, init=partial(eng.zero3_init, cfg, precision), gather=eng.gathered
+    )
     return eng.Engine.build(cfg, model, 100, precision), tok
 
 
@@ -58,7 +71,15 @@ def train(model_dir: str, stage: int, precision: str, steps: int) -> tuple[dict,
 
 
 def main(model_dir: str, out: str) -> None:
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"})
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+        }
+    )
     os.environ.setdefault("MASTER_PORT", "29613")
     eng.init_distributed("gloo")
     torch.manual_seed(0)

@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers import REPO
 import tiny
+from helpers import REPO
 
 STEPS = 120
 
@@ -36,15 +35,39 @@ def cluster():
 
 @pytest.fixture(scope="session")
 def job_cfg(tmp_path_factory, gpt2_dir) -> Path:
-    return tiny.run_config(tmp_path_factory.mktemp("slurm"), gpt2_dir, 96, f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
-                           "precision: fp32, zero_stage: 2")
+    return tiny.run_config(
+        tmp_path_factory.mktemp("slurm"),
+        gpt2_dir,
+        96,
+        f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+        "precision: fp32, zero_stage: 2",
+    )
 
 
-def sbatch(cfg: Path, out: Path, *overrides: str, nodes: int = 1, tasks_per_node: int = 2, partition: str = "debug") -> str:
+def sbatch(
+    cfg: Path, out: Path, *overrides: str, nodes: int = 1, tasks_per_node: int = 2, partition: str = "debug"
+) -> str:
     """Submit the template as a user would, with CPU-sized resources for this cluster."""
-    r = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-                        "--gpus-per-node=0", "--cpus-per-task=1", "--time=15", f"--output={out.parent / (out.name + '-%j.out')}",
-                        "slurm/finetune.sh", str(cfg), f"output.dir={out}", *overrides], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--partition={partition}",
+            f"--nodes={nodes}",
+            f"--ntasks-per-node={tasks_per_node}",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=15",
+            f"--output={out.parent / (out.name + '-%j.out')}",
+            "slurm/finetune.sh",
+            str(cfg),
+            f"output.dir={out}",
+            *overrides,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -72,7 +95,14 @@ def wait(jid: str, timeout: float = 600, finished: Path | None = None) -> dict:
             held_since = held_since or time.time()
             if time.time() - held_since >= 3:
                 subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
-        ended = state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+        ended = state.get("JobState") in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        )
         if ended and (finished is None or finished.exists()):
             return state
         time.sleep(0.5)

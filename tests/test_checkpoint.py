@@ -9,19 +9,24 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from helpers import REPO, assert_identical_runs, run_cmd, train_cmd
 import tiny
+import torch
+from helpers import REPO, assert_identical_runs, run_cmd, train_cmd
+from safetensors.torch import load_file
 
 STEPS = 12
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory, gpt2_dir):
-    return tiny.run_config(tmp_path_factory.mktemp("ckpt"), gpt2_dir, 96, f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
-                           "precision: fp32", "checkpoint: {every_steps: 3}\n")
+    return tiny.run_config(
+        tmp_path_factory.mktemp("ckpt"),
+        gpt2_dir,
+        96,
+        f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+        "precision: fp32",
+        "checkpoint: {every_steps: 3}\n",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +55,14 @@ def test_resume_after_sigkill_is_bit_exact(cfg, reference, ranks, kill_at):
 
 def test_crash_during_save_keeps_previous_checkpoint(cfg, reference):
     out = cfg.parent / "crash-in-save"
-    proc = subprocess.Popen(train_cmd(cfg, out, 1), cwd=REPO, env={**os.environ, "DIST_FT_TEST_PAUSE_IN_SAVE": "6"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(cfg, out, 1),
+        cwd=REPO,
+        env={**os.environ, "DIST_FT_TEST_PAUSE_IN_SAVE": "6"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     partial = out / "checkpoints" / "step-6.tmp"
     deadline = time.time() + 300
     while not (partial / "config.yaml").exists():  # engine state written, manifest not yet
@@ -71,8 +82,14 @@ def test_signal_saves_and_exits_75_then_resumes_exactly(cfg, tmp_path):
     ref = tmp_path / "ref"
     assert run_cmd(train_cmd(cfg, ref, 1, f"train.max_steps={n}", "checkpoint.every_steps=0")).returncode == 0
     out = tmp_path / "sig"
-    proc = subprocess.Popen(train_cmd(cfg, out, 1, f"train.max_steps={n}", "checkpoint.every_steps=0"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        train_cmd(cfg, out, 1, f"train.max_steps={n}", "checkpoint.every_steps=0"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = out / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -131,34 +148,60 @@ def test_corrupt_latest_checkpoint_falls_back(cfg, reference, tmp_path):
     victim.write_bytes(victim.read_bytes()[:100])  # truncated: size no longer matches the manifest
     r = run_cmd(train_cmd(cfg, out, 1))
     assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-9'}" in r.stdout
-    assert f"; skipped damaged step-12 (ds/{victim.relative_to(out / 'checkpoints' / 'step-12' / 'ds')}: 100 bytes, expected" in r.stdout
+    assert (
+        f"; skipped damaged step-12 (ds/{victim.relative_to(out / 'checkpoints' / 'step-12' / 'ds')}: 100 bytes, expected"
+        in r.stdout
+    )
 
 
 def test_keep_every_holds_milestones_and_rotation_keeps_the_newest(cfg, tmp_path):
     out = tmp_path / "milestones"
-    r = run_cmd(train_cmd(cfg, out, 1, "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_every=4"))
+    r = run_cmd(
+        train_cmd(cfg, out, 1, "checkpoint.every_steps=2", "checkpoint.keep=2", "checkpoint.keep_every=4")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(int(p.name[5:]) for p in (out / "checkpoints").iterdir()) == [4, 8, 10, 12]
-    saves = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "checkpoint_save_s" in x]
-    assert [s["step"] for s in saves] == [2, 4, 6, 8, 10, 12] and all(s["checkpoint_save_s"] > 0 for s in saves)
+    saves = [
+        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "checkpoint_save_s" in x
+    ]
+    assert [s["step"] for s in saves] == [2, 4, 6, 8, 10, 12] and all(
+        s["checkpoint_save_s"] > 0 for s in saves
+    )
 
 
 @pytest.mark.parametrize("stage_before,ranks_after,stage_after", [(2, 1, 2), (2, 2, 1), (1, 1, 2)])
-def test_resume_on_another_world_size_or_zero_stage_keeps_the_run(cfg, reference, tmp_path, stage_before, ranks_after, stage_after):
+def test_resume_on_another_world_size_or_zero_stage_keeps_the_run(
+    cfg, reference, tmp_path, stage_before, ranks_after, stage_after
+):
     """2 ranks die after step 7 (checkpoint 6); the job continues on `ranks_after` ranks with ZeRO
     `stage_after`, the same global batch (micro x world constant), through DeepSpeed's universal checkpoint.
     The rest of the run equals the uninterrupted 2-rank run up to reduction-order rounding."""
     out = tmp_path / "elastic"
-    r = run_cmd(train_cmd(cfg, out, 2, f"engine.zero_stage={stage_before}"), {"DIST_FT_TEST_KILL_AT_STEP": "7"})
+    r = run_cmd(
+        train_cmd(cfg, out, 2, f"engine.zero_stage={stage_before}"), {"DIST_FT_TEST_KILL_AT_STEP": "7"}
+    )
     assert r.returncode != 0 and (out / "checkpoints" / "step-6").is_dir()
     micro = 2 * 2 // ranks_after
-    r = run_cmd(train_cmd(cfg, out, ranks_after, f"engine.zero_stage={stage_after}", f"train.micro_batch_size={micro}"))
+    r = run_cmd(
+        train_cmd(
+            cfg, out, ranks_after, f"engine.zero_stage={stage_after}", f"train.micro_batch_size={micro}"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {out / 'checkpoints' / 'step-6'} (resharded to this world size / ZeRO stage): step 6" in r.stdout
+    assert (
+        f"resumed from {out / 'checkpoints' / 'step-6'} (resharded to this world size / ZeRO stage): step 6"
+        in r.stdout
+    )
     ref, got = tiny.losses(reference[2]), tiny.losses(out)
     assert len(got) == STEPS and max(abs(a - b) for a, b in zip(ref[:6], got[:6])) < 2e-5
-    assert max(abs(a - b) for a, b in zip(ref, got)) < 2e-5, (ref, got)  # the same samples, the same optimizer state
-    wa, wb = load_file(reference[2] / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 2e-5, (
+        ref,
+        got,
+    )  # the same samples, the same optimizer state
+    wa, wb = (
+        load_file(reference[2] / "final" / "model.safetensors"),
+        load_file(out / "final" / "model.safetensors"),
+    )
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=0)
 
@@ -169,33 +212,50 @@ def test_reshard_refuses_a_changed_global_batch(cfg, reference, tmp_path):
     out = tmp_path / "elastic-bad"
     shutil.copytree(reference[2], out)
     shutil.rmtree(out / "final")
-    r = run_cmd(train_cmd(cfg, out, 1, "engine.zero_stage=2"))  # 1 rank x micro 2 = 2 rows, the checkpoint had 4
+    r = run_cmd(
+        train_cmd(cfg, out, 1, "engine.zero_stage=2")
+    )  # 1 rank x micro 2 = 2 rows, the checkpoint had 4
     assert r.returncode == 2
     assert "saved with 2 ranks (global batch 4), this run has 1 ranks (global batch 2)" in r.stderr
     assert "micro x accum x world = 4" in r.stderr
-    r = run_cmd(train_cmd(cfg, out, 2, "engine.zero_stage=3"))  # ZeRO-3 is not resharded (not exact): said up front
-    assert r.returncode == 2 and "resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2" in r.stderr
-
+    r = run_cmd(
+        train_cmd(cfg, out, 2, "engine.zero_stage=3")
+    )  # ZeRO-3 is not resharded (not exact): said up front
+    assert (
+        r.returncode == 2
+        and "resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2" in r.stderr
+    )
 
 
 def test_resume_with_dropout_is_bit_exact(tmp_path, gpt2_dropout_dir):
     """Dropout 0.1: the resumed run draws the same masks as the uninterrupted one only if every RNG state
     (Python, NumPy, torch CPU, and each rank's CUDA generator on GPUs) was saved and restored."""
-    cfg = tiny.run_config(tmp_path, gpt2_dropout_dir, 48, "max_steps: 6, micro_batch_size: 2, lr: 3.0e-3", "precision: fp32",
-                          "checkpoint: {every_steps: 2}\n")
+    cfg = tiny.run_config(
+        tmp_path,
+        gpt2_dropout_dir,
+        48,
+        "max_steps: 6, micro_batch_size: 2, lr: 3.0e-3",
+        "precision: fp32",
+        "checkpoint: {every_steps: 2}\n",
+    )
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert run_cmd(train_cmd(cfg, ref, 1)).returncode == 0
     r = run_cmd(train_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "3"})
     assert r.returncode != 0
     r = run_cmd(train_cmd(cfg, out, 1))
-    assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[
+        -3000:
+    ]
     assert_identical_runs(ref, out)
     plain = tmp_path / "other-seed"
-    r = run_cmd(train_cmd(cfg, plain, 1, "checkpoint.resume=never", "train.max_steps=2", "train.seed=43"))  # dropout is live: another seed, another loss
+    r = run_cmd(
+        train_cmd(cfg, plain, 1, "checkpoint.resume=never", "train.max_steps=2", "train.seed=43")
+    )  # dropout is live: another seed, another loss
     assert r.returncode == 0 and tiny.losses(plain)[1] != tiny.losses(ref)[1]
 
 
 # ---------------------------------------------------------------- symlinked checkpoints (#25): foreign, never deleted through
+
 
 def _tree(root: Path) -> dict:
     """Every entry under `root` without following links: files by content and mtime, links by target."""
@@ -230,7 +290,9 @@ def _fake_checkpoint(path: Path, step: int, files: dict | None = None) -> Path:
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         (path / rel).write_bytes(data)
     sizes = {rel: len(data) for rel, data in (files or {}).items()}
-    (path / "manifest.json").write_text(json.dumps({"step": step, "world_size": 1, "zero_stage": 0, "files": sizes}))
+    (path / "manifest.json").write_text(
+        json.dumps({"step": step, "world_size": 1, "zero_stage": 0, "files": sizes})
+    )
     (path / "COMPLETE").write_text("ok\n")
     return path
 
@@ -263,8 +325,12 @@ def test_symlinks_make_a_checkpoint_foreign(tmp_path):
     (home / "loop").unlink()
     linked_root = tmp_path / "run2"
     linked_root.mkdir()
-    (linked_root / "checkpoints").symlink_to(out / "checkpoints")  # a symlinked checkpoints/: every step in it is foreign
-    assert outside(linked_root / "checkpoints" / "step-1", linked_root) == linked_root / "checkpoints" / "step-1"
+    (linked_root / "checkpoints").symlink_to(
+        out / "checkpoints"
+    )  # a symlinked checkpoints/: every step in it is foreign
+    assert (
+        outside(linked_root / "checkpoints" / "step-1", linked_root) == linked_root / "checkpoints" / "step-1"
+    )
 
 
 @pytest.mark.unit
@@ -284,7 +350,9 @@ def test_rotation_never_deletes_through_a_symlink(tmp_path, capfd):
     before = _tree(elsewhere)
     ckpt = Checkpointer(out, keep=1, rank=0, world_size=1)
     ckpt.save(_FakeEngine(), TrainState(3, {}), "x: 1\n")
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]  # the links went, the local step-2 too
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-3"
+    ]  # the links went, the local step-2 too
     assert _tree(elsewhere) == before  # nothing they pointed to was touched
     # a symlinked checkpoints/: its folders lie outside output.dir, so rotation leaves them (and says so once)
     out2, scratch = tmp_path / "run2", tmp_path / "scratch"
@@ -295,8 +363,14 @@ def test_rotation_never_deletes_through_a_symlink(tmp_path, capfd):
     ckpt.save(_FakeEngine(), TrainState(2, {}), "x: 1\n")
     ckpt.save(_FakeEngine(), TrainState(3, {}), "x: 1\n")
     assert sorted(p.name for p in scratch.iterdir()) == ["step-1", "step-2", "step-3"]
-    notes = [line for line in capfd.readouterr().err.splitlines() if line.startswith("note: checkpoint.keep leaves")]
-    assert len(notes) == 2 and "step-1" in notes[0] and "step-2" in notes[1] and "outside output.dir" in notes[0]
+    notes = [
+        line
+        for line in capfd.readouterr().err.splitlines()
+        if line.startswith("note: checkpoint.keep leaves")
+    ]
+    assert (
+        len(notes) == 2 and "step-1" in notes[0] and "step-2" in notes[1] and "outside output.dir" in notes[0]
+    )
 
 
 def test_symlinked_step_is_refused_without_trust_and_rotated_as_a_link(cfg, tmp_path):
@@ -315,21 +389,30 @@ def test_symlinked_step_is_refused_without_trust_and_rotated_as_a_link(cfg, tmp_
     marker = tmp_path / "unpickled"
     torch.save({"module": _Unpickled(marker)}, victim)
     m = json.loads(manifest)
-    m["files"][str(victim.relative_to(away))] = victim.stat().st_size  # still "complete": it would be the one resumed
+    m["files"][str(victim.relative_to(away))] = (
+        victim.stat().st_size
+    )  # still "complete": it would be the one resumed
     (away / "manifest.json").write_text(json.dumps(m))
     before, before_away = _tree(out), _tree(away.parent)
     r = run_cmd(train_cmd(cfg, out, 1, "train.max_steps=6"))
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert f"checkpoint '{out / 'checkpoints' / 'step-3'}' is a symlink to {away}, outside output.dir" in errors[0]
+    assert (
+        f"checkpoint '{out / 'checkpoints' / 'step-3'}' is a symlink to {away}, outside output.dir"
+        in errors[0]
+    )
     assert "set checkpoint.trust_foreign=true if you trust where it came from" in errors[0]
     assert not marker.exists() and "resumed from" not in r.stdout
     assert _tree(out) == before and _tree(away.parent) == before_away
     victim.write_bytes(original)
     (away / "manifest.json").write_text(manifest)
     before_away = _tree(away.parent)
-    r = run_cmd(train_cmd(cfg, out, 1, "train.max_steps=6", "checkpoint.trust_foreign=true", "checkpoint.keep=1"))
+    r = run_cmd(
+        train_cmd(cfg, out, 1, "train.max_steps=6", "checkpoint.trust_foreign=true", "checkpoint.keep=1")
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / 'step-3'}" in r.stdout and "step 3" in r.stdout
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-6"]  # the link rotated away as a link
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-6"
+    ]  # the link rotated away as a link
     assert _tree(away.parent) == before_away and len(tiny.losses(out)) == 6

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import REPO, run_cli
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -32,7 +31,9 @@ def _resolved(name: str) -> dict:
     return yaml.safe_load(r.stdout)
 
 
-@pytest.mark.parametrize("name,offload_optimizer", [("gpt2-xl-zero3.yaml", False), ("llama-8b-zero3-offload.yaml", True)])
+@pytest.mark.parametrize(
+    "name,offload_optimizer", [("gpt2-xl-zero3.yaml", False), ("llama-8b-zero3-offload.yaml", True)]
+)
 def test_cluster_configs_have_advertised_settings(name, offload_optimizer):
     c = _resolved(name)
     assert c["engine"]["zero_stage"] == 3

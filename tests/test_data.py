@@ -11,31 +11,66 @@ from dist_ft.data.sources import read_records
 from dist_ft.errors import UserError
 from dist_ft.tokenizer import load_tokenizer
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the apple?"},
-        {"role": "assistant", "content": "Red."}, {"role": "user", "content": "And the banana?"},
-        {"role": "assistant", "content": "Yellow."}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What color is the apple?"},
+    {"role": "assistant", "content": "Red."},
+    {"role": "user", "content": "And the banana?"},
+    {"role": "assistant", "content": "Yellow."},
+]
 
 
 def test_all_formats_become_the_same_conversation():
     openai = {"messages": CONV}
-    sharegpt = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in CONV]}
+    sharegpt = {
+        "conversations": [
+            {
+                "from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                "value": m["content"],
+            }
+            for m in CONV
+        ]
+    }
     assert to_conversation(openai, "auto", "r").messages == CONV
     assert to_conversation(sharegpt, "auto", "r").messages == CONV
     alpaca = {"instruction": "What color is the apple?", "input": "", "output": "Red.", "system": "Be brief."}
     assert to_conversation(alpaca, "auto", "r").messages == CONV[:3]
-    with_input = to_conversation({"instruction": "Translate", "input": "chat", "output": "cat"}, "alpaca", "r")
+    with_input = to_conversation(
+        {"instruction": "Translate", "input": "chat", "output": "cat"}, "alpaca", "r"
+    )
     assert with_input.messages[0] == {"role": "user", "content": "Translate\n\nchat"}
     assert to_conversation({"text": "raw words"}, "auto", "r").text == "raw words"
 
 
-@pytest.mark.parametrize("rec,msg", [
-    ({"prompt": "x", "completion": "y"}, r"f.jsonl:3: unknown record format \(keys: completion, prompt\)"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, r"f.jsonl:3: conversation has no assistant turn"),
-    ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]}, r"roles out of order at message 0 \('assistant', expected 'user'\)"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}, r"roles out of order at message 1"),
-    ({"conversations": [{"from": "alien", "value": "x"}]}, r"unknown speaker 'alien'"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}, r"unknown role 'bot'"),
-])
+@pytest.mark.parametrize(
+    "rec,msg",
+    [
+        (
+            {"prompt": "x", "completion": "y"},
+            r"f.jsonl:3: unknown record format \(keys: completion, prompt\)",
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}]}, r"f.jsonl:3: conversation has no assistant turn"),
+        (
+            {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]},
+            r"roles out of order at message 0 \('assistant', expected 'user'\)",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "b"},
+                    {"role": "assistant", "content": "c"},
+                ]
+            },
+            r"roles out of order at message 1",
+        ),
+        ({"conversations": [{"from": "alien", "value": "x"}]}, r"unknown speaker 'alien'"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
+            r"unknown role 'bot'",
+        ),
+    ],
+)
 def test_bad_records_name_the_record(rec, msg):
     with pytest.raises(UserError, match=msg):
         to_conversation(rec, "auto", "f.jsonl:3")
@@ -50,7 +85,10 @@ def test_sources_jsonl_json_parquet_agree(tmp_path):
     datasets.Dataset.from_list([{"text": "hello"}, {"text": "world"}]).to_parquet(str(tmp_path / "a.parquet"))
     assert [r for _, r in read_records(SourceConfig(path=str(tmp_path / "a.jsonl")))] == recs
     assert [r for _, r in read_records(SourceConfig(path=str(tmp_path / "a.json")))] == recs
-    assert [r["text"] for _, r in read_records(SourceConfig(path=str(tmp_path / "a.parquet")))] == ["hello", "world"]
+    assert [r["text"] for _, r in read_records(SourceConfig(path=str(tmp_path / "a.parquet")))] == [
+        "hello",
+        "world",
+    ]
 
 
 def test_source_errors(tmp_path):
@@ -93,7 +131,9 @@ def test_labels_without_generation_markers_llama(llama_dir):
     assert tok.chat_template and not has_generation_markers(tok)  # its own template is kept
     ex = tokenize_conversation(tok, to_conversation({"messages": CONV}, "auto", "r"), "r")
     assert _assistant_pieces(tok, ex) == ["Red.</s>", "Yellow.</s>"]
-    assert sum(lab != IGNORE for lab in ex.labels) == len(tok("Red.</s>Yellow.</s>", add_special_tokens=False)["input_ids"])
+    assert sum(lab != IGNORE for lab in ex.labels) == len(
+        tok("Red.</s>Yellow.</s>", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_pad_token_is_provided(gpt2_dir, llama_dir):

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from helpers import run_cmd, train_cmd
 import tiny
+import torch
+from helpers import run_cmd, train_cmd
+from safetensors.torch import load_file
 
 STEPS = 8
 
@@ -27,9 +26,11 @@ def cfg(tmp_path_factory) -> Path:
     train = tiny.write_jsonl(tmp / "pairs.jsonl", tiny.toy_pairs(96))
     val = tiny.write_jsonl(tmp / "val.jsonl", tiny.toy_pairs(12))
     path = tmp / "dpo.yaml"
-    path.write_text(f"model: {{path: {base}}}\ndata: {{train: {train}, validation: {val}, max_seq_len: 64, task: dpo}}\n"
-                    f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2}}\nengine: {{precision: fp32}}\n"
-                    "checkpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n")
+    path.write_text(
+        f"model: {{path: {base}}}\ndata: {{train: {train}, validation: {val}, max_seq_len: 64, task: dpo}}\n"
+        f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2}}\nengine: {{precision: fp32}}\n"
+        "checkpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n"
+    )
     return path
 
 
@@ -56,17 +57,24 @@ def test_step_one_is_ln2_and_the_run_learns(one):
     first = steps[0]
     # policy == reference at step 1 (dropout is off): every log-ratio is 0, the loss is ln 2 to the last bit
     assert abs(first["loss"] - math.log(2)) < 1e-12, first["loss"]
-    assert first["reward_chosen"] == first["reward_rejected"] == first["reward_margin"] == 0.0 and first["reward_accuracy"] == 0.0
+    assert (
+        first["reward_chosen"] == first["reward_rejected"] == first["reward_margin"] == 0.0
+        and first["reward_accuracy"] == 0.0
+    )
     assert all(k in first for k in ("logp_chosen", "logp_rejected")) and first["loss_tokens"] > 0  # (pairs)
     assert len(steps) == STEPS and len(evals) == 1
     ev = evals[0]
-    assert ev["val_reward_accuracy"] > 0.5 and ev["val_reward_margin"] > 0 and ev["val_loss"] < math.log(2), ev
+    assert ev["val_reward_accuracy"] > 0.5 and ev["val_reward_margin"] > 0 and ev["val_loss"] < math.log(2), (
+        ev
+    )
 
 
 def _reference_file() -> Path:
     import os
 
-    found = sorted(Path(os.environ["DIST_FT_CACHE"]).glob("shards/*/reference/*.npz"), key=lambda p: p.stat().st_mtime)
+    found = sorted(
+        Path(os.environ["DIST_FT_CACHE"]).glob("shards/*/reference/*.npz"), key=lambda p: p.stat().st_mtime
+    )
     assert found
     return found[-1]
 
@@ -94,7 +102,11 @@ def _loop_logps(model, examples) -> list[float]:
     with torch.no_grad():
         for ex in examples:
             logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0].double()
-            lp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ex.input_ids[1:])[:, None]).squeeze(1)
+            lp = (
+                torch.log_softmax(logits[:-1], -1)
+                .gather(1, torch.tensor(ex.input_ids[1:])[:, None])
+                .squeeze(1)
+            )
             keep = torch.tensor([label != -100 for label in ex.labels[1:]])
             out.append(float(lp[keep].sum()))
     return out
@@ -146,27 +158,48 @@ def test_batched_and_packed_loss_match_an_fp64_loop(cfg, kind, smoothing):
     beta = 0.1
 
     def want(k: int) -> float:
-        lens = [sum(label != -100 for label in ex.labels) for ex in seqs] if kind == "ipo" else [1] * len(seqs)
-        pc, pr, rc, rr = pol[2 * k] / lens[2 * k], pol[2 * k + 1] / lens[2 * k + 1], refs[2 * k] / lens[2 * k], refs[2 * k + 1] / lens[2 * k + 1]
+        lens = (
+            [sum(label != -100 for label in ex.labels) for ex in seqs] if kind == "ipo" else [1] * len(seqs)
+        )
+        pc, pr, rc, rr = (
+            pol[2 * k] / lens[2 * k],
+            pol[2 * k + 1] / lens[2 * k + 1],
+            refs[2 * k] / lens[2 * k],
+            refs[2 * k + 1] / lens[2 * k + 1],
+        )
         m = (pc - rc) - (pr - rr)
         if kind == "ipo":
             return (m - 1 / (2 * beta)) ** 2
         sig = lambda x: -math.log(1 / (1 + math.exp(-x)))  # noqa: E731
         return sig(beta * m) * (1 - smoothing) + sig(-beta * m) * smoothing
 
-    with_refs = [[Example(ex.input_ids, ex.labels, refs[2 * k + j]) for j, ex in enumerate(p)] for k, p in enumerate(pairs)]
+    with_refs = [
+        [Example(ex.input_ids, ex.labels, refs[2 * k + j]) for j, ex in enumerate(p)]
+        for k, p in enumerate(pairs)
+    ]
     run = lambda b: float(loss(model, b, 0, beta=beta, kind=kind, smoothing=smoothing).sum.detach())  # noqa: E731
     total = sum(want(k) for k in range(len(pairs)))
     padded = collate(with_refs, 64, tok.pad_token_id, False)
-    packed = collate([with_refs[0] + with_refs[1] + with_refs[2], with_refs[3] + with_refs[4], with_refs[5]], 64, tok.pad_token_id, True)
-    assert packed.position_ids is not None and padded.attention_mask is not None and padded.input_ids.shape[0] == 12
+    packed = collate(
+        [with_refs[0] + with_refs[1] + with_refs[2], with_refs[3] + with_refs[4], with_refs[5]],
+        64,
+        tok.pad_token_id,
+        True,
+    )
+    assert (
+        packed.position_ids is not None
+        and padded.attention_mask is not None
+        and padded.input_ids.shape[0] == 12
+    )
     for b in (padded, packed):  # (relative for IPO, whose per-pair loss is ~(1 / (2 beta))^2 = 25)
         assert abs(run(b) - total) < 1e-6 * max(1.0, total), (run(b), total)
     alone = collate([with_refs[2]], 64, tok.pad_token_id, False)
     assert abs(run(alone) - want(2)) < 1e-6 * max(1.0, want(2))
     with torch.no_grad():
         lp_pad, lp_pack = batch_sequence_logps(model, padded), batch_sequence_logps(model, packed)
-    assert (lp_pad - lp_pack).abs().max() < 1e-5 and (lp_pad - torch.tensor(pol, dtype=torch.float64)).abs().max() < 1e-5
+    assert (lp_pad - lp_pack).abs().max() < 1e-5 and (
+        lp_pad - torch.tensor(pol, dtype=torch.float64)
+    ).abs().max() < 1e-5
     # a padding batch (a rank with no evaluation rows left) runs the forward and counts nothing
     empty = loss(model, replace(padded.without_loss(), extra=padded.extra), 0, beta=beta, kind=kind)
     assert float(empty.sum.detach()) == 0.0 and all(float(v) == 0.0 for v in empty.metrics.values())
@@ -182,18 +215,30 @@ def test_two_ranks_equal_one_rank(one, cfg, stage):
     wa, wb = _weights(one), _weights(two)
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 2e-5, worst
-    print(f"DPO ZeRO-{stage} x2 vs ZeRO-0 x1: max |loss diff| {max(abs(x - y) for x, y in zip(a, b)):.1e}, max |weight diff| {worst:.1e}")
+    print(
+        f"DPO ZeRO-{stage} x2 vs ZeRO-0 x1: max |loss diff| {max(abs(x - y) for x, y in zip(a, b)):.1e}, max |weight diff| {worst:.1e}"
+    )
 
 
 def test_sigkill_resume_is_bit_identical_and_refused_on_another_start(one, cfg):
     out = cfg.parent / "killed"
     r = run_cmd(train_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
-    with tiny.weights_changed_on_disk(cfg.parent / "base"):  # the reference the checkpoint was trained against is gone
+    with tiny.weights_changed_on_disk(
+        cfg.parent / "base"
+    ):  # the reference the checkpoint was trained against is gone
         r = run_cmd(train_cmd(cfg, out, 1))  # refused, not silently rescored
-        assert r.returncode == 2 and "differ from those this checkpoint was trained on" in r.stderr and "a DPO run's reference" in r.stderr
+        assert (
+            r.returncode == 2
+            and "differ from those this checkpoint was trained on" in r.stderr
+            and "a DPO run's reference" in r.stderr
+        )
     r = run_cmd(train_cmd(cfg, out, 1))
-    assert r.returncode == 0 and "resumed from" in r.stdout and "reference: log-probs of the starting model read back" in r.stdout, r.stderr[-3000:]
+    assert (
+        r.returncode == 0
+        and "resumed from" in r.stdout
+        and "reference: log-probs of the starting model read back" in r.stdout
+    ), r.stderr[-3000:]
     assert tiny.losses(out) == tiny.losses(one)
     a, b = _weights(one), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -202,7 +247,11 @@ def test_sigkill_resume_is_bit_identical_and_refused_on_another_start(one, cfg):
 def test_lora_reference_is_the_model_with_adapters_off(cfg):
     """With LoRA no reference pass runs (nothing is scored or stored); B = 0 at the start, so step 1 is ln 2 exactly."""
     out = cfg.parent / "lora"
-    r = run_cmd(train_cmd(cfg, out, 1, "model.peft.method=lora", "model.peft.r=4", "train.max_steps=4", "train.lr=2.0e-2"))
+    r = run_cmd(
+        train_cmd(
+            cfg, out, 1, "model.peft.method=lora", "model.peft.r=4", "train.max_steps=4", "train.lr=2.0e-2"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "reference:" not in r.stdout
     steps = [x for x in _records(out) if "loss" in x]
@@ -220,10 +269,18 @@ def test_a_second_bos_in_a_sequence_is_refused(llama_dir):
     tok = load_tokenizer(ModelConfig(path=str(llama_dir)))
     tok.add_special_tokens({"bos_token": "<s>"})
     tok.chat_template = "{{ bos_token }}" + tiny.ZEPHYR_TEMPLATE
-    c, r = tokenize_pair(tok, to_pair({"prompt": "hi", "chosen": "yes", "rejected": "no"}, "d.jsonl:1"), "d.jsonl:1")
+    c, r = tokenize_pair(
+        tok, to_pair({"prompt": "hi", "chosen": "yes", "rejected": "no"}, "d.jsonl:1"), "d.jsonl:1"
+    )
     assert c.input_ids.count(tok.bos_token_id) == 1 and c.input_ids[:1] == [tok.bos_token_id]
-    with pytest.raises(UserError, match=r"^d\.jsonl:2: the chosen sequence holds a BOS token '<s>' beyond the template's"):
-        tokenize_pair(tok, to_pair({"prompt": "hi", "chosen": "<s>yes", "rejected": "no"}, "d.jsonl:2"), "d.jsonl:2")
+    with pytest.raises(
+        UserError, match=r"^d\.jsonl:2: the chosen sequence holds a BOS token '<s>' beyond the template's"
+    ):
+        tokenize_pair(
+            tok, to_pair({"prompt": "hi", "chosen": "<s>yes", "rejected": "no"}, "d.jsonl:2"), "d.jsonl:2"
+        )
     tok.chat_template = "{{ bos_token }}" + tok.chat_template  # the template's BOS doubled (axolotl#1616)
     with pytest.raises(UserError, match=r"^d\.jsonl:3: the chosen sequence starts with two BOS tokens '<s>'"):
-        tokenize_pair(tok, to_pair({"prompt": "hi", "chosen": "yes", "rejected": "no"}, "d.jsonl:3"), "d.jsonl:3")
+        tokenize_pair(
+            tok, to_pair({"prompt": "hi", "chosen": "yes", "rejected": "no"}, "d.jsonl:3"), "d.jsonl:3"
+        )

@@ -20,7 +20,10 @@ def test_model_load_and_adapters_never_reseed_the_gpu_generators(gpt2_dir, monke
 
     cfg = ModelConfig(path=str(gpt2_dir), peft=PeftConfig(r=4, dropout=0.0))
     tok = load_tokenizer(cfg)
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # the old way, as the reference for the values
+    with (
+        torch.random.fork_rng(devices=[]),
+        warnings.catch_warnings(),
+    ):  # the old way, as the reference for the values
         warnings.simplefilter("ignore")  # peft's notes on deprecated transformers attributes
         ref = AutoModelForCausalLM.from_pretrained(gpt2_dir, dtype=torch.float32)
         had = ref.get_input_embeddings().num_embeddings

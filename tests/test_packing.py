@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +13,6 @@ from dist_ft.data.formats import to_conversation
 from dist_ft.data.packing import collate_packed, collate_padded, pack
 from dist_ft.model import load_model
 from dist_ft.tokenizer import load_tokenizer
-import tiny
 
 
 def test_pack_is_a_valid_partition():
@@ -42,20 +42,26 @@ def test_packed_logits_equal_unpacked(which, gpt2_dir, llama_dir):
     examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(5)]
     packed = collate_packed([examples], 256, tok.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits[0]
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits[
+            0
+        ]
         start = 0
         for ex in examples:
             alone = collate_padded([ex], tok.pad_token_id)
             ref = model(input_ids=alone.input_ids, use_cache=False).logits[0]
             n = len(ex.input_ids)
-            torch.testing.assert_close(logits[start:start + n], ref, atol=1e-5, rtol=1e-5)
-            l_packed = F.cross_entropy(logits[start:start + n], packed.targets[0, start:start + n], ignore_index=IGNORE)
+            torch.testing.assert_close(logits[start : start + n], ref, atol=1e-5, rtol=1e-5)
+            l_packed = F.cross_entropy(
+                logits[start : start + n], packed.targets[0, start : start + n], ignore_index=IGNORE
+            )
             l_alone = F.cross_entropy(ref, alone.targets[0], ignore_index=IGNORE)
             assert abs(l_packed.item() - l_alone.item()) < 1e-5
             start += n
         # sanity: the same row with plain 0..N positions (cross-attention allowed) really differs
         leaky = model(input_ids=packed.input_ids, use_cache=False).logits[0]
-        assert not torch.allclose(leaky[len(examples[0].input_ids):start], logits[len(examples[0].input_ids):start], atol=1e-3)
+        assert not torch.allclose(
+            leaky[len(examples[0].input_ids) : start], logits[len(examples[0].input_ids) : start], atol=1e-3
+        )
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
@@ -87,18 +93,41 @@ def test_loss_on_loss_bearing_positions_only_equals_full_logits_loss(which, chun
 
 # ---------------------------------------------------------------- flash-attention: packed rows at micro batch > 1
 
+
 def _cpu_flash(calls: list):
     """flash_attention_2's choice of kernel (transformers' `_flash_attention_forward`), on CPU, recording what reaches it:
     varlen over the flattened rows when `cu_seq_lens_q/k` are passed, else boundaries from restarting position_ids
     only at batch size 1 (`_is_packed_sequence`), else plain causal attention over each whole row."""
-    from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+    from transformers.modeling_flash_attention_utils import (
+        _is_packed_sequence,
+        prepare_fa_kwargs_from_position_ids,
+    )
 
-    def attend(module, q, k, v, mask, dropout=0.0, scaling=None, position_ids=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
-               max_length_q=None, max_length_k=None, **kw):
+    def attend(
+        module,
+        q,
+        k,
+        v,
+        mask,
+        dropout=0.0,
+        scaling=None,
+        position_ids=None,
+        cu_seq_lens_q=None,
+        cu_seq_lens_k=None,
+        max_length_q=None,
+        max_length_k=None,
+        **kw,
+    ):
         b, h, n, d = q.shape  # [rows, heads, width, head dim]
-        calls.append({"cu_q": None if cu_seq_lens_q is None else cu_seq_lens_q.tolist(),
-                      "cu_k": None if cu_seq_lens_k is None else cu_seq_lens_k.tolist(), "max_q": max_length_q, "max_k": max_length_k,
-                      "dtype": None if cu_seq_lens_q is None else cu_seq_lens_q.dtype})
+        calls.append(
+            {
+                "cu_q": None if cu_seq_lens_q is None else cu_seq_lens_q.tolist(),
+                "cu_k": None if cu_seq_lens_k is None else cu_seq_lens_k.tolist(),
+                "max_q": max_length_q,
+                "max_k": max_length_k,
+                "dtype": None if cu_seq_lens_q is None else cu_seq_lens_q.dtype,
+            }
+        )
         if cu_seq_lens_q is not None:
             cu = cu_seq_lens_q.long()
         elif _is_packed_sequence(position_ids, b):
@@ -116,12 +145,25 @@ def _cpu_flash(calls: list):
 
 
 def test_packed_rows_carry_the_varlen_boundaries_of_every_example():
-    a, b, c = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [IGNORE, 5]), Example([6, 7, 8, 9, 10, 11], [6] * 6)
+    a, b, c = (
+        Example([1, 2, 3], [1, 2, 3]),
+        Example([4, 5], [IGNORE, 5]),
+        Example([6, 7, 8, 9, 10, 11], [6] * 6),
+    )
     batch = collate_packed([[a, b], [c]], 8, 0)
     assert batch.cu_seq_lens.dtype == torch.int32
-    assert batch.cu_seq_lens.tolist() == [0, 3, 5, 8, 14, 16]  # row 0: a, b, padding; row 1 (from 8): c, padding
+    assert batch.cu_seq_lens.tolist() == [
+        0,
+        3,
+        5,
+        8,
+        14,
+        16,
+    ]  # row 0: a, b, padding; row 1 (from 8): c, padding
     assert batch.max_length == 6 and batch.lengths == (3, 2, 6)
-    assert "cu_seq_lens_q" not in batch.model_inputs("cpu", "sdpa") and "cu_seq_lens_q" not in batch.model_inputs("cpu", "eager")
+    assert "cu_seq_lens_q" not in batch.model_inputs(
+        "cpu", "sdpa"
+    ) and "cu_seq_lens_q" not in batch.model_inputs("cpu", "eager")
     kw = batch.model_inputs("cpu", "flash_attention_2")
     assert kw["cu_seq_lens_q"].tolist() == kw["cu_seq_lens_k"].tolist() == [0, 3, 5, 8, 14, 16]
     assert kw["max_length_q"] == kw["max_length_k"] == 6 and isinstance(kw["max_length_q"], int)
@@ -142,7 +184,9 @@ def test_flash_attention_sees_every_packed_example_of_every_row(which, gpt2_dir,
     cfg = ModelConfig(path=str(gpt2_dir if which == "gpt2" else llama_dir))
     tok = load_tokenizer(cfg)
     model = load_model(cfg, tok, torch.float32).eval()
-    model.config._attn_implementation = "flash_attention_2"  # flash-attn itself needs CUDA: its kernel choice runs above
+    model.config._attn_implementation = (
+        "flash_attention_2"  # flash-attn itself needs CUDA: its kernel choice runs above
+    )
     examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(6)]
     rows, width = [examples[:3], examples[3:]], 160
     cu = [0]
@@ -156,6 +200,12 @@ def test_flash_attention_sees_every_packed_example_of_every_row(which, gpt2_dir,
     batch = collate_packed(rows, width, tok.pad_token_id)
     with torch.no_grad():
         packed = token_loss_sum(model, batch, 0)
-        assert len(calls) == model.config.num_hidden_layers and all(c == expected for c in calls), (calls[:1], expected)
-        alone = sum(token_loss_sum(model, collate_packed([[ex]], len(ex.input_ids), tok.pad_token_id), 0) for ex in examples)
+        assert len(calls) == model.config.num_hidden_layers and all(c == expected for c in calls), (
+            calls[:1],
+            expected,
+        )
+        alone = sum(
+            token_loss_sum(model, collate_packed([[ex]], len(ex.input_ids), tok.pad_token_id), 0)
+            for ex in examples
+        )
     torch.testing.assert_close(packed, alone, atol=1e-4, rtol=1e-5)

@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from helpers import run_cli, run_cmd, train_cmd
 import tiny
+import torch
+from helpers import run_cli, run_cmd, train_cmd
+from safetensors.torch import load_file
 
 STEPS = 8
 LORA = ("model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8")
@@ -29,7 +28,9 @@ def _load(model_dir: Path, wrap: bool = True, **peft):
 
 
 def _ids(tok) -> torch.Tensor:
-    text = tok.apply_chat_template([{"role": "user", "content": "what color is the sky?"}], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "what color is the sky?"}], add_generation_prompt=True, tokenize=False
+    )
     return torch.tensor([tok(text)["input_ids"]])
 
 
@@ -40,11 +41,19 @@ def test_lora_starts_as_the_base_and_trains_only_adapters(which, gpt2_dir, llama
     _, lora = _load(path, dropout=0.0)
     ids = _ids(tok)
     with torch.no_grad():
-        assert torch.equal(base(input_ids=ids).logits, lora(input_ids=ids).logits)  # B = 0: the adapter adds exactly nothing
+        assert torch.equal(
+            base(input_ids=ids).logits, lora(input_ids=ids).logits
+        )  # B = 0: the adapter adds exactly nothing
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_A." in n or ".lora_B." in n or "trainable_tokens" in n for n in trainable), trainable
+    assert trainable and all(
+        ".lora_A." in n or ".lora_B." in n or "trainable_tokens" in n for n in trainable
+    ), trainable
     targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable if ".lora_" in n}
-    assert targets == ({"c_attn", "c_proj", "c_fc"} if which == "gpt2" else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+    assert targets == (
+        {"c_attn", "c_proj", "c_fc"}
+        if which == "gpt2"
+        else {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
 
 
 def test_adapter_equals_merged_equals_hand_merged(gpt2_dir):
@@ -57,7 +66,9 @@ def test_adapter_equals_merged_equals_hand_merged(gpt2_dir):
             if ".lora_B." in n or "trainable_tokens" in n:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     ids = _ids(tok)
-    new = list(range(len(tok) - 5, len(tok)))  # ChatML's tokens the tiny GPT-2 gained: rows trained as a delta
+    new = list(
+        range(len(tok) - 5, len(tok))
+    )  # ChatML's tokens the tiny GPT-2 gained: rows trained as a delta
     ids = torch.cat([ids, torch.tensor([new])], dim=1)
     _, hand = _load(gpt2_dir, wrap=False)
     params = dict(hand.named_parameters())
@@ -65,14 +76,19 @@ def test_adapter_equals_merged_equals_hand_merged(gpt2_dir):
         for name, mod in lora.named_modules():
             if hasattr(mod, "lora_A") and "default" in mod.lora_A:
                 delta = (8.0 / 4) * mod.lora_B["default"].weight @ mod.lora_A["default"].weight  # (out, in)
-                params[name.removeprefix("base_model.model.") + ".weight"].add_(delta.T)  # Conv1D weight is (in, out)
+                params[name.removeprefix("base_model.model.") + ".weight"].add_(
+                    delta.T
+                )  # Conv1D weight is (in, out)
             if hasattr(mod, "trainable_tokens_delta") and "default" in mod.trainable_tokens_delta:
                 idx = torch.tensor(mod.token_indices["default"])
                 params["transformer.wte.weight"][idx] = mod.trainable_tokens_delta["default"]
         want = hand(input_ids=ids).logits
         got = lora(input_ids=ids).logits
         merged = copy.deepcopy(lora).merge_and_unload()(input_ids=ids).logits
-    assert (want - got).abs().max() < 1e-5 and (want - merged).abs().max() < 1e-5, ((want - got).abs().max(), (want - merged).abs().max())
+    assert (want - got).abs().max() < 1e-5 and (want - merged).abs().max() < 1e-5, (
+        (want - got).abs().max(),
+        (want - merged).abs().max(),
+    )
     with torch.no_grad():
         base = _load(gpt2_dir, wrap=False)[1](input_ids=ids).logits
     assert (want - base).abs().max() > 1e-2  # the adapter does change the model
@@ -83,8 +99,14 @@ def run_cfg(tmp_path_factory) -> Path:
     """A private copy of the tiny GPT-2 (a test changes it on disk) and a LoRA run config on the toy set."""
     tmp = tmp_path_factory.mktemp("peft")
     base = tiny.make_gpt2(tmp / "base")
-    return tiny.run_config(tmp, base, 96, f"max_steps: {STEPS}, micro_batch_size: 2, lr: 1.0e-2, warmup_steps: 2", "precision: fp32",
-                           "checkpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n")
+    return tiny.run_config(
+        tmp,
+        base,
+        96,
+        f"max_steps: {STEPS}, micro_batch_size: 2, lr: 1.0e-2, warmup_steps: 2",
+        "precision: fp32",
+        "checkpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n",
+    )
 
 
 def _adapter(out: Path) -> dict:
@@ -127,10 +149,35 @@ def test_lora_run_checkpoints_only_the_adapter_and_exports_merged_and_adapter(lo
         a, b, c = merged(input_ids=ids).logits, applied(input_ids=ids).logits, plain(input_ids=ids).logits
     assert (a - b).abs().max() < 1e-5 and torch.equal(a, c)
     assert isinstance(applied, PeftModel)
-    r = run_cli("chat", "--model", str(base_dir), "--adapter", str(lora_run / "final" / "adapter"), "--prompt", "what color is the sky?",
-                "--temperature", "0", "--max-new-tokens", "6")
-    r2 = run_cli("chat", "--model", str(lora_run / "final"), "--prompt", "what color is the sky?", "--temperature", "0", "--max-new-tokens", "6")
-    assert r.returncode == 0 and r2.returncode == 0 and r.stdout.strip().splitlines()[-1] == r2.stdout.strip().splitlines()[-1]
+    r = run_cli(
+        "chat",
+        "--model",
+        str(base_dir),
+        "--adapter",
+        str(lora_run / "final" / "adapter"),
+        "--prompt",
+        "what color is the sky?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    )
+    r2 = run_cli(
+        "chat",
+        "--model",
+        str(lora_run / "final"),
+        "--prompt",
+        "what color is the sky?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    )
+    assert (
+        r.returncode == 0
+        and r2.returncode == 0
+        and r.stdout.strip().splitlines()[-1] == r2.stdout.strip().splitlines()[-1]
+    )
 
 
 def test_lora_resume_after_sigkill_is_bit_exact_and_refused_on_another_base(lora_run, run_cfg):
@@ -140,7 +187,11 @@ def test_lora_resume_after_sigkill_is_bit_exact_and_refused_on_another_base(lora
     # the base changes on disk under the run: the adapter checkpoint must not continue on it
     with tiny.weights_changed_on_disk(run_cfg.parent / "base"):
         r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
-        assert r.returncode == 2 and "the base model's weights (sha256" in r.stderr and "differ from those this checkpoint was trained on" in r.stderr
+        assert (
+            r.returncode == 2
+            and "the base model's weights (sha256" in r.stderr
+            and "differ from those this checkpoint was trained on" in r.stderr
+        )
     r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", *LORA))
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
     assert tiny.losses(out) == tiny.losses(lora_run)
@@ -162,7 +213,17 @@ def test_lora_two_ranks_equal_one_rank(lora_one_rank, run_cfg, stage):
     """The same global batch on 2 ranks: the adapter saved from ZeRO-2/3 partitions is whole and equals the one-rank
     ZeRO-0 adapter up to reduction order."""
     two = run_cfg.parent / f"lora-zero{stage}-2"
-    r = run_cmd(train_cmd(run_cfg, two, 2, f"engine.zero_stage={stage}", "train.micro_batch_size=1", "model.peft.dropout=0", *LORA))
+    r = run_cmd(
+        train_cmd(
+            run_cfg,
+            two,
+            2,
+            f"engine.zero_stage={stage}",
+            "train.micro_batch_size=1",
+            "model.peft.dropout=0",
+            *LORA,
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _adapter(lora_one_rank), _adapter(two)
     assert a.keys() == b.keys() and all(b[k].shape == a[k].shape and b[k].numel() > 0 for k in a)
@@ -177,8 +238,18 @@ def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
     from dist_ft.inference import load
 
     out = tmp_path / "prefix"
-    r = run_cmd(train_cmd(run_cfg, out, 1, "model.peft.method=prefix", "model.peft.num_virtual_tokens=4", "data.packing=false",
-                          "train.max_steps=24", "train.lr=0.1"))
+    r = run_cmd(
+        train_cmd(
+            run_cfg,
+            out,
+            1,
+            "model.peft.method=prefix",
+            "model.peft.num_virtual_tokens=4",
+            "data.packing=false",
+            "train.max_steps=24",
+            "train.lr=0.1",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     losses = tiny.losses(out)
     assert losses[-1] < losses[0] - 0.1, losses  # (a random tiny base: virtual tokens alone move it slowly)
@@ -189,7 +260,9 @@ def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
     ids = _ids(tok)
     with torch.no_grad():
         cur = ids
-        for _ in range(6):  # greedy, one full forward (prefix included) per token, stopping at the end of the turn
+        for _ in range(
+            6
+        ):  # greedy, one full forward (prefix included) per token, stopping at the end of the turn
             nxt = model(input_ids=cur, attention_mask=torch.ones_like(cur)).logits[0, -1].argmax().view(1, 1)
             if nxt.item() in tok.convert_tokens_to_ids(["<|im_end|>"]):
                 break
@@ -198,9 +271,23 @@ def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
         with model.disable_adapter():
             without = model(input_ids=ids).logits
     assert (with_prefix - without).abs().max() > 1e-3
-    want = tok.decode(cur[0, ids.shape[1]:], skip_special_tokens=True).strip()
-    r = run_cli("chat", "--model", str(out / "final"), "--prompt", "what color is the sky?", "--temperature", "0", "--max-new-tokens", "6")
-    assert r.returncode == 0 and r.stdout.rstrip("\n").split("\n")[-1] == want, (r.stdout, want, r.stderr[-2000:])
+    want = tok.decode(cur[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    r = run_cli(
+        "chat",
+        "--model",
+        str(out / "final"),
+        "--prompt",
+        "what color is the sky?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+    )
+    assert r.returncode == 0 and r.stdout.rstrip("\n").split("\n")[-1] == want, (
+        r.stdout,
+        want,
+        r.stderr[-2000:],
+    )
 
 
 def test_lora_export_is_byte_for_byte_reproducible(run_cfg, tmp_path):
@@ -209,7 +296,12 @@ def test_lora_export_is_byte_for_byte_reproducible(run_cfg, tmp_path):
     finals = []
     for seed in ("0", "1"):  # (before the fix these two wrote target_modules in two different orders)
         out = tmp_path / f"seed-{seed}"
-        r = run_cmd(train_cmd(run_cfg, out, 1, "engine.zero_stage=0", "train.max_steps=2", "checkpoint.every_steps=0", *LORA), {"PYTHONHASHSEED": seed})
+        r = run_cmd(
+            train_cmd(
+                run_cfg, out, 1, "engine.zero_stage=0", "train.max_steps=2", "checkpoint.every_steps=0", *LORA
+            ),
+            {"PYTHONHASHSEED": seed},
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         finals.append(out / "final")
     files = [sorted(str(p.relative_to(f)) for p in f.rglob("*") if p.is_file()) for f in finals]

@@ -57,4 +57,8 @@ def test_flops_of_gpt2_124m_lora_by_hand():
     model = wrap(_gpt2_124m(), PeftConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"]), [])
     fc = FlopCount.of(model)
     assert (fc.matmul, fc.matmul_trainable, fc.head, fc.head_trainable) == (N_MM + N_LORA, N_LORA, N_HEAD, 0)
-    assert fc.batch_flops(collate_packed([_examples()], 1024, 0)) == 344_457_216_000 + 2_359_296_000 + 61_755_801_600 + ATTN == LORA
+    assert (
+        fc.batch_flops(collate_packed([_examples()], 1024, 0))
+        == 344_457_216_000 + 2_359_296_000 + 61_755_801_600 + ATTN
+        == LORA
+    )

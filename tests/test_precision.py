@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import tiny
+import torch
 from helpers import REPO, assert_identical_runs, free_port, run_cmd, train_cmd
+
 from dist_ft import engine as eng
 from dist_ft import precision as prec
 from dist_ft.config import Config
@@ -21,20 +21,35 @@ from dist_ft.config import Config
 
 
 def _cfg(stage: int, grad_accum: int, precision: str = "bf16-autocast") -> Config:
-    return Config.model_validate({"model": {"path": "m"}, "data": {"train": "t.jsonl"}, "train": {"grad_accum": grad_accum},
-                                  "engine": {"zero_stage": stage, "precision": precision}})
+    return Config.model_validate(
+        {
+            "model": {"path": "m"},
+            "data": {"train": "t.jsonl"},
+            "train": {"grad_accum": grad_accum},
+            "engine": {"zero_stage": stage, "precision": precision},
+        }
+    )
 
 
 @pytest.mark.unit
 def test_autocast_runs_fp32_weights_under_deepspeeds_torch_autocast():
     for stage in (0, 1, 2, 3):
-        conf = eng.ds_config(_cfg(stage, 2), prec.AUTOCAST)  # ZeRO-0 + grad_accum 2 is fine: gradients are fp32
+        conf = eng.ds_config(
+            _cfg(stage, 2), prec.AUTOCAST
+        )  # ZeRO-0 + grad_accum 2 is fine: gradients are fp32
         assert conf["bf16"] == {"enabled": False} and conf["fp16"]["enabled"] is False
         # no module's gradients marked for bf16 communication: every reduction stays fp32
-        assert conf["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        assert conf["torch_autocast"] == {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
         assert "data_types" not in conf and "communication_data_type" not in conf
     assert "torch_autocast" not in eng.ds_config(_cfg(1, 2, "bf16"), "bf16")
-    assert eng.resolve_precision(prec.AUTOCAST) == prec.AUTOCAST and eng.torch_dtype(prec.AUTOCAST) == torch.float32
+    assert (
+        eng.resolve_precision(prec.AUTOCAST) == prec.AUTOCAST
+        and eng.torch_dtype(prec.AUTOCAST) == torch.float32
+    )
 
 
 @pytest.mark.unit
@@ -42,20 +57,36 @@ def test_fp32_sources_only_where_deepspeed_casts_the_module():
     model = torch.nn.Linear(2, 2)
     model.bias.requires_grad_(False)
     assert [p for p, _ in prec.fp32_sources(model, "bf16", 2)] == [model.weight]  # trainable only
-    assert prec.fp32_sources(model, "bf16", 2)[0][1] is not model.weight  # the tensor itself, kept past the cast
-    for precision, stage in (("fp32", 0), (prec.AUTOCAST, 0), ("bf16", 3)):  # nothing cast / partitioned in bf16 at load
+    assert (
+        prec.fp32_sources(model, "bf16", 2)[0][1] is not model.weight
+    )  # the tensor itself, kept past the cast
+    for precision, stage in (
+        ("fp32", 0),
+        (prec.AUTOCAST, 0),
+        ("bf16", 3),
+    ):  # nothing cast / partitioned in bf16 at load
         assert prec.fp32_sources(model, precision, stage) == []
 
 
 # ---------------------------------------------------------------- one rank: masters, one step, learning
 
+
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory, gpt2_dir):
     out = tmp_path_factory.mktemp("precision")
-    env = {**os.environ, "MASTER_PORT": str(free_port()),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "tests/precision_probe.py", str(gpt2_dir), str(out)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    r = subprocess.run(
+        [sys.executable, "tests/precision_probe.py", str(gpt2_dir), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return torch.load(out / "result.pt")
 
@@ -67,7 +98,12 @@ def test_bf16_masters_start_from_the_fp32_weights(probe, stage):
     took a full lr-sized first Adam step in the same direction (the gradients agree in sign and are >> eps)."""
     import precision_probe as pp
 
-    init, before, one_bf16, one_fp32 = probe["init"], probe[f"bf16_before_{stage}"], probe[f"bf16_one_{stage}"], probe["fp32_one"]
+    init, before, one_bf16, one_fp32 = (
+        probe["init"],
+        probe[f"bf16_before_{stage}"],
+        probe[f"bf16_one_{stage}"],
+        probe["fp32_one"],
+    )
     assert before.keys() == init.keys() and all(torch.equal(before[k], init[k]) for k in init)
     agree = total = 0
     for k in init:
@@ -81,6 +117,7 @@ def test_bf16_masters_start_from_the_fp32_weights(probe, stage):
 def test_autocast_learns_closest_to_fp32(probe):
     """lr 1e-4, 5 steps on a fixed batch: |loss - fp32 loss| summed over the steps. Masters made from the bf16
     rounding (DeepSpeed's default) are far off; masters from fp32 close most of the gap; autocast is closest."""
+
     def gap(key):
         return sum(abs(a - b) for a, b in zip(probe[key], probe["loss_fp32"]))
 
@@ -90,11 +127,17 @@ def test_autocast_learns_closest_to_fp32(probe):
 
 # ---------------------------------------------------------------- dist-ft train in autocast
 
+
 @pytest.fixture(scope="module")
 def autocast_cfg(tmp_path_factory, gpt2_dir):
-    return tiny.run_config(tmp_path_factory.mktemp("autocast"), gpt2_dir, 64,
-                           "max_steps: 6, micro_batch_size: 2, grad_accum: 2, lr: 3.0e-3, warmup_steps: 1",
-                           "precision: bf16-autocast", "checkpoint: {every_steps: 2}\n")
+    return tiny.run_config(
+        tmp_path_factory.mktemp("autocast"),
+        gpt2_dir,
+        64,
+        "max_steps: 6, micro_batch_size: 2, grad_accum: 2, lr: 3.0e-3, warmup_steps: 1",
+        "precision: bf16-autocast",
+        "checkpoint: {every_steps: 2}\n",
+    )
 
 
 @pytest.mark.parametrize("ranks,stage", [(1, 0), (2, 3)])
@@ -113,5 +156,7 @@ def test_autocast_resume_after_sigkill_is_bit_exact(autocast_cfg):
     r = run_cmd(train_cmd(autocast_cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "3"})
     assert r.returncode != 0 and not (out / "final").exists()
     r = run_cmd(train_cmd(autocast_cfg, out, 1))
-    assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[
+        -3000:
+    ]
     assert_identical_runs(ref, out)

@@ -10,19 +10,35 @@ import sys
 import time
 
 import pytest
-
-from helpers import REPO, free_port
 import tiny
+from helpers import REPO, free_port
 
 BOUND_S = 12  # engine.collective_timeout_minutes = 0.2
 
 
 def _ranks(cmd: list[str], env_extra: dict, world: int = 2) -> list[subprocess.Popen]:
     port = str(free_port())
-    return [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**os.environ, **env_extra, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
-                                  "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-            for r in range(world)]
+    return [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            env={
+                **os.environ,
+                **env_extra,
+                "RANK": str(r),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(r),
+                "LOCAL_WORLD_SIZE": str(world),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for r in range(world)
+    ]
 
 
 def _wait_dead_then_survivor(procs: list[subprocess.Popen], dead: int, setup_s: float) -> tuple[float, str]:
@@ -61,7 +77,9 @@ def test_store_wait_names_a_dead_rank_within_the_bound():
     procs = _ranks([sys.executable, "-c", _WAITER, "3"], {})
     took, err = _wait_dead_then_survivor(procs, 1, 120)
     assert procs[0].returncode == 2, err[-3000:]
-    assert "error: rank 1 stopped sending heartbeats" in err and "(rank 0 alone (an export))" in err, err[-3000:]
+    assert "error: rank 1 stopped sending heartbeats" in err and "(rank 0 alone (an export))" in err, err[
+        -3000:
+    ]
     assert took < 3 + 10, took  # the bound, plus one look every 0.6 s, plus a loaded machine's slack
 
 
@@ -69,15 +87,26 @@ def test_rank_killed_in_a_save_stops_rank_0_naming_it(tmp_path, gpt2_dir):
     """2 CPU ranks; rank 1 is SIGKILLed inside the save of step 2 after writing its files, so rank 0 waits for its
     report in the store. Rank 0 exits non-zero within the bound with one error line naming rank 1, and no step-2
     checkpoint is published. (Before heartbeats, rank 0 waited forever.)"""
-    cfg = tiny.run_config(tmp_path, gpt2_dir, 32, "max_steps: 3, micro_batch_size: 2, lr: 3.0e-3",
-                          "precision: fp32, zero_stage: 2, collective_timeout_minutes: 0.2", "checkpoint: {every_steps: 2}\n")
+    cfg = tiny.run_config(
+        tmp_path,
+        gpt2_dir,
+        32,
+        "max_steps: 3, micro_batch_size: 2, lr: 3.0e-3",
+        "precision: fp32, zero_stage: 2, collective_timeout_minutes: 0.2",
+        "checkpoint: {every_steps: 2}\n",
+    )
     out = tmp_path / "out"
-    procs = _ranks([sys.executable, "launch/train.py", str(cfg), f"output.dir={out}"], {"DIST_FT_TEST_KILL_RANK_IN_SAVE": "2:1"})
+    procs = _ranks(
+        [sys.executable, "launch/train.py", str(cfg), f"output.dir={out}"],
+        {"DIST_FT_TEST_KILL_RANK_IN_SAVE": "2:1"},
+    )
     took, err = _wait_dead_then_survivor(procs, 1, 400)
     assert procs[1].returncode == -signal.SIGKILL
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert procs[0].returncode != 0 and len(errors) == 1, err[-3000:]
-    assert errors[0].startswith("error: rank 1 stopped sending heartbeats") and "checkpoint step 2" in errors[0], errors
+    assert (
+        errors[0].startswith("error: rank 1 stopped sending heartbeats") and "checkpoint step 2" in errors[0]
+    ), errors
     assert took < BOUND_S + 25, took  # the bound, one look per 2.4 s, the exit, a loaded machine
     assert not (out / "checkpoints" / "step-2").exists()
 

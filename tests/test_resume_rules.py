@@ -25,15 +25,41 @@ def test_every_setting_has_a_known_rule_and_every_field_is_covered():
 def test_exactness_settings_must_match():
     assert _keys(RESHARD) == {"train.micro_batch_size", "train.grad_accum", "engine.zero_stage"}
     must = _keys(MUST_MATCH)
-    assert {"train.seed", "engine.precision", "model.path", "model.peft", "data.train", "data.max_seq_len", "data.packing",
-            "data.seed", "data.task"} <= must
-    assert not must & {"data.cache_dir", "data.num_proc", "data.verify_shards"}  # where shards live does not change them
+    assert {
+        "train.seed",
+        "engine.precision",
+        "model.path",
+        "model.peft",
+        "data.train",
+        "data.max_seq_len",
+        "data.packing",
+        "data.seed",
+        "data.task",
+    } <= must
+    assert not must & {
+        "data.cache_dir",
+        "data.num_proc",
+        "data.verify_shards",
+    }  # where shards live does not change them
     assert all(k.split(".")[0] in ("model", "data", "train", "engine") for k in must)
 
 
 def test_optimizer_and_schedule_settings_are_applied():
-    assert _keys(APPLIED) == {f"train.{k}" for k in ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio",
-                                                      "max_grad_norm", "max_steps", "epochs")}
+    assert _keys(APPLIED) == {
+        f"train.{k}"
+        for k in (
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "warmup_steps",
+            "schedule",
+            "min_lr_ratio",
+            "max_grad_norm",
+            "max_steps",
+            "epochs",
+        )
+    }
     assert {"checkpoint.every_steps", "output.dir", "track.wandb", "data.cache_dir"} <= _keys(FREE)
 
 

@@ -7,11 +7,10 @@ import re
 import socket
 import subprocess
 
-import torch
-from safetensors.torch import load_file
-
-from helpers import REPO
 import tiny
+import torch
+from helpers import REPO
+from safetensors.torch import load_file
 from slurm_jobs import STEPS, log, require, sbatch, wait, wait_for_steps
 
 TEMPLATES = sorted((REPO / "slurm").glob("*.sh"))
@@ -19,12 +18,22 @@ TEMPLATES = sorted((REPO / "slurm").glob("*.sh"))
 
 def test_templates_are_shellcheck_clean():
     require("shellcheck")
-    r = subprocess.run(["shellcheck", *map(str, TEMPLATES), *map(str, (REPO / "tests/slurm").glob("*.sh"))], capture_output=True, text=True)
+    r = subprocess.run(
+        ["shellcheck", *map(str, TEMPLATES), *map(str, (REPO / "tests/slurm").glob("*.sh"))],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout
     for t in TEMPLATES:
-        if t.name != "job.sh":  # the submit scripts: signal before the time limit, requeue, log kept across requeues
+        if (
+            t.name != "job.sh"
+        ):  # the submit scripts: signal before the time limit, requeue, log kept across requeues
             text = t.read_text()
-            assert "#SBATCH --signal=USR1@" in text and "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
+            assert (
+                "#SBATCH --signal=USR1@" in text
+                and "#SBATCH --requeue" in text
+                and "#SBATCH --open-mode=append" in text
+            )
 
 
 def test_sbatch_two_ranks_train_export_and_map_slurm_variables(uninterrupted):
@@ -34,10 +43,15 @@ def test_sbatch_two_ranks_train_export_and_map_slurm_variables(uninterrupted):
     master = re.search(r"\[dist-ft\] job \d+ restart 0 \| 1 node\(s\), 2 tasks \| master (\S+)", log).group(1)
     host = socket.gethostname()
     assert f"rank 0 of 2 (local rank 0) on {host} | master {master} | gloo process group" in log
-    assert f"rank 1 of 2 (local rank 1) on {host} | master {master} | gloo process group" in (out / "rank-1.log").read_text()
+    assert (
+        f"rank 1 of 2 (local rank 1) on {host} | master {master} | gloo process group"
+        in (out / "rank-1.log").read_text()
+    )
     assert "world 2 | ZeRO 2 | fp32" in log
     # the metrics file is complete and the export reloads
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x] == list(range(1, STEPS + 1))
+    assert [
+        json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ] == list(range(1, STEPS + 1))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -51,17 +65,25 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_
     # output.overwrite replaces another run, never this job's own: the requeued part continues its checkpoints
     jid = sbatch(job_cfg, out, "track.wandb=offline", "output.overwrite=true")
     wait_for_steps(jid, out, 10)
-    subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # what --signal=USR1@grace sends before the limit
+    subprocess.run(
+        ["scancel", "--signal=USR1", jid], check=True
+    )  # what --signal=USR1@grace sends before the limit
     state = wait(jid, finished=out / "final" / "model.safetensors")
     text = log(out, jid)
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "1", (state, text[-3000:])
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "1", (
+        state,
+        text[-3000:],
+    )
     stopped = int(re.search(r"stopped by signal after step (\d+); exit 75", text).group(1))
     assert 10 <= stopped < STEPS
     assert f"requeueing job {jid}" in text and f"job {jid} restart 1" in text
     assert f"resumed from {out / 'checkpoints' / f'step-{stopped}'}: step {stopped}" in text
     # the two parts equal one uninterrupted job: every loss and every weight, bitwise
     assert tiny.losses(out) == tiny.losses(uninterrupted)
-    wa, wb = load_file(uninterrupted / "final" / "model.safetensors"), load_file(out / "final" / "model.safetensors")
+    wa, wb = (
+        load_file(uninterrupted / "final" / "model.safetensors"),
+        load_file(out / "final" / "model.safetensors"),
+    )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # one W&B run across both parts
     ids = tiny.wandb_run_ids(out)
@@ -74,15 +96,35 @@ def test_each_task_gets_the_cpus_it_asked_for(cluster, tmp_path):
     The template's task (PYTHON replaced by a probe) must run in a step that asked for 2 CPUs per task
     (`TresPerTask=cpu:2` in scontrol show step), with OMP_NUM_THREADS 2. This cluster's TaskPlugin=task/none binds no
     task to CPUs, so the step's request, not the task's affinity, is what shows it (the affinity is at least 2 here)."""
-    probe = tmp_path / "probe.sh"  # stands in for python: `$PYTHON launch/train.py CONFIG ...` reports what the task got
-    probe.write_text('#!/bin/sh\nstep=$(scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID")\necho "$step"\n'
-                     'echo "TASK $SLURM_PROCID omp=$OMP_NUM_THREADS nproc=$(nproc)'
-                     ' per_task=$(echo "$step" | sed -n "s/.*TresPerTask=cpu:\\([0-9]*\\).*/\\1/p" | head -n 1)"\n')
+    probe = (
+        tmp_path / "probe.sh"
+    )  # stands in for python: `$PYTHON launch/train.py CONFIG ...` reports what the task got
+    probe.write_text(
+        '#!/bin/sh\nstep=$(scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID")\necho "$step"\n'
+        'echo "TASK $SLURM_PROCID omp=$OMP_NUM_THREADS nproc=$(nproc)'
+        ' per_task=$(echo "$step" | sed -n "s/.*TresPerTask=cpu:\\([0-9]*\\).*/\\1/p" | head -n 1)"\n'
+    )
     probe.chmod(0o755)
     out = tmp_path / "cpus"
-    r = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2",
-                        "--gpus-per-node=0", "--time=5", f"--output={out}-%j.out", "slurm/finetune-1node.sh", str(probe)],
-                       cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHON": str(probe)})
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=debug",
+            "--nodes=1",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=2",
+            "--gpus-per-node=0",
+            "--time=5",
+            f"--output={out}-%j.out",
+            "slurm/finetune-1node.sh",
+            str(probe),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": str(probe)},
+    )
     assert r.returncode == 0, r.stderr
     jid = r.stdout.strip().split(";")[0]
     state = wait(jid, timeout=120)
@@ -91,6 +133,8 @@ def test_each_task_gets_the_cpus_it_asked_for(cluster, tmp_path):
     tasks = re.findall(r"TASK (\d+) omp=(\d+) nproc=(\d+) per_task=(\d*)", text)
     assert len(tasks) == 1, text
     _, omp, nproc, per_task = tasks[0]
-    assert (omp, per_task) == ("2", "2"), text  # without SRUN_CPUS_PER_TASK the step asks for 1 CPU per task (none shown)
+    assert (omp, per_task) == ("2", "2"), (
+        text
+    )  # without SRUN_CPUS_PER_TASK the step asks for 1 CPU per task (none shown)
     assert int(nproc) >= 2, text
     assert "[dist-ft] each task: 2 CPU(s) (SRUN_CPUS_PER_TASK), OMP_NUM_THREADS=2" in text, text

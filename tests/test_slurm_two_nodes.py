@@ -10,11 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-
-from helpers import REPO
 import tiny
+import torch
+from helpers import REPO
+from safetensors.torch import load_file
 from slurm_jobs import STEPS, job, log, require, sbatch, wait, wait_for_steps
 
 NODES = REPO / "tests" / "slurm" / "two_nodes.sh"
@@ -31,7 +30,9 @@ def two_nodes(cluster):
     r = _nodes("up")
     try:
         assert r.returncode == 0, r.stdout + r.stderr
-        states = subprocess.run(["sinfo", "-h", "-N", "-p", "two", "-o", "%N %t"], capture_output=True, text=True).stdout.split("\n")
+        states = subprocess.run(
+            ["sinfo", "-h", "-N", "-p", "two", "-o", "%N %t"], capture_output=True, text=True
+        ).stdout.split("\n")
         assert sorted(x for x in states if x) == ["dftn1 idle", "dftn2 idle"], states
         yield
     finally:
@@ -46,13 +47,29 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def _submit(job_cfg: Path, out: Path, *overrides: str) -> str:
-    return sbatch(job_cfg, out, f"checkpoint.every_steps={EVERY}", *overrides, nodes=2, tasks_per_node=1, partition="two")
+    return sbatch(
+        job_cfg,
+        out,
+        f"checkpoint.every_steps={EVERY}",
+        *overrides,
+        nodes=2,
+        tasks_per_node=1,
+        partition="two",
+    )
 
 
 @pytest.fixture(scope="module")
 def across(two_nodes, job_cfg, uninterrupted) -> Path:
     out = job_cfg.parent / "two-nodes"
-    state = wait(_submit(job_cfg, out, "output.log_all_ranks=true", "track.wandb=disabled", f"checkpoint.keep_every={2 * EVERY}"))
+    state = wait(
+        _submit(
+            job_cfg,
+            out,
+            "output.log_all_ranks=true",
+            "track.wandb=disabled",
+            f"checkpoint.keep_every={2 * EVERY}",
+        )
+    )
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log(out, state["JobId"])[-3000:]
     return out
 
@@ -62,11 +79,19 @@ def test_one_rank_per_node_equals_two_ranks_on_one_node(across, uninterrupted):
     port = re.search(r"\| 2 node\(s\), 2 tasks \| master dftn1:(\d+)", text).group(1)
     # each rank on its own host, meeting at rank 0's host over the namespaces' network
     assert f"rank 0 of 2 (local rank 0) on dftn1 | master dftn1:{port} | gloo process group" in text
-    assert f"rank 1 of 2 (local rank 0) on dftn2 | master dftn1:{port} | gloo process group" in (across / "rank-1.log").read_text()
+    assert (
+        f"rank 1 of 2 (local rank 0) on dftn2 | master dftn1:{port} | gloo process group"
+        in (across / "rank-1.log").read_text()
+    )
     # both ranks wrote their optimizer partition into the shared checkpoint directory
     kept = sorted(int(p.name[5:]) for p in (across / "checkpoints").iterdir())
-    assert kept == [2 * EVERY, 4 * EVERY, STEPS - EVERY, STEPS], kept  # milestones (keep_every) + the newest two
-    assert len(list((across / "checkpoints" / f"step-{STEPS}").rglob("*zero_pp_rank_[01]_*optim_states.pt"))) == 2
+    assert kept == [2 * EVERY, 4 * EVERY, STEPS - EVERY, STEPS], (
+        kept
+    )  # milestones (keep_every) + the newest two
+    assert (
+        len(list((across / "checkpoints" / f"step-{STEPS}").rglob("*zero_pp_rank_[01]_*optim_states.pt")))
+        == 2
+    )
     # every loss and every weight bitwise equal to two ranks on one node
     assert tiny.losses(across) == tiny.losses(uninterrupted)
     assert _same_weights(across, uninterrupted)
@@ -105,7 +130,9 @@ def test_a_node_dies_the_job_fails_fast_requeues_and_ends_exact(across, job_cfg)
     state = wait(jid, finished=out / "final" / "model.safetensors")
     text = log(out, jid)
     assert state["JobState"] == "COMPLETED" and int(state["Restarts"]) >= 1, (state, text[-3000:])
-    resumed = int(re.search(rf"resumed from {re.escape(str(out / 'checkpoints'))}/step-(\d+): step \d+", text).group(1))
+    resumed = int(
+        re.search(rf"resumed from {re.escape(str(out / 'checkpoints'))}/step-(\d+): step \d+", text).group(1)
+    )
     assert resumed >= 2 * EVERY and resumed % EVERY == 0
     assert tiny.losses(out) == tiny.losses(across) and _same_weights(out, across)
     print(f"node loss: part ended {detected_s:.1f} s after the kill; resumed from step {resumed}")
@@ -118,14 +145,26 @@ def test_a_killed_rank_is_retried_by_the_job_script(across, job_cfg):
     jid = _submit(job_cfg, out, "track.wandb=disabled")
     wait_for_steps(jid, out, EVERY + 5)
     pids = subprocess.run(["ip", "netns", "pids", "dftn2"], capture_output=True, text=True).stdout.split()
-    rank1 = [p for p in pids if "launch/train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    rank1 = [
+        p
+        for p in pids
+        if "launch/train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+    ]
     assert len(rank1) == 1, pids
     subprocess.run(["kill", "-9", rank1[0]], check=True)
     state = wait(jid, finished=out / "final" / "model.safetensors")
     text = log(out, jid)
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1" and state["Comment"] == "dist-ft-failures=1", (state, text[-3000:])
-    assert re.search(rf"job {jid} failed with exit \d+ \(failure 1 of at most 2 retried\); requeueing it", text), text[-3000:]
-    resumed = int(re.search(rf"resumed from {re.escape(str(out / 'checkpoints'))}/step-(\d+): step \d+", text).group(1))
+    assert (
+        state["JobState"] == "COMPLETED"
+        and state["Restarts"] == "1"
+        and state["Comment"] == "dist-ft-failures=1"
+    ), (state, text[-3000:])
+    assert re.search(
+        rf"job {jid} failed with exit \d+ \(failure 1 of at most 2 retried\); requeueing it", text
+    ), text[-3000:]
+    resumed = int(
+        re.search(rf"resumed from {re.escape(str(out / 'checkpoints'))}/step-(\d+): step \d+", text).group(1)
+    )
     assert resumed >= EVERY and resumed % EVERY == 0
     assert tiny.losses(out) == tiny.losses(across) and _same_weights(out, across)
 
@@ -135,12 +174,24 @@ def test_two_node_checkpoint_resumes_on_one_node(across, job_cfg):
     the same global batch (micro 4 x 1 rank = 2 x 2), through the universal checkpoint: equal up to reduction order
     (as tests/test_checkpoint.py's reshard tests, over a tail of the same length scale)."""
     out, at = job_cfg.parent / "two-nodes-to-one", STEPS - EVERY
-    shutil.copytree(across, out, ignore=shutil.ignore_patterns("final", "rank-*.log", "metrics-rank-*", f"step-{STEPS}"))
-    jid = sbatch(job_cfg, out, "train.micro_batch_size=4", "engine.zero_stage=1", "track.wandb=disabled", tasks_per_node=1)
+    shutil.copytree(
+        across, out, ignore=shutil.ignore_patterns("final", "rank-*.log", "metrics-rank-*", f"step-{STEPS}")
+    )
+    jid = sbatch(
+        job_cfg,
+        out,
+        "train.micro_batch_size=4",
+        "engine.zero_stage=1",
+        "track.wandb=disabled",
+        tasks_per_node=1,
+    )
     state = wait(jid)
     text = log(out, jid)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text[-3000:]
-    assert f"resumed from {out / 'checkpoints' / f'step-{at}'} (resharded to this world size / ZeRO stage): step {at}" in text
+    assert (
+        f"resumed from {out / 'checkpoints' / f'step-{at}'} (resharded to this world size / ZeRO stage): step {at}"
+        in text
+    )
     ref, got = tiny.losses(across), tiny.losses(out)
     assert len(got) == STEPS and got[:at] == ref[:at]
     assert max(abs(a - b) for a, b in zip(ref, got)) < 2e-5, (ref, got)

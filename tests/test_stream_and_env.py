@@ -26,7 +26,7 @@ def test_ranks_partition_one_ordered_stream(world, micro):
     span = micro * world
     for k in range(20):  # ranks hold disjoint rows in a step (one straddling two epochs may meet a row again)
         if (k * span) // 45 == ((k + 1) * span - 1) // 45:
-            step = seq[k * span:(k + 1) * span]
+            step = seq[k * span : (k + 1) * span]
             assert len(set(step)) == len(step)
 
 
@@ -43,7 +43,9 @@ def test_shards_are_shuffled_as_units_then_rows_within_windows():
     order = GlobalOrder(SHARDS, seed=3, window=1)  # window 1: shard order only
     rows = [order.row(g) for g in range(45)]
     runs = [shard_of(r) for r in rows]
-    assert [runs[0]] + [b for a, b in zip(runs, runs[1:]) if a != b] == sorted(set(runs), key=runs.index)  # each shard one run
+    assert [runs[0]] + [b for a, b in zip(runs, runs[1:]) if a != b] == sorted(
+        set(runs), key=runs.index
+    )  # each shard one run
     assert runs != sorted(runs)  # the shard order is shuffled
     for k in range(5):  # rows within a shard stay in order with window 1
         mine = [r for r in rows if shard_of(r) == k]
@@ -51,7 +53,7 @@ def test_shards_are_shuffled_as_units_then_rows_within_windows():
     windowed = GlobalOrder(SHARDS, seed=3, window=8)
     pos = [windowed.row(g) for g in range(45)]
     for w in range(0, 45, 8):  # a window permutes exactly the rows the unwindowed order has there
-        assert sorted(pos[w:w + 8]) == sorted(rows[w:w + 8]) and pos != rows
+        assert sorted(pos[w : w + 8]) == sorted(rows[w : w + 8]) and pos != rows
 
 
 @pytest.mark.parametrize("stop_after", [1, 4, 9, 17])
@@ -99,9 +101,19 @@ def test_global_batch_larger_than_the_data_is_refused():
 
 
 def test_env_mapping_launchers():
-    e = env_from({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    e = env_from(
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    )
     assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.master_port) == (3, 4, 1, "n1", 1234)
-    s = env_from({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "4242"})
+    s = env_from(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_ID": "4242",
+        }
+    )
     assert (s.rank, s.world_size, s.local_rank, s.master_addr, s.master_port) == (5, 8, 1, "gpu07", 24242)
     single = env_from({})
     assert (single.rank, single.world_size) == (0, 1)
@@ -111,16 +123,42 @@ def test_test_faults_come_from_the_environment_once():
     from dist_ft.faults import NONE, PAUSE_S, Faults
 
     assert Faults.from_env({}) == NONE == Faults.from_env({"DIST_FT_TEST_KILL_AT_STEP": " ", "OTHER": "1"})
-    f = Faults.from_env({"DIST_FT_TEST_KILL_AT_STEP": "7", "DIST_FT_TEST_PAUSE_IN_SAVE": "6", "DIST_FT_TEST_KILL_RANK_IN_SAVE": "2:1",
-                         "DIST_FT_TEST_CORRUPT_IN_SAVE": "4:1", "DIST_FT_TEST_KILL_AFTER_SHARD": "2", "DIST_FT_TEST_SLOW_TOKENS": "0.5",
-                         "DIST_FT_TEST_PAUSE_IN_SETUP": "120"})
-    assert f == Faults(kill_at_step=7, pause_in_save=(6, PAUSE_S), kill_rank_in_save=(2, 1), corrupt_in_save=(4, 1), kill_after_shard=2,
-                       slow_tokens=0.5, pause_in_setup=120.0)
+    f = Faults.from_env(
+        {
+            "DIST_FT_TEST_KILL_AT_STEP": "7",
+            "DIST_FT_TEST_PAUSE_IN_SAVE": "6",
+            "DIST_FT_TEST_KILL_RANK_IN_SAVE": "2:1",
+            "DIST_FT_TEST_CORRUPT_IN_SAVE": "4:1",
+            "DIST_FT_TEST_KILL_AFTER_SHARD": "2",
+            "DIST_FT_TEST_SLOW_TOKENS": "0.5",
+            "DIST_FT_TEST_PAUSE_IN_SETUP": "120",
+        }
+    )
+    assert f == Faults(
+        kill_at_step=7,
+        pause_in_save=(6, PAUSE_S),
+        kill_rank_in_save=(2, 1),
+        corrupt_in_save=(4, 1),
+        kill_after_shard=2,
+        slow_tokens=0.5,
+        pause_in_setup=120.0,
+    )
     assert Faults.from_env({"DIST_FT_TEST_PAUSE_IN_SAVE": "2:8"}).pause_in_save == (2, 8.0)
-    for name, bad in [("KILL_AT_STEP", "x"), ("PAUSE_IN_SAVE", "2:soon"), ("KILL_RANK_IN_SAVE", "2"), ("CORRUPT_IN_SAVE", "2:1:0"),
-                      ("SLOW_TOKENS", "-1"), ("PAUSE_IN_SETUP", "nan")]:
+    for name, bad in [
+        ("KILL_AT_STEP", "x"),
+        ("PAUSE_IN_SAVE", "2:soon"),
+        ("KILL_RANK_IN_SAVE", "2"),
+        ("CORRUPT_IN_SAVE", "2:1:0"),
+        ("SLOW_TOKENS", "-1"),
+        ("PAUSE_IN_SETUP", "nan"),
+    ]:
         with pytest.raises(UserError, match=f"DIST_FT_TEST_{name}='{bad}': expected"):
             Faults.from_env({f"DIST_FT_TEST_{name}": bad})
     for step in range(5):  # unset: every hook is a no-op
-        NONE.after_step(step, 0), NONE.in_save(step, 0, None), NONE.before_manifest(step), NONE.after_shard(step)
+        (
+            NONE.after_step(step, 0),
+            NONE.in_save(step, 0, None),
+            NONE.before_manifest(step),
+            NONE.after_shard(step),
+        )
     NONE.after_token(), NONE.in_setup()

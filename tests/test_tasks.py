@@ -19,7 +19,12 @@ from dist_ft.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.unit
 
-CHAT = {"messages": [{"role": "user", "content": "What color is the apple?"}, {"role": "assistant", "content": "Red, mostly."}]}
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "What color is the apple?"},
+        {"role": "assistant", "content": "Red, mostly."},
+    ]
+}
 
 
 def test_every_task_is_a_task_and_every_settings_model_is_composed_into_the_config():
@@ -60,11 +65,20 @@ def test_examples_return_the_records_typed_stats(gpt2_dir):
     assert stats == SplitStats(records=1, examples=1, tokens=n - 1, loss_tokens=cut[0].n_loss, truncated=1)
     _, stats = sft.examples(CHAT, "r:1", DataConfig(train="x", max_seq_len=n - 1, overlong="drop"), tok)
     assert stats == SplitStats(records=1, dropped_overlong=1)
-    _, stats = sft.examples(CHAT, "r:1", DataConfig(train="x", max_seq_len=8), tok)  # the answer starts after 8 tokens
+    _, stats = sft.examples(
+        CHAT, "r:1", DataConfig(train="x", max_seq_len=8), tok
+    )  # the answer starts after 8 tokens
     assert stats == SplitStats(records=1, truncated=1, dropped_no_loss_after_truncation=1)
     # summed as the manifest sums them, written with the same keys
-    assert (stats + stats).to_json() == {"records": 2, "examples": 0, "tokens": 0, "loss_tokens": 0, "truncated": 2,
-                                         "dropped_overlong": 0, "dropped_no_loss_after_truncation": 2}
+    assert (stats + stats).to_json() == {
+        "records": 2,
+        "examples": 0,
+        "tokens": 0,
+        "loss_tokens": 0,
+        "truncated": 2,
+        "dropped_overlong": 0,
+        "dropped_no_loss_after_truncation": 2,
+    }
 
 
 def _old_classify_metrics(logits, y):
@@ -79,13 +93,22 @@ def _old_classify_metrics(logits, y):
 
 def _old_classify_eval(loss_sum, n, sums):
     classes = sorted(int(k[5:]) for k in sums if k.startswith("true_"))
-    f1 = [2 * sums[f"tp_{c}"] / (sums[f"true_{c}"] + sums[f"pred_{c}"]) for c in classes if sums[f"true_{c}"] + sums[f"pred_{c}"] > 0]
-    out = {"val_loss": loss_sum / max(n, 1), "val_accuracy": sums["accuracy"] / max(n, 1), "val_macro_f1": sum(f1) / max(1, len(f1))}
+    f1 = [
+        2 * sums[f"tp_{c}"] / (sums[f"true_{c}"] + sums[f"pred_{c}"])
+        for c in classes
+        if sums[f"true_{c}"] + sums[f"pred_{c}"] > 0
+    ]
+    out = {
+        "val_loss": loss_sum / max(n, 1),
+        "val_accuracy": sums["accuracy"] / max(n, 1),
+        "val_macro_f1": sum(f1) / max(1, len(f1)),
+    }
     return {**out, **{f"val_count_{c}": int(sums[f"true_{c}"]) for c in classes}}
 
 
 class _Head:
     """A sequence head whose output is fixed logits."""
+
     device = torch.device("cpu")
 
     def __init__(self, logits):
@@ -104,7 +127,11 @@ def test_classify_per_class_sums_are_typed_and_logged_under_the_same_names(n_cla
     model = _Head(logits)
     items = [Example([5, 6, int(c)], [IGNORE, IGNORE, int(c)]) for c in y]
     out = classify.loss(model, classify.collate(items, 64, 0, False), 0)
-    assert isinstance(out, LossOut) and out.metrics["true"].shape == (n_classes,) and out.metrics["accuracy"].dim() == 0
+    assert (
+        isinstance(out, LossOut)
+        and out.metrics["true"].shape == (n_classes,)
+        and out.metrics["accuracy"].dim() == 0
+    )
     old = _old_classify_metrics(logits, y)
 
     # training's step: summed over micro-batches (here one twice) and ranks, then / loss units, by name
@@ -122,7 +149,13 @@ def test_classify_per_class_sums_are_typed_and_logged_under_the_same_names(n_cla
 
 def test_metric_sums_read_scalars_and_per_class_vectors():
     sums = {"b": torch.tensor(2.0, dtype=torch.float64), "a": torch.tensor([1.0, 3.0], dtype=torch.float64)}
-    assert [float(x) for x in MetricSums.elements(sums)] == [1.0, 3.0, 2.0]  # names in order, a vector's items in order
+    assert [float(x) for x in MetricSums.elements(sums)] == [
+        1.0,
+        3.0,
+        2.0,
+    ]  # names in order, a vector's items in order
     assert MetricSums.read(sums) == MetricSums(scalar={"b": 2.0}, per_class={"a": [1.0, 3.0]})
-    assert MetricSums.read(sums, [10.0, 30.0, 20.0]) == MetricSums(scalar={"b": 20.0}, per_class={"a": [10.0, 30.0]})
+    assert MetricSums.read(sums, [10.0, 30.0, 20.0]) == MetricSums(
+        scalar={"b": 20.0}, per_class={"a": [10.0, 30.0]}
+    )
     assert MetricSums.read({}) == MetricSums() and MetricSums().record(3) == {}

@@ -4,9 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-from helpers import REPO, assert_clean_failure, run_cli, train_args
 import tiny
+from helpers import REPO, assert_clean_failure, run_cli, train_args
 
 
 def _metrics(out: Path) -> tuple[list[dict], list[dict]]:
@@ -18,8 +17,20 @@ def _metrics(out: Path) -> tuple[list[dict], list[dict]]:
 def chat_run(tmp_path_factory, gpt2_dir, toy_data):
     tmp = tmp_path_factory.mktemp("chat_run")
     train, val = toy_data
-    r = run_cli(*train_args(tmp, gpt2_dir, train, f"data.validation={val}", "train.max_steps=150", "train.lr=5e-3", "train.eval_every=75",
-                        "track.wandb=offline", 'track.sample_prompts=["What color is the cat?"]', "track.sample_max_new_tokens=8"))
+    r = run_cli(
+        *train_args(
+            tmp,
+            gpt2_dir,
+            train,
+            f"data.validation={val}",
+            "train.max_steps=150",
+            "train.lr=5e-3",
+            "train.eval_every=75",
+            "track.wandb=offline",
+            'track.sample_prompts=["What color is the cat?"]',
+            "track.sample_max_new_tokens=8",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp / "out", r
 
@@ -37,7 +48,10 @@ def test_training_reduces_loss_and_logs_everything(chat_run):
     assert (out / "loss.png").stat().st_size > 1000
     saved = (out / "config.yaml").read_text()
     assert "lr: 0.005" in saved and "max_steps: 150" in saved
-    assert "step    150 | loss" in r.stdout + r.stderr and "global batch = 4 micro x 1 accum x 1 ranks" in r.stdout + r.stderr
+    assert (
+        "step    150 | loss" in r.stdout + r.stderr
+        and "global batch = 4 micro x 1 accum x 1 ranks" in r.stdout + r.stderr
+    )
 
 
 def test_export_reloads_and_chats(chat_run):
@@ -53,17 +67,35 @@ def test_export_reloads_and_chats(chat_run):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
     assert eos[0] == im_end and gen["pad_token_id"] == tok.pad_token_id
-    ids = tok.apply_chat_template([{"role": "user", "content": "What color is the banana?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
-    new = AutoModelForCausalLM.from_pretrained(final).generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1]:]
-    assert new[-1].item() == im_end and len(new) < 20 and "yellow" in tok.decode(new)  # stopped there, no config passed
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What color is the banana?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    new = AutoModelForCausalLM.from_pretrained(final).generate(**ids, max_new_tokens=20, do_sample=False)[
+        0, ids["input_ids"].shape[1] :
+    ]
+    assert (
+        new[-1].item() == im_end and len(new) < 20 and "yellow" in tok.decode(new)
+    )  # stopped there, no config passed
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     pipe = pipeline("text-generation", model=str(final))
     res = pipe([{"role": "user", "content": "What color is the banana?"}], max_new_tokens=8, do_sample=False)
     reply = res[0]["generated_text"][-1]
     assert reply["role"] == "assistant" and "yellow" in reply["content"]  # the toy fact was learned
-    r = run_cli("chat", "--model", str(final), "--prompt", "What color is the cat?", "--temperature", "0", "--max-new-tokens", "8")
+    r = run_cli(
+        "chat",
+        "--model",
+        str(final),
+        "--prompt",
+        "What color is the cat?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "8",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "The cat is black."
     # the run's sample generations (samples.jsonl + W&B table) are what chat answers
@@ -78,8 +110,16 @@ def test_batched_greedy_answers_equal_one_at_a_time(chat_run):
     from dist_ft.inference import generate, load
 
     tok, model = load(str(chat_run[0] / "final"))
-    convs = [[{"role": "user", "content": q}] for q in ("What color is the cat?", "Hi", "What color is the banana? Answer briefly please.",
-                                                       "tree?", "What color is the river, and why is it that color?")]
+    convs = [
+        [{"role": "user", "content": q}]
+        for q in (
+            "What color is the cat?",
+            "Hi",
+            "What color is the banana? Answer briefly please.",
+            "tree?",
+            "What color is the river, and why is it that color?",
+        )
+    ]
     convs.append([{"role": "system", "content": "Answer briefly."}, *convs[0]])
     alone = [generate(tok, model, [c], max_new_tokens=10, temperature=0.0)[0] for c in convs]
     together = generate(tok, model, convs, max_new_tokens=10, temperature=0.0, batch_size=6)
@@ -105,11 +145,22 @@ def test_continued_pretraining_on_raw_text(tmp_path, gpt2_dir):
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("mode,expect", [("truncate", "3 truncated, 0 dropped"), ("drop", "0 truncated, 3 dropped")])
+@pytest.mark.parametrize(
+    "mode,expect", [("truncate", "3 truncated, 0 dropped"), ("drop", "0 truncated, 3 dropped")]
+)
 def test_overlong_examples_are_counted(tmp_path, gpt2_dir, mode, expect):
-    long = {"messages": [{"role": "user", "content": "apple " * 40}, {"role": "assistant", "content": "red " * 40}]}
+    long = {
+        "messages": [
+            {"role": "user", "content": "apple " * 40},
+            {"role": "assistant", "content": "red " * 40},
+        ]
+    }
     data = tiny.write_jsonl(tmp_path / "d.jsonl", tiny.toy_chat(16) + [long] * 3)
-    r = run_cli(*train_args(tmp_path, gpt2_dir, data, "data.max_seq_len=64", f"data.overlong={mode}", "train.max_steps=2"))
+    r = run_cli(
+        *train_args(
+            tmp_path, gpt2_dir, data, "data.max_seq_len=64", f"data.overlong={mode}", "train.max_steps=2"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"over max_seq_len: {expect}" in r.stdout + r.stderr
 
@@ -118,9 +169,18 @@ BAD = {
     "missing": (None, r"nope.jsonl: no such file"),
     "empty": ("", r"empty.jsonl: no records"),
     "malformed": ('{"text": "fine"}\n{"messages": [\n', r"malformed.jsonl:2: malformed JSON"),
-    "unknown_format": ('{"question": "a", "answer": "b"}\n', r"unknown_format.jsonl:1: unknown record format"),
-    "no_assistant": ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"no_assistant.jsonl:1: conversation has no assistant turn"),
-    "out_of_order": ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n', r"out_of_order.jsonl:1: roles out of order"),
+    "unknown_format": (
+        '{"question": "a", "answer": "b"}\n',
+        r"unknown_format.jsonl:1: unknown record format",
+    ),
+    "no_assistant": (
+        '{"messages": [{"role": "user", "content": "hi"}]}\n',
+        r"no_assistant.jsonl:1: conversation has no assistant turn",
+    ),
+    "out_of_order": (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n',
+        r"out_of_order.jsonl:1: roles out of order",
+    ),
 }
 
 
@@ -134,11 +194,17 @@ def test_bad_data_is_one_clear_error(tmp_path, gpt2_dir, case):
     assert_clean_failure(r, pattern, tmp_path / "out")
 
 
-@pytest.mark.parametrize("override,pattern", [
-    ("train.lerning_rate=1", r"unknown config key 'train.lerning_rate'; did you mean"),
-    ("train.micro_batch_size=many", r"config key 'train.micro_batch_size': Input should be a valid integer"),
-    ("model.path=/does/not/exist", r"model.path '/does/not/exist': directory does not exist"),
-])
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("train.lerning_rate=1", r"unknown config key 'train.lerning_rate'; did you mean"),
+        (
+            "train.micro_batch_size=many",
+            r"config key 'train.micro_batch_size': Input should be a valid integer",
+        ),
+        ("model.path=/does/not/exist", r"model.path '/does/not/exist': directory does not exist"),
+    ],
+)
 def test_bad_config_is_one_clear_error(tmp_path, gpt2_dir, toy_data, override, pattern):
     r = run_cli(*train_args(tmp_path, gpt2_dir, toy_data[0], override))
     assert_clean_failure(r, pattern, tmp_path / "out")
@@ -184,12 +250,29 @@ def test_task_metric_sums_reach_the_step_and_eval_records(tmp_path, gpt2_dir, to
     import subprocess
     import sys
 
-    args = train_args(tmp_path, gpt2_dir, toy_data[0], f"data.validation={toy_data[1]}", "train.max_steps=3", "train.grad_accum=2",
-                      "train.micro_batch_size=2", "track.wandb=disabled")[1:]
-    r = subprocess.run([sys.executable, "-c", TASK_WITH_METRICS, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    args = train_args(
+        tmp_path,
+        gpt2_dir,
+        toy_data[0],
+        f"data.validation={toy_data[1]}",
+        "train.max_steps=3",
+        "train.grad_accum=2",
+        "train.micro_batch_size=2",
+        "track.wandb=disabled",
+    )[1:]
+    r = subprocess.run(
+        [sys.executable, "-c", TASK_WITH_METRICS, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     steps, evals = _metrics(tmp_path / "out")
     assert len(steps) == 3 and len(evals) == 1
     for s in steps:
         assert s["twice"] == pytest.approx(2 * s["loss"], rel=1e-12) and s["units"] == 1.0
-    assert evals[0]["val_twice"] == pytest.approx(2 * evals[0]["val_loss"], rel=1e-12) and evals[0]["val_units"] == 1.0
+    assert (
+        evals[0]["val_twice"] == pytest.approx(2 * evals[0]["val_loss"], rel=1e-12)
+        and evals[0]["val_units"] == 1.0
+    )

@@ -7,20 +7,31 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-WORDS = ("the a of to and is in it you that he was for on are with as his they be at one have this from or had by "
-         "what when where who how why which color capital number hello world assistant user system answer question "
-         "red green blue yellow black white apple banana cherry paris rome london tokyo one two three four five six "
-         "seven eight nine ten yes no please thanks good bad cat dog bird fish tree river mountain city country").split()
+WORDS = (
+    "the a of to and is in it you that he was for on are with as his they be at one have this from or had by "
+    "what when where who how why which color capital number hello world assistant user system answer question "
+    "red green blue yellow black white apple banana cherry paris rome london tokyo one two three four five six "
+    "seven eight nine ten yes no please thanks good bad cat dog bird fish tree river mountain city country"
+).split()
 
 
 def corpus() -> list[str]:
     lines = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(200)]
-    lines += ["What color is the apple? The apple is red.", "Hello! How are you? I am fine, thanks.",
-              "<|user|> <|assistant|> </s> {\"role\": \"user\"}"]
+    lines += [
+        "What color is the apple? The apple is red.",
+        "Hello! How are you? I am fine, thanks.",
+        '<|user|> <|assistant|> </s> {"role": "user"}',
+    ]
     return lines
 
 
-def train_tokenizer(out: Path, *, eos: str | None = "<|endoftext|>", extra_special: tuple[str, ...] = (), vocab_size: int = 600):
+def train_tokenizer(
+    out: Path,
+    *,
+    eos: str | None = "<|endoftext|>",
+    extra_special: tuple[str, ...] = (),
+    vocab_size: int = 600,
+):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -28,21 +39,35 @@ def train_tokenizer(out: Path, *, eos: str | None = "<|endoftext|>", extra_speci
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = ([eos] if eos else []) + list(extra_special)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator(corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, bos_token=eos, unk_token=None)
     fast.save_pretrained(out)
     return fast
 
 
-def make_gpt2(out: Path, *, n_layer: int = 2, n_embd: int = 64, n_positions: int = 512, dropout: float = 0.0) -> Path:
+def make_gpt2(
+    out: Path, *, n_layer: int = 2, n_embd: int = 64, n_positions: int = 512, dropout: float = 0.0
+) -> Path:
     """GPT-2-shaped base model: no chat template, no pad token (like the real gpt2). With `dropout`, training
     draws random masks, so an exact resume needs the RNG states restored too."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = train_tokenizer(out)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=4,
-                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=4,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -50,8 +75,10 @@ def make_gpt2(out: Path, *, n_layer: int = 2, n_embd: int = 64, n_positions: int
     return out
 
 
-ZEPHYR_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '</s>\n' }}{% endfor %}"
-                   "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+ZEPHYR_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '</s>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
 
 
 def make_llama(out: Path) -> Path:
@@ -63,14 +90,32 @@ def make_llama(out: Path) -> Path:
     tok.chat_template = ZEPHYR_TEMPLATE
     tok.pad_token = None
     tok.save_pretrained(out)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 
 
-COLORS = {"apple": "red", "banana": "yellow", "cherry": "red", "river": "blue", "tree": "green", "cat": "black", "dog": "white", "bird": "blue"}
+COLORS = {
+    "apple": "red",
+    "banana": "yellow",
+    "cherry": "red",
+    "river": "blue",
+    "tree": "green",
+    "cat": "black",
+    "dog": "white",
+    "bird": "blue",
+}
 
 
 def toy_chat(n: int = 64) -> list[dict]:
@@ -79,7 +124,10 @@ def toy_chat(n: int = 64) -> list[dict]:
     recs = []
     for i in range(n):
         thing, color = items[i % len(items)]
-        msgs = [{"role": "user", "content": f"What color is the {thing}?"}, {"role": "assistant", "content": f"The {thing} is {color}."}]
+        msgs = [
+            {"role": "user", "content": f"What color is the {thing}?"},
+            {"role": "assistant", "content": f"The {thing} is {color}."},
+        ]
         if i % 4 == 0:
             msgs = [{"role": "system", "content": "Answer briefly."}] + msgs
         recs.append({"messages": msgs})
@@ -87,7 +135,9 @@ def toy_chat(n: int = 64) -> list[dict]:
 
 
 @contextmanager
-def weights_changed_on_disk(model_dir: Path, name: str = "transformer.h.0.mlp.c_fc.weight", delta: float = 1e-3):
+def weights_changed_on_disk(
+    model_dir: Path, name: str = "transformer.h.0.mlp.c_fc.weight", delta: float = 1e-3
+):
     """Inside the block, `model_dir`'s safetensors has `name` moved by `delta` (the model changed under a run); restored after."""
     from safetensors.torch import load_file, save_file
 
@@ -112,8 +162,10 @@ def run_config(tmp: Path, model: Path, records: int, train: str, engine: str, ex
     `train` / `engine` are the YAML flow mappings' insides, e.g. "max_steps: 8, micro_batch_size: 2"."""
     data = write_jsonl(tmp / "train.jsonl", toy_chat(records))
     cfg = tmp / "cfg.yaml"
-    cfg.write_text(f"model: {{path: {model}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
-                   f"train: {{{train}}}\nengine: {{{engine}}}\n{extra}")
+    cfg.write_text(
+        f"model: {{path: {model}}}\ndata: {{train: {data}, max_seq_len: 128}}\n"
+        f"train: {{{train}}}\nengine: {{{engine}}}\n{extra}"
+    )
     return cfg
 
 
@@ -129,8 +181,22 @@ def wandb_run_ids(out: Path) -> list[str]:
     return [p.name.rsplit("-", 1)[1] for p in sorted((out / "wandb").glob("offline-run-*"))]
 
 
-WRONG = {"red": "green", "yellow": "blue", "blue": "yellow", "green": "red", "black": "white", "white": "black"}
-OTHER_WRONG = {"red": "black", "yellow": "white", "blue": "red", "green": "yellow", "black": "blue", "white": "green"}  # unseen in WRONG pairs
+WRONG = {
+    "red": "green",
+    "yellow": "blue",
+    "blue": "yellow",
+    "green": "red",
+    "black": "white",
+    "white": "black",
+}
+OTHER_WRONG = {
+    "red": "black",
+    "yellow": "white",
+    "blue": "red",
+    "green": "yellow",
+    "black": "blue",
+    "white": "green",
+}  # unseen in WRONG pairs
 
 
 def toy_pairs(n: int = 64, question: str = "What color is the {}?", wrong: dict = WRONG) -> list[dict]:
@@ -144,8 +210,18 @@ def toy_pairs(n: int = 64, question: str = "What color is the {}?", wrong: dict 
         if shape == 0:
             recs.append({"prompt": q, "chosen": good, "rejected": bad})
         elif shape == 1:
-            recs.append({"conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": good}, "rejected": bad})
+            recs.append(
+                {
+                    "conversations": [{"from": "human", "value": q}],
+                    "chosen": {"from": "gpt", "value": good},
+                    "rejected": bad,
+                }
+            )
         else:
-            recs.append({"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
-                         "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}]})
+            recs.append(
+                {
+                    "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": good}],
+                    "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": bad}],
+                }
+            )
     return recs

@@ -31,7 +31,9 @@ CHATML_TEMPLATE = (
 class Example:
     input_ids: list[int]
     labels: list[int]  # same length; IGNORE where no loss (unshifted: label i is token i)
-    ref: float | None = None  # pairwise tasks: the reference model's summed log-prob of the labelled tokens, once computed
+    ref: float | None = (
+        None  # pairwise tasks: the reference model's summed log-prob of the labelled tokens, once computed
+    )
 
     @property
     def n_loss(self) -> int:
@@ -69,8 +71,10 @@ def assistant_char_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[t
         prefix = _render(tok, msgs[:i], True)
         upto = _render(tok, msgs[: i + 1], False)
         if not (upto.startswith(prefix) and full.startswith(upto)):
-            raise UserError(f"{where}: the chat template renders message prefixes inconsistently, so assistant tokens "
-                            "cannot be located; use a template with {% generation %} markers (model.chat_template: chatml)")
+            raise UserError(
+                f"{where}: the chat template renders message prefixes inconsistently, so assistant tokens "
+                "cannot be located; use a template with {% generation %} markers (model.chat_template: chatml)"
+            )
         end = len(upto.rstrip())  # the end-of-turn token is kept, the newline after it is not
         spans.append((len(prefix), end))
     return full, spans
@@ -84,7 +88,9 @@ def end_of_turn_id(tok) -> int | None:
     except Exception:  # noqa: BLE001 - a template that cannot render the probe: fall back to EOS
         return tok.eos_token_id
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    inside = [t for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if spans[0][0] <= a < spans[0][1]]
+    inside = [
+        t for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if spans[0][0] <= a < spans[0][1]
+    ]
     return inside[-1] if inside else tok.eos_token_id
 
 
@@ -95,7 +101,9 @@ def stop_token_ids(tok) -> list[int]:
 
 def tokenize_conversation(tok, conv: Conversation, where: str) -> Example:
     if has_generation_markers(tok):
-        enc = tok.apply_chat_template(conv.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        enc = tok.apply_chat_template(
+            conv.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids = list(enc["input_ids"])
         mask = list(enc["assistant_masks"])
     else:
@@ -105,8 +113,10 @@ def tokenize_conversation(tok, conv: Conversation, where: str) -> Example:
         mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
     labels = [t if m else IGNORE for t, m in zip(ids, mask)]
     if not any(m for m in mask):
-        raise UserError(f"{where}: the chat template produced no assistant tokens for this conversation; "
-                        "check the template (model.chat_template) or the record")
+        raise UserError(
+            f"{where}: the chat template produced no assistant tokens for this conversation; "
+            "check the template (model.chat_template) or the record"
+        )
     return Example(ids, labels)
 
 
@@ -115,4 +125,8 @@ def tokenize_text(tok, text: str, max_len: int) -> list[Example]:
     ids = tok(text, add_special_tokens=True)["input_ids"]
     if tok.eos_token_id is not None and (not ids or ids[-1] != tok.eos_token_id):
         ids = ids + [tok.eos_token_id]
-    return [Example(ids[i : i + max_len], ids[i : i + max_len]) for i in range(0, len(ids), max_len) if len(ids[i : i + max_len]) > 1]
+    return [
+        Example(ids[i : i + max_len], ids[i : i + max_len])
+        for i in range(0, len(ids), max_len)
+        if len(ids[i : i + max_len]) > 1
+    ]

@@ -7,15 +7,15 @@ deterministic order (`stream.py`); validation rows are few and are held in memor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..config import DataConfig
+from ..contracts import Batch
 from ..errors import UserError
 from ..faults import NONE, Faults
 from . import shards
-from ..contracts import Batch
 from .shards import Manifest, SplitStats
 from .stream import GlobalOrder, SampleStream
 
@@ -38,7 +38,9 @@ class Prepared:
     shuffle_seed: int
     shuffle_window: int
     task: object  # the run's task (`dist_ft/tasks`): how rows become a Batch
-    meta: dict = field(default_factory=dict)  # what the task's scan found when the shards were prepared (e.g. labels)
+    meta: dict = field(
+        default_factory=dict
+    )  # what the task's scan found when the shards were prepared (e.g. labels)
 
     def collate(self, items: list) -> Batch:
         return self.task.collate(items, self.seq_len, self.pad_id, self.packing)
@@ -63,12 +65,21 @@ def _on_local_main(fn: Callable[[], None], local_rank: int, sync: Callable[[int]
         raise UserError("data: preparing the shards failed on another rank (its error is printed above)")
 
 
-def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print,
-           faults: Faults = NONE) -> tuple[Path, Manifest]:
+def locate(
+    cfg: DataConfig,
+    tok,
+    task,
+    local_rank: int = 0,
+    sync: Callable[[int], int] = lambda x: x,
+    log=print,
+    faults: Faults = NONE,
+) -> tuple[Path, Manifest]:
     """The shard directory for this config (prepared, fetched or built now) and its checked manifest."""
     if cfg.packing and not task.packable:
-        raise UserError(f"data.task {task.name} scores one sequence per row (its head pools the last token), so packing cannot be used; "
-                        "set data.packing: false")
+        raise UserError(
+            f"data.task {task.name} scores one sequence per row (its head pools the last token), so packing cannot be used; "
+            "set data.packing: false"
+        )
     if cfg.prepared:
         if "://" in cfg.prepared:  # fsspec URL: each node's local rank 0 copies it into the cache
             root = shards.remote_copy_dir(cfg.prepared, cfg.cache_path())
@@ -76,15 +87,19 @@ def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int]
         else:
             root = Path(cfg.prepared).expanduser()
             if not root.is_dir():
-                raise UserError(f"data.prepared '{cfg.prepared}': no such directory; write it first with "
-                                f"dist-ft prepare CONFIG --out {cfg.prepared}, or fix the path")
+                raise UserError(
+                    f"data.prepared '{cfg.prepared}': no such directory; write it first with "
+                    f"dist-ft prepare CONFIG --out {cfg.prepared}, or fix the path"
+                )
         where = f"data.prepared '{cfg.prepared}'"
     else:
         root = shards.cache_entry(cfg, tok)
 
         def build_once() -> None:
             if not (root / shards.MANIFEST).is_file():
-                log(f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)")
+                log(
+                    f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)"
+                )
                 shards.prepare(cfg, tok, root, task, log=log, progress=None, faults=faults)
 
         _on_local_main(build_once, local_rank, sync)
@@ -94,8 +109,15 @@ def locate(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int]
     return root, manifest
 
 
-def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int], int] = lambda x: x, log=print,
-          faults: Faults = NONE) -> Prepared:
+def build(
+    cfg: DataConfig,
+    tok,
+    task,
+    local_rank: int = 0,
+    sync: Callable[[int], int] = lambda x: x,
+    log=print,
+    faults: Faults = NONE,
+) -> Prepared:
     """Find or write the shards (records become examples through `task`), check them, and open them. Every bad
     record or shard raises UserError naming it."""
     root, manifest = locate(cfg, tok, task, local_rank, sync, log, faults)
@@ -104,8 +126,19 @@ def build(cfg: DataConfig, tok, task, local_rank: int = 0, sync: Callable[[int],
     if "validation" in manifest.splits:
         vs = shards.ShardSet(root, manifest, "validation", cfg.verify_shards, task.group)
         val = Split([vs[i] for i in range(len(vs))], vs.stats) if len(vs) else None
-    return Prepared(Split(train, train.stats), val, cfg.packing, cfg.max_seq_len, tok.pad_token_id, root,
-                    shards.fingerprint(manifest), cfg.seed, cfg.shuffle_window, task, manifest.meta)
+    return Prepared(
+        Split(train, train.stats),
+        val,
+        cfg.packing,
+        cfg.max_seq_len,
+        tok.pad_token_id,
+        root,
+        shards.fingerprint(manifest),
+        cfg.seed,
+        cfg.shuffle_window,
+        task,
+        manifest.meta,
+    )
 
 
 def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[Batch]:

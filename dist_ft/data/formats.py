@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 
 
 @dataclass
@@ -28,8 +37,10 @@ def detect(rec: dict, where: str) -> str:
         return "alpaca"
     if "text" in rec:
         return "text"
-    raise UserError(f"{where}: unknown record format (keys: {', '.join(sorted(rec)) or 'none'}); expected 'messages', "
-                    "'conversations' (from/value), 'instruction'+'output', or 'text' — or set data.format")
+    raise UserError(
+        f"{where}: unknown record format (keys: {', '.join(sorted(rec)) or 'none'}); expected 'messages', "
+        "'conversations' (from/value), 'instruction'+'output', or 'text' — or set data.format"
+    )
 
 
 def _check_roles(msgs: list[dict], where: str) -> None:
@@ -38,65 +49,107 @@ def _check_roles(msgs: list[dict], where: str) -> None:
     if not body:
         raise UserError(f"{where}: conversation has no user or assistant turn")
     if "assistant" not in body:
-        raise UserError(f"{where}: conversation has no assistant turn, so nothing to learn from; remove it or add the answer")
+        raise UserError(
+            f"{where}: conversation has no assistant turn, so nothing to learn from; remove it or add the answer"
+        )
     for i, r in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"
         if r != want:
             pos = i + (len(roles) - len(body))
-            raise UserError(f"{where}: roles out of order at message {pos} ('{r}', expected '{want}'); "
-                            "use [system], user, assistant, user, assistant, ...")
+            raise UserError(
+                f"{where}: roles out of order at message {pos} ('{r}', expected '{want}'); "
+                "use [system], user, assistant, user, assistant, ..."
+            )
 
 
 def json_type(v) -> str:
     """The JSON name of a parsed value's type, for messages."""
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array"}.get(type(v), "object")
+    return {
+        type(None): "null",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+    }.get(type(v), "object")
 
 
-def message_list(raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None) -> list[dict]:
+def message_list(
+    raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None
+) -> list[dict]:
     """`raw` (a record's `key`) as checked {role, content} messages: a non-empty list of objects with `role_key` and
     `content_key`, roles mapped through `role_map` (None: system, user or assistant only)."""
     if not isinstance(raw, list) or not raw:
-        raise UserError(f"{where}: '{key}' must be a non-empty array of messages, got {'an empty one' if raw == [] else 'JSON ' + json_type(raw)}; "
-                        f"give [{{\"{role_key}\": ..., \"{content_key}\": ...}}, ...]")
+        raise UserError(
+            f"{where}: '{key}' must be a non-empty array of messages, got {'an empty one' if raw == [] else 'JSON ' + json_type(raw)}; "
+            f'give [{{"{role_key}": ..., "{content_key}": ...}}, ...]'
+        )
     out = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise UserError(f"{where}: message {i} is a JSON {json_type(m)}, not an object; write each message as "
-                            f"{{\"{role_key}\": ..., \"{content_key}\": ...}}")
+            raise UserError(
+                f"{where}: message {i} is a JSON {json_type(m)}, not an object; write each message as "
+                f'{{"{role_key}": ..., "{content_key}": ...}}'
+            )
         missing = [k for k in (role_key, content_key) if k not in m]
         if missing:
-            raise UserError(f"{where}: message {i} lacks '{missing[0]}' (keys: {', '.join(sorted(m)) or 'none'}); "
-                            f"each message needs '{role_key}' and '{content_key}'")
+            raise UserError(
+                f"{where}: message {i} lacks '{missing[0]}' (keys: {', '.join(sorted(m)) or 'none'}); "
+                f"each message needs '{role_key}' and '{content_key}'"
+            )
         role = m[role_key]
         if role_map is not None:
             if role not in role_map:
-                raise UserError(f"{where}: message {i}: unknown speaker '{role}' (expected one of {', '.join(sorted(role_map))})")
+                raise UserError(
+                    f"{where}: message {i}: unknown speaker '{role}' (expected one of {', '.join(sorted(role_map))})"
+                )
             role = role_map[role]
         elif role not in ("system", "user", "assistant"):
-            raise UserError(f"{where}: message {i}: unknown role '{role}' (expected system, user or assistant)")
-        out.append({"role": role, "content": _text(m[content_key], where, f"message {i} ({role}) '{content_key}'", role == "assistant")})
+            raise UserError(
+                f"{where}: message {i}: unknown role '{role}' (expected system, user or assistant)"
+            )
+        out.append(
+            {
+                "role": role,
+                "content": _text(
+                    m[content_key], where, f"message {i} ({role}) '{content_key}'", role == "assistant"
+                ),
+            }
+        )
     return out
 
 
 def _text(v, where: str, what: str, required: bool) -> str:
     """A text field of a record: a string, non-empty where it is what is learned (an assistant turn, an answer)."""
     if not isinstance(v, str):
-        raise UserError(f"{where}: {what} must be a string, got JSON {json_type(v)}"
-                        + (f" {str(v)[:40]}" if isinstance(v, (int, float)) else "")
-                        + ("; flatten structured content to plain text" if isinstance(v, (list, dict)) else "; give the text"))
+        raise UserError(
+            f"{where}: {what} must be a string, got JSON {json_type(v)}"
+            + (f" {str(v)[:40]}" if isinstance(v, (int, float)) else "")
+            + (
+                "; flatten structured content to plain text"
+                if isinstance(v, (list, dict))
+                else "; give the text"
+            )
+        )
     if required and not v.strip():
-        raise UserError(f"{where}: {what} is empty, so there is nothing to learn; write the answer or remove the record")
+        raise UserError(
+            f"{where}: {what} is empty, so there is nothing to learn; write the answer or remove the record"
+        )
     return v
 
 
 def _alpaca(rec: dict, where: str) -> list[dict]:
     instruction = _text(rec["instruction"], where, "alpaca 'instruction'", True)
     output = _text(rec["output"], where, "alpaca 'output'", True)
-    extra, system = ("" if rec.get(k) is None else _text(rec[k], where, f"alpaca '{k}'", False)  # absent or null: none
-                     for k in ("input", "system"))
+    extra, system = (
+        "" if rec.get(k) is None else _text(rec[k], where, f"alpaca '{k}'", False)  # absent or null: none
+        for k in ("input", "system")
+    )
     prompt = f"{instruction}\n\n{extra}" if extra else instruction
     return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": output},
+    ]
 
 
 def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
@@ -108,8 +161,10 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
         if fmt == "text":
             text = rec["text"]
             if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{where}: 'text' must be a non-empty string, got {'an empty one' if isinstance(text, str) else 'JSON ' + json_type(text)}; "
-                                "give the document's text")
+                raise UserError(
+                    f"{where}: 'text' must be a non-empty string, got {'an empty one' if isinstance(text, str) else 'JSON ' + json_type(text)}; "
+                    "give the document's text"
+                )
             return Conversation(text=text)
         if fmt == "messages":
             msgs = message_list(rec["messages"], where, "messages", "role", "content", None)
@@ -120,7 +175,13 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
         else:  # pragma: no cover - config validation restricts fmt
             raise UserError(f"unknown data.format '{fmt}'")
     except KeyError as e:
-        fix = f"this record is not '{fmt}' (data.format): set data.format: auto to detect each record's format" if declared else "add it"
-        raise UserError(f"{where}: record lacks key {e} required by format '{fmt}' (keys: {', '.join(sorted(rec)) or 'none'}); {fix}") from None
+        fix = (
+            f"this record is not '{fmt}' (data.format): set data.format: auto to detect each record's format"
+            if declared
+            else "add it"
+        )
+        raise UserError(
+            f"{where}: record lacks key {e} required by format '{fmt}' (keys: {', '.join(sorted(rec)) or 'none'}); {fix}"
+        ) from None
     _check_roles(msgs, where)
     return Conversation(messages=msgs)

@@ -26,7 +26,9 @@ class Step:
 
 
 class StepLoader:
-    def __init__(self, prep: Prepared, stream: SampleStream, grad_accum: int, pin: bool = False, depth: int = 2):
+    def __init__(
+        self, prep: Prepared, stream: SampleStream, grad_accum: int, pin: bool = False, depth: int = 2
+    ):
         self.prep, self.stream, self.accum, self.pin = prep, stream, grad_accum, pin
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()

@@ -62,8 +62,14 @@ def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batc
         ids.append(r_ids + [pad_id] * pad)
         pos.append(r_pos + list(range(pad)))
         tgt.append(r_tgt + [IGNORE] * pad)
-    return _batch(ids, tgt, lengths, position_ids=pos, cu_seq_lens=torch.tensor(cu, dtype=torch.int32),
-                  max_length=max(b - a for a, b in zip(cu, cu[1:])))
+    return _batch(
+        ids,
+        tgt,
+        lengths,
+        position_ids=pos,
+        cu_seq_lens=torch.tensor(cu, dtype=torch.int32),
+        max_length=max(b - a for a, b in zip(cu, cu[1:])),
+    )
 
 
 def collate_padded(examples: list[Example], pad_id: int) -> Batch:
@@ -82,6 +88,14 @@ def _batch(ids, tgt, lengths: list[int], cu_seq_lens=None, max_length: int = 0, 
     targets = torch.tensor(tgt, dtype=torch.long)
     # flat positions that carry loss, found here on the host: selecting them on the GPU needs no sync
     loss_index = torch.nonzero(targets.flatten() != IGNORE).squeeze(1)
-    return Batch(input_ids=torch.tensor(ids, dtype=torch.long), targets=targets, loss_index=loss_index, n_tokens=sum(lengths),
-                 n_loss=len(loss_index), lengths=tuple(lengths), cu_seq_lens=cu_seq_lens, max_length=max_length,
-                 **{k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()})
+    return Batch(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        targets=targets,
+        loss_index=loss_index,
+        n_tokens=sum(lengths),
+        n_loss=len(loss_index),
+        lengths=tuple(lengths),
+        cu_seq_lens=cu_seq_lens,
+        max_length=max_length,
+        **{k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()},
+    )

@@ -24,7 +24,9 @@ class GlobalOrder:
         self.shard_rows = np.asarray(shard_rows, dtype=np.int64)
         self.n = int(self.shard_rows.sum())
         if self.n == 0:
-            raise UserError("data: the shards hold no rows; prepare them from a source with training examples")
+            raise UserError(
+                "data: the shards hold no rows; prepare them from a source with training examples"
+            )
         self.seed, self.window = seed, max(1, window)
         self.shard_start = np.concatenate([[0], np.cumsum(self.shard_rows)[:-1]])
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -59,11 +61,19 @@ class SampleStream:
     """This rank's micro-batches of row ids; `state_dict()` is the global position, valid for any world size."""
 
     def __init__(self, order: GlobalOrder, micro: int, rank: int, world: int, fingerprint: str = ""):
-        self.order, self.micro, self.rank, self.world, self.fingerprint = order, micro, rank, world, fingerprint
+        self.order, self.micro, self.rank, self.world, self.fingerprint = (
+            order,
+            micro,
+            rank,
+            world,
+            fingerprint,
+        )
         self.index = 0  # global stream position of the next global micro-batch
         if order.n < micro * world:
-            raise UserError(f"data: {order.n} training rows but one global micro-batch needs {micro * world} "
-                            f"(train.micro_batch_size x world size); add data or lower train.micro_batch_size")
+            raise UserError(
+                f"data: {order.n} training rows but one global micro-batch needs {micro * world} "
+                f"(train.micro_batch_size x world size); add data or lower train.micro_batch_size"
+            )
 
     @property
     def n(self) -> int:
@@ -83,14 +93,27 @@ class SampleStream:
         return [self.order.row(g) for g in range(start, start + self.micro)]
 
     def state_dict(self) -> dict:
-        return {"index": self.index, "epoch": self.epoch, "seed": self.order.seed, "window": self.order.window,
-                "n": self.order.n, "dataset": self.fingerprint}
+        return {
+            "index": self.index,
+            "epoch": self.epoch,
+            "seed": self.order.seed,
+            "window": self.order.window,
+            "n": self.order.n,
+            "dataset": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"n": self.order.n, "seed": self.order.seed, "window": self.order.window, "dataset": self.fingerprint}
+        mine = {
+            "n": self.order.n,
+            "seed": self.order.seed,
+            "window": self.order.window,
+            "dataset": self.fingerprint,
+        }
         differ = [k for k, v in mine.items() if k in state and state[k] != v]
         if differ:
-            raise UserError(f"data: the checkpoint's data position was taken on other data ({', '.join(differ)} differ: "
-                            f"saved {[state[k] for k in differ]}, now {[mine[k] for k in differ]}); resume with the same "
-                            "data, or set checkpoint.resume=never with a new output.dir")
+            raise UserError(
+                f"data: the checkpoint's data position was taken on other data ({', '.join(differ)} differ: "
+                f"saved {[state[k] for k in differ]}, now {[mine[k] for k in differ]}); resume with the same "
+                "data, or set checkpoint.resume=never with a new output.dir"
+            )
         self.index = int(state["index"])

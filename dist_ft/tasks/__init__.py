@@ -46,7 +46,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Meta = dict[str, Any]  # what a task's scan found in the training records (JSON: the manifest keeps it)
-Item = Example | list[Example]  # what collate gets per row: an example, or a row's (packed rows, a task's groups)
+Item = (
+    Example | list[Example]
+)  # what collate gets per row: an example, or a row's (packed rows, a task's groups)
 
 
 class Model(Protocol):
@@ -71,6 +73,7 @@ class LossOut:
 class MetricSums:
     """A task's metric sums (`LossOut.metrics` added up over batches, and ranks) on the host: one number per name
     (`scalar`), and one per class for the per-class ones (`per_class[name][class id]`)."""
+
     scalar: dict[str, float] = field(default_factory=dict)
     per_class: dict[str, list[float]] = field(default_factory=dict)
 
@@ -100,7 +103,10 @@ class MetricSums:
     def record(self, n: float) -> dict[str, float]:
         """Each sum / `n` under its metrics.jsonl name, in name order: a number by its name, a per-class one as
         `{name}_{class id}`."""
-        flat = {**self.scalar, **{f"{k}_{c}": v for k, vs in self.per_class.items() for c, v in enumerate(vs)}}
+        flat = {
+            **self.scalar,
+            **{f"{k}_{c}": v for k, vs in self.per_class.items() for c, v in enumerate(vs)},
+        }
         return {k: flat[k] / n for k in sorted(flat)}
 
 

@@ -29,7 +29,11 @@ def fit(ex: Example, cfg: DataConfig) -> tuple[list[Example], SplitStats]:
 
 
 def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> Batch:
-    return collate_packed(as_rows(items), seq_len, pad_id) if packing else collate_padded(as_examples(items), pad_id)
+    return (
+        collate_packed(as_rows(items), seq_len, pad_id)
+        if packing
+        else collate_padded(as_examples(items), pad_id)
+    )
 
 
 def loss(model: Model, batch: Batch, chunk: int) -> LossOut:

@@ -24,8 +24,13 @@ if TYPE_CHECKING:
 def finish(examples: list[Example], stats: SplitStats | None = None) -> tuple[list[Example], SplitStats]:
     """A record's examples and its stats: one record, these examples and their tokens, with `stats`' truncated and
     dropped counts."""
-    return examples, replace(stats or SplitStats(), records=1, examples=len(examples), tokens=sum(len(e.input_ids) for e in examples),
-                             loss_tokens=sum(e.n_loss for e in examples))
+    return examples, replace(
+        stats or SplitStats(),
+        records=1,
+        examples=len(examples),
+        tokens=sum(len(e.input_ids) for e in examples),
+        loss_tokens=sum(e.n_loss for e in examples),
+    )
 
 
 def as_examples(items: Sequence[Item]) -> list[Example]:
@@ -38,11 +43,15 @@ def as_rows(items: Sequence[Item]) -> list[list[Example]]:
     return [it if isinstance(it, list) else [it] for it in items]
 
 
-def pair_examples(rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase) -> tuple[list[Example], SplitStats]:
+def pair_examples(
+    rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase
+) -> tuple[list[Example], SplitStats]:
     """A preference record's chosen and rejected sequences (prompt + completion through the chat template), checked:
     truncated to data.max_seq_len (or the pair dropped, data.overlong) only where both still differ and train."""
     if cfg.format != "auto":
-        raise UserError(f"data.format '{cfg.format}' with data.task {cfg.task}: preference records have their own shapes; set data.format: auto")
+        raise UserError(
+            f"data.format '{cfg.format}' with data.task {cfg.task}: preference records have their own shapes; set data.format: auto"
+        )
     pair = tokenize_pair(tok, to_pair(rec, where), where)
     if max(len(e.input_ids) for e in pair) <= cfg.max_seq_len:
         return finish(list(pair))
@@ -51,12 +60,16 @@ def pair_examples(rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokeniz
     cut = [Example(e.input_ids[: cfg.max_seq_len], e.labels[: cfg.max_seq_len]) for e in pair]
     for key, e in zip(("chosen", "rejected"), cut):
         if e.n_loss == 0:
-            raise UserError(f"{where}: the {key} completion starts after data.max_seq_len {cfg.max_seq_len} tokens, so truncation removes "
-                            "all of it; raise data.max_seq_len, shorten the prompt, or set data.overlong: drop")
+            raise UserError(
+                f"{where}: the {key} completion starts after data.max_seq_len {cfg.max_seq_len} tokens, so truncation removes "
+                "all of it; raise data.max_seq_len, shorten the prompt, or set data.overlong: drop"
+            )
     if cut[0].input_ids == cut[1].input_ids:
-        raise UserError(f"{where}: 'chosen' and 'rejected' differ only after data.max_seq_len {cfg.max_seq_len} tokens, so truncation "
-                        "leaves the same sequence twice and the pair prefers nothing; raise data.max_seq_len, shorten the prompt, "
-                        "or set data.overlong: drop")
+        raise UserError(
+            f"{where}: 'chosen' and 'rejected' differ only after data.max_seq_len {cfg.max_seq_len} tokens, so truncation "
+            "leaves the same sequence twice and the pair prefers nothing; raise data.max_seq_len, shorten the prompt, "
+            "or set data.overlong: drop"
+        )
     return finish(cut, SplitStats(truncated=1))
 
 

@@ -27,7 +27,14 @@ from . import Item, LossOut, MetricSums, Model, Task
 from ._shared import as_rows, pair_examples
 
 GROUP = 2  # chosen, rejected: consecutive in every row
-METRICS = ("reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected")
+METRICS = (
+    "reward_chosen",
+    "reward_rejected",
+    "reward_accuracy",
+    "reward_margin",
+    "logp_chosen",
+    "logp_rejected",
+)
 
 
 def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> Batch:
@@ -53,11 +60,21 @@ def _means(logps: torch.Tensor, batch: Batch) -> torch.Tensor:
     return logps / torch.bincount(seq, minlength=batch.extra["n_seq"]).clamp(min=1)
 
 
-def loss(model: Model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str = "sigmoid", smoothing: float = 0.0,
-         adapters: bool = False) -> LossOut:
+def loss(
+    model: Model,
+    batch: Batch,
+    chunk: int,
+    *,
+    beta: float = 0.1,
+    kind: str = "sigmoid",
+    smoothing: float = 0.0,
+    adapters: bool = False,
+) -> LossOut:
     """Summed over the batch's pairs: sigmoid (DPO) or IPO loss of the policy-vs-reference log-ratio margin, and the sums
     of the rewards (beta x log-ratio), reward accuracy and margin, and the completions' log-probs."""
-    if batch.n_loss == 0:  # a padding batch of evaluation: the forward keeps ZeRO-3's gathers in step, nothing counts
+    if (
+        batch.n_loss == 0
+    ):  # a padding batch of evaluation: the forward keeps ZeRO-3's gathers in step, nothing counts
         lp = batch_sequence_logps(model, batch)
         return LossOut(0.0 * lp.sum(), {k: lp.new_zeros(()) for k in METRICS})
     lp = batch_sequence_logps(model, batch)
@@ -78,8 +95,14 @@ def loss(model: Model, batch: Batch, chunk: int, *, beta: float = 0.1, kind: str
     else:
         losses = -F.logsigmoid(beta * margin) * (1 - smoothing) - F.logsigmoid(-beta * margin) * smoothing
     rc, rr = beta * ratio_c.detach(), beta * ratio_r.detach()
-    metrics = {"reward_chosen": rc.sum(), "reward_rejected": rr.sum(), "reward_accuracy": (rc > rr).double().sum(),
-               "reward_margin": (rc - rr).sum(), "logp_chosen": lp[0::2].detach().sum(), "logp_rejected": lp[1::2].detach().sum()}
+    metrics = {
+        "reward_chosen": rc.sum(),
+        "reward_rejected": rr.sum(),
+        "reward_accuracy": (rc > rr).double().sum(),
+        "reward_margin": (rc - rr).sum(),
+        "logp_chosen": lp[0::2].detach().sum(),
+        "logp_rejected": lp[1::2].detach().sum(),
+    }
     return LossOut(losses.sum(), metrics)
 
 
@@ -101,10 +124,23 @@ def disable_dropout(model: torch.nn.Module) -> None:
 def configure(task: Task, cfg: Config) -> Task:
     """Bound: the config's `dpo:` settings (task_settings/dpo.py), and whether the reference is the adapters-off model."""
     d, adapters = cfg.dpo, cfg.model.peft is not None
-    return replace(task, loss=partial(loss, beta=d.beta, kind=d.loss, smoothing=d.label_smoothing, adapters=adapters),
-                   reference=not adapters)
+    return replace(
+        task,
+        loss=partial(loss, beta=d.beta, kind=d.loss, smoothing=d.label_smoothing, adapters=adapters),
+        reference=not adapters,
+    )
 
 
 LN2 = math.log(2.0)  # the sigmoid loss at step 1, where policy == reference
-TASK = Task(name="dpo", auto_class="AutoModelForCausalLM", examples=pair_examples, collate=collate, loss=loss,
-            eval_metrics=eval_metrics, group=GROUP, reference=True, prepare_model=disable_dropout, configure=configure)
+TASK = Task(
+    name="dpo",
+    auto_class="AutoModelForCausalLM",
+    examples=pair_examples,
+    collate=collate,
+    loss=loss,
+    eval_metrics=eval_metrics,
+    group=GROUP,
+    reference=True,
+    prepare_model=disable_dropout,
+    configure=configure,
+)

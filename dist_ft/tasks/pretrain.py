@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def examples(rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase) -> tuple[list[Example], SplitStats]:
+def examples(
+    rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase
+) -> tuple[list[Example], SplitStats]:
     conv = to_conversation(rec, cfg.format, where)
     if conv.text is not None:
         return finish(tokenize_text(tok, conv.text, cfg.max_seq_len))
@@ -24,5 +26,11 @@ def examples(rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBas
     return finish(*_lm.fit(Example(ex.input_ids, list(ex.input_ids)), cfg))
 
 
-TASK = Task(name="pretrain", auto_class="AutoModelForCausalLM", examples=examples, collate=_lm.collate, loss=_lm.loss,
-            eval_metrics=_lm.eval_metrics)
+TASK = Task(
+    name="pretrain",
+    auto_class="AutoModelForCausalLM",
+    examples=examples,
+    collate=_lm.collate,
+    loss=_lm.loss,
+    eval_metrics=_lm.eval_metrics,
+)

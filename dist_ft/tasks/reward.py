@@ -33,8 +33,12 @@ def loss(model: Model, batch: Batch, chunk: int, margin: float = 0.0) -> LossOut
     keep = float(batch.n_loss > 0)  # a padding batch of evaluation counts nothing
     rc, rr = r[0::2], r[1::2]
     d = (rc - rr).detach().double()
-    metrics = {"accuracy": keep * (d > 0).double().sum(), "margin": keep * d.sum(),
-               "reward_chosen": keep * rc.detach().double().sum(), "reward_rejected": keep * rr.detach().double().sum()}
+    metrics = {
+        "accuracy": keep * (d > 0).double().sum(),
+        "margin": keep * d.sum(),
+        "reward_chosen": keep * rc.detach().double().sum(),
+        "reward_rejected": keep * rr.detach().double().sum(),
+    }
     return LossOut(keep * bradley_terry(rc, rr, margin).sum(), metrics)
 
 
@@ -48,5 +52,15 @@ def configure(task: Task, cfg: Config) -> Task:
     return replace(task, loss=partial(loss, margin=cfg.reward.margin))
 
 
-TASK = Task(name="reward", auto_class="AutoModelForSequenceClassification", examples=pair_examples, collate=collate, loss=loss,
-            eval_metrics=eval_metrics, group=2, packable=False, head=lambda meta: {"num_labels": 1}, configure=configure)
+TASK = Task(
+    name="reward",
+    auto_class="AutoModelForSequenceClassification",
+    examples=pair_examples,
+    collate=collate,
+    loss=loss,
+    eval_metrics=eval_metrics,
+    group=2,
+    packable=False,
+    head=lambda meta: {"num_labels": 1},
+    configure=configure,
+)

@@ -16,12 +16,22 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def examples(rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase) -> tuple[list[Example], SplitStats]:
+def examples(
+    rec: dict, where: str, cfg: DataConfig, tok: PreTrainedTokenizerBase
+) -> tuple[list[Example], SplitStats]:
     conv = to_conversation(rec, cfg.format, where)
     if conv.text is not None:
-        raise UserError(f"{where}: raw 'text' record in an SFT run; set data.task: pretrain for continued pretraining, or use chat records")
+        raise UserError(
+            f"{where}: raw 'text' record in an SFT run; set data.task: pretrain for continued pretraining, or use chat records"
+        )
     return finish(*_lm.fit(tokenize_conversation(tok, conv, where), cfg))
 
 
-TASK = Task(name="sft", auto_class="AutoModelForCausalLM", examples=examples, collate=_lm.collate, loss=_lm.loss,
-            eval_metrics=_lm.eval_metrics)
+TASK = Task(
+    name="sft",
+    auto_class="AutoModelForCausalLM",
+    examples=examples,
+    collate=_lm.collate,
+    loss=_lm.loss,
+    eval_metrics=_lm.eval_metrics,
+)

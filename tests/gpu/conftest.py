@@ -27,4 +27,6 @@ def det_env() -> dict:
 def repo_pythonpath() -> dict:
     """Helper scripts run as plain `python file.py`: make the checkout importable even if dist_ft is not installed."""
     root = str(TESTS.parent)
-    return {"PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    return {
+        "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    }

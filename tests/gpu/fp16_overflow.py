@@ -29,7 +29,10 @@ def loss_scale(engine):
 
 
 def main(model_dir: str) -> dict:
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    )
+    import tiny
     import torch
 
     from dist_ft import dist
@@ -41,15 +44,19 @@ def main(model_dir: str) -> dict:
     from dist_ft.loss import token_loss_sum
     from dist_ft.model import load_model
     from dist_ft.tokenizer import load_tokenizer
-    import tiny
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     env = eng.init_distributed("nccl")
     torch.manual_seed(0)
     # data.train is validated, never read here; warmup makes the LR move on every applied step
-    cfg = Config.model_validate({"model": {"path": model_dir}, "data": {"train": "unused.jsonl", "max_seq_len": 256},
-                                 "train": {"micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 50, "schedule": "constant"},
-                                 "engine": {"precision": "fp16", "zero_stage": 0}})
+    cfg = Config.model_validate(
+        {
+            "model": {"path": model_dir},
+            "data": {"train": "unused.jsonl", "max_seq_len": 256},
+            "train": {"micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 50, "schedule": "constant"},
+            "engine": {"precision": "fp16", "zero_stage": 0},
+        }
+    )
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tok, torch.float32)  # DeepSpeed casts to fp16 itself, as in train.py
     engine = eng.Engine.build(cfg, model, 100, "fp16")
@@ -67,19 +74,33 @@ def main(model_dir: str) -> dict:
         loss = token_loss_sum(engine, batch) / batch.n_loss
         engine.backward(loss * mult)
         engine.step()
-        return {"loss": loss.item(), "skipped": engine.skipped_steps - skipped, "params_moved": moved(before),
-                "lr_before": lr, "lr_after": engine.lr, "scale_before": scale, "scale_after": loss_scale(engine),
-                "param_dtype": str(next(engine.module.parameters()).dtype)}
+        return {
+            "loss": loss.item(),
+            "skipped": engine.skipped_steps - skipped,
+            "params_moved": moved(before),
+            "lr_before": lr,
+            "lr_after": engine.lr,
+            "scale_before": scale,
+            "scale_after": loss_scale(engine),
+            "param_dtype": str(next(engine.module.parameters()).dtype),
+        }
 
     warmup = []
-    for _ in range(12):  # the first applied step; natural overflows at a fresh 2^16 scale only lower the scale
+    for _ in range(
+        12
+    ):  # the first applied step; natural overflows at a fresh 2^16 scale only lower the scale
         warmup.append(one_step(1.0))
         if not warmup[-1]["skipped"]:
             break
     forced = one_step(1e38)
     after = one_step(1.0)
-    meta = {"rank": env.rank, "world": env.world_size, "backend": torch.distributed.get_backend(),
-            "fp16_enabled": bool(engine._ds.fp16_enabled()), "optimizer": type(engine._ds.optimizer).__name__}
+    meta = {
+        "rank": env.rank,
+        "world": env.world_size,
+        "backend": torch.distributed.get_backend(),
+        "fp16_enabled": bool(engine._ds.fp16_enabled()),
+        "optimizer": type(engine._ds.optimizer).__name__,
+    }
     engine.close()
     dist.shutdown()
     return {**meta, "warmup": warmup, "forced": forced, "after": after}

@@ -24,10 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA GPU (torch.cuda.is_available() is False)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU tier: needs a CUDA GPU (torch.cuda.is_available() is False)"
+)
 
-from helpers import REPO, assert_ok, free_port, metric_records, run_cli  # noqa: E402  (tests/helpers.py)
 import tiny  # noqa: E402
+from helpers import REPO, assert_ok, free_port, metric_records, run_cli  # noqa: E402  (tests/helpers.py)
 
 HERE = Path(__file__).resolve().parent
 STAGES = (0, 2, 3)
@@ -42,10 +44,16 @@ def _max_rel(a: list[float], b: list[float]) -> float:
 
 # ---------------------------------------------------------------- bf16 at ZeRO 0 / 2 / 3
 
+
 @pytest.fixture(scope="module")
 def bf16_cfg(tmp_path_factory, gpt2_dir) -> Path:
-    return tiny.run_config(tmp_path_factory.mktemp("gpu_bf16"), gpt2_dir, 160,
-                           f"max_steps: {STEPS}, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2", "precision: bf16")
+    return tiny.run_config(
+        tmp_path_factory.mktemp("gpu_bf16"),
+        gpt2_dir,
+        160,
+        f"max_steps: {STEPS}, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 2",
+        "precision: bf16",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +103,27 @@ def test_bf16_zero_stages_agree(zero_run):
 
 def test_deepspeed_launcher_on_one_gpu(bf16_cfg, zero_run):
     out = bf16_cfg.parent / "launcher-zero2"
-    r = assert_ok(subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-                                  "launch/train.py", str(bf16_cfg), "engine.zero_stage=2", f"output.dir={out}"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600))
+    r = assert_ok(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--num_gpus",
+                "1",
+                "--master_port",
+                str(free_port()),
+                "launch/train.py",
+                str(bf16_cfg),
+                "engine.zero_stage=2",
+                f"output.dir={out}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     assert "world 1 | ZeRO 2 | bf16" in r.stdout and "| nccl process group" in r.stdout
     assert r.stdout.count(f"step {STEPS:>6} | loss") == 1
     assert _max_rel(tiny.losses(zero_run(2)[0]), tiny.losses(out)) <= BF16_REL
@@ -106,16 +132,27 @@ def test_deepspeed_launcher_on_one_gpu(bf16_cfg, zero_run):
 
 # ---------------------------------------------------------------- fp16 dynamic loss scaling
 
+
 def test_fp16_forced_overflow_is_skipped(gpt2_dir, repo_pythonpath):
-    r = assert_ok(subprocess.run([sys.executable, str(HERE / "fp16_overflow.py"), str(gpt2_dir)], cwd=REPO, capture_output=True,
-                                 text=True, timeout=600, env={**os.environ, **repo_pythonpath}))
+    r = assert_ok(
+        subprocess.run(
+            [sys.executable, str(HERE / "fp16_overflow.py"), str(gpt2_dir)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, **repo_pythonpath},
+        )
+    )
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, r.stdout[-3000:]
-    res = json.loads(line[len("RESULT "):])
+    res = json.loads(line[len("RESULT ") :])
     assert res["backend"] == "nccl" and res["world"] == 1 and res["fp16_enabled"], res
     applied, forced, after = res["warmup"][-1], res["forced"], res["after"]
     assert applied["param_dtype"] == "torch.float16", applied
-    assert applied["skipped"] == 0 and applied["params_moved"] and applied["lr_after"] != applied["lr_before"], res["warmup"]
+    assert (
+        applied["skipped"] == 0 and applied["params_moved"] and applied["lr_after"] != applied["lr_before"]
+    ), res["warmup"]
     # the overflow step: counted once, no parameter touched, the LR schedule not advanced, the scale not raised
     assert forced["skipped"] == 1, forced
     assert not forced["params_moved"], forced
@@ -129,6 +166,7 @@ def test_fp16_forced_overflow_is_skipped(gpt2_dir, repo_pythonpath):
 
 # ---------------------------------------------------------------- packing on CUDA kernels
 
+
 def _has_flash_attn() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -137,7 +175,11 @@ def _has_flash_attn() -> bool:
     return True
 
 
-KERNELS = [("sdpa", torch.float32, 1e-4), ("sdpa", torch.bfloat16, 2e-2), ("flash_attention_2", torch.bfloat16, 2e-2)]
+KERNELS = [
+    ("sdpa", torch.float32, 1e-4),
+    ("sdpa", torch.bfloat16, 2e-2),
+    ("flash_attention_2", torch.bfloat16, 2e-2),
+]
 
 
 @pytest.mark.parametrize("attn,dtype,tol", KERNELS, ids=["sdpa-fp32", "sdpa-bf16", "fa2-bf16"])
@@ -164,19 +206,27 @@ def test_packed_logits_equal_unpacked_on_gpu(which, attn, dtype, tol, gpt2_dir, 
     packed = collate_packed([examples], 256, tok.pad_token_id)
     cuda = lambda t: t.to("cuda")  # noqa: E731
     with torch.no_grad():
-        logits = model(input_ids=cuda(packed.input_ids), position_ids=cuda(packed.position_ids), use_cache=False).logits[0].float()
+        logits = (
+            model(input_ids=cuda(packed.input_ids), position_ids=cuda(packed.position_ids), use_cache=False)
+            .logits[0]
+            .float()
+        )
         start = 0
         for ex in examples:
             alone = collate_padded([ex], tok.pad_token_id)
             ref = model(input_ids=cuda(alone.input_ids), use_cache=False).logits[0].float()
             n = len(ex.input_ids)
-            torch.testing.assert_close(logits[start:start + n], ref, atol=tol, rtol=tol)
-            l_packed = F.cross_entropy(logits[start:start + n], cuda(packed.targets[0, start:start + n]), ignore_index=IGNORE)
+            torch.testing.assert_close(logits[start : start + n], ref, atol=tol, rtol=tol)
+            l_packed = F.cross_entropy(
+                logits[start : start + n], cuda(packed.targets[0, start : start + n]), ignore_index=IGNORE
+            )
             l_alone = F.cross_entropy(ref, cuda(alone.targets[0]), ignore_index=IGNORE)
             assert abs(l_packed.item() - l_alone.item()) <= tol * max(1.0, abs(l_alone.item()))
             start += n
         first = len(examples[0].input_ids)
-        leaky = model(input_ids=cuda(packed.input_ids), use_cache=False).logits[0].float()  # plain 0..N positions
+        leaky = (
+            model(input_ids=cuda(packed.input_ids), use_cache=False).logits[0].float()
+        )  # plain 0..N positions
         assert (leaky[first:start] - logits[first:start]).abs().max().item() > 5 * tol
 
 
@@ -193,23 +243,39 @@ def test_two_packed_rows_equal_unpacked_with_flash_attention(which, gpt2_dir, ll
 
     if not _has_flash_attn():
         pytest.skip("flash_attn is not installed")
-    cfg = ModelConfig(path=str(gpt2_dir if which == "gpt2" else llama_dir), attn_implementation="flash_attention_2")
+    cfg = ModelConfig(
+        path=str(gpt2_dir if which == "gpt2" else llama_dir), attn_implementation="flash_attention_2"
+    )
     tok = load_tokenizer(cfg)
     model = load_model(cfg, tok, torch.bfloat16).to("cuda").eval()
     examples = [tokenize_conversation(tok, to_conversation(r, "auto", "r"), "r") for r in tiny.toy_chat(6)]
     rows, tol = [examples[:3], examples[3:]], 2e-2
     batch = collate_packed(rows, 160, tok.pad_token_id)
     with torch.no_grad():
-        logits = model(**batch.model_inputs("cuda", model.config._attn_implementation), use_cache=False).logits.float()
+        logits = model(
+            **batch.model_inputs("cuda", model.config._attn_implementation), use_cache=False
+        ).logits.float()
         for r, row in enumerate(rows):
             start = 0
             for ex in row:
-                ref = model(input_ids=collate_padded([ex], tok.pad_token_id).input_ids.to("cuda"), use_cache=False).logits[0].float()
-                torch.testing.assert_close(logits[r, start:start + len(ex.input_ids)], ref, atol=tol, rtol=tol)
+                ref = (
+                    model(
+                        input_ids=collate_padded([ex], tok.pad_token_id).input_ids.to("cuda"), use_cache=False
+                    )
+                    .logits[0]
+                    .float()
+                )
+                torch.testing.assert_close(
+                    logits[r, start : start + len(ex.input_ids)], ref, atol=tol, rtol=tol
+                )
                 start += len(ex.input_ids)
-        leaky = model(input_ids=batch.input_ids.to("cuda"), position_ids=batch.position_ids.to("cuda"), use_cache=False).logits.float()
+        leaky = model(
+            input_ids=batch.input_ids.to("cuda"), position_ids=batch.position_ids.to("cuda"), use_cache=False
+        ).logits.float()
         first, end = len(rows[1][0].input_ids), sum(len(ex.input_ids) for ex in rows[1])
-        assert (leaky[1, first:end] - logits[1, first:end]).abs().max().item() > 5 * tol  # position_ids alone: examples leak
+        assert (
+            leaky[1, first:end] - logits[1, first:end]
+        ).abs().max().item() > 5 * tol  # position_ids alone: examples leak
 
 
 def test_model_load_leaves_the_gpu_generator_alone(gpt2_dir):
@@ -229,6 +295,7 @@ def test_model_load_leaves_the_gpu_generator_alone(gpt2_dir):
 
 # ---------------------------------------------------------------- kill + resume, bitwise
 
+
 def test_resume_after_sigkill_is_bit_exact_bf16_zero2(tmp_path, gpt2_dropout_dir, det_env):
     """Like tests/test_checkpoint.py on the GPU, with dropout 0.1 (masks drawn by the CUDA RNG, which the
     checkpoint must restore). Attention is `eager` here: sdpa's memory-efficient backward on CUDA
@@ -237,22 +304,45 @@ def test_resume_after_sigkill_is_bit_exact_bf16_zero2(tmp_path, gpt2_dropout_dir
     from safetensors.torch import load_file
 
     steps, kill_at = 12, 7
-    cfg = tiny.run_config(tmp_path, gpt2_dropout_dir, 96, f"max_steps: {steps}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
-                          "precision: bf16, zero_stage: 2", "checkpoint: {every_steps: 3}\n")
+    cfg = tiny.run_config(
+        tmp_path,
+        gpt2_dropout_dir,
+        96,
+        f"max_steps: {steps}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+        "precision: bf16, zero_stage: 2",
+        "checkpoint: {every_steps: 3}\n",
+    )
 
     def train(out: Path, **env):
-        cmd = [sys.executable, "-m", "dist_ft", "train", str(cfg), "model.attn_implementation=eager", f"output.dir={out}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "dist_ft",
+            "train",
+            str(cfg),
+            "model.attn_implementation=eager",
+            f"output.dir={out}",
+        ]
         # own session: the kill hook SIGKILLs the whole process group, as a node failure would
-        return subprocess.run(cmd, cwd=REPO, env={**os.environ, **det_env, **env}, capture_output=True, text=True,
-                              timeout=600, start_new_session=True)
+        return subprocess.run(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **det_env, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            start_new_session=True,
+        )
 
     ref, out = tmp_path / "ref", tmp_path / "killed"
     assert_ok(train(ref))
     r = train(out, DIST_FT_TEST_KILL_AT_STEP=str(kill_at))
     assert r.returncode == -signal.SIGKILL and not (out / "final").exists(), (r.returncode, r.stderr[-2000:])
     before_kill = tiny.losses(out)
-    assert before_kill == tiny.losses(ref)[:kill_at], ("two uninterrupted runs already differ before the kill: the GPU kernels "
-                                                       "are not deterministic here, so a bitwise resume cannot be judged")
+    assert before_kill == tiny.losses(ref)[:kill_at], (
+        "two uninterrupted runs already differ before the kill: the GPU kernels "
+        "are not deterministic here, so a bitwise resume cannot be judged"
+    )
     r = assert_ok(train(out))
     assert f"resumed from {out / 'checkpoints' / f'step-{kill_at // 3 * 3}'}" in r.stdout
     assert tiny.losses(out) == tiny.losses(ref)
@@ -264,19 +354,30 @@ def test_resume_after_sigkill_is_bit_exact_bf16_zero2(tmp_path, gpt2_dropout_dir
 
 # ---------------------------------------------------------------- ZeRO-3 export == zero_to_fp32
 
+
 def test_zero3_export_equals_zero_to_fp32_of_final_checkpoint(tmp_path, gpt2_dir):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
     steps = 6
-    cfg = tiny.run_config(tmp_path, gpt2_dir, 96, f"max_steps: {steps}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
-                          "precision: bf16, zero_stage: 3", "checkpoint: {every_steps: 3}\n")
+    cfg = tiny.run_config(
+        tmp_path,
+        gpt2_dir,
+        96,
+        f"max_steps: {steps}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+        "precision: bf16, zero_stage: 3",
+        "checkpoint: {every_steps: 3}\n",
+    )
     out = tmp_path / "run"
     r = assert_ok(run_cli("train", str(cfg), f"output.dir={out}"))
     assert "world 1 | ZeRO 3 | bf16" in r.stdout
-    step_dir = out / "checkpoints" / f"step-{steps}"  # the checkpoint of the last step: the export is taken right after it
+    step_dir = (
+        out / "checkpoints" / f"step-{steps}"
+    )  # the checkpoint of the last step: the export is taken right after it
     assert (step_dir / "COMPLETE").is_file()
-    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")  # DeepSpeed state lives under tag `ds`
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(
+        str(step_dir), tag="ds"
+    )  # DeepSpeed state lives under tag `ds`
     exported = load_file(out / "final" / "model.safetensors")
     assert exported and set(exported) <= set(fp32), sorted(set(exported) - set(fp32))
     # GPT-2 ties lm_head.weight to transformer.wte.weight: save_pretrained writes the shared tensor once (under wte),
@@ -301,16 +402,35 @@ def test_zero3_export_equals_zero_to_fp32_of_final_checkpoint(tmp_path, gpt2_dir
 
 # ---------------------------------------------------------------- device per rank, loss memory
 
+
 def test_srun_task_with_one_visible_gpu_and_a_high_local_id(bf16_cfg, tmp_path):
     """`srun --gpus-per-task=1`: task 3 of a node sees only its own GPU, so it must take cuda:0, not cuda:3
     (which does not exist for it). Simulated with one task whose SLURM_LOCALID is 3 and one visible GPU."""
     out = tmp_path / "srun-layout"
-    assert_ok(run_cli("prepare", str(bf16_cfg)))  # a lone task with local id 3 is no node's shard builder (local rank 0)
+    assert_ok(
+        run_cli("prepare", str(bf16_cfg))
+    )  # a lone task with local id 3 is no node's shard builder (local rank 0)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_LOCALID="3", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])
-    r = assert_ok(subprocess.run([sys.executable, "launch/train.py", str(bf16_cfg), f"output.dir={out}", "train.max_steps=2"],
-                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600))
+    env.update(
+        SLURM_PROCID="0",
+        SLURM_NTASKS="1",
+        SLURM_LOCALID="3",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="localhost",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
+    )
+    r = assert_ok(
+        subprocess.run(
+            [sys.executable, "launch/train.py", str(bf16_cfg), f"output.dir={out}", "train.max_steps=2"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     assert "rank 0 of 1 (local rank 3)" in r.stdout and "nccl process group" in r.stdout
     assert any("gpu_peak_mb" in rec for rec in metric_records(out))
 
@@ -328,8 +448,10 @@ def test_fused_loss_never_holds_tokens_x_vocab_logits_on_gpu():
     w = (torch.randn(vocab, hidden, device="cuda", generator=g) * 0.02).to(torch.bfloat16).requires_grad_()
     t = torch.randint(0, vocab, (n,), device="cuda", generator=g)
     peaks, losses = {}, {}
-    for name, fn in (("fused", lambda: linear_cross_entropy(h, w, None, t, 1024)),
-                     ("plain", lambda: F.cross_entropy(F.linear(h, w).float(), t, reduction="sum"))):
+    for name, fn in (
+        ("fused", lambda: linear_cross_entropy(h, w, None, t, 1024)),
+        ("plain", lambda: F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")),
+    ):
         h.grad = w.grad = None
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

@@ -29,33 +29,62 @@ import torch
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 ON_CPU = GPUS < 2 and os.environ.get("DIST_FT_MULTI_GPU_ON_CPU") == "1"
-pytestmark = pytest.mark.skipif(GPUS < 2 and not ON_CPU, reason=f"multi-GPU tier: needs >= 2 CUDA GPUs ({GPUS} visible)")
+pytestmark = pytest.mark.skipif(
+    GPUS < 2 and not ON_CPU, reason=f"multi-GPU tier: needs >= 2 CUDA GPUs ({GPUS} visible)"
+)
 
-from helpers import REPO, assert_ok, free_port, metric_records  # noqa: E402  (tests/helpers.py)
 import tiny  # noqa: E402
+from helpers import REPO, assert_ok, free_port, metric_records  # noqa: E402  (tests/helpers.py)
 
 PRECISION, BACKEND = ("fp32", "gloo") if ON_CPU else ("bf16", "nccl")
 STEPS, EVERY, KILL_AT = 20, 5, 12
-EAGER = ("model.attn_implementation=eager",)  # deterministic kernels: sdpa's CUDA backward accumulates with atomics
+EAGER = (
+    "model.attn_implementation=eager",
+)  # deterministic kernels: sdpa's CUDA backward accumulates with atomics
 
 
-def _launch(cfg: Path, out: Path, *overrides: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def _launch(
+    cfg: Path, out: Path, *overrides: str, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """2 ranks through the deepspeed launcher, in their own session: the kill hook SIGKILLs the whole process group
     (launcher and ranks), as a node failure would."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", str(cfg), f"output.dir={out}", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-                          start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/train.py",
+        str(cfg),
+        f"output.dir={out}",
+        *overrides,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        start_new_session=True,
+    )
 
 
 # ---------------------------------------------------------------- ZeRO-3 + optimizer offload on 2 ranks
 
+
 @pytest.fixture(scope="module")
 def z3_cfg(tmp_path_factory, gpt2_dropout_dir) -> Path:
-    return tiny.run_config(tmp_path_factory.mktemp("multi_gpu_z3"), gpt2_dropout_dir, 160,
-                           f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
-                           f"precision: {PRECISION}, zero_stage: 3, offload_optimizer: true",
-                           f"checkpoint: {{every_steps: {EVERY}}}\n")
+    return tiny.run_config(
+        tmp_path_factory.mktemp("multi_gpu_z3"),
+        gpt2_dropout_dir,
+        160,
+        f"max_steps: {STEPS}, micro_batch_size: 2, lr: 3.0e-3, warmup_steps: 2",
+        f"precision: {PRECISION}, zero_stage: 3, offload_optimizer: true",
+        f"checkpoint: {{every_steps: {EVERY}}}\n",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +105,9 @@ def test_zero3_offload_on_two_gpus_learns_and_exports(z3_run, gpt2_dropout_dir):
     from transformers import AutoModelForCausalLM
 
     out, stdout = z3_run
-    assert f"world 2 | ZeRO 3 | {PRECISION} | global batch = 2 micro x 1 accum x 2 ranks = 4 rows" in stdout, stdout[-3000:]
+    assert (
+        f"world 2 | ZeRO 3 | {PRECISION} | global batch = 2 micro x 1 accum x 2 ranks = 4 rows" in stdout
+    ), stdout[-3000:]
     assert f"| {BACKEND} process group" in stdout
     losses = tiny.losses(out)
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
@@ -89,9 +120,13 @@ def test_zero3_offload_on_two_gpus_learns_and_exports(z3_run, gpt2_dropout_dir):
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     state = model.state_dict()
     assert weights and all(torch.equal(state[k].to(v.dtype), v) for k, v in weights.items())
-    assert {str(v.dtype) for v in weights.values() if v.is_floating_point()} == {f"torch.{'float32' if ON_CPU else 'bfloat16'}"}
+    assert {str(v.dtype) for v in weights.values() if v.is_floating_point()} == {
+        f"torch.{'float32' if ON_CPU else 'bfloat16'}"
+    }
     k = "transformer.h.0.mlp.c_fc.weight"  # and training moved the weights
-    assert not torch.equal(weights[k], load_file(gpt2_dropout_dir / "model.safetensors")[k].to(weights[k].dtype))
+    assert not torch.equal(
+        weights[k], load_file(gpt2_dropout_dir / "model.safetensors")[k].to(weights[k].dtype)
+    )
 
 
 def test_sigkill_and_resume_on_two_gpus_is_bit_exact(z3_cfg, z3_env, z3_run):
@@ -101,9 +136,11 @@ def test_sigkill_and_resume_on_two_gpus_is_bit_exact(z3_cfg, z3_env, z3_run):
     out = z3_cfg.parent / "killed"
     r = _launch(z3_cfg, out, *EAGER, env={**z3_env, "DIST_FT_TEST_KILL_AT_STEP": str(KILL_AT)})
     assert r.returncode == -signal.SIGKILL and not (out / "final").exists(), (r.returncode, r.stderr[-3000:])
-    assert tiny.losses(out) == tiny.losses(ref)[:KILL_AT], ("two uninterrupted runs already differ before the kill: the kernels "
-                                                            "or collectives are not deterministic here, so a bitwise resume cannot be "
-                                                            "judged")
+    assert tiny.losses(out) == tiny.losses(ref)[:KILL_AT], (
+        "two uninterrupted runs already differ before the kill: the kernels "
+        "or collectives are not deterministic here, so a bitwise resume cannot be "
+        "judged"
+    )
     resumed = KILL_AT // EVERY * EVERY
     r = assert_ok(_launch(z3_cfg, out, *EAGER, env=z3_env))
     assert f"resumed from {out / 'checkpoints' / f'step-{resumed}'}" in r.stdout
@@ -115,8 +152,11 @@ def test_sigkill_and_resume_on_two_gpus_is_bit_exact(z3_cfg, z3_env, z3_run):
 
 # ---------------------------------------------------------------- packed rows, micro batch 2, flash-attention-2
 
+
 def test_two_packed_rows_train_and_score_as_unpacked_with_flash_attention(tmp_path, gpt2_dir):
-    attn = "sdpa" if ON_CPU else "flash_attention_2"  # on CPU ranks a dry run of the test's logic (sdpa needs no boundaries)
+    attn = (
+        "sdpa" if ON_CPU else "flash_attention_2"
+    )  # on CPU ranks a dry run of the test's logic (sdpa needs no boundaries)
     if not ON_CPU:
         try:
             import flash_attn  # noqa: F401
@@ -124,8 +164,13 @@ def test_two_packed_rows_train_and_score_as_unpacked_with_flash_attention(tmp_pa
             pytest.skip("flash_attn is not installed")
     # 1. a model that relies on its context: trained unpacked (no packing question yet) until it copies the thing asked
     #    about into its answer (validation loss ~0.02 here; attending across examples costs it ~0.5, measured on CPU)
-    cfg = tiny.run_config(tmp_path, gpt2_dir, 320, "max_steps: 300, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 5, schedule: constant",
-                          f"precision: {PRECISION}, zero_stage: 2")
+    cfg = tiny.run_config(
+        tmp_path,
+        gpt2_dir,
+        320,
+        "max_steps: 300, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 5, schedule: constant",
+        f"precision: {PRECISION}, zero_stage: 2",
+    )
     cfg.write_text(cfg.read_text().replace("max_seq_len: 128}", "max_seq_len: 128, val_fraction: 0.25}"))
     trained = tmp_path / "trained"
     assert_ok(_launch(cfg, trained, "data.packing=false"))
@@ -134,16 +179,35 @@ def test_two_packed_rows_train_and_score_as_unpacked_with_flash_attention(tmp_pa
     scored = {}
     for packing in (True, False):
         out = tmp_path / f"fa2-packing-{packing}"
-        r = assert_ok(_launch(cfg, out, f"model.path={trained / 'final'}", f"model.attn_implementation={attn}",
-                              f"data.packing={str(packing).lower()}", "train.micro_batch_size=2", "train.max_steps=1", "train.lr=1e-12",
-                              "train.warmup_steps=0"))
+        r = assert_ok(
+            _launch(
+                cfg,
+                out,
+                f"model.path={trained / 'final'}",
+                f"model.attn_implementation={attn}",
+                f"data.packing={str(packing).lower()}",
+                "train.micro_batch_size=2",
+                "train.max_steps=1",
+                "train.lr=1e-12",
+                "train.warmup_steps=0",
+            )
+        )
         unit = "rows" if packing else "examples"
-        assert f"world 2 | ZeRO 2 | {PRECISION} | global batch = 2 micro x 1 accum x 2 ranks = 4 {unit}" in r.stdout
+        assert (
+            f"world 2 | ZeRO 2 | {PRECISION} | global batch = 2 micro x 1 accum x 2 ranks = 4 {unit}"
+            in r.stdout
+        )
         if packing:
-            assert " packed rows of 128" in r.stdout  # (several examples per row: what the boundaries are for)
+            assert (
+                " packed rows of 128" in r.stdout
+            )  # (several examples per row: what the boundaries are for)
         val = [x["val_loss"] for x in metric_records(out) if "val_loss" in x]
         scored[packing] = (tiny.losses(out)[0], val[-1])
     (train_p, val_p), (train_u, val_u) = scored[True], scored[False]
     assert val_u < 0.2, f"the model did not learn enough to tell (validation loss {val_u:.3f} unpacked)"
-    assert abs(val_p - val_u) <= 0.1 * val_u + 0.01, scored  # bf16 noise; a leak across examples adds ~0.3-0.6
-    assert train_p < 0.2 and train_u < 0.2, scored  # the training forward too (step 1: different rows, both learned)
+    assert abs(val_p - val_u) <= 0.1 * val_u + 0.01, (
+        scored
+    )  # bf16 noise; a leak across examples adds ~0.3-0.6
+    assert train_p < 0.2 and train_u < 0.2, (
+        scored
+    )  # the training forward too (step 1: different rows, both learned)

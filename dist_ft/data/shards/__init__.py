@@ -46,6 +46,25 @@ from .read import ShardSet
 from .remote import fetch, remote_copy_dir
 from .write import prepare
 
-__all__ = ["COUNTERS", "FORMAT", "MANIFEST", "SETTINGS", "SHARD_FILES", "VERSION", "Manifest", "ShardMeta", "ShardSet",
-           "SplitManifest", "SplitStats", "cache_entry", "check_compatible", "dataset_key", "fetch", "fingerprint",
-           "prepare", "read_manifest", "remote_copy_dir", "tokenizer_identity"]
+__all__ = [
+    "COUNTERS",
+    "FORMAT",
+    "MANIFEST",
+    "SETTINGS",
+    "SHARD_FILES",
+    "VERSION",
+    "Manifest",
+    "ShardMeta",
+    "ShardSet",
+    "SplitManifest",
+    "SplitStats",
+    "cache_entry",
+    "check_compatible",
+    "dataset_key",
+    "fetch",
+    "fingerprint",
+    "prepare",
+    "read_manifest",
+    "remote_copy_dir",
+    "tokenizer_identity",
+]

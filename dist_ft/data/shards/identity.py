@@ -18,8 +18,12 @@ SETTINGS = ("max_seq_len", "packing", "task", "format", "overlong", "shard_token
 def tokenizer_identity(tok) -> dict:
     """Name, content hash (vocabulary, merges, added/special tokens) and chat-template hash of a tokenizer."""
     body = tok.backend_tokenizer.to_str() + json.dumps(tok.special_tokens_map, sort_keys=True, default=str)
-    return {"name": tok.name_or_path, "sha256": sha256_bytes(body.encode()), "vocab_size": len(tok),
-            "template_sha256": sha256_bytes(template_text(tok).encode())}
+    return {
+        "name": tok.name_or_path,
+        "sha256": sha256_bytes(body.encode()),
+        "vocab_size": len(tok),
+        "template_sha256": sha256_bytes(template_text(tok).encode()),
+    }
 
 
 def source_identity(src: SourceConfig | None) -> dict | None:
@@ -36,9 +40,15 @@ def source_identity(src: SourceConfig | None) -> dict | None:
 
 def dataset_key(cfg: DataConfig, tok) -> dict:
     """Everything the shard contents depend on; its hash names the on-the-fly cache entry."""
-    key = {"format_version": VERSION, "tokenizer": tokenizer_identity(tok), **{k: getattr(cfg, k) for k in SETTINGS},
-           "train": source_identity(cfg.train), "validation": source_identity(cfg.validation),
-           "val_fraction": cfg.val_fraction if cfg.validation is None else 0.0, "split_seed": cfg.seed}
+    key = {
+        "format_version": VERSION,
+        "tokenizer": tokenizer_identity(tok),
+        **{k: getattr(cfg, k) for k in SETTINGS},
+        "train": source_identity(cfg.train),
+        "validation": source_identity(cfg.validation),
+        "val_fraction": cfg.val_fraction if cfg.validation is None else 0.0,
+        "split_seed": cfg.seed,
+    }
     key["sha256"] = sha256_bytes(json.dumps(key, sort_keys=True).encode())
     return key
 
@@ -53,12 +63,18 @@ def check_compatible(manifest: Manifest, where: str, cfg: DataConfig, tok) -> No
     mine = tokenizer_identity(tok)
     theirs = manifest.key["tokenizer"]
     if theirs["sha256"] != mine["sha256"]:
-        raise UserError(f"{where}: shards were tokenized with another tokenizer ('{theirs['name']}', hash {theirs['sha256'][:12]}) "
-                        f"than this run's ('{mine['name']}', hash {mine['sha256'][:12]}); re-run dist-ft prepare with this model.path")
+        raise UserError(
+            f"{where}: shards were tokenized with another tokenizer ('{theirs['name']}', hash {theirs['sha256'][:12]}) "
+            f"than this run's ('{mine['name']}', hash {mine['sha256'][:12]}); re-run dist-ft prepare with this model.path"
+        )
     if theirs["template_sha256"] != mine["template_sha256"]:
-        raise UserError(f"{where}: shards were rendered with another chat template (hash {theirs['template_sha256'][:12]}, "
-                        f"this run {mine['template_sha256'][:12]}); re-run dist-ft prepare with this model.chat_template")
+        raise UserError(
+            f"{where}: shards were rendered with another chat template (hash {theirs['template_sha256'][:12]}, "
+            f"this run {mine['template_sha256'][:12]}); re-run dist-ft prepare with this model.chat_template"
+        )
     for k in ("max_seq_len", "packing", "task"):
         if manifest.key[k] != getattr(cfg, k):
-            raise UserError(f"{where}: shards were prepared with data.{k}={manifest.key[k]!r}, this run has "
-                            f"data.{k}={getattr(cfg, k)!r}; set data.{k}={manifest.key[k]!r} or re-run dist-ft prepare")
+            raise UserError(
+                f"{where}: shards were prepared with data.{k}={manifest.key[k]!r}, this run has "
+                f"data.{k}={getattr(cfg, k)!r}; set data.{k}={manifest.key[k]!r} or re-run dist-ft prepare"
+            )

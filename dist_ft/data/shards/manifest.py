@@ -21,13 +21,22 @@ MANIFEST = "manifest.json"
 SHARD_FILES = ((".bin", "bin"), (".idx.npz", "idx"))  # each shard's files, and their key prefix in its meta
 SPLITS = ("train", "validation")
 SHARD_NAME = re.compile(r"shard-[0-9]{5,}")  # names come from a manifest that may be remote: never a path
-COUNTERS = ("records", "examples", "tokens", "loss_tokens", "truncated", "dropped_overlong", "dropped_no_loss_after_truncation")
+COUNTERS = (
+    "records",
+    "examples",
+    "tokens",
+    "loss_tokens",
+    "truncated",
+    "dropped_overlong",
+    "dropped_no_loss_after_truncation",
+)
 
 
 @dataclass(frozen=True)
 class SplitStats:
     """What tokenizing produced: for one record, one shard (`counts`) or a whole split (`stats`). `rows` and
     `padding_fraction` describe a packed split only; they are None (and absent on disk) otherwise."""
+
     records: int = 0
     examples: int = 0
     tokens: int = 0
@@ -59,12 +68,15 @@ class SplitStats:
 
     @classmethod
     def from_json(cls, d: dict) -> SplitStats:
-        return cls(**{k: d[k] for k in COUNTERS}, rows=d.get("rows"), padding_fraction=d.get("padding_fraction"))
+        return cls(
+            **{k: d[k] for k in COUNTERS}, rows=d.get("rows"), padding_fraction=d.get("padding_fraction")
+        )
 
 
 @dataclass(frozen=True)
 class ShardMeta:
     """One complete shard (`<split>/shard-N.json`, and its entry in the manifest)."""
+
     name: str  # "shard-00000"
     rows: int
     record_end: int  # index of the first source record after this shard (where a resumed prepare starts)
@@ -77,16 +89,31 @@ class ShardMeta:
         return {f"{self.name}{ext}": getattr(self, k) for ext, k in SHARD_FILES}
 
     def to_json(self) -> dict:
-        return {"name": self.name, "rows": self.rows, "record_end": self.record_end,
-                **{f"{k}_{what}": getattr(getattr(self, k), what) for _, k in SHARD_FILES for what in ("bytes", "sha256")},
-                "counts": self.counts.to_json()}
+        return {
+            "name": self.name,
+            "rows": self.rows,
+            "record_end": self.record_end,
+            **{
+                f"{k}_{what}": getattr(getattr(self, k), what)
+                for _, k in SHARD_FILES
+                for what in ("bytes", "sha256")
+            },
+            "counts": self.counts.to_json(),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> ShardMeta:
         if not isinstance(d["name"], str) or not SHARD_NAME.fullmatch(d["name"]):
-            raise ValueError(f"shard name {d['name']!r} is not of the form shard-NNNNN (a file name inside the split's directory)")
-        return cls(d["name"], d["rows"], d["record_end"], **{k: FileInfo(d[f"{k}_bytes"], d[f"{k}_sha256"]) for _, k in SHARD_FILES},
-                   counts=SplitStats.from_json(d["counts"]))
+            raise ValueError(
+                f"shard name {d['name']!r} is not of the form shard-NNNNN (a file name inside the split's directory)"
+            )
+        return cls(
+            d["name"],
+            d["rows"],
+            d["record_end"],
+            **{k: FileInfo(d[f"{k}_bytes"], d[f"{k}_sha256"]) for _, k in SHARD_FILES},
+            counts=SplitStats.from_json(d["counts"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -105,6 +132,7 @@ class SplitManifest:
 @dataclass(frozen=True)
 class Manifest:
     """`manifest.json`: what the shards were made from (`key`, see identity.dataset_key) and every split's shards."""
+
     format: str
     version: int
     key: dict
@@ -112,24 +140,41 @@ class Manifest:
     splits: dict[str, SplitManifest]
     prepare_seconds: float
     tokens_per_s: int
-    meta: dict = field(default_factory=dict)  # what the task's scan found in the training records (e.g. the label set)
+    meta: dict = field(
+        default_factory=dict
+    )  # what the task's scan found in the training records (e.g. the label set)
 
     @property
     def packing(self) -> bool:
         return self.key["packing"]
 
     def to_json(self) -> dict:
-        return {"format": self.format, "version": self.version, "key": self.key, "dtype": self.dtype,
-                "splits": {s: info.to_json() for s, info in self.splits.items()},
-                "prepare_seconds": self.prepare_seconds, "tokens_per_s": self.tokens_per_s, **({"meta": self.meta} if self.meta else {})}
+        return {
+            "format": self.format,
+            "version": self.version,
+            "key": self.key,
+            "dtype": self.dtype,
+            "splits": {s: info.to_json() for s, info in self.splits.items()},
+            "prepare_seconds": self.prepare_seconds,
+            "tokens_per_s": self.tokens_per_s,
+            **({"meta": self.meta} if self.meta else {}),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Manifest:
         bad = [s for s in d["splits"] if s not in SPLITS]
         if bad:
             raise ValueError(f"split name {bad[0]!r} is not one of {', '.join(SPLITS)}")
-        return cls(d["format"], d["version"], d["key"], d["dtype"], {s: SplitManifest.from_json(i) for s, i in d["splits"].items()},
-                   d["prepare_seconds"], d["tokens_per_s"], d.get("meta") or {})
+        return cls(
+            d["format"],
+            d["version"],
+            d["key"],
+            d["dtype"],
+            {s: SplitManifest.from_json(i) for s, i in d["splits"].items()},
+            d["prepare_seconds"],
+            d["tokens_per_s"],
+            d.get("meta") or {},
+        )
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -137,7 +182,9 @@ def read_manifest(root: Path) -> Manifest:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: no manifest; this is not a prepared dataset (run dist-ft prepare CONFIG --out {root})") from None
+        raise UserError(
+            f"{path}: no manifest; this is not a prepared dataset (run dist-ft prepare CONFIG --out {root})"
+        ) from None
     except ValueError as e:
         raise UserError(f"{path}: unreadable manifest ({e}); re-run dist-ft prepare") from None
     return parse_manifest(data, str(path))
@@ -151,9 +198,13 @@ def parse_manifest(data, where: str) -> Manifest:
     try:
         return Manifest.from_json(data)
     except ValueError as e:
-        raise UserError(f"{where}: {e}; the manifest is damaged or was not written by dist-ft prepare: re-run dist-ft prepare") from None
+        raise UserError(
+            f"{where}: {e}; the manifest is damaged or was not written by dist-ft prepare: re-run dist-ft prepare"
+        ) from None
     except (KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{where}: unreadable manifest (missing or malformed {e}); re-run dist-ft prepare") from None
+        raise UserError(
+            f"{where}: unreadable manifest (missing or malformed {e}); re-run dist-ft prepare"
+        ) from None
 
 
 def fingerprint(manifest: Manifest, split: str = "train") -> str:

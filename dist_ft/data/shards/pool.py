@@ -25,7 +25,9 @@ BATCH = 256  # records per worker task
 POOL_AFTER = 2048  # smaller sources are tokenized in-process: a pool costs more than it saves
 
 Record = tuple[int, str, dict]  # (index in the source, where (file:line), record)
-Encoded = tuple[int, list[tuple[bytes, bytes]], SplitStats]  # (index, [(token ids, loss mask)] per example, the record's stats)
+Encoded = tuple[
+    int, list[tuple[bytes, bytes]], SplitStats
+]  # (index, [(token ids, loss mask)] per example, the record's stats)
 
 
 def _held_out(seed: int, i: int, fraction: float) -> bool:
@@ -40,15 +42,24 @@ def split_records(cfg: DataConfig, split: str) -> tuple[SourceConfig, Iterator[R
         return cfg.validation, ((i, w, r) for i, (w, r) in enumerate(iter_records(cfg.validation)))
     src, frac = cfg.train, (cfg.val_fraction if cfg.validation is None else 0.0)
     want = split == "validation"
-    return src, ((i, w, r) for i, (w, r) in enumerate(iter_records(src)) if frac == 0 or _held_out(cfg.seed, i, frac) == want)
+    return src, (
+        (i, w, r)
+        for i, (w, r) in enumerate(iter_records(src))
+        if frac == 0 or _held_out(cfg.seed, i, frac) == want
+    )
 
 
 def _encode(batch: list[Record], cfg: DataConfig, tok, task) -> list[Encoded]:
     out = []
     for i, where, rec in batch:
         examples, stats = task.examples(rec, where, cfg, tok)
-        arrays = [(np.asarray(e.input_ids, dtype=np.uint32).tobytes(),
-                   (np.asarray(e.labels) != IGNORE).astype(np.uint8).tobytes()) for e in examples]
+        arrays = [
+            (
+                np.asarray(e.input_ids, dtype=np.uint32).tobytes(),
+                (np.asarray(e.labels) != IGNORE).astype(np.uint8).tobytes(),
+            )
+            for e in examples
+        ]
         out.append((i, arrays, stats))
     return out
 
@@ -82,7 +93,9 @@ def _num_proc(n: int) -> int:
 
 
 @contextmanager
-def encoded(cfg: DataConfig, tok, task, records: Iterator[Record]) -> Iterator[tuple[Iterator[list[Encoded]], int]]:
+def encoded(
+    cfg: DataConfig, tok, task, records: Iterator[Record]
+) -> Iterator[tuple[Iterator[list[Encoded]], int]]:
     """Yields (batches of encoded records in order, number of processes encoding them). A pool of
     data.num_proc workers is used when the source has more than POOL_AFTER records; it ends on exit."""
 

@@ -23,7 +23,9 @@ def _check(path: Path, want: fsio.FileInfo, root: Path, verify: bool) -> None:
         raise UserError(f"{path}: shard listed in {root / MANIFEST} is missing; {_FIX}")
     size = path.stat().st_size
     if size != want.bytes:
-        raise UserError(f"{path}: shard is {size} bytes, the manifest says {want.bytes} (truncated or replaced); {_FIX}")
+        raise UserError(
+            f"{path}: shard is {size} bytes, the manifest says {want.bytes} (truncated or replaced); {_FIX}"
+        )
     raise UserError(f"{path}: shard {why}; {_FIX}")  # "checksum mismatch (corrupt)"
 
 
@@ -47,9 +49,14 @@ class ShardSet:
             with np.load(idx_path, allow_pickle=False) as idx:
                 ex, rows = idx["example_offsets"], idx["row_offsets"]
             n_tok = int(ex[-1])
-            self._tokens.append(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tok,)) if n_tok else np.zeros(0, dtype))
-            self._mask.append(np.memmap(bin_path, dtype=np.uint8, mode="r", offset=n_tok * dtype.itemsize, shape=(n_tok,))
-                              if n_tok else np.zeros(0, np.uint8))
+            self._tokens.append(
+                np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tok,)) if n_tok else np.zeros(0, dtype)
+            )
+            self._mask.append(
+                np.memmap(bin_path, dtype=np.uint8, mode="r", offset=n_tok * dtype.itemsize, shape=(n_tok,))
+                if n_tok
+                else np.zeros(0, np.uint8)
+            )
             self._ex.append(ex)
             self._rows.append(rows)
         self.shard_rows = [len(r) - 1 for r in self._rows]

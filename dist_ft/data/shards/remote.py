@@ -35,7 +35,9 @@ def fetch(url: str, local: Path, log=print) -> Path:
         try:
             data = json.loads(raw)
         except ValueError as e:
-            raise UserError(f"data.prepared '{url}': unreadable {MANIFEST} ({e}); re-run dist-ft prepare") from None
+            raise UserError(
+                f"data.prepared '{url}': unreadable {MANIFEST} ({e}); re-run dist-ft prepare"
+            ) from None
         manifest = parse_manifest(data, f"data.prepared '{url}': {MANIFEST}")
         local.mkdir(parents=True, exist_ok=True)
         got = 0
@@ -53,9 +55,13 @@ def fetch(url: str, local: Path, log=print) -> Path:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types (auth, network, missing)
-        first = scrub((str(e).strip().splitlines() or [type(e).__name__])[0], option_values(opts))  # signed URLs, tokens, options
-        raise UserError(f"data.prepared '{url}': could not copy the prepared dataset ({type(e).__name__}: {first[:300]}); "
-                        f"check the URL, and the credentials for it in the environment (or {STORAGE_OPTIONS})") from None
+        first = scrub(
+            (str(e).strip().splitlines() or [type(e).__name__])[0], option_values(opts)
+        )  # signed URLs, tokens, options
+        raise UserError(
+            f"data.prepared '{url}': could not copy the prepared dataset ({type(e).__name__}: {first[:300]}); "
+            f"check the URL, and the credentials for it in the environment (or {STORAGE_OPTIONS})"
+        ) from None
     fsio.write_atomic(local / MANIFEST, raw)
     log(f"data.prepared {url}: {got} file(s) downloaded to {local}")
     return local
