@@ -157,17 +157,15 @@ def reader_overhead(model: Path, chat: Path, seq_len: int) -> dict:
         step_s = statistics.median(s["step_time_s"] for s in steps[2:])
         os.environ["DIST_FT_CACHE"] = f"{tmp}/cache"
         c = load_config(cfg)
-        tok = load_tokenizer(
-            c.model
-        )  # as train loads it (ChatML added to a base model): the cached shards match
+        # as train loads it (ChatML added to a base model): the cached shards match
+        tok = load_tokenizer(c.model)
         prep_ = dataset.build(c.data, tok, tasks.get(c.data.task), log=lambda *_: None)
         stream = prep_.stream(4, 0, 1)
         read, total = [], []
         for _ in range(500):
             t0 = time.perf_counter()
-            rows = [
-                prep_.train.items[i] for i in stream.next_indices()
-            ]  # the reader: position -> row ids -> mmap rows
+            # the reader: position -> row ids -> mmap rows
+            rows = [prep_.train.items[i] for i in stream.next_indices()]
             t1 = time.perf_counter()
             prep_.collate(rows)  # tensors for the model (the same code as before shards existed)
             read.append(t1 - t0)

@@ -93,9 +93,8 @@ def packed_rows(model: Path, recs: list[dict], seq_len: int, pairs_per_step: int
     from dist_ft.data.preference import to_pair, tokenize_pair
     from dist_ft.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(
-        ModelConfig(path=str(model))
-    )  # SmolLM2: 41-78 tokens per sequence, 4.1 pairs per 512-token row
+    # SmolLM2: 41-78 tokens per sequence, 4.1 pairs per 512-token row
+    tok = load_tokenizer(ModelConfig(path=str(model)))
     lens = [
         [len(e.input_ids) for e in tokenize_pair(tok, to_pair(r, f"pair {i}"), f"pair {i}")]
         for i, r in enumerate(recs)
@@ -162,9 +161,8 @@ def run_trl(spec: dict) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    tok, model, rows, clock, common = worker._hf_common(
-        spec
-    )  # fp32 weights, AdamW, constant LR, clip 1.0, use_cpu
+    # fp32 weights, AdamW, constant LR, clip 1.0, use_cpu
+    tok, model, rows, clock, common = worker._hf_common(spec)
     ref_s = []
 
     class Timed(DPOTrainer):
@@ -199,9 +197,8 @@ def run_trl(spec: dict) -> dict:
     trainer = Timed(
         model=model, args=args, train_dataset=Dataset.from_list(conv), processing_class=tok, callbacks=[clock]
     )
-    trainer.data_collator = count = _Count(
-        trainer.data_collator
-    )  # after the precompute pass, which used the inner one
+    # after the precompute pass, which used the inner one
+    trainer.data_collator = count = _Count(trainer.data_collator)
     trainer.train()
     worker.TRAINED.append(trainer.model)  # bench/precision.py scores it on held-out pairs
     b = count.batches[: len(clock.ends)]

@@ -273,9 +273,8 @@ def main() -> int:
     data = prep.chat_data()
     model = prep.model_dir(shape["name"])
     facts = model_facts(model, seq)
-    work = cpu_bench.work_shape(
-        model, data, seq, micro * seq
-    )  # HF examples per step for the same tokens per step
+    # HF examples per step for the same tokens per step
+    work = cpu_bench.work_shape(model, data, seq, micro * seq)
     spec = {
         "model": str(model),
         "data": str(data),

@@ -45,9 +45,8 @@ def worker(spec: dict) -> None:
     else:
         fn = sft.run_dist_ft if spec["framework"] == "dist_ft" else sft.run_trl
         res = fn({**spec, "variant": "padded", "examples": spec["per_step"]})
-    res["examples_per_s"] = (
-        spec["per_step"] * (res["steps"] - 1) / res["train_s"]
-    )  # conversations or pairs, steps 2..S
+    # conversations or pairs, steps 2..S
+    res["examples_per_s"] = spec["per_step"] * (res["steps"] - 1) / res["train_s"]
     # held-out, after the run's own figures (peak RSS included) are taken
     tok = load_tokenizer(ModelConfig(path=spec["model"]))
     recs = [json.loads(x) for x in Path(spec["heldout"]).read_text().splitlines()]
@@ -136,15 +135,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model, train, held = dpo.model_dir(a.smoke, tmp), dpo.pairs(n, seed=0), dpo.pairs(a.heldout, seed=1)
-        chat = lambda recs: [
-            {
-                "messages": [
-                    {"role": "user", "content": r["prompt"]},
-                    {"role": "assistant", "content": r["chosen"]},
-                ]
-            }
-            for r in recs
-        ]  # noqa: E731
+
+        def chat(recs: list[dict]) -> list[dict]:  # SFT trains on prompt + chosen reply
+            return [
+                {
+                    "messages": [
+                        {"role": "user", "content": r["prompt"]},
+                        {"role": "assistant", "content": r["chosen"]},
+                    ]
+                }
+                for r in recs
+            ]
+
         files = {
             "dpo": (_jsonl(tmp / "pairs.jsonl", train), _jsonl(tmp / "pairs-heldout.jsonl", held)),
             "sft": (_jsonl(tmp / "chat.jsonl", chat(train)), _jsonl(tmp / "chat-heldout.jsonl", chat(held))),

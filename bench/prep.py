@@ -24,7 +24,7 @@ def _words(rng: random.Random, n: int) -> str:
         "".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(600)
     ]
     out = []
-    for i in range(n):
+    for _ in range(n):
         out.append(rng.choice(vocab))
         if rng.random() < 0.08:
             out[-1] += rng.choice([".", ",", "?"])
@@ -69,9 +69,8 @@ def tokenizer_dir() -> Path:
     if not (out / "tokenizer.json").exists():
         from dist_ft.tokenizer import load_tokenizer
 
-        load_tokenizer(_smollm2()).save_pretrained(
-            out
-        )  # with our ChatML template (generation markers) and a pad token
+        # with our ChatML template (generation markers) and a pad token
+        load_tokenizer(_smollm2()).save_pretrained(out)
     return out
 
 

@@ -115,9 +115,8 @@ def run_dist_ft(spec: dict) -> dict:
             for r in read_metrics(out / "run" / "metrics.jsonl")
             if "checkpoint_load_s" in r
         ]
-    peaks = [
-        s.memory["gpu_peak_mb"] for s in steps if s.memory.get("gpu_peak_mb") is not None
-    ]  # while training (not the export)
+    # while training (not the export)
+    peaks = [s.memory["gpu_peak_mb"] for s in steps if s.memory.get("gpu_peak_mb") is not None]
     return _result(
         [START + s.elapsed_s for s in steps],
         [s.loss_tokens for s in steps],

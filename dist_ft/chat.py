@@ -1,4 +1,5 @@
-"""`dist-ft chat`: interactive multi-turn chat with streamed tokens, or one-shot with --prompt (inference.py generates)."""
+"""`dist-ft chat`: interactive multi-turn chat with streamed tokens, or one-shot with --prompt
+(inference.py generates)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """Atomic, validated, resumable checkpoints: save, list, inspect, load.
 
 Layout: <output.dir>/checkpoints/step-N/ holding the engine state (model, optimizer, ZeRO partitions, LR
-scheduler) under `ds/` (written by the engine), our per-rank state `rank-R.pt` (`TrainState` + RNG
-states), the resolved `config.yaml`, `manifest.json` (every file with its size and the small ones' sha256, world
-size, ZeRO stage, version) and a `COMPLETE` marker. Each rank fsyncs the files it wrote and reports them; rank 0
-builds the manifest from the reports after checking them on disk (`checkpoint_files`). Everything is written into
-`step-N.tmp/` and renamed only after the manifest and marker are on disk (`fsio`), so a crash at any point leaves
-the previous checkpoint usable.
+scheduler) under `ds/` (written by the engine), our per-rank state `rank-R.pt` (`TrainState` + RNG states),
+the resolved `config.yaml`, `manifest.json` (every file with its size and the small ones' sha256, world size,
+ZeRO stage, version) and a `COMPLETE` marker. Each rank fsyncs the files it wrote and reports them; rank 0
+builds the manifest from the reports after checking them on disk (`checkpoint_files`). Everything is written
+into `step-N.tmp/` and renamed only after the manifest and marker are on disk (`fsio`), so a crash at any
+point leaves the previous checkpoint usable.
 "Latest" is the newest folder whose marker and manifest check out, never a name guess.
 
 Storage only: `resume.py` decides where a run continues from.
@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,12 +43,10 @@ class Manifest:
     files: dict  # relative path -> size in bytes
     dist_ft_version: str = ""
     job: str = ""  # the SLURM job that wrote it ("" outside SLURM): a requeued job knows its own checkpoints
-    base_sha256: str = (
-        ""  # parameter-efficient runs: the frozen base the adapter belongs to (not saved with it)
-    )
-    sha256: dict = field(
-        default_factory=dict
-    )  # relative path -> sha256 of the small files (rank states, config)
+    # parameter-efficient runs: the frozen base the adapter belongs to (not saved with it)
+    base_sha256: str = ""
+    # relative path -> sha256 of the small files (rank states, config)
+    sha256: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,8 @@ class ResumePlan:
     replace: bool = False  # output.overwrite: the earlier run's outputs are moved aside (after validation)
     applied: tuple = ()  # (key, saved, now) of optimizer/schedule settings changed since the checkpoint
     skipped: tuple = ()  # (name, why) of damaged checkpoints newer than `path`, passed over
-    foreign: bool = (
-        False  # `path` (or a file in it) lies outside output.dir, accepted with checkpoint.trust_foreign
-    )
+    # `path` (or a file in it) lies outside output.dir, accepted with checkpoint.trust_foreign
+    foreign: bool = False
 
     def describe_applied(self) -> str:
         return ", ".join(f"{k} {old} -> {new}" for k, old, new in self.applied)
@@ -76,7 +74,8 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # legacy=True (the default): MT19937 as a tuple, never the dict form
+    assert isinstance(np_state, tuple)
     state = {
         "python": list(random.getstate()[1]),
         "python_pos": random.getstate()[2],
@@ -109,11 +108,11 @@ def damage(path: Path) -> str | None:
 
 
 def outside(path: Path, out_dir: Path) -> Path | None:
-    """`path`, or the first file or folder under it, whose real location (symlinks resolved) is not inside `out_dir`'s;
-    None when the whole checkpoint lives in the run directory. A checkpoint reached through a symlink (step-N itself, a
-    symlinked checkpoints/, or any file or folder in it) is foreign: loading it unpickles files from wherever the link
-    points. Links are followed, each directory once (a loop ends there); a plain file in a folder that is inside is
-    inside, so only folders and links are resolved."""
+    """`path`, or the first file or folder under it, whose real location (symlinks resolved) is not inside
+    `out_dir`'s; None when the whole checkpoint lives in the run directory. A checkpoint reached through a
+    symlink (step-N itself, a symlinked checkpoints/, or any file or folder in it) is foreign: loading it
+    unpickles files from wherever the link points. Links are followed, each directory once (a loop ends
+    there); a plain file in a folder that is inside is inside, so only folders and links are resolved."""
     root, seen, todo = Path(out_dir).resolve(), set(), [Path(path)]
     while todo:
         p = todo.pop()
@@ -137,6 +136,7 @@ def outside(path: Path, out_dir: Path) -> Path | None:
 
 def foreign_refusal(path: Path, bad: Path, out_dir: Path) -> str:
     """One line: which link leads `path` out of output.dir, and what to do."""
+    real: Path | str
     try:
         real = bad.resolve()
     except (OSError, RuntimeError):
@@ -148,15 +148,16 @@ def foreign_refusal(path: Path, bad: Path, out_dir: Path) -> str:
     else:
         where = f"holds {bad.relative_to(path)}, which resolves to {real}"
     return (
-        f"checkpoint '{path}' {where}, outside output.dir '{out_dir}'; loading a checkpoint runs its pickled files, so "
-        "set checkpoint.trust_foreign=true if you trust where it came from, or replace the link with a copy of the checkpoint"
+        f"checkpoint '{path}' {where}, outside output.dir '{out_dir}'; loading a checkpoint runs its pickled "
+        "files, so set checkpoint.trust_foreign=true if you trust where it came from, or replace the link "
+        "with a copy of the checkpoint"
     )
 
 
 def _remove(path: Path, out_dir: Path) -> bool:
-    """Delete a checkpoint folder of this run, never through a symlink: a symlinked one loses only its link (what it
-    points to is not ours), one whose real location is outside output.dir (a symlinked checkpoints/) is left
-    (False). `rmtree` itself unlinks, never follows, the links inside a folder."""
+    """Delete a checkpoint folder of this run, never through a symlink: a symlinked one loses only its link
+    (what it points to is not ours), one whose real location is outside output.dir (a symlinked checkpoints/)
+    is left (False). `rmtree` itself unlinks, never follows, the links inside a folder."""
     if path.is_symlink():
         path.unlink()
         return True
@@ -181,44 +182,62 @@ def inspect_checkpoint(path: Path) -> tuple[Manifest | None, str | None]:
     return (None, f"{bad[0]}: {bad[1]}") if bad else (manifest, None)
 
 
+def survey(out_dir: Path) -> list[tuple[int, Path, str | None]]:
+    """(step, path, why it is damaged or None) of every checkpoint directory of `out_dir`, complete or not,
+    oldest first."""
+    root = out_dir / "checkpoints"
+    found = (
+        sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+        if root.is_dir()
+        else []
+    )
+    return [(s, p, damage(p)) for s, p in found]
+
+
 class Checkpointer:
     def __init__(
-        self, out_dir: Path, keep: int, rank: int, world_size: int, keep_every: int = 0, faults: Faults = NONE
+        self,
+        out_dir: Path,
+        keep: int,
+        rank: int,
+        world_size: int,
+        keep_every: int = 0,
+        faults: Faults = NONE,
+        *,
+        base_sha256: str = "",
+        before_publish: Callable[[str], None] | None = None,
     ):
-        self.root, self.keep, self.rank, self.world = out_dir / "checkpoints", keep, rank, world_size
-        self.keep_every, self.faults = keep_every, faults
-        self._left = (
-            set()
-        )  # old checkpoints outside output.dir that rotation could not delete (noted once each)
-        self.base_sha256 = (
-            ""  # an adapter run's frozen base (set once the engine holds it): saved, and checked on load
+        """`base_sha256`: the weights this run must continue from ("" where any may;
+        `reference.starting_point`), saved in every manifest and checked on load. `before_publish` (rank 0):
+        raises if the run may no longer publish (it lost output.dir's lock)."""
+        self.out, self.root, self.keep, self.rank, self.world = (
+            out_dir,
+            out_dir / "checkpoints",
+            keep,
+            rank,
+            world_size,
         )
-        self.before_publish = lambda what: (
-            None
-        )  # rank 0: raises if the run may no longer publish (it lost output.dir's lock)
+        self.keep_every, self.faults, self.base_sha256 = keep_every, faults, base_sha256
+        self.before_publish: Callable[[str], None] = before_publish or (lambda what: None)
+        # old checkpoints outside output.dir that rotation could not delete (noted once each)
+        self._left: set[Path] = set()
 
     def survey(self) -> list[tuple[int, Path, str | None]]:
-        """(step, path, why it is damaged or None) of every checkpoint directory, complete or not, oldest first."""
-        found = (
-            sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
-            if self.root.is_dir()
-            else []
-        )
-        return [(s, p, damage(p)) for s, p in found]
+        return survey(self.out)
 
     def complete(self) -> list[tuple[int, Path]]:
         """(step, path) of every valid checkpoint, oldest first."""
         return [(s, p) for s, p, why in self.survey() if why is None]
 
     def save(self, engine, state: TrainState, config_yaml: str) -> Path:
-        """All ranks call this. Returns the final path. Each rank fsyncs and reports the files it wrote (`checkpoint_files`);
-        rank 0 checks every report on disk, writes the manifest from them, and publishes."""
+        """All ranks call this. Returns the final path. Each rank fsyncs and reports the files it wrote
+        (`checkpoint_files`); rank 0 checks every report on disk, writes the manifest from them, and
+        publishes."""
         step = state.step
         final, tmp = self.root / f"step-{step}", self.root / f"step-{step}.tmp"
         if self.rank == 0:
-            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(
-                tmp, ignore_errors=True
-            )  # (never through a link)
+            # (never through a link)
+            tmp.unlink() if tmp.is_symlink() else shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.wait_for_all(f"checkpoint step {step}: folder")
         with fsio.collect_written() as written:  # the engine announces each file this rank writes
@@ -230,6 +249,7 @@ class Checkpointer:
         self.faults.in_save(step, self.rank, tmp)
         reports = dist.gather_on_main(f"checkpoint step {step}: every rank's state written", mine)
         if self.rank == 0:
+            assert reports is not None  # rank 0 (or a single process) gets every rank's report
             files, owner = checkpoint_files.merge(reports)
             files["config.yaml"] = fsio.write_synced(tmp / "config.yaml", config_yaml)
             self.faults.before_manifest(step)
@@ -248,12 +268,11 @@ class Checkpointer:
             fsio.write_synced(tmp / "manifest.json", json.dumps(asdict(manifest), indent=1))
             fsio.write_synced(tmp / "COMPLETE", "ok\n")
             self.before_publish(f"publishing checkpoint {final.name}")
-            if (
-                final.is_symlink()
-            ):  # a linked (trusted foreign) step-N of the same step: the link gives way, its target is kept
+            # a linked (trusted foreign) step-N of the same step: the link gives way, its target is kept
+            if final.is_symlink():
                 final.unlink()
-            # folders only: each rank fsynced its own files (a re-save of the same step, e.g. on a signal right after a periodic
-            # save, replaces it)
+            # folders only: each rank fsynced its own files (a re-save of the same step, e.g. on a signal
+            # right after a periodic save, replaces it)
             fsio.publish_dir(tmp, final, sync_files=False)
             for st, old in self.complete()[: -self.keep]:  # only after the new one is complete
                 if self.keep_every and st % self.keep_every == 0:
@@ -261,19 +280,20 @@ class Checkpointer:
                 if not _remove(old, self.root.parent) and old not in self._left:
                     self._left.add(old)
                     print(
-                        f"note: checkpoint.keep leaves {old} in place: it lies outside output.dir (at {old.resolve()}, through "
-                        "a symlink), and dist_ft deletes nothing there; remove it yourself when it is no longer needed",
+                        f"note: checkpoint.keep leaves {old} in place: it lies outside output.dir (at "
+                        f"{old.resolve()}, through a symlink), and dist_ft deletes nothing there; remove it "
+                        "yourself when it is no longer needed",
                         file=sys.stderr,
                         flush=True,
                     )
-        dist.wait_for_all(
-            f"checkpoint step {step}: rank 0 fsyncs and publishes it"
-        )  # however long a slow filesystem takes
+        # however long a slow filesystem takes
+        dist.wait_for_all(f"checkpoint step {step}: rank 0 fsyncs and publishes it")
         return final
 
     def universal(self, path: Path, engine, trusted: bool = False) -> Path:
-        """Convert a checkpoint to DeepSpeed's universal format next to it, once; all ranks call this. A leftover
-        conversion that leads outside output.dir (a symlink) is not reused unless the checkpoint itself was trusted."""
+        """Convert a checkpoint to DeepSpeed's universal format next to it, once; all ranks call this. A
+        leftover conversion that leads outside output.dir (a symlink) is not reused unless the checkpoint
+        itself was trusted."""
         out = self.root / f".universal-{path.name}"
         if self.rank == 0 and (
             out.is_symlink() or (out.exists() and not trusted and outside(out, self.root.parent) is not None)
@@ -289,25 +309,26 @@ class Checkpointer:
     def load(self, plan: ResumePlan, engine) -> TrainState:
         """Restore the engine and this rank's state (RNG streams included) from the planned checkpoint."""
         path = plan.path
+        assert path is not None, "load() needs a plan with a checkpoint (a fresh start loads nothing)"
         bad = None if plan.foreign else outside(path, self.root.parent)
         if bad is not None:  # (decided inside output.dir: a link appeared since)
             raise UserError(foreign_refusal(path, bad, self.root.parent))
         manifest = validate(path)
         if manifest is None:
             raise UserError(
-                f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from manifest.json)"
+                f"{path}: not a complete checkpoint (missing COMPLETE marker or files differ from "
+                "manifest.json)"
             )
-        _same_base(
-            path, manifest.base_sha256, self.base_sha256
-        )  # every rank: each computed the base's fingerprint
+        # every rank: each computed the base's fingerprint
+        _same_base(path, manifest.base_sha256, self.base_sha256)
         universal = self.universal(path, engine, plan.foreign) if plan.reshard else None
         engine.load(universal or path)
-        # data position is global (the same in every rank's file); RNG streams of new ranks start from the last old one
+        # data position is global (the same in every rank's file); RNG streams of new ranks start from the
+        # last old one
         state = torch.load(path / f"rank-{min(self.rank, manifest.world_size - 1)}.pt", weights_only=True)
         set_rng_state(state.pop("rng"))
-        if (
-            universal is not None
-        ):  # loaded everywhere: the conversion has served (the next save is in the new layout)
+        # loaded everywhere: the conversion has served (the next save is in the new layout)
+        if universal is not None:
             dist.wait_for_all("universal checkpoint loaded")
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)
@@ -315,11 +336,11 @@ class Checkpointer:
 
 
 def _same_base(path: Path, saved: str, now: str) -> None:
-    """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on; a DPO run only
-    against the reference (its starting weights) it was trained against."""
+    """An adapter checkpoint holds no base weights: it continues only on the very base it was trained on; a
+    DPO run only against the reference (its starting weights) it was trained against."""
     if saved != now:
         raise UserError(
             f"{path}: the base model's weights (sha256 {now[:12] or 'none'}) differ from those this "
-            f"checkpoint was trained on ({saved[:12] or 'none'}; an adapter's base, or a DPO run's reference); resume on "
-            "the same model.path and model.peft, or start over in a new output.dir"
+            f"checkpoint was trained on ({saved[:12] or 'none'}; an adapter's base, or a DPO run's "
+            "reference); resume on the same model.path and model.peft, or start over in a new output.dir"
         )

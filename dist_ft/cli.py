@@ -11,19 +11,19 @@ from .faults import Faults
 
 EXAMPLES = """\
 examples:
-  dist-ft demo                                          fine-tune SmolLM2-135M on the shipped demo set, score before/after
-  dist-ft demo --stage dpo                              then preference-tune it (DPO) to say "I don't know", score before/after
-  dist-ft prepare configs/gpt2-chat.yaml --out /data/ultrachat-gpt2   tokenize + pack once into token shards
+  dist-ft demo                       fine-tune SmolLM2-135M on the shipped demo set, score before/after
+  dist-ft demo --stage dpo           then preference-tune it (DPO) to say "I don't know", score before/after
+  dist-ft prepare configs/gpt2-chat.yaml --out /data/ultrachat-gpt2   tokenize + pack once into shards
   dist-ft train configs/gpt2-chat.yaml data.prepared=/data/ultrachat-gpt2
   dist-ft train configs/gpt2-chat.yaml train.lr=3e-5 data.max_seq_len=512
   deepspeed --num_gpus 2 launch/train.py configs/gpt2-chat.yaml
-  dist-ft chat --model runs/demo/final                  interactive chat (/reset, /exit)
-  dist-ft chat --model runs/demo/final --prompt "Hi"    answer once and exit
-  dist-ft serve --model runs/demo/final --port 8000     OpenAI-compatible API: /v1/chat/completions (streaming), /v1/models
+  dist-ft chat --model runs/demo/final                 interactive chat (/reset, /exit)
+  dist-ft chat --model runs/demo/final --prompt "Hi"   answer once and exit
+  dist-ft serve --model runs/demo/final --port 8000    OpenAI API: /v1/chat/completions, /v1/models
   dist-ft eval --model runs/demo/final --data data/demo/heldout.jsonl
   dist-ft eval --model runs/demo/final --harness lm-eval --tasks veloria_mc   lm-evaluation-harness, offline
-  dist-ft config configs/demo.yaml train.lr=1e-4          print the resolved config (validates it)
-  dist-ft config --reference                            every config key with its doc
+  dist-ft config configs/demo.yaml train.lr=1e-4       print the resolved config (validates it)
+  dist-ft config --reference                           every config key with its doc
 """
 
 
@@ -38,7 +38,8 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dist-ft",
-        description="Fine-tune a Hugging Face causal LM into a chat model with DeepSpeed, from one CPU to a SLURM cluster.",
+        description="Fine-tune a Hugging Face causal LM into a chat model with DeepSpeed, from one CPU to a "
+        "SLURM cluster.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,8 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train from a YAML config (+ key=value overrides); exports to <output.dir>/final",
-        description="Train from a YAML config. Overrides use dotted keys: train.lr=3e-5 data.max_seq_len=512. "
-        "Multi-process: run launch/train.py under deepspeed, torchrun or srun with the same arguments.",
+        description="Train from a YAML config. Overrides use dotted keys: train.lr=3e-5 "
+        "data.max_seq_len=512. Multi-process: run launch/train.py under deepspeed, torchrun or srun with the "
+        "same arguments.",
     )
     p.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -56,9 +58,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         help="tokenize, pack and write token shards once (train then reads them, on any number of ranks)",
-        description="Read data.train (and data.validation / val_fraction), apply the chat template and labels, pack, and "
-        "write token shards + manifest. Without --out they go to the cache train looks in, so train with the same "
-        "config tokenizes nothing; with --out, train with data.prepared=DIR. An interrupted prepare resumes.",
+        description="Read data.train (and data.validation / val_fraction), apply the chat template and "
+        "labels, pack, and write token shards + manifest. Without --out they go to the cache train looks in, "
+        "so train with the same config tokenizes nothing; with --out, train with data.prepared=DIR. An "
+        "interrupted prepare resumes.",
     )
     p.add_argument("config", help="YAML config file (its model and data sections are used)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.num_proc=8")
@@ -83,8 +86,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models)",
-        description="Serve an exported model with the OpenAI API (streaming included). Binds to localhost unless told "
-        "otherwise; with --api-key (or $DIST_FT_API_KEY) every request needs 'Authorization: Bearer KEY'.",
+        description="Serve an exported model with the OpenAI API (streaming included). Binds to localhost "
+        "unless told otherwise; with --api-key (or $DIST_FT_API_KEY) every request needs "
+        "'Authorization: Bearer KEY'.",
     )
     p.add_argument(
         "--model",
@@ -137,7 +141,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the offline demo: score, fine-tune, score again, chat once (--stage dpo: then preference-tune it)",
+        help="the offline demo: score, fine-tune, score again, chat once "
+        "(--stage dpo: then preference-tune it)",
     )
     p.add_argument(
         "--stage",
@@ -174,8 +179,8 @@ def _prepare(args, faults: Faults) -> None:
         raise UserError(f"{args.config}: dist-ft prepare needs data.train (the source to tokenize)")
     if args.out and Path(args.out).expanduser().resolve() in (Path.cwd(), *Path.cwd().parents):
         raise UserError(
-            f"prepare --out '{args.out}': that is the current directory (or holds it), and the shards would be mixed "
-            "into it; give a new directory, e.g. --out data/prepared"
+            f"prepare --out '{args.out}': that is the current directory (or holds it), and the shards would "
+            "be mixed into it; give a new directory, e.g. --out data/prepared"
         )
     preflight(cfg.model, cfg.data.max_seq_len)
     tok = load_tokenizer(cfg.model)
@@ -198,18 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        faults = Faults.from_env(
-            os.environ
-        )  # the test suite's fault injection (every rank runs this): none unless DIST_FT_TEST_* set
+        # the test suite's fault injection (every rank runs this): none unless DIST_FT_TEST_* set
+        faults = Faults.from_env(os.environ)
         if args.cmd == "train":
             from . import train
             from .config import load_config
             from .model import preflight
 
             cfg = load_config(args.config, args.overrides)
-            preflight(
-                cfg.model, cfg.data.max_seq_len
-            )  # config.json, context length, attention kernel: before any rank waits on another
+            # config.json, context length, attention kernel: before any rank waits on another
+            preflight(cfg.model, cfg.data.max_seq_len)
             train.run(cfg, faults=faults)
         elif args.cmd == "prepare":
             _prepare(args, faults)
@@ -282,18 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         from .redact import scrub
 
-        print(
-            f"error: {scrub(str(e))}", file=sys.stderr
-        )  # whatever the message quotes (a URL, a library's error): no secret
+        # whatever the message quotes (a URL, a library's error): no secret
+        print(f"error: {scrub(str(e))}", file=sys.stderr)
         _leave_group(e.exit_code)
         return e.exit_code
     return 0
 
 
 def _leave_group(code: int) -> None:
-    """Every rank of a multi-process run failed on the same bad input. Ranks > 0 leave at once, skipping interpreter
-    teardown (with rank 0's store gone, a process group torn down late can abort: the launcher then reports 250,
-    SIGABRT, instead of the error's exit code); rank 0, whose store the others use, leaves last."""
+    """Every rank of a multi-process run failed on the same bad input. Ranks > 0 leave at once, skipping
+    interpreter teardown (with rank 0's store gone, a process group torn down late can abort: the launcher
+    then reports 250, SIGABRT, instead of the error's exit code); rank 0, whose store the others use, leaves
+    last."""
     if "torch.distributed" not in sys.modules:
         return
     import time

@@ -1,4 +1,5 @@
-"""Pydantic validation errors of a config, told as one line each: the key, what is wrong, and a did-you-mean."""
+"""Pydantic validation errors of a config, told as one line each: the key, what is wrong, and a
+did-you-mean."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _fields_at(loc: tuple, root) -> list[str]:
 
 
 def explain(err: ValidationError, source: str, root) -> str:
-    """One line per validation error of `root` (the Config class): the key, what is wrong, and a did-you-mean."""
+    """One line per validation error of `root` (the Config class): the key, what is wrong, and a
+    did-you-mean."""
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -47,7 +49,8 @@ def explain(err: ValidationError, source: str, root) -> str:
             lines.append(f"{source}: {e['msg'].replace('Value error, ', '')}")
         elif e["type"] == "model_type":
             lines.append(
-                f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), got {e.get('input')!r}"
+                f"{source}: config key '{key}' must be a section (a mapping such as {loc[-1]}: {{...}}), "
+                f"got {e.get('input')!r}"
             )
         elif e["type"] == "missing":
             lines.append(f"{source}: missing required config key '{key}'")

@@ -1,5 +1,5 @@
-"""`dist-ft config --reference`: every config key as a Markdown table (the README's config reference; a test keeps
-the two in sync)."""
+"""`dist-ft config --reference`: every config key as a Markdown table (the README's config reference; a test
+keeps the two in sync)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from .config import Config
 
 
 def reference_markdown() -> str:
-    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test). A union's
-    `|` is escaped: it would end the table cell otherwise."""
+    """Markdown table of every config key, its type, default and doc (kept in sync with README by a test). A
+    union's `|` is escaped: it would end the table cell otherwise."""
     rows = ["| key | type | default | description |", "|---|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:
@@ -28,7 +28,8 @@ def reference_markdown() -> str:
             if sub is not None:
                 walk(sub, key + ".")
                 continue
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "").replace("|", "\\|")
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            typ = typ.replace("|", "\\|")
             default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
             rows.append(f"| `{key}` | `{typ}` | `{default}` | {f.description} |")
 

@@ -4,6 +4,7 @@ checkpoint restores. Tracker, bench and tests read these fields, never dict keys
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -16,18 +17,17 @@ class Batch:
 
     input_ids: torch.Tensor  # [rows, width]
     targets: torch.Tensor  # [rows, width] what each position is scored against (IGNORE = no loss); per task
-    loss_index: (
-        torch.Tensor
-    )  # flat positions that carry loss (found on the host: selecting them on a GPU needs no sync)
+    # flat positions that carry loss (found on the host: selecting them on a GPU needs no sync)
+    loss_index: torch.Tensor
     n_tokens: int  # real tokens (not padding)
     n_loss: int  # loss units the task's loss sums over: loss-bearing tokens for language modelling
     position_ids: torch.Tensor | None = None  # restart at 0 per packed example
     attention_mask: torch.Tensor | None = None  # padded batches only (packed rows use position_ids)
-    extra: dict = field(
-        default_factory=dict
-    )  # task-specific tensors (e.g. which rows form a preference pair)
+    # task-specific tensors (e.g. which rows form a preference pair)
+    extra: dict = field(default_factory=dict)
     lengths: tuple = ()  # every example's token count (packed: each example of each row), for FLOP counting
-    # packed rows, for flash-attention's varlen kernel (which reads restarting position_ids only at batch size 1):
+    # packed rows, for flash-attention's varlen kernel (which reads restarting position_ids only at batch
+    # size 1):
     cu_seq_lens: torch.Tensor | None = (
         None  # int32 boundaries over the flattened rows: every example, each row's padding
     )
@@ -38,9 +38,9 @@ class Batch:
         return self.input_ids.numel()
 
     def model_inputs(self, device, attn_implementation: str | None = None) -> dict:
-        """The model's keyword inputs on `device` (copies are non-blocking from pinned memory). A flash-attention
-        implementation also gets the packed rows' boundaries (`cu_seq_lens_q/k`, `max_length_q/k`); sdpa and eager
-        build their block-diagonal mask from the position_ids alone."""
+        """The model's keyword inputs on `device` (copies are non-blocking from pinned memory). A
+        flash-attention implementation also gets the packed rows' boundaries (`cu_seq_lens_q/k`,
+        `max_length_q/k`); sdpa and eager build their block-diagonal mask from the position_ids alone."""
         kw = {
             k: getattr(self, k).to(device, non_blocking=True)
             for k in MODEL_INPUTS
@@ -106,11 +106,13 @@ class StepMetrics:
 
     @classmethod
     def from_record(cls, rec: dict) -> StepMetrics:
-        """A step's metrics read back from metrics.jsonl (memory keys end in _mb; other unknown keys are the task's)."""
+        """A step's metrics read back from metrics.jsonl (memory keys end in _mb; other unknown keys are the
+        task's)."""
         own = {f.name for f in fields(cls)} - {"memory", "task", "model_states"}
         rest = {k: v for k, v in rec.items() if k not in own and k != "step" and not k.startswith("mem_")}
+        values: dict[str, Any] = {k: rec.get(k) for k in own}  # the record's JSON values, as read
         return cls(
-            **{k: rec.get(k) for k in own},
+            **values,
             memory={k: v for k, v in rest.items() if k.endswith("_mb")},
             task={k: v for k, v in rest.items() if not k.endswith("_mb")},
         )
@@ -118,7 +120,8 @@ class StepMetrics:
 
 @dataclass
 class ModelStates:
-    """Bytes one rank holds for parameters, gradients and optimizer state: measured, and by the ZeRO formula."""
+    """Bytes one rank holds for parameters, gradients and optimizer state: measured, and by the ZeRO
+    formula."""
 
     n_params: int
     measured: dict  # params / grads / optimizer -> bytes (grads None where not measurable)

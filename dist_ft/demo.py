@@ -1,11 +1,13 @@
 """`dist-ft demo`: the two stages of a chat model, offline, scored before and after on held-out data.
 
-- `--stage sft` (configs/demo.yaml): SmolLM2-135M-Instruct fine-tuned on facts about a fictional country; held-out
-  questions in unseen phrasings are answered before and after (answer accuracy, assistant-token loss).
+- `--stage sft` (configs/demo.yaml): SmolLM2-135M-Instruct fine-tuned on facts about a fictional country;
+  held-out questions in unseen phrasings are answered before and after (answer accuracy, assistant-token
+  loss).
 - `--stage dpo` (configs/demo-dpo.yaml): that model preference-tuned to be honest: the right fact over another
-  fact's answer, and "I don't know" over a confident invention when asked what it was never told. Held-out pairs
-  (unseen phrasings, unseen unknowns): how often the model prefers the chosen reply (log-prob), the DPO reward
-  accuracy of the tuned model against the SFT model, and how often its greedy answer behaves as preferred.
+  fact's answer, and "I don't know" over a confident invention when asked what it was never told. Held-out
+  pairs (unseen phrasings, unseen unknowns): how often the model prefers the chosen reply (log-prob), the DPO
+  reward accuracy of the tuned model against the SFT model, and how often its greedy answer behaves as
+  preferred.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ def _sft(cfg, heldout: str) -> None:
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
-    base = load_model(
-        cfg.model, tok, torch.float32, adapters=False
-    )  # the model as it comes, before any training
+    # the model as it comes, before any training
+    base = load_model(cfg.model, tok, torch.float32, adapters=False)
     before = score(tok, base, heldout, cfg.data.task)
     del base
     print(f"[demo] before fine-tuning: {fmt_score(before)}", flush=True)
@@ -48,11 +49,13 @@ def _sft(cfg, heldout: str) -> None:
     print(f"[demo] before fine-tuning: {fmt_score(before)}")
     print(f"[demo] after  fine-tuning: {fmt_score(after)}")
     n = len(after["samples"])
+    # two facts
     _show(
         before, after, [0, n // 2] if n > 1 else range(n), ("base model", "fine-tuned"), ("correct", "wrong")
-    )  # two facts
+    )
     print(
-        f"[demo] chat with it:  dist-ft chat --model {out / 'final'}\n[demo] next stage:   dist-ft demo --stage dpo"
+        f"[demo] chat with it:  dist-ft chat --model {out / 'final'}\n"
+        "[demo] next stage:   dist-ft demo --stage dpo"
     )
 
 
@@ -73,7 +76,8 @@ def _dpo(cfg, heldout: str) -> None:
     start = Path(cfg.model.path)
     if not (start / "config.json").is_file():
         raise UserError(
-            f"model.path '{cfg.model.path}': no fine-tuned model there; run the first stage (dist-ft demo) first, which writes it"
+            f"model.path '{cfg.model.path}': no fine-tuned model there; "
+            "run the first stage (dist-ft demo) first, which writes it"
         )
     tok, sft = inference.load(str(start))
     before = score_pairs(tok, sft, heldout)
@@ -83,18 +87,21 @@ def _dpo(cfg, heldout: str) -> None:
     tok, tuned = inference.load(str(out / "final"))
     after = score_pairs(tok, tuned, heldout)
     beta = cfg.dpo.beta
-    rewards = [(beta * (a[0] - b[0]), beta * (a[1] - b[1])) for a, b in zip(after["logps"], before["logps"])]
+    rewards = [
+        (beta * (a[0] - b[0]), beta * (a[1] - b[1]))
+        for a, b in zip(after["logps"], before["logps"], strict=True)
+    ]
     accuracy = sum(c > r for c, r in rewards) / max(1, len(rewards))
     print(f"[demo] SFT model (before DPO): {fmt_pairs(before)}")
     print(f"[demo] after DPO:              {fmt_pairs(after)}")
     print(
-        f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): {100 * accuracy:.1f}%, "
+        f"[demo] held-out DPO reward accuracy (tuned vs SFT as reference, beta {beta:g}): "
+        f"{100 * accuracy:.1f}%, "
         f"mean margin {sum(c - r for c, r in rewards) / max(1, len(rewards)):.3f}"
     )
-    pairs = list(zip(before["samples"], after["samples"]))
-    changed = [
-        i for i, (b, a) in enumerate(pairs) if b[2] != a[2]
-    ]  # answers that moved to (or from) the preferred one
+    pairs = list(zip(before["samples"], after["samples"], strict=True))
+    # answers that moved to (or from) the preferred one
+    changed = [i for i, (b, a) in enumerate(pairs) if b[2] != a[2]]
     # the first question, the first change, the last question
     _show(
         before,

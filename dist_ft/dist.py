@@ -1,4 +1,5 @@
-"""Map the launcher's environment to rank / world size / local rank / master / device, and start torch.distributed.
+"""Map the launcher's environment to rank / world size / local rank / master / device, and start
+torch.distributed.
 
 The only module that reads launcher variables. Supported: deepspeed, torchrun and `accelerate launch`
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), SLURM `srun` (SLURM_PROCID, SLURM_NTASKS,
@@ -19,8 +20,18 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-from .rendezvous import gather_on_main, report_failure, start_heartbeat, stop_heartbeat, wait_for_all  # noqa: F401 - dist's API
+from .rendezvous import (  # noqa: F401 - dist's API
+    gather_on_main,
+    report_failure,
+    start_heartbeat,
+    stop_heartbeat,
+    wait_for_all,
+)
+
+if TYPE_CHECKING:
+    import torch  # imported lazily at run time: `import dist_ft.dist` must not load torch
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,8 @@ def env_from(environ: Mapping[str, str]) -> DistEnv:
 
 
 def slurm_job(environ: Mapping[str, str] = os.environ) -> tuple[str, int]:
-    """The SLURM job this process runs in ("" outside SLURM) and how often it was requeued (SLURM_RESTART_COUNT:
-    a requeued job keeps its id and counts up)."""
+    """The SLURM job this process runs in ("" outside SLURM) and how often it was requeued
+    (SLURM_RESTART_COUNT: a requeued job keeps its id and counts up)."""
     return environ.get("SLURM_JOB_ID", ""), int(environ.get("SLURM_RESTART_COUNT") or 0)
 
 
@@ -114,11 +125,11 @@ def check_launch(environ: Mapping[str, str]) -> None:
     from .errors import UserError
 
     for k in LAUNCH_INTS:
-        if (
-            k in environ and not environ[k].strip().isdigit() and (environ[k].strip() or k != "MASTER_PORT")
-        ):  # "" port: pick one
+        # ("" port: pick one)
+        if k in environ and not environ[k].strip().isdigit() and (environ[k].strip() or k != "MASTER_PORT"):
             raise UserError(
-                f"{k}={environ[k]!r} is not a non-negative integer; fix the launcher's environment (or unset {k} to run one process)"
+                f"{k}={environ[k]!r} is not a non-negative integer; fix the launcher's environment "
+                f"(or unset {k} to run one process)"
             )
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world, names = int(environ["RANK"]), int(environ["WORLD_SIZE"]), ("RANK", "WORLD_SIZE")
@@ -129,20 +140,20 @@ def check_launch(environ: Mapping[str, str]) -> None:
             ("SLURM_PROCID", "SLURM_NTASKS"),
         )
         step = environ.get("SLURM_STEP_ID", environ.get("SLURM_STEPID", ""))
-        if world > 1 and not (
-            step.isdigit() and int(step) < 0xFFFFFFF0
-        ):  # batch, extern and interactive steps are special ids
+        # batch, extern and interactive steps are special ids
+        if world > 1 and not (step.isdigit() and int(step) < 0xFFFFFFF0):
             raise UserError(
-                f"SLURM_NTASKS={world} but this process was not started by srun (no job step: SLURM_STEP_ID is "
-                f"{'unset' if not step else repr(step)}), so rank 0 would wait forever for {world - 1} ranks that never start; "
-                "launch with srun, e.g. `srun python launch/train.py CONFIG` in the batch script (as slurm/job.sh does)"
+                f"SLURM_NTASKS={world} but this process was not started by srun (no job step: SLURM_STEP_ID "
+                f"is {'unset' if not step else repr(step)}), so rank 0 would wait forever for {world - 1} "
+                "ranks that never start; launch with srun, e.g. `srun python launch/train.py CONFIG` in the "
+                "batch script (as slurm/job.sh does)"
             )
     else:
         return
     if world < 1 or rank >= world:
         raise UserError(
-            f"{names[0]}={rank} with {names[1]}={world}: the rank must be below the world size; fix the launcher's "
-            f"environment (or unset {names[0]} and {names[1]} to run one process)"
+            f"{names[0]}={rank} with {names[1]}={world}: the rank must be below the world size; fix the "
+            f"launcher's environment (or unset {names[0]} and {names[1]} to run one process)"
         )
 
 
@@ -190,15 +201,16 @@ def plan_devices(
         # task that index is 0 whatever the task's local rank
         LOCAL_RANK=str(env.local_rank if index is None else index),
     )
-    # binding makes torch split every later group from this one; a 1-rank job has no peer for that (DeepSpeed#8248)
+    # binding makes torch split every later group from this one; a 1-rank job has no peer for that
+    # (DeepSpeed#8248)
     bind = index is not None and backend == "nccl" and env.world_size > 1 and device_id_ok
     return DevicePlan(index, backend, exported, bind)
 
 
 def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     """Pick this rank's device and make it current before any collective, export the layout as the variables
-    torch.distributed and DeepSpeed read, then start the process group (each collective then times out
-    after `timeout_minutes`). DeepSpeed's layer on top of the group is started by `engine.init_distributed`."""
+    torch.distributed and DeepSpeed read, then start the process group (each collective then times out after
+    `timeout_minutes`). DeepSpeed's layer on top of the group is started by `engine.init_distributed`."""
     import torch
 
     check_launch(os.environ)
@@ -214,15 +226,16 @@ def init(backend: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
     os.environ.update(plan.exported)
     timeout = timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
-        kw = {"device_id": torch.device("cuda", plan.index)} if plan.bind_device else {}
+        kw: dict[str, Any] = {}
+        if plan.bind_device and plan.index is not None:  # (plan_devices binds only a rank with a GPU)
+            kw["device_id"] = torch.device("cuda", plan.index)
         torch.distributed.init_process_group(backend=plan.backend, timeout=timeout, **kw)
-    start_heartbeat(
-        timeout.total_seconds()
-    )  # a rank dead for longer than a collective would wait stops every store wait
+    # a rank dead for longer than a collective would wait stops every store wait
+    start_heartbeat(timeout.total_seconds())
     return env
 
 
-def device() -> torch.device:  # noqa: F821 - torch is imported lazily
+def device() -> torch.device:
     """The device this rank computes and communicates on (set by `init`)."""
     import torch
 
@@ -234,7 +247,8 @@ def device() -> torch.device:  # noqa: F821 - torch is imported lazily
 
 
 def patient_sum(what: str, value: float) -> float:
-    """`all_sum` of one value after `wait_for_all`: for a result (e.g. a failure count) of work some ranks do alone."""
+    """`all_sum` of one value after `wait_for_all`: for a result (e.g. a failure count) of work some ranks do
+    alone."""
     wait_for_all(what)
     return all_sum(value)[0]
 
@@ -263,14 +277,18 @@ def shutdown() -> None:
 
 
 def _remove_shm_buffers() -> None:
-    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
-    (~66 MB per rank) and never unlinks it: every multi-rank CPU run would leak RAM until reboot. After the
-    last collective no rank opens them again, so local rank 0 unlinks this job's set."""
+    """DeepSpeed's CPU shared-memory all-reduce creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (~66 MB per rank) and never unlinks it:
+    every multi-rank CPU run would leak RAM until reboot. After the last collective no rank opens them again,
+    so local rank 0 unlinks this job's set."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return
     import glob
 
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_*"
+    pattern = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+        f"{os.environ.get('MASTER_PORT')}_*"
+    )
     for path in glob.glob(pattern):
         try:
             os.unlink(path)
@@ -279,8 +297,8 @@ def _remove_shm_buffers() -> None:
 
 
 def all_sum(*values) -> list[float]:
-    """Sum scalars (Python numbers or 0-d tensors, e.g. a loss still on the GPU) over all ranks: one collective
-    on this rank's device, and one host sync to read the result."""
+    """Sum scalars (Python numbers or 0-d tensors, e.g. a loss still on the GPU) over all ranks: one
+    collective on this rank's device, and one host sync to read the result."""
     import torch
     import torch.distributed as dist
 
@@ -299,7 +317,8 @@ def all_sum(*values) -> list[float]:
 
 
 def all_sum_tensor(t):
-    """`t` summed elementwise over all ranks (in place, on this rank's device), e.g. a vector each rank filled in part."""
+    """`t` summed elementwise over all ranks (in place, on this rank's device), e.g. a vector each rank filled
+    in part."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:

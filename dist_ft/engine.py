@@ -2,10 +2,10 @@
 memory half) imports DeepSpeed or reads its objects.
 
 `Engine.build` turns our config into a DeepSpeed engine (ZeRO 0-3, offload, fp32/bf16/bf16-autocast/fp16: see
-`precision.py`) and hands back a small wrapper: call it like the model, then `backward`, `step` (returns the grad
-norm at an optimizer boundary), `save` / `load` (incl. DeepSpeed's universal checkpoints for another world size or
-ZeRO stage), `full_state_dict` for export, `take_model_states` (measured bytes per rank), `close`. The loop calls
-these and never branches on ZeRO stage, precision or offload.
+`precision.py`) and hands back a small wrapper: call it like the model, then `backward`, `step` (returns the
+grad norm at an optimizer boundary), `save` / `load` (incl. DeepSpeed's universal checkpoints for another
+world size or ZeRO stage), `full_state_dict` for export, `take_model_states` (measured bytes per rank),
+`close`. The loop calls these and never branches on ZeRO stage, precision or offload.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from . import dist, engine_state, optim
 from . import precision as precision_
 from .config import Config
 from .errors import UserError
-from .precision import AUTOCAST, cpu_has_native_bf16, gpu_has_native_bf16, torch_dtype  # noqa: F401 (re-exported)
+
+# re-exported
+from .precision import AUTOCAST, cpu_has_native_bf16, gpu_has_native_bf16, torch_dtype  # noqa: F401
 
 
 def resolve_precision(requested: str) -> str:
@@ -28,18 +30,19 @@ def resolve_precision(requested: str) -> str:
 
 
 def _bf16_gradients(cfg: Config) -> dict:
-    """bf16 gradients are summed over micro-batches and ranks in fp32: DeepSpeed's default is the model's dtype,
-    whose 8-bit mantissa drops a micro-batch's contribution below 1/256 of the running sum. ZeRO 1-3 accumulate
-    in fp32 (`grad_accum_dtype`; ZeRO-1 then runs DeepSpeed's BF16_Optimizer); every stage reduces in fp32
-    (`communication_data_type`). DeepSpeed has no fp32 accumulator at ZeRO-0 (a NotImplementedError), so there
-    accumulating micro-batches is refused; one micro-batch per step needs none."""
+    """bf16 gradients are summed over micro-batches and ranks in fp32: DeepSpeed's default is the model's
+    dtype, whose 8-bit mantissa drops a micro-batch's contribution below 1/256 of the running sum. ZeRO 1-3
+    accumulate in fp32 (`grad_accum_dtype`; ZeRO-1 then runs DeepSpeed's BF16_Optimizer); every stage reduces
+    in fp32 (`communication_data_type`). DeepSpeed has no fp32 accumulator at ZeRO-0 (a NotImplementedError),
+    so there accumulating micro-batches is refused; one micro-batch per step needs none."""
     if cfg.engine.zero_stage == 0:
         if cfg.train.grad_accum > 1:
             raise UserError(
-                "engine.precision bf16 with engine.zero_stage 0 and train.grad_accum > 1: DeepSpeed would sum the "
-                "micro-batches' gradients in bf16 (it has no fp32 accumulator at ZeRO-0), losing the small ones. "
-                "Use engine.zero_stage: 1 (an fp32 accumulator; on one rank the same memory as 0), train.grad_accum: 1 "
-                "or engine.precision: fp32 (precision auto picks bf16 on GPUs with compute capability 8+)"
+                "engine.precision bf16 with engine.zero_stage 0 and train.grad_accum > 1: DeepSpeed would "
+                "sum the micro-batches' gradients in bf16 (it has no fp32 accumulator at ZeRO-0), losing the "
+                "small ones. Use engine.zero_stage: 1 (an fp32 accumulator; on one rank the same memory as "
+                "0), train.grad_accum: 1 or engine.precision: fp32 (precision auto picks bf16 on GPUs with "
+                "compute capability 8+)"
             )
         return {"communication_data_type": "fp32"}
     return {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}
@@ -99,7 +102,8 @@ def zero3_init(cfg: Config, precision: str):
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> dist.DistEnv:
-    """The process group on this rank's own device (`dist.init`), then DeepSpeed's communication layer on it."""
+    """The process group on this rank's own device (`dist.init`), then DeepSpeed's communication layer on
+    it."""
     from datetime import timedelta
 
     import deepspeed
@@ -116,7 +120,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0) -> di
 
 @contextmanager
 def gathered(*params):
-    """Inside the block, ZeRO-3-partitioned `params` are whole on every rank (for reading); others are untouched."""
+    """Inside the block, ZeRO-3-partitioned `params` are whole on every rank (for reading); others are
+    untouched."""
     import deepspeed
 
     parts = [p for p in params if hasattr(p, "ds_id")]
@@ -128,9 +133,9 @@ def gathered(*params):
 
 
 def whole_params(model, frozen_only: bool = True):
-    """(name, whole tensor) of each frozen parameter (or, not `frozen_only`, each parameter) of a model loaded for an
-    engine, in name order, one at a time (under ZeRO-3 each is gathered from its partitions while it is looked at:
-    every rank must iterate alike)."""
+    """(name, whole tensor) of each frozen parameter (or, not `frozen_only`, each parameter) of a model loaded
+    for an engine, in name order, one at a time (under ZeRO-3 each is gathered from its partitions while it is
+    looked at: every rank must iterate alike)."""
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if not (frozen_only and p.requires_grad):
             with gathered(p):
@@ -142,9 +147,8 @@ class Engine:
 
     def __init__(self, ds_engine, precision: str):
         self._ds, self.precision = ds_engine, precision
-        self.group_names = [
-            g["name"] for g in self._groups()
-        ]  # the groups DeepSpeed kept (it drops empty ones), in order
+        # the groups DeepSpeed kept (it drops empty ones), in order
+        self.group_names = [g["name"] for g in self._groups()]
         self._model_states: dict | None = (
             None  # bytes this rank holds for params / grads / optimizer, once measured
         )
@@ -154,7 +158,8 @@ class Engine:
     def build(
         cls, cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False
     ) -> Engine:
-        """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO stage)."""
+        """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO
+        stage)."""
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
@@ -168,27 +173,24 @@ class Engine:
         )
         config = ds_config(cfg, precision)
         leaves = {type(m) for m in model.modules() if type(m).__name__ == "TrainableTokensLayer"}
-        if (
-            leaves and cfg.engine.zero_stage == 3
-        ):  # peft reads its base embedding's weight directly: fetch it with the layer
+        # peft reads its base embedding's weight directly: fetch it with the layer
+        if leaves and cfg.engine.zero_stage == 3:
             deepspeed.utils.set_z3_leaf_modules(model, list(leaves))
         if load_universal:
             config["checkpoint"] = {"load_universal": True}
-        groups = optim.build(
-            model.named_parameters(), t.weight_decay
-        )  # decay by real shape (ZeRO-3: ds_shape)
-        fp32 = precision_.fp32_sources(
-            model, precision, cfg.engine.zero_stage
-        )  # DeepSpeed casts them to bf16 below
+        # decay by real shape (ZeRO-3: ds_shape)
+        groups = optim.build(model.named_parameters(), t.weight_decay)
+        # DeepSpeed casts them to bf16 below
+        fp32 = precision_.fp32_sources(model, precision, cfg.engine.zero_stage)
         ds, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, config=config, lr_scheduler=lambda opt: LambdaLR(opt, sched)
         )
-        engine_state.set_masters(
-            ds, fp32
-        )  # the fp32 masters start from the fp32 weights, not their bf16 rounding
+        # the fp32 masters start from the fp32 weights, not their bf16 rounding
+        engine_state.set_masters(ds, fp32)
         del fp32
         engine = cls(ds, precision)
-        engine.train()  # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
+        # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
+        engine.train()
         return engine
 
     # ---- the model
@@ -211,17 +213,16 @@ class Engine:
 
     @property
     def n_params(self) -> int:
-        return sum(
-            getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters()
-        )  # full sizes under ZeRO-3
+        # full sizes under ZeRO-3
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters())
 
     @property
     def n_trainable(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self._ds.module.parameters() if p.requires_grad)
 
     def trainable_fp32(self) -> dict[str, torch.Tensor]:
-        """Every trainable parameter, whole and in fp32 (the optimizer's master copy where there is one), on CPU, on
-        every rank. All ranks must call it (ZeRO-3 gathers)."""
+        """Every trainable parameter, whole and in fp32 (the optimizer's master copy where there is one), on
+        CPU, on every rank. All ranks must call it (ZeRO-3 gathers)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         out, zero0 = (
@@ -230,9 +231,8 @@ class Engine:
         )  # ZeRO-0 bf16: DeepSpeed's getter has no masters there
         for n, p in self._ds.module.named_parameters():
             if p.requires_grad:
-                master = (
-                    zero0[id(p)] if id(p) in zero0 else safe_get_full_fp32_param(p)
-                )  # None: fp32 ZeRO-0 (the parameter)
+                # None: fp32 ZeRO-0 (the parameter)
+                master = zero0[id(p)] if id(p) in zero0 else safe_get_full_fp32_param(p)
                 out[n] = (p.data if master is None else master).detach().float().cpu().clone()
         return out
 
@@ -257,7 +257,8 @@ class Engine:
             and ds.zero_optimization_stage() == 0
             and not (ds.bfloat16_enabled() or ds.fp16_enabled())
         ):
-            # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced here
+            # DeepSpeed clips but does not record the norm on this path; gradients are already all-reduced
+            # here
             grads = [p.grad for p in ds.module.parameters() if p.grad is not None]
             norm = float(
                 torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))

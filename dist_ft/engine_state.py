@@ -33,12 +33,13 @@ def has_frozen(engine) -> bool:
 
 
 def save(engine, directory: Path) -> None:
-    """This rank's part of the engine state. Every file this rank writes is announced (`fsio.wrote`), so the caller can
-    fsync and vouch for its own files: DeepSpeed writes its state files through its checkpoint engine (seen here by
-    wrapping its `save`: model states on data-parallel rank 0, or on every rank under ZeRO-3; each rank's optimizer
-    partition) and copies its recovery scripts (global rank 0, ZeRO >= 1) beside `ds/`."""
-    # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage; frozen
-    # weights (an adapter's base) are not saved: they come from the model's source on resume
+    """This rank's part of the engine state. Every file this rank writes is announced (`fsio.wrote`), so the
+    caller can fsync and vouch for its own files: DeepSpeed writes its state files through its checkpoint
+    engine (seen here by wrapping its `save`: model states on data-parallel rank 0, or on every rank under
+    ZeRO-3; each rank's optimizer partition) and copies its recovery scripts (global rank 0, ZeRO >= 1) beside
+    `ds/`."""
+    # the marker lets DeepSpeed's ds_to_universal convert this checkpoint for another world size / stage;
+    # frozen weights (an adapter's base) are not saved: they come from the model's source on resume
     info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     writer = engine.checkpoint_engine
     own, inner = "save" in vars(writer), writer.save
@@ -128,9 +129,8 @@ def model_state_bytes(engine) -> dict:
         buf = getattr(opt, "grads_in_partition", None)
         averaged = getattr(opt, "averaged_gradients", None)
         masters = getattr(opt, "single_partition_of_fp32_groups", None) or []
-        bf16_accumulators = getattr(
-            opt, "fp32_groups_gradients_flat", None
-        )  # BF16_Optimizer (bf16 ZeRO-1): fp32 grads
+        # BF16_Optimizer (bf16 ZeRO-1): fp32 grads
+        bf16_accumulators = getattr(opt, "fp32_groups_gradients_flat", None)
         if torch.is_tensor(buf):
             g_bytes = _nbytes([buf])
         elif bf16_accumulators:
@@ -143,15 +143,15 @@ def model_state_bytes(engine) -> dict:
             g_bytes = _nbytes(p.grad for p in params)
     inner = getattr(opt, "optimizer", opt)
     o_bytes = _nbytes(v for st in inner.state.values() for v in st.values())
-    o_bytes += _nbytes(
-        p for g in inner.param_groups for p in g["params"] if id(p) not in own
-    )  # fp32 master partitions
+    # fp32 master partitions
+    o_bytes += _nbytes(p for g in inner.param_groups for p in g["params"] if id(p) not in own)
     return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes}
 
 
 def zero0_masters(engine) -> dict:
-    """id(module parameter) -> its fp32 master (a view into the optimizer's) under ZeRO-0 bf16 / fp16, where DeepSpeed's
-    FP16_UnfusedOptimizer (torch's AdamW) or FP16_Optimizer (fused Adam, flat groups) holds them; {} elsewhere."""
+    """id(module parameter) -> its fp32 master (a view into the optimizer's) under ZeRO-0 bf16 / fp16, where
+    DeepSpeed's FP16_UnfusedOptimizer (torch's AdamW) or FP16_Optimizer (fused Adam, flat groups) holds them;
+    {} elsewhere."""
     from torch._utils import _unflatten_dense_tensors
 
     opt = engine.optimizer
@@ -159,23 +159,30 @@ def zero0_masters(engine) -> dict:
     if engine.zero_optimization_stage() != 0 or lp_groups is None:
         return {}
     if getattr(opt, "fp32_groups_flat", None) is not None:
-        hp_groups = [_unflatten_dense_tensors(flat, lp) for flat, lp in zip(opt.fp32_groups_flat, lp_groups)]
+        hp_groups = [
+            _unflatten_dense_tensors(flat, lp)
+            for flat, lp in zip(opt.fp32_groups_flat, lp_groups, strict=True)
+        ]
     else:
         hp_groups = opt.fp32_groups
-    return {id(p): hp for lp, hp_group in zip(lp_groups, hp_groups) for p, hp in zip(lp, hp_group)}
+    return {
+        id(p): hp
+        for lp, hp_group in zip(lp_groups, hp_groups, strict=True)
+        for p, hp in zip(lp, hp_group, strict=True)
+    }
 
 
 def set_masters(engine, sources: list) -> None:
     """Put each (parameter, fp32 tensor) of `sources` into the optimizer's fp32 master copy of that parameter:
-    ZeRO 1-2 and BF16_Optimizer through DeepSpeed's `safe_set_full_fp32_param` (each rank its partition), ZeRO-0's
-    FP16 optimizers (bf16 / fp16 without ZeRO) directly."""
+    ZeRO 1-2 and BF16_Optimizer through DeepSpeed's `safe_set_full_fp32_param` (each rank its partition),
+    ZeRO-0's FP16 optimizers (bf16 / fp16 without ZeRO) directly."""
     from deepspeed.utils import safe_set_full_fp32_param
 
     zero0 = zero0_masters(engine)
-    if zero0:  # its init ran one Adam step on zero gradients (to create the states): undo its step count (else the first real
-        inner = (
-            engine.optimizer.optimizer
-        )  # update is 0.74 lr, bias-corrected as step 2) and its weight decay (below)
+    if zero0:
+        # its init ran one Adam step on zero gradients (to create the states): undo its step count (else the
+        # first real update is 0.74 lr, bias-corrected as step 2) and its weight decay (below)
+        inner = engine.optimizer.optimizer
         for st in inner.state.values():
             if "step" in st:
                 st["step"] = torch.zeros_like(st["step"]) if torch.is_tensor(st["step"]) else 0

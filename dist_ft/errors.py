@@ -8,7 +8,8 @@ class UserError(Exception):
 
 
 class Preempted(Exception):
-    """A preemption signal arrived before training started: nothing to save, exit 75 so the job is requeued."""
+    """A preemption signal arrived before training started: nothing to save, exit 75 so the job is
+    requeued."""
 
 
 PREEMPTED_MARK = "preempted: "  # prefix of a failure report that makes waiting ranks exit 75 too

@@ -1,26 +1,28 @@
 """Evaluation: one loop for every place that measures a model on held-out data.
 
 - `validation`: training's periodic eval (the engine over the run's validation rows, every rank its slice).
-- `score` (a chat / language model on a file), `score_pairs` (preference pairs), `score_heads` (a classifier or
-  reward model): `dist-ft eval` and the demo, on a loaded export (`inference.load`).
+- `score` (a chat / language model on a file), `score_pairs` (preference pairs), `score_heads` (a
+  classifier or reward model): `dist-ft eval` and the demo, on a loaded export (`inference.load`).
 - `fmt_score` / `fmt_pairs` / `fmt_heads`: the one-line summaries they print.
-All of them run batches through `_forward` (eval mode, no gradients); the task's loss and metric sums are added up
-by `loss_sums` / `add_sums`, which training's step uses too. Nothing here imports the training side (engine, loop,
-checkpoints): the engine is passed in and called like a model.
+All of them run batches through `_forward` (eval mode, no gradients); the task's loss and metric sums are
+added up by `loss_sums` / `add_sums`, which training's step uses too. Nothing here imports the training side
+(engine, loop, checkpoints): the engine is passed in and called like a model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .config import DataConfig
 from .data.formats import to_conversation
 from .data.sources import read_records
 from .inference import generate
 
-# max_seq_len for scoring a file: a length no record reaches, so every conversation (pair, text) is scored whole,
-# never truncated or dropped as training's data.max_seq_len would (collate pads to the longest row, not to this)
+# max_seq_len for scoring a file: a length no record reaches, so every conversation (pair, text) is scored
+# whole, never truncated or dropped as training's data.max_seq_len would
+# (collate pads to the longest row, not to this)
 WHOLE_SEQ_LEN = 1 << 30
 
 
@@ -33,8 +35,8 @@ def add_sums(sums: dict, values: dict) -> None:
 
 
 def _forward(model, batches: Iterable, fn: Callable) -> list:
-    """`fn(batch)` for each of `batches` (built one at a time as they are consumed), with the model in eval mode and
-    no gradients recorded."""
+    """`fn(batch)` for each of `batches` (built one at a time as they are consumed), with the model in eval
+    mode and no gradients recorded."""
     import torch
 
     model.eval()
@@ -43,10 +45,11 @@ def _forward(model, batches: Iterable, fn: Callable) -> list:
 
 
 def loss_sums(model, task, batches: Iterable, chunk: int = 0) -> tuple:
-    """(loss sum, loss units, metric sums) of the task over `batches`: the sums are float64 tensors left on the model's
-    device (0.0 for no batches), the units an int."""
+    """(loss sum, loss units, metric sums) of the task over `batches`: the sums are float64 tensors left on
+    the model's device (0.0 for no batches), the units an int."""
     outs = _forward(model, batches, lambda batch: (task.loss(model, batch, chunk), batch.n_loss))
-    total, sums = {}, {}
+    total: dict[str, Any] = {}
+    sums: dict[str, Any] = {}
     for out, _ in outs:
         add_sums(total, {"loss": out.sum})
         add_sums(sums, out.metrics)
@@ -54,7 +57,8 @@ def loss_sums(model, task, batches: Iterable, chunk: int = 0) -> tuple:
 
 
 def validation(engine, task, prep, cfg, env) -> dict:
-    """The task's eval metrics over the run's validation rows, every rank scoring its slice (summed over the ranks)."""
+    """The task's eval metrics over the run's validation rows, every rank scoring its slice
+    (summed over the ranks)."""
     from . import dist
     from .data import dataset
     from .tasks import MetricSums
@@ -66,12 +70,21 @@ def validation(engine, task, prep, cfg, env) -> dict:
     return task.eval_metrics(total, n, MetricSums.read(sums, totals))
 
 
+def _records(cfg: DataConfig) -> list[tuple[str, dict]]:
+    """The records of the file a scoring config is built on (`DataConfig(train=path)`)."""
+    assert cfg.train is not None  # (set from the path)
+    return read_records(cfg.train)
+
+
 def _checked(tok, model, checks: list, max_new_tokens: int) -> list:
-    """(question, greedy answer, whether it contains the expected string, case-insensitive) for each (prompt, expected)."""
+    """(question, greedy answer, whether it contains the expected string, case-insensitive)
+    for each (prompt, expected)."""
     answers = generate(
         tok, model, [p for p, _ in checks], max_new_tokens=max_new_tokens, temperature=0.0, progress=True
     )
-    return [(p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers)]
+    return [
+        (p[-1]["content"], a, want.lower() in a.lower()) for (p, want), a in zip(checks, answers, strict=True)
+    ]
 
 
 def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) -> dict:
@@ -85,7 +98,7 @@ def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) ->
     checks = []
 
     def batches():  # one per record
-        for where, rec in read_records(data_cfg.train):
+        for where, rec in _records(data_cfg):
             examples, _ = t.examples(rec, where, data_cfg, tok)
             yield t.collate(examples, data_cfg.max_seq_len, tok.pad_token_id, False)
             if "check" in rec:
@@ -105,8 +118,9 @@ def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) ->
 
 
 def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
-    """Preference pairs of a file under `model`: each pair's summed completion log-probs (chosen, rejected), and for
-    pairs with a `check` field the greedy answer to the prompt and whether it contains the checked string."""
+    """Preference pairs of a file under `model`: each pair's summed completion log-probs (chosen, rejected),
+    and for pairs with a `check` field the greedy answer to the prompt and whether it contains the checked
+    string."""
     from . import tasks
     from .data.preference import to_pair, tokenize_pair
     from .loss import batch_sequence_logps
@@ -115,7 +129,7 @@ def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
     checks = []
 
     def batches():  # one pair each
-        for where, rec in read_records(DataConfig(train=path, task="dpo").train):
+        for where, rec in _records(DataConfig(train=path, task="dpo")):
             pair = to_pair(rec, where)
             yield dpo.collate([list(tokenize_pair(tok, pair, where))], WHOLE_SEQ_LEN, tok.pad_token_id, False)
             if "check" in rec:
@@ -132,9 +146,10 @@ def score_pairs(tok, model, path: str, max_new_tokens: int = 48) -> dict:
 
 
 def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
-    """A sequence head over a file: a classifier (num_labels > 1) on {text|messages, label} records (labels by the
-    model's id2label; one it does not know is refused naming the record), or a reward model (num_labels 1) on
-    preference pairs. Returns the task's eval metrics (val_loss, val_accuracy, ...) and `n`, the records scored."""
+    """A sequence head over a file: a classifier (num_labels > 1) on {text|messages, label} records (labels by
+    the model's id2label; one it does not know is refused naming the record), or a reward model (num_labels 1)
+    on preference pairs. Returns the task's eval metrics (val_loss, val_accuracy, ...) and `n`, the records
+    scored."""
     from . import tasks
 
     reward = model.config.num_labels == 1
@@ -143,7 +158,7 @@ def score_heads(tok, model, path: str, batch_size: int = 16) -> dict:
         task = task.with_meta({"labels": [model.config.id2label[i] for i in range(model.config.num_labels)]})
     cfg = DataConfig(train=path, task=task.name, max_seq_len=WHOLE_SEQ_LEN, packing=False)
     rows = []
-    for where, rec in read_records(cfg.train):
+    for where, rec in _records(cfg):
         examples, _ = task.examples(rec, where, cfg, tok)
         rows.append(examples if reward else examples[0])  # a pair is one row of two sequences
     batches = (
@@ -166,7 +181,8 @@ def fmt_score(s: dict) -> str:
 def fmt_pairs(s: dict) -> str:
     n = len(s["samples"])
     return (
-        f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | greedy answer as preferred "
+        f"prefers the chosen reply on {100 * s['preferred']:.1f}% of {len(s['logps'])} pairs | "
+        "greedy answer as preferred "
         f"{100 * s['behaviour']:.1f}% ({round(s['behaviour'] * n)}/{n})"
     )
 
@@ -174,5 +190,11 @@ def fmt_pairs(s: dict) -> str:
 def fmt_heads(s: dict, reward: bool) -> str:
     n, acc = s["n"], s["val_accuracy"]
     if reward:
-        return f"pairwise accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | mean margin {s['val_margin']:.3f} | loss {s['val_loss']:.4f}"
-    return f"accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | macro-F1 {s['val_macro_f1']:.3f} | loss {s['val_loss']:.4f}"
+        return (
+            f"pairwise accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | "
+            f"mean margin {s['val_margin']:.3f} | loss {s['val_loss']:.4f}"
+        )
+    return (
+        f"accuracy {100 * acc:.1f}% ({round(acc * n)}/{n}) | "
+        f"macro-F1 {s['val_macro_f1']:.3f} | loss {s['val_loss']:.4f}"
+    )

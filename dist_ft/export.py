@@ -1,6 +1,7 @@
-"""Write the trained model in Hugging Face format (safetensors + config + generation config + tokenizer with
-its chat template), atomically: `out/` either holds a complete model or the previous one. A parameter-efficient
-run writes the merged model (merged on CPU in fp32 from a fresh base) plus `out/adapter/` in PEFT format."""
+"""Write the trained model in Hugging Face format (safetensors + config + generation config + tokenizer
+with its chat template), atomically: `out/` either holds a complete model or the previous one. A
+parameter-efficient run writes the merged model (merged on CPU in fp32 from a fresh base) plus `out/adapter/`
+in PEFT format."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def save_hf(model, tok, state_dict: dict, out: Path, extra=None) -> Path:
 def write_final(
     engine, cfg, tok, auto_class: str, out: Path, is_main: bool, base_sha256: str = ""
 ) -> str | None:
-    """Every rank joins the gather of what was trained; rank 0 writes `out` and returns a note for the log (None
-    elsewhere). An adapter run first checks that training left the frozen base as it found it."""
+    """Every rank joins the gather of what was trained; rank 0 writes `out` and returns a note for the log
+    (None elsewhere). An adapter run first checks that training left the frozen base as it found it."""
     if cfg.model.peft is None:
         state = engine.full_state_dict()
         if is_main:
@@ -46,7 +47,8 @@ def write_final(
     now = adapters.fingerprint(whole_params(engine.module))
     if now != base_sha256:
         raise RuntimeError(
-            f"the frozen base weights changed during training (sha256 {base_sha256[:12]} -> {now[:12]}): a bug, please report it"
+            f"the frozen base weights changed during training (sha256 {base_sha256[:12]} -> {now[:12]}): "
+            "a bug, please report it"
         )
     trained = engine.trainable_fp32()  # the adapter, whole, fp32 master values
     if not is_main:
@@ -58,6 +60,6 @@ def write_final(
     save_hf(model, tok, model.state_dict(), out, extra=lambda tmp: save_adapter(tmp, tok))
     what = "merged model" if cfg.model.peft.method == "lora" else "base model"
     return (
-        f" ({what} + {out / adapters.ADAPTER_DIR}: {sum(v.numel() for v in trained.values()):,} trained parameters; "
-        f"base weights unchanged, sha256 {now[:12]})"
+        f" ({what} + {out / adapters.ADAPTER_DIR}: {sum(v.numel() for v in trained.values()):,} trained "
+        f"parameters; base weights unchanged, sha256 {now[:12]})"
     )

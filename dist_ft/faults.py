@@ -7,14 +7,15 @@ method is a no-op; library callers get `NONE`.
 - `DIST_FT_TEST_PAUSE_IN_SAVE=N[:S]`: rank 0 stalls in the save of step N after the engine state is written
   and before the manifest: for S seconds (honest slow work, e.g. a slow filesystem), or long enough for a
   test to kill the job mid-save.
-- `DIST_FT_TEST_KILL_RANK_IN_SAVE=N:R`: rank R SIGKILLs itself (only itself: no launcher notices, as on another
-  node) in the save of step N, after writing its files and before reporting them, so the others wait for it.
+- `DIST_FT_TEST_KILL_RANK_IN_SAVE=N:R`: rank R SIGKILLs itself (only itself: no launcher notices, as on
+  another node) in the save of step N, after writing its files and before reporting them, so the others wait
+  for it.
 - `DIST_FT_TEST_CORRUPT_IN_SAVE=N:R`: rank R truncates its rank-R.pt in the save of step N after describing it
   for its report (a file that changed after its writer vouched for it, or a node that sees another version).
-- `DIST_FT_TEST_KILL_AFTER_SHARD=N`: SIGKILL `prepare` (or a run's on-the-fly tokenizing) right after it wrote shard
-  number N.
-- `DIST_FT_TEST_SLOW_TOKENS=S`: generation (inference.stream) sleeps S seconds after each token, so a test can hold a
-  server's queue or disconnect mid-reply.
+- `DIST_FT_TEST_KILL_AFTER_SHARD=N`: SIGKILL `prepare` (or a run's on-the-fly tokenizing) right after it wrote
+  shard number N.
+- `DIST_FT_TEST_SLOW_TOKENS=S`: generation (inference.stream) sleeps S seconds after each token, so a test can
+  hold a server's queue or disconnect mid-reply.
 - `DIST_FT_TEST_PAUSE_IN_SETUP=S`: sleep S seconds in setup just before the model loads (for signals and
   locks that must work before the first step).
 
@@ -58,8 +59,8 @@ class Faults:
                 return parse(value)
             except ValueError:
                 raise UserError(
-                    f"DIST_FT_TEST_{name}={value!r}: expected {form} (a test fault-injection variable; unset it "
-                    "to run normally)"
+                    f"DIST_FT_TEST_{name}={value!r}: expected {form} (a test fault-injection variable; "
+                    "unset it to run normally)"
                 ) from None
 
         def pair(kind):
@@ -92,13 +93,15 @@ class Faults:
         )
 
     def after_step(self, step: int, rank: int) -> None:
-        """Step `step` is complete, its evaluation and checkpoint included (the loop calls this before it takes the
-        next step's batch, so never after the last one): rank 0 kills the job's whole process group."""
+        """Step `step` is complete, its evaluation and checkpoint included (the loop calls this before it
+        takes the next step's batch, so never after the last one): rank 0 kills the job's whole process
+        group."""
         if self.kill_at_step is not None and step == self.kill_at_step and rank == 0:
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
     def in_save(self, step: int, rank: int, folder: Path) -> None:
-        """A rank of the save of `step` has written and described its files in `folder`, before reporting them."""
+        """A rank of the save of `step` has written and described its files in `folder`, before reporting
+        them."""
         if self.kill_rank_in_save == (step, rank):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.corrupt_in_save == (step, rank):

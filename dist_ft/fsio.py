@@ -45,16 +45,18 @@ def fsync(path: Path) -> None:
 
 
 def fsync_tree(root: Path, files: bool = True) -> None:
-    """fsync every file and folder under `root` and `root` itself; with files=False only the folders (their entries)."""
+    """fsync every file and folder under `root` and `root` itself; with files=False only the folders (their
+    entries)."""
     for p in sorted(Path(root).rglob("*")) + [Path(root)]:
         if files or p.is_dir():
             fsync(p)
 
 
 def sync_written(root: Path, paths, hash_below: int = 1 << 20) -> dict[str, FileInfo]:
-    """fsync files this process wrote under `root`, then the folders holding them (up to `root`), and describe them:
-    {path relative to root: size, and sha256 for files smaller than `hash_below`}. On a filesystem shared by nodes
-    only the writer's fsync puts its data on stable storage: another node's client may still cache it."""
+    """fsync files this process wrote under `root`, then the folders holding them (up to `root`), and describe
+    them: {path relative to root: size, and sha256 for files smaller than `hash_below`}. On a filesystem
+    shared by nodes only the writer's fsync puts its data on stable storage: another node's client may still
+    cache it."""
     root, out, dirs = Path(root), {}, {Path(root)}
     for p in map(Path, paths):
         fd = os.open(p, os.O_RDONLY)
@@ -75,8 +77,8 @@ _collectors: list[list[Path]] = []
 
 @contextmanager
 def collect_written() -> Iterator[list[Path]]:
-    """The files that writers inside the block announce with `wrote` (e.g. a library's writes seen through a wrapper):
-    how a rank knows which files of a folder it shares with other ranks are its own."""
+    """The files that writers inside the block announce with `wrote` (e.g. a library's writes seen through a
+    wrapper): how a rank knows which files of a folder it shares with other ranks are its own."""
     got: list[Path] = []
     _collectors.append(got)
     try:
@@ -136,11 +138,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def publish_dir(tmp: Path, final: Path, sync_files: bool = True) -> None:
-    """fsync a filled directory (sync_files=False: only its folders, where each writer fsynced its own files) and put
-    it in place of `final` with no moment where neither exists: an existing
-    `final` is swapped with it in one atomic exchange (Linux renameat2), then deleted; where the filesystem
-    cannot exchange, the old one is renamed to `<final>.old` first (a crash in between leaves `final.old`,
-    which `rundir` puts back)."""
+    """fsync a filled directory (sync_files=False: only its folders, where each writer fsynced its own files)
+    and put it in place of `final` with no moment where neither exists: an existing `final` is swapped with it
+    in one atomic exchange (Linux renameat2), then deleted; where the filesystem cannot exchange, the old one
+    is renamed to `<final>.old` first (a crash in between leaves `final.old`, which `rundir` puts back)."""
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp, sync_files)
     if not final.exists():
@@ -191,9 +192,10 @@ def mismatch(path: Path, want: FileInfo, verify_sha: bool = True) -> str | None:
 
 
 def seen_mismatch(path: Path, want: FileInfo, missing_grace_s: float = 30.0) -> str | None:
-    """`mismatch` for a file another node may just have written: the size comes from an open descriptor (opening
-    revalidates a network filesystem's cached attributes, close-to-open), and a file that seems missing is looked
-    for again for `missing_grace_s` (a cached negative lookup on NFS lasts up to a minute)."""
+    """`mismatch` for a file another node may just have written: the size comes from an open descriptor
+    (opening revalidates a network filesystem's cached attributes, close-to-open), and a file that seems
+    missing is looked for again for `missing_grace_s` (a cached negative lookup on NFS lasts up to a
+    minute)."""
     deadline = time.monotonic() + missing_grace_s
     while True:
         try:

@@ -1,9 +1,10 @@
 """`dist-ft eval --harness lm-eval`: EleutherAI lm-evaluation-harness on an exported model directory, offline.
 
-Tasks come from lm-eval's registry, from the tasks shipped here (`harness_tasks/`: veloria_mc, a multiple-choice
-task over local JSONL) and from `--include DIR` (your own task YAMLs). Results (metrics and, per sample, the
-log-likelihood of each choice) are saved as JSON next to the run (`<run>/eval/`). `loglikelihood` is dist_ft's own
-scorer of a (context, continuation) pair, tokenized the way lm-eval's HF model does it, so the two can be compared.
+Tasks come from lm-eval's registry, from the tasks shipped here (`harness_tasks/`: veloria_mc, a
+multiple-choice task over local JSONL) and from `--include DIR` (your own task YAMLs). Results (metrics and,
+per sample, the log-likelihood of each choice) are saved as JSON next to the run (`<run>/eval/`).
+`loglikelihood` is dist_ft's own scorer of a (context, continuation) pair, tokenized the way lm-eval's HF
+model does it, so the two can be compared.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ SHIPPED = Path(__file__).resolve().parent / "harness_tasks"
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation token ids as lm-eval's HF backend splits them: trailing spaces of the context move to
-    the continuation, the whole is encoded once and split at the context's length."""
+    """Context and continuation token ids as lm-eval's HF backend splits them: trailing spaces of the context
+    move to the continuation, the whole is encoded once and split at the context's length."""
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
@@ -41,7 +42,8 @@ def loglikelihood(tok, model, context: str, continuation: str) -> float:
 
 
 def _task_dir(tmp: Path) -> Path:
-    """The shipped task YAMLs with their data files made absolute (lm-eval reads them relative to the working dir)."""
+    """The shipped task YAMLs with their data files made absolute
+    (lm-eval reads them relative to the working dir)."""
     for y in SHIPPED.glob("*.yaml"):
         text = y.read_text()
         for data in SHIPPED.glob("*.jsonl"):
@@ -58,22 +60,23 @@ def run(
     batch_size: int = 8,
     out: Path | None = None,
 ) -> dict:
-    """Run lm-eval's HF backend (fp32, CPU unless a GPU is there) on `model_dir`; returns its results dict and writes
-    them, with each sample's per-choice log-likelihoods, to `out` (default: <model_dir>/../eval/lm-eval-<tasks>.json)."""
+    """Run lm-eval's HF backend (fp32, CPU unless a GPU is there) on `model_dir`; returns its results dict and
+    writes them, with each sample's per-choice log-likelihoods, to `out`
+    (default: <model_dir>/../eval/lm-eval-<tasks>.json)."""
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(
             f"--model '{model_dir}': not an exported model directory (expected config.json inside)"
         )
-    os.environ.setdefault(
-        "HF_HUB_OFFLINE", "1"
-    )  # the model and the shipped data are local; never wait on the hub
+    # the model and the shipped data are local; never wait on the hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError(
-            "--harness lm-eval needs the lm-eval package: pip install 'dist_ft[eval]' (or pip install lm-eval)"
+            "--harness lm-eval needs the lm-eval package: "
+            "pip install 'dist_ft[eval]' (or pip install lm-eval)"
         ) from None
     import torch
 
@@ -82,7 +85,8 @@ def run(
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
             raise UserError(
-                f"--tasks: no lm-eval task {unknown[0]!r} (shipped here: {', '.join(p.stem for p in SHIPPED.glob('*.yaml'))}; "
+                f"--tasks: no lm-eval task {unknown[0]!r} "
+                f"(shipped here: {', '.join(p.stem for p in SHIPPED.glob('*.yaml'))}; "
                 "your own: --include DIR with its YAML)"
             )
         t0 = time.perf_counter()

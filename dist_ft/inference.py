@@ -1,8 +1,9 @@
 """Use a trained model: load an exported directory, generate replies (batched, or streamed token by token).
 
-Shared by `dist-ft chat`, `dist-ft serve`, `dist-ft eval` and the demo (through `evaluate.py`, which scores held-out
-data) and the sample prompts logged at the end of training, so all of them render the same chat template and stop on
-the same end-of-turn token. Nothing here imports the training side (engine, loop, checkpoints).
+Shared by `dist-ft chat`, `dist-ft serve`, `dist-ft eval` and the demo (through `evaluate.py`, which scores
+held-out data) and the sample prompts logged at the end of training, so all of them render the same chat
+template and stop on the same end-of-turn token. Nothing here imports the training side (engine, loop,
+checkpoints).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from .faults import NONE, Faults
 
 
 def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = None):
-    """(tokenizer, model in eval mode) of an exported model directory, or of a base model directory with an adapter
-    (`adapter`: a PEFT adapter directory such as <output.dir>/final/adapter, whose tokenizer is used). An export of
-    prefix tuning (which cannot merge) gets its own final/adapter applied."""
+    """(tokenizer, model in eval mode) of an exported model directory, or of a base model directory with an
+    adapter (`adapter`: a PEFT adapter directory such as <output.dir>/final/adapter, whose tokenizer is used).
+    An export of prefix tuning (which cannot merge) gets its own final/adapter applied."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -31,11 +32,13 @@ def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = 
 
     if not Path(model_dir).is_dir() or not (Path(model_dir) / "config.json").is_file():
         raise UserError(
-            f"--model '{model_dir}': not an exported model directory (expected config.json inside, e.g. runs/demo/final)"
+            f"--model '{model_dir}': not an exported model directory "
+            "(expected config.json inside, e.g. runs/demo/final)"
         )
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(
-            f"--adapter '{adapter}': not an adapter directory (expected adapter_config.json inside, e.g. runs/demo/final/adapter)"
+            f"--adapter '{adapter}': not an adapter directory "
+            "(expected adapter_config.json inside, e.g. runs/demo/final/adapter)"
         )
     if adapter is None and needs_applying(Path(model_dir) / ADAPTER_DIR):
         adapter = str(Path(model_dir) / ADAPTER_DIR)
@@ -47,7 +50,8 @@ def load(model_dir: str, trust_remote_code: bool = False, adapter: str | None = 
     model = auto.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if not tok.chat_template:
         raise UserError(
-            f"--model '{model_dir}': tokenizer has no chat template; export it with dist-ft train (which saves one)"
+            f"--model '{model_dir}': tokenizer has no chat template; "
+            "export it with dist-ft train (which saves one)"
         )
     if adapter is not None:
         grow_embeddings(model, len(tok))  # the rows the run's tokenizer added, as training made them
@@ -66,8 +70,9 @@ def is_sequence_head(model_dir: str) -> bool:
 
 
 def _generation_kwargs(model, temperature: float, top_p: float) -> dict:
-    """Sampling (temperature 0: greedy) and, for a prefix-tuned model, no KV cache: it enters its virtual tokens as a
-    cache, which generate()'s own cache drops (peft 0.21 with transformers 5: the answer would be the base model's)."""
+    """Sampling (temperature 0: greedy) and, for a prefix-tuned model, no KV cache: it enters its virtual
+    tokens as a cache, which generate()'s own cache drops (peft 0.21 with transformers 5: the answer would be
+    the base model's)."""
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
         if temperature > 0
@@ -88,8 +93,8 @@ def generate(
     progress: bool = False,
 ) -> list[str]:
     """The assistant's next reply to each conversation (temperature 0: greedy), `batch_size` conversations per
-    generate() call (left-padded; one at a time for a prefix-tuned model); `progress` shows a bar. (`stream` yields
-    one reply as it is generated.)"""
+    generate() call (left-padded; one at a time for a prefix-tuned model); `progress` shows a bar. (`stream`
+    yields one reply as it is generated.)"""
     import torch
     from tqdm import tqdm
 
@@ -130,9 +135,8 @@ def generate(
 class Delta:
     text: str  # text added since the previous delta ("" possible)
     tokens: int  # tokens generated so far (the stop token included)
-    finish: str | None = (
-        None  # set on the last delta: "stop" (end of turn or a stop string), "length", "cancelled"
-    )
+    # set on the last delta: "stop" (end of turn or a stop string), "length", "cancelled"
+    finish: str | None = None
 
 
 GREEDY_BELOW = 1e-3  # temperatures under this sample greedily (1e-45 would overflow the softmax)
@@ -151,11 +155,12 @@ def stream(
     seed: int | None = None,
     faults: Faults = NONE,
 ) -> Iterator[Delta]:
-    """Generate from `input_ids` on a background thread and yield the text as tokens arrive: the deltas concatenate to
-    what `generate` returns for the same prompt (the decoded reply, stripped of surrounding whitespace), cut before the
-    first of the `stop` strings. Setting `cancel` (the client went away) stops generation at the next token.
-    Sampling (temperature >= GREEDY_BELOW; below it, greedy) draws from a private torch.Generator seeded with `seed`, or
-    from the OS when None, so a seed repeats its reply and never touches the process-global RNG."""
+    """Generate from `input_ids` on a background thread and yield the text as tokens arrive: the deltas
+    concatenate to what `generate` returns for the same prompt (the decoded reply, stripped of surrounding
+    whitespace), cut before the first of the `stop` strings. Setting `cancel` (the client went away) stops
+    generation at the next token. Sampling (temperature >= GREEDY_BELOW; below it, greedy) draws from a
+    private torch.Generator seeded with `seed`, or from the OS when None, so a seed repeats its reply and
+    never touches the process-global RNG."""
     import queue
     import secrets
 
@@ -169,7 +174,7 @@ def stream(
     from transformers.generation.streamers import BaseStreamer
 
     q: queue.Queue = queue.Queue()
-    cancel = cancel or threading.Event()
+    event = cancel or threading.Event()  # (also set here, once a stop string is hit)
     stops, done = stop_token_ids(tok), object()
 
     class Tokens(BaseStreamer):
@@ -187,11 +192,12 @@ def stream(
 
     class Cancelled(StoppingCriteria):
         def __call__(self, ids, scores, **kw):
-            return torch.full((ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=ids.device)
+            return torch.full((ids.shape[0],), event.is_set(), dtype=torch.bool, device=ids.device)
 
     class Sample(LogitsProcessor):
-        """generate()'s sampling (temperature, the model's top_k - transformers' default 50 - and top_p), drawn from this
-        request's own generator: the drawn token keeps score 0 and every other -inf, so the greedy pick takes it."""
+        """generate()'s sampling (temperature, the model's top_k - transformers' default 50 - and top_p),
+        drawn from this request's own generator: the drawn token keeps score 0 and every other -inf, so the
+        greedy pick takes it."""
 
         def __init__(self):
             top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
@@ -255,10 +261,9 @@ def stream(
         body, hit = reply_so_far()
         if hit:
             cut = True
-            cancel.set()
-        if body.startswith(sent) and not body.endswith(
-            "\ufffd"
-        ):  # (a multi-byte character may be incomplete)
+            event.set()
+        # (a multi-byte character may be incomplete)
+        if body.startswith(sent) and not body.endswith("\ufffd"):
             yield Delta(body[len(sent) :], len(ids))
             sent = body
     body, _ = reply_so_far()
@@ -266,7 +271,7 @@ def stream(
         "stop"
         if cut or (ids and ids[-1] in stops)
         else "cancelled"
-        if cancel.is_set()
+        if event.is_set()
         else "length"
         if len(ids) >= max_new_tokens
         else "stop"

@@ -1,4 +1,5 @@
-"""Summed next-token cross-entropy of a batch (`token_loss_sum`), fused with the output layer in chunks of positions.
+"""Summed next-token cross-entropy of a batch (`token_loss_sum`), fused with the output layer in chunks of
+positions.
 
 The plain way, `cross_entropy(head(h).float(), y)`, holds tokens x vocab logits in the model dtype, their
 fp32 copy and log-softmax for backward: with a 50k-150k vocabulary that is most of a small model's
@@ -19,7 +20,8 @@ from .contracts import Batch
 
 
 def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, need_b: bool):
-    """The summed loss, and (where asked) its gradients w.r.t. h, weight and bias, `chunk` positions at a time."""
+    """The summed loss, and (where asked) its gradients w.r.t. h, weight and bias, `chunk` positions at a
+    time."""
     n = h.shape[0]
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     g_h = torch.empty_like(h) if need_h else None
@@ -37,7 +39,7 @@ def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, n
         if need_b:
             g_b = g.sum(0) if g_b is None else g_b.add_(g.sum(0))
         g = g.to(h.dtype)
-        if need_h:
+        if g_h is not None:  # need_h
             g_h[s : s + chunk] = g @ weight
         if need_w:
             gw = (g.t() @ hc).float()
@@ -85,19 +87,21 @@ def _fusable(model, head, chunk: int) -> bool:
 
 
 def attn_implementation(model) -> str | None:
-    """The attention kernel the model runs (flash kernels need packed rows' boundaries passed: `Batch.model_inputs`)."""
+    """The attention kernel the model runs (flash kernels need packed rows' boundaries passed:
+    `Batch.model_inputs`)."""
     return getattr(model.config, "_attn_implementation", None)
 
 
 def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32), a 0-d tensor on the device.
+    """Summed next-token cross-entropy over the batch's loss-bearing targets (fp32), a 0-d tensor on the
+    device.
 
     The output layer runs only on positions that carry loss: with a 50k vocabulary it is much of a small
     model's compute and nearly all of its activation memory, and in chat SFT a third or more of the
     positions (prompts, system turns, padding) carry no loss. With `chunk` > 0 the output layer and the
-    loss are fused and run `chunk` positions at a time (``linear_cross_entropy` above): tokens x vocab logits never exist
-    whole. The call goes through the output layer module itself, so ZeRO-3's hooks gather its weight.
-    Works with any engine or plain HF model. Nothing here waits for the device (no host sync)."""
+    loss are fused and run `chunk` positions at a time (``linear_cross_entropy` above): tokens x vocab logits
+    never exist whole. The call goes through the output layer module itself, so ZeRO-3's hooks gather its
+    weight. Works with any engine or plain HF model. Nothing here waits for the device (no host sync)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
     kw = batch.model_inputs(dev, attn_implementation(model))
@@ -123,10 +127,12 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
         finally:
             del head.forward
         # the same numbers, maybe re-wrapped (ZeRO-3's backward hook returns a detached view of the output); a
-        # model that softcaps or scales its logits would return new ones, and the fused loss would be wrong for it
+        # model that softcaps or scales its logits would return new ones, and the fused loss would be wrong
+        # for it
         if out.shape != () or out.data_ptr() != fused[-1].data_ptr():
             raise RuntimeError(
-                f"{type(model).__name__} changes its output layer's result before returning it; set engine.loss_chunk_tokens=0"
+                f"{type(model).__name__} changes its output layer's result before returning it; set "
+                "engine.loss_chunk_tokens=0"
             )
         return out
     handle = head.register_forward_pre_hook(lambda _, args: (kept(args[0]),)) if head is not None else None
@@ -141,10 +147,11 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
 
 
 def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) -> torch.Tensor:
-    """Each sequence's summed log-probability of its loss-bearing targets, [n_seq] fp64 on the device (log-softmax in
-    fp32, summed in fp64); `seq_of_loss[i]` is the sequence of the batch's i-th loss position. The output layer runs on
-    those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its weight); logits of them are kept
-    for backward (n x vocab fp32: the pairwise tasks' completions are short)."""
+    """Each sequence's summed log-probability of its loss-bearing targets, [n_seq] fp64 on the device
+    (log-softmax in fp32, summed in fp64); `seq_of_loss[i]` is the sequence of the batch's i-th loss position.
+    The output layer runs on those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its
+    weight); logits of them are kept for backward (n x vocab fp32: the pairwise tasks' completions are
+    short)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
     index = batch.loss_index.to(dev, non_blocking=True)
@@ -162,8 +169,8 @@ def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) 
 
 
 def batch_sequence_logps(engine, batch: Batch) -> torch.Tensor:
-    """`sequence_logps` of a pairwise task's batch, whose `extra` maps its loss positions to sequences (`seq_of_loss`,
-    `n_seq`); a padding batch (`Batch.without_loss`) keeps the forward and scores nothing."""
+    """`sequence_logps` of a pairwise task's batch, whose `extra` maps its loss positions to sequences
+    (`seq_of_loss`, `n_seq`); a padding batch (`Batch.without_loss`) keeps the forward and scores nothing."""
     return sequence_logps(
         engine, batch, batch.extra["seq_of_loss"][: batch.loss_index.numel()], batch.extra["n_seq"]
     )

@@ -1,4 +1,5 @@
-"""Load the model a task needs (hub id, local dir, `pkg://` dir, GGUF) for fine-tuning with a given tokenizer.
+"""Load the model a task needs (hub id, local dir, `pkg://` dir, GGUF) for fine-tuning with a given
+tokenizer.
 
 The model class comes from the task (`AutoModelForCausalLM` for SFT and pretraining). Embeddings are
 resized when the tokenizer gained tokens (ChatML), and the pad id is set. Nothing here knows about data.
@@ -19,14 +20,16 @@ POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequenc
 def _require_flash_attn() -> None:
     if importlib.util.find_spec("flash_attn") is None:
         raise UserError(
-            "model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not installed; "
-            "pip install flash-attn --no-build-isolation (on a CUDA machine), or set model.attn_implementation: sdpa"
+            "model.attn_implementation: flash_attention_2 needs the flash-attn package, which is not "
+            "installed; pip install flash-attn --no-build-isolation (on a CUDA machine), or set "
+            "model.attn_implementation: sdpa"
         )
 
 
 def attn_implementation(requested: str) -> str:
-    """`flash_attention_2` needs the flash-attn package (refused without it); it runs on a CUDA GPU (packed rows then
-    take its varlen path, from the restarting position_ids), elsewhere sdpa is used, said once on stderr."""
+    """`flash_attention_2` needs the flash-attn package (refused without it); it runs on a CUDA GPU (packed
+    rows then take its varlen path, from the restarting position_ids), elsewhere sdpa is used, said once on
+    stderr."""
     import torch
 
     if requested != "flash_attention_2":
@@ -36,7 +39,8 @@ def attn_implementation(requested: str) -> str:
         import sys
 
         print(
-            "note: model.attn_implementation: flash_attention_2 is unavailable (there is no CUDA GPU); using sdpa",
+            "note: model.attn_implementation: flash_attention_2 is unavailable (there is no CUDA GPU); "
+            "using sdpa",
             file=sys.stderr,
         )
         return "sdpa"
@@ -61,8 +65,8 @@ def preflight(cfg: ModelConfig, max_seq_len: int) -> None:
     if key is not None and max_seq_len > getattr(config, key):
         n = getattr(config, key)
         raise UserError(
-            f"data.max_seq_len {max_seq_len} is above the model's {key} {n} (model.path '{cfg.path}'), so rows "
-            f"would run past its last position; set data.max_seq_len to {n} or less"
+            f"data.max_seq_len {max_seq_len} is above the model's {key} {n} (model.path '{cfg.path}'), so "
+            f"rows would run past its last position; set data.max_seq_len to {n} or less"
         )
 
 
@@ -76,10 +80,11 @@ def load_model(
     gather=lambda *params: contextlib.nullcontext(),
     head: dict | None = None,
 ):
-    """`auto_class`: the transformers Auto class the task's head needs. With `model.peft`, the model comes wrapped
-    in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge). `init()`: the context the base
-    is built in (ZeRO-3: partitioned as it loads); the adapters are added after it, with `gather(params)` making the
-    embedding whole while peft copies the new tokens' rows. `head`: the task's head settings (e.g. num_labels, id2label)."""
+    """`auto_class`: the transformers Auto class the task's head needs. With `model.peft`, the model comes
+    wrapped in fresh adapters (`adapters=False`: the bare base, e.g. for the export's merge). `init()`: the
+    context the base is built in (ZeRO-3: partitioned as it loads); the adapters are added after it, with
+    `gather(params)` making the embedding whole while peft copies the new tokens' rows. `head`: the task's
+    head settings (e.g. num_labels, id2label)."""
     with init():
         model, had = _load_base(cfg, tok, dtype, auto_class, head or {})
     if cfg.peft is not None and adapters:
@@ -118,9 +123,9 @@ def _load_base(cfg: ModelConfig, tok, dtype, auto_class: str, head: dict):
 
 
 def grow_embeddings(model, n: int) -> int:
-    """Give `model` rows for `n` tokens where it has fewer (the tokenizer gained ChatML markers); returns how many it
-    had. New rows are drawn around the mean embedding, the same draw on every load (a resume, the export's fresh
-    base, an adapter applied at inference) whatever the run did with the RNG before."""
+    """Give `model` rows for `n` tokens where it has fewer (the tokenizer gained ChatML markers); returns how
+    many it had. New rows are drawn around the mean embedding, the same draw on every load (a resume, the
+    export's fresh base, an adapter applied at inference) whatever the run did with the RNG before."""
     from .adapters import fixed_draws
 
     had = model.get_input_embeddings().num_embeddings  # (weight.shape is empty under ZeRO-3)

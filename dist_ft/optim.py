@@ -1,5 +1,5 @@
-"""The optimizer's settings, for the engine: AdamW's parameter groups (named), the LR schedule, and the settings a
-resumed run puts over a checkpoint's. Nothing here imports DeepSpeed.
+"""The optimizer's settings, for the engine: AdamW's parameter groups (named), the LR schedule, and the
+settings a resumed run puts over a checkpoint's. Nothing here imports DeepSpeed.
 
 Weight decay: a parameter with two or more real dimensions (linear and attention matrices, embeddings, the
 output layer, LoRA's A and B) is decayed; a 1-D one (biases, LayerNorm / RMSNorm weights) never is, as in
@@ -25,7 +25,8 @@ def real_ndim(p) -> int:
 
 def build(named_parameters, weight_decay: float) -> list[dict]:
     """The two named groups over the trainable parameters; either may be empty (DeepSpeed drops those)."""
-    decay, no_decay = [], []
+    decay: list = []
+    no_decay: list = []
     for _, p in named_parameters:
         if p.requires_grad:
             (decay if real_ndim(p) >= 2 else no_decay).append(p)
@@ -51,12 +52,12 @@ def apply(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """Put the config's AdamW settings on the optimizer's `groups` (after a checkpoint restored the saved ones), the
-    group at index i being `names[i]` (recorded when the engine was built: a checkpoint saved before the groups
-    had names restores groups without them). `lr_factor`: the schedule's multiplier now."""
+    """Put the config's AdamW settings on the optimizer's `groups` (after a checkpoint restored the saved
+    ones), the group at index i being `names[i]` (recorded when the engine was built: a checkpoint saved
+    before the groups had names restores groups without them). `lr_factor`: the schedule's multiplier now."""
     if len(names) != len(groups):
         raise ValueError(f"{len(groups)} optimizer parameter groups, {len(names)} names")
-    for name, g in zip(names, groups):
+    for name, g in zip(names, groups, strict=True):
         g.update(
             name=name,
             betas=tuple(betas),
@@ -68,7 +69,8 @@ def apply(
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay to min_ratio."""
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then decay to
+    min_ratio."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if schedule == "constant":

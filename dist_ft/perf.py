@@ -1,5 +1,5 @@
-"""Memory and throughput accounting: the ZeRO model-state formula (measured bytes come from the engine), RSS/GPU memory,
-executed FLOPs and MFU."""
+"""Memory and throughput accounting: the ZeRO model-state formula (measured bytes come from the engine),
+RSS/GPU memory, executed FLOPs and MFU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 # dense bf16/fp16 tensor-core peak FLOP/s per GPU (vendor datasheets), most specific name first (the device
-# name is matched by substring: "NVIDIA H100 PCIe" must not take the SXM figure); MFU is not shown for others/CPU
+# name is matched by substring: "NVIDIA H100 PCIe" must not take the SXM figure);
+# MFU is not shown for others/CPU
 PEAK_FLOPS = {
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
@@ -32,8 +33,8 @@ def expected_model_state_bytes(
 ) -> dict:
     """Per-rank bytes by the ZeRO paper: mixed precision 2Ψ params + 2Ψ grads + 12Ψ optimizer (fp32 master,
     m, v); in fp32, 4Ψ + 4Ψ + 8Ψ (m, v; DeepSpeed adds a 4Ψ/N fp32 master partition at stages 1-2). Gradients
-    and optimizer states exist only for the `n_trainable` parameters (an adapter's), all weights are held. bf16 at ZeRO 1-3
-    accumulates gradients in fp32 (`grad_accum_dtype`), so 4Ψ grads there."""
+    and optimizer states exist only for the `n_trainable` parameters (an adapter's), all weights are held.
+    bf16 at ZeRO 1-3 accumulates gradients in fp32 (`grad_accum_dtype`), so 4Ψ grads there."""
     kp, kg, ko = (
         (4, 4, 8)
         if precision in ("fp32", "bf16-autocast")
@@ -83,14 +84,15 @@ FLOP_FORMULA = (
 class FlopCount:
     """The FLOPs one training step executes, from the model's matmul weights and each example's real length.
 
-    Per real token, forward 2 FLOPs per matmul weight (N_mm: every Linear / Conv1D weight, attention, MLP and adapters;
-    the input embedding is a lookup, biases and norms are not matmuls); backward 2 N_mm for the activation gradients
-    plus 2 N_mm_trainable for the weight gradients (LoRA: the adapters only). The output layer (N_head = vocab x hidden;
-    a tied one counts, it is a matmul) runs only at loss positions (loss.py selects them first), with the same three
-    terms. Attention, causal: a token at position i of its example attends to i + 1 keys, so an n-token example has
-    n(n+1)/2 (query, key) pairs (plus n x the prefix-tuning virtual tokens), each 2 d_attn FLOPs for q.k and 2 for p.v
-    per layer; backward is twice the forward. Padding is not counted; activation recomputation (gradient
-    checkpointing) is not either: this is model FLOPs, not hardware FLOPs."""
+    Per real token, forward 2 FLOPs per matmul weight (N_mm: every Linear / Conv1D weight, attention, MLP and
+    adapters; the input embedding is a lookup, biases and norms are not matmuls); backward 2 N_mm for the
+    activation gradients plus 2 N_mm_trainable for the weight gradients (LoRA: the adapters only). The output
+    layer (N_head = vocab x hidden; a tied one counts, it is a matmul) runs only at loss positions (loss.py
+    selects them first), with the same three terms. Attention, causal: a token at position i of its example
+    attends to i + 1 keys, so an n-token example has n(n+1)/2 (query, key) pairs (plus n x the prefix-tuning
+    virtual tokens), each 2 d_attn FLOPs for q.k and 2 for p.v per layer; backward is twice the forward.
+    Padding is not counted; activation recomputation (gradient checkpointing) is not either: this is model
+    FLOPs, not hardware FLOPs."""
 
     matmul: int
     matmul_trainable: int
@@ -102,28 +104,26 @@ class FlopCount:
 
     @classmethod
     def of(cls, model) -> FlopCount:
-        """From the model's modules (full shapes under ZeRO-3: `ds_numel`) and config; works on the meta device."""
+        """From the model's modules (full shapes under ZeRO-3: `ds_numel`) and config;
+        works on the meta device."""
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if get_head is not None else None
         in_head = {id(m) for m in head.modules()} if head is not None else set()
-        n = {
-            (h, t): 0 for h in (False, True) for t in (False, True)
-        }  # (in the output layer, trainable) -> weights
+        # (in the output layer, trainable) -> weights
+        n = {(h, t): 0 for h in (False, True) for t in (False, True)}
         for name, m in model.named_modules():
             if not isinstance(m, torch.nn.Linear) and type(m).__name__ != "Conv1D":
                 continue
-            if "original_module" in name.split(
-                "."
-            ):  # peft keeps a trained head's frozen original beside the copy that runs
+            # peft keeps a trained head's frozen original beside the copy that runs
+            if "original_module" in name.split("."):
                 continue
             size = getattr(m.weight, "ds_numel", m.weight.numel())
             n[id(m) in in_head, False] += size
             n[id(m) in in_head, True] += size if m.weight.requires_grad else 0
         c = model.config
-        heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", 1)
+        heads = getattr(c, "num_attention_heads", 0) or getattr(c, "n_head", 1)
         head_dim = (
-            getattr(c, "head_dim", None)
-            or (getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)) // heads
+            getattr(c, "head_dim", 0) or (getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0)) // heads
         )
         peft = getattr(model, "active_peft_config", None)
         return cls(
@@ -131,14 +131,14 @@ class FlopCount:
             n[False, True],
             n[True, False],
             n[True, True],
-            getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0),
+            getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0),
             heads * head_dim,
             getattr(peft, "num_virtual_tokens", 0) if getattr(peft, "is_prompt_learning", False) else 0,
         )
 
     def flops(self, tokens: float, loss_positions: float, causal_pairs: float) -> float:
-        """Forward + backward FLOPs over `tokens` real tokens, the output layer at `loss_positions` of them, and
-        `causal_pairs` attention (query, key) pairs (the sum of n(n+1)/2 over examples of n tokens)."""
+        """Forward + backward FLOPs over `tokens` real tokens, the output layer at `loss_positions` of them,
+        and `causal_pairs` attention (query, key) pairs (the sum of n(n+1)/2 over examples of n tokens)."""
         return (
             (4 * self.matmul + 2 * self.matmul_trainable) * tokens
             + (4 * self.head + 2 * self.head_trainable) * loss_positions
@@ -146,7 +146,8 @@ class FlopCount:
         )
 
     def batch_flops(self, batch) -> float:
-        """One micro-batch (`contracts.Batch`): its real example lengths and the positions its loss runs the output layer on."""
+        """One micro-batch (`contracts.Batch`): its real example lengths and the positions its loss runs
+        the output layer on."""
         pairs = sum(n * (n + 1) // 2 + n * self.prefix for n in batch.lengths)
         return self.flops(batch.n_tokens, batch.loss_index.numel(), pairs)
 

@@ -1,5 +1,5 @@
-"""Which precision a run trains in, and what each one means (nothing here imports DeepSpeed; `engine.py` turns the
-choice into DeepSpeed's config).
+"""Which precision a run trains in, and what each one means (nothing here imports DeepSpeed; `engine.py` turns
+the choice into DeepSpeed's config).
 
 - `fp32`: fp32 weights, gradients and Adam states (16 B/param at ZeRO-0).
 - `bf16`: DeepSpeed's bf16 mode: the module's weights are bf16, the optimizer keeps fp32 master copies and
@@ -8,7 +8,8 @@ choice into DeepSpeed's config).
   from the checkpoint's fp32 weights, not from their bf16 rounding (ZeRO 0-2; see `fp32_sources`).
 - `bf16-autocast`: fp32 weights, gradients and Adam states, the forward run under `torch.autocast(bfloat16)`
   (DeepSpeed's `torch_autocast`, what HF Trainer / TRL do): 4 + 4 + 8 = 16 B/param plus bf16 copies of the
-  weights and activations a matmul casts. Updates smaller than bf16's resolution reach the weights the forward uses.
+  weights and activations a matmul casts. Updates smaller than bf16's resolution reach the weights the forward
+  uses.
 - `fp16`: GPU only, DeepSpeed's dynamic loss scaling.
 """
 
@@ -30,8 +31,9 @@ def cpu_has_native_bf16() -> bool:
 
 
 def gpu_has_native_bf16() -> bool:
-    """bf16 tensor cores: compute capability 8.0+ (A100, H100, L40S, RTX 30xx+). `is_bf16_supported()` alone also
-    says yes on V100 / T4 (7.x), where bf16 is emulated: slow, and no better than fp16 with loss scaling there."""
+    """bf16 tensor cores: compute capability 8.0+ (A100, H100, L40S, RTX 30xx+). `is_bf16_supported()` alone
+    also says yes on V100 / T4 (7.x), where bf16 is emulated: slow, and no better than fp16 with loss scaling
+    there."""
     return torch.cuda.get_device_capability() >= (8, 0) and torch.cuda.is_bf16_supported()
 
 
@@ -39,14 +41,14 @@ def resolve(requested: str, cpu_native=cpu_has_native_bf16) -> str:
     on_gpu = torch.cuda.is_available()
     if requested == "auto":
         if on_gpu:
-            return (
-                "bf16" if gpu_has_native_bf16() else "fp16"
-            )  # fp16 runs with DeepSpeed's dynamic loss scaling
+            # fp16 runs with DeepSpeed's dynamic loss scaling
+            return "bf16" if gpu_has_native_bf16() else "fp16"
         # emulated bf16 on CPUs without AVX512-BF16/AMX is many times slower than fp32
         return "bf16" if cpu_native() else "fp32"
     if requested == "fp16" and not on_gpu:
         raise UserError(
-            "engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use fp32 or bf16"
+            "engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use "
+            "fp32 or bf16"
         )
     return requested
 
@@ -59,17 +61,19 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 def autocast_section(precision: str) -> dict:
-    """DeepSpeed's `torch_autocast` config: bf16 compute over fp32 weights. No module's gradients are marked for
-    bf16 communication (DeepSpeed's default marks nn.Linear's): reductions stay fp32, like the fp32 accumulators."""
+    """DeepSpeed's `torch_autocast` config: bf16 compute over fp32 weights. No module's gradients are marked
+    for bf16 communication (DeepSpeed's default marks nn.Linear's): reductions stay fp32, like the fp32
+    accumulators."""
     if precision != AUTOCAST:
         return {}
     return {"torch_autocast": {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}}
 
 
 def fp32_sources(model, precision: str, zero_stage: int) -> list:
-    """(parameter, its fp32 tensor) of every trainable fp32 parameter, taken before DeepSpeed casts the module to bf16,
-    so the optimizer's fp32 masters can start from these instead of their bf16 rounding. Empty where nothing is
-    cast (fp32, autocast) and under ZeRO-3, whose parameters were partitioned in bf16 at load (`zero.Init`)."""
+    """(parameter, its fp32 tensor) of every trainable fp32 parameter, taken before DeepSpeed casts the module
+    to bf16, so the optimizer's fp32 masters can start from these instead of their bf16 rounding. Empty where
+    nothing is cast (fp32, autocast) and under ZeRO-3, whose parameters were partitioned in bf16 at load
+    (`zero.Init`)."""
     if precision not in ("bf16", "fp16") or zero_stage == 3:
         return []
     return [(p, p.data) for p in model.parameters() if p.requires_grad and p.dtype == torch.float32]

@@ -1,11 +1,11 @@
 """The one scrubber of secrets: every error message, log line and saved config goes through `scrub`.
 
 It masks, with `***`:
-- the userinfo of a URL, `scheme://user:secret@host`, also when the secret holds `/` (AWS secret keys often do),
-  `+` or `%2F`; a `/` makes the parse ambiguous, so from `://` through `user:` everything up to the last `@`
-  before whitespace or a quote is masked (`hf://datasets/org/ds@main/x` has no `user:` and is left alone);
-- the values of token query parameters (`?sig=`, `&X-Amz-Signature=`, `?token=`, `?access_token=`, `?api_key=`, ...)
-  and the key fields of Azure connection strings (`AccountKey=...;`);
+- the userinfo of a URL, `scheme://user:secret@host`, also when the secret holds `/` (AWS secret keys often
+  do), `+` or `%2F`; a `/` makes the parse ambiguous, so from `://` through `user:` everything up to the last
+  `@` before whitespace or a quote is masked (`hf://datasets/org/ds@main/x` has no `user:` and is left alone);
+- the values of token query parameters (`?sig=`, `&X-Amz-Signature=`, `?token=`, `?access_token=`,
+  `?api_key=`, ...) and the key fields of Azure connection strings (`AccountKey=...;`);
 - bearer tokens (`Authorization: Bearer ...`) and Hugging Face tokens (`hf_...`);
 - the literal values of $DIST_FT_STORAGE_OPTIONS and of the usual credential variables (AWS_SECRET_ACCESS_KEY,
   HF_TOKEN, WANDB_API_KEY, ...), and any `extra_secrets`, also URL-encoded.
@@ -82,12 +82,11 @@ _SECRET_KEY_NAME = re.compile(r"(?i)key|secret|token|passw|credential|signature|
 
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*:/{1,3}"  # one slash too: pathlib turns `s3://` into `s3:/`
 _STOP = r"\s'\"<>`"
-# scheme://userinfo@ : userinfo without `/` (any `:` / `@` in it: up to the last `@` before a `/`), or `user:` and
-# then anything, `/` included, up to the last `@` before whitespace or a quote
+# scheme://userinfo@ : userinfo without `/` (any `:` / `@` in it: up to the last `@` before a `/`), or `user:`
+# and then anything, `/` included, up to the last `@` before whitespace or a quote
 _USERINFO = re.compile(rf"({_SCHEME})((?:[^{_STOP}/:@]*:[^{_STOP}]*|[^{_STOP}/]*)@)")
-_PARAMS = re.compile(
-    rf"(?i)([?&;](?:{'|'.join(re.escape(p) for p in sorted(SECRET_PARAMS, key=len, reverse=True))})=)[^&#;{_STOP}]+"
-)
+_PARAM_NAMES = "|".join(re.escape(p) for p in sorted(SECRET_PARAMS, key=len, reverse=True))  # longest first
+_PARAMS = re.compile(rf"(?i)([?&;](?:{_PARAM_NAMES})=)[^&#;{_STOP}]+")
 _AZURE = re.compile(r"(?i)\b((?:AccountKey|SharedAccessKey|SharedAccessSignature)=)[^;\s'\"]+")
 _BEARER = re.compile(
     r"(?i)(\bbearer\s+|\bauthorization\s*[:=]\s*(?:basic\s+)?)(?!\*\*\*)[A-Za-z0-9._~+/=\-]{8,}"
@@ -107,8 +106,8 @@ def _leaves(obj, secret_key: bool, all_values: bool, out: list) -> None:
 
 
 def option_values(opts, all_values: bool = True) -> list[str]:
-    """The strings of fsspec storage options to mask: those under a credential-like key (key, secret, token, ...),
-    and with `all_values` every other one of 6 characters or more too (an endpoint, an account name)."""
+    """The strings of fsspec storage options to mask: those under a credential-like key (key, secret, token,
+    ...), and with `all_values` every other one of 6 characters or more too (an endpoint, an account name)."""
     out: list[str] = []
     _leaves(opts, False, all_values, out)
     return out
@@ -118,9 +117,8 @@ def env_secrets(environ: Mapping[str, str] | None = None, all_values: bool = Tru
     """The secret strings this environment holds: $DIST_FT_STORAGE_OPTIONS' values (`option_values`) and the
     usual credential variables'. Never raises (an unparsable $DIST_FT_STORAGE_OPTIONS is masked whole)."""
     environ = os.environ if environ is None else environ
-    out = [
-        environ[k] for k in SECRET_ENV if len(environ.get(k) or "") >= 8
-    ]  # shorter ones are not real credentials
+    # shorter ones are not real credentials
+    out = [environ[k] for k in SECRET_ENV if len(environ.get(k) or "") >= 8]
     raw = (environ.get(STORAGE_OPTIONS) or "").strip()
     if raw:
         try:
@@ -131,8 +129,9 @@ def env_secrets(environ: Mapping[str, str] | None = None, all_values: bool = Tru
 
 
 def scrub(text: str, extra_secrets: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> str:
-    """`text` with every secret it holds masked (see the module doc). `environ`: where the storage options and
-    credential variables are read (default os.environ); pass {} to mask by pattern and `extra_secrets` only."""
+    """`text` with every secret it holds masked (see the module doc). `environ`: where the storage options
+    and credential variables are read (default os.environ); pass {} to mask by pattern and `extra_secrets`
+    only."""
     if not text:
         return text
     literal = {s for s in (*extra_secrets, *env_secrets(environ)) if isinstance(s, str) and len(s) >= 4}
@@ -146,8 +145,8 @@ def scrub(text: str, extra_secrets: Iterable[str] = (), environ: Mapping[str, st
 
 
 def url_secret(value: str) -> str | None:
-    """What secret a config value (a path or URL) holds: 'credentials' (user:secret@ in it), or the token query
-    parameter's name; None when it holds none."""
+    """What secret a config value (a path or URL) holds: 'credentials' (user:secret@ in it), or the token
+    query parameter's name; None when it holds none."""
     if _USERINFO.search(value):
         return "credentials"
     m = _PARAMS.search(value)

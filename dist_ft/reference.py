@@ -2,9 +2,10 @@
 
 Computed once, before the first step, by the engine still holding the starting weights (every rank scores a
 slice; under ZeRO-3 each forward gathers as in training), then stored beside the shards as
-`reference/<key>.npz`, keyed by the starting weights' sha256, the precision and the data: a resumed or requeued
-run reads it back instead of scoring again, a changed model or precision gets a new file, and a checkpoint
-refuses to continue on other starting weights (its manifest holds their hash). No second model is in memory.
+`reference/<key>.npz`, keyed by the starting weights' sha256, the precision and the data: a resumed or
+requeued run reads it back instead of scoring again, a changed model or precision gets a new file, and a
+checkpoint refuses to continue on other starting weights (its manifest holds their hash). No second model is
+in memory.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +26,16 @@ from .engine import whole_params
 from .loss import batch_sequence_logps
 
 
-def starting_point(cfg, task, prep: Prepared, engine, precision: str, env) -> str:
-    """The sha256 a checkpoint of this run must continue from ("" where any may): an adapter's frozen base, or the
-    starting weights a task's reference is (whose log-probs are attached to `prep` here). Call before a checkpoint
-    loads: the engine must still hold the starting weights."""
+def starting_point(cfg, task, prep: Prepared, engine, precision: str, env) -> tuple[Prepared, str]:
+    """`prep` with the reference log-probs its task needs (itself where none), and the sha256 a checkpoint of
+    this run must continue from ("" where any may): an adapter's frozen base, or the starting weights a task's
+    reference is. Call before a checkpoint loads: the engine must still hold the starting weights."""
     if cfg.model.peft is not None:
-        return fingerprint(whole_params(engine.module))
+        return prep, fingerprint(whole_params(engine.module))
     if not task.reference:
-        return ""
+        return prep, ""
     sha = fingerprint(whole_params(engine.module, frozen_only=False))
-    attach(
+    with_refs = attach(
         prep,
         engine,
         key(sha, precision, prep),
@@ -42,7 +44,7 @@ def starting_point(cfg, task, prep: Prepared, engine, precision: str, env) -> st
         env,
         print if env.is_main else lambda *_: None,
     )
-    return sha
+    return with_refs, sha
 
 
 def key(weights_sha256: str, precision: str, prep: Prepared) -> str:
@@ -95,12 +97,13 @@ def _write(paths: list[Path], k: str, refs: dict) -> Path:
 def _score(
     engine, prep: Prepared, rows, ids_of, n_rows: int, n_ex: int, micro: int, rank: int, world: int
 ) -> torch.Tensor:
-    """Summed completion log-prob of every example of `rows`, [n_ex] fp64, each rank scoring rows rank::world (and
-    running as many forwards as every other rank, so ZeRO-3's gathers stay in step)."""
+    """Summed completion log-prob of every example of `rows`, [n_ex] fp64, each rank scoring rows rank::world
+    (and running as many forwards as every other rank, so ZeRO-3's gathers stay in step)."""
     out = torch.zeros(n_ex, dtype=torch.float64, device=engine.device)
     mine = list(range(rank, n_rows, world))
     with torch.no_grad():
-        for b in range(-(-(-(-n_rows // world)) // micro)):
+        per_rank = -(-n_rows // world)  # ceiling divisions
+        for b in range(-(-per_rank // micro)):
             idx = mine[b * micro : (b + 1) * micro]
             batch = prep.collate([rows(i) for i in idx]) if idx else prep.collate([rows(0)]).without_loss()
             lp = batch_sequence_logps(engine, batch)
@@ -109,15 +112,17 @@ def _score(
     return dist.all_sum_tensor(out)
 
 
-def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) -> None:
-    """Give every example of `prep` its reference log-prob (`Example.ref`): read back by rank 0 when stored under key
-    `k`, else scored now by all ranks and stored by rank 0."""
+def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) -> Prepared:
+    """`prep` whose every example carries its reference log-prob (`Example.ref`): read back by rank 0 when
+    stored under key `k`, else scored now by all ranks and stored by rank 0. `prep` itself is left as it
+    was."""
     paths, sizes = _paths(prep, cache, k), _sizes(prep)
     refs = dist.broadcast_object(_read(paths, k, sizes) if env.is_main else None)
     if refs is None:
         t0, n = time.perf_counter(), sum(sizes.values())
         log(
-            f"reference: scoring {n:,} sequences with the starting model (once; stored under its weights' hash {k[:12]})"
+            f"reference: scoring {n:,} sequences with the starting model "
+            f"(once; stored under its weights' hash {k[:12]})"
         )
         engine.eval()
         train = prep.train.items
@@ -155,9 +160,10 @@ def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) ->
         dist.wait_for_all("rank 0 stores the reference log-probs")
     else:
         log(f"reference: log-probs of the starting model read back ({k[:12]})")
-    prep.train.items.refs = refs["train"]
+    val = None
     if prep.val:
         flat = iter(refs["validation"])
-        for row in prep.val.items:
-            for ex in row:
-                ex.ref = float(next(flat))
+        val = replace(
+            prep.val, items=[[replace(ex, ref=float(next(flat))) for ex in row] for row in prep.val.items]
+        )
+    return replace(prep, train=replace(prep.train, items=prep.train.items.with_refs(refs["train"])), val=val)

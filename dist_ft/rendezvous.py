@@ -3,12 +3,12 @@
 Work of any length that some ranks do alone (tokenizing, checkpoint fsync, export, W&B start) is awaited here,
 never in a collective, so no collective timeout applies to honest work. A rank that is *dead* (SIGKILL, OOM
 killer, a lost node) would be awaited forever, and under `deepspeed` (pdsh) or a static `torchrun` nothing
-ends the survivors; so every rank beats a heartbeat (`hb/<rank>`, a counter in the store, from a thread), and a
-waiter that sees a missing rank's counter unchanged for longer than the bound (`engine.collective_timeout_minutes`,
-the time a collective would wait for it too) stops with an error naming that rank. Staleness is measured on the
-waiter's own monotonic clock (no clock agreement across nodes needed), and a waiter that was itself stopped
-(SIGSTOP, `scontrol suspend`) starts measuring afresh. Rank 0 hosts the store: if it dies, the store goes away
-and every store call raises.
+ends the survivors; so every rank beats a heartbeat (`hb/<rank>`, a counter in the store, from a thread), and
+a waiter that sees a missing rank's counter unchanged for longer than the bound
+(`engine.collective_timeout_minutes`, the time a collective would wait for it too) stops with an error naming
+that rank. Staleness is measured on the waiter's own monotonic clock (no clock agreement across nodes needed),
+and a waiter that was itself stopped (SIGSTOP, `scontrol suspend`) starts measuring afresh. Rank 0 hosts the
+store: if it dies, the store goes away and every store call raises.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def _store():
 
 
 def start_heartbeat(bound_s: float) -> None:
-    """Beat `hb/<rank>` now and every few seconds from a daemon thread, and let waits declare a rank dead after
-    `bound_s` without a beat. Called once the process group is up; a no-op for a single process."""
+    """Beat `hb/<rank>` now and every few seconds from a daemon thread, and let waits declare a rank dead
+    after `bound_s` without a beat. Called once the process group is up; a no-op for a single process."""
     import torch.distributed as tdist
 
     store = _store()
@@ -87,15 +87,14 @@ class _Liveness:
         return [store.get(k) if store.check([k]) else None for k in self.keys]
 
     def dead(self, store, arrival_keys: list[str]) -> list[tuple[int, float]]:
-        """(rank, seconds without a beat) of ranks that have not arrived and whose heartbeat is older than the bound."""
+        """(rank, seconds without a beat) of ranks that have not arrived and whose heartbeat is older than the
+        bound."""
         now = time.monotonic()
-        if (
-            now - self.last < self.interval
-        ):  # (the first look after one interval of waiting: most waits are short)
+        # (the first look after one interval of waiting: most waits are short)
+        if now - self.last < self.interval:
             return []
-        if now - self.last > max(
-            3 * self.interval, 5.0
-        ):  # this waiter did not run for a while (stopped, suspended): afresh
+        # this waiter did not run for a while (stopped, suspended): afresh
+        if now - self.last > max(3 * self.interval, 5.0):
             self.seen.clear()
         self.last = now
         stale = []
@@ -112,10 +111,11 @@ def _dead_rank_error(dead: list[tuple[int, float]], what: str, bound: float) -> 
     ranks = ", ".join(str(r) for r, _ in dead)
     age = max(a for _, a in dead)
     return UserError(
-        f"rank {ranks} stopped sending heartbeats {age:.0f} s ago (the bound is engine.collective_timeout_minutes = "
-        f"{bound / 60:g}) while the other ranks waited for it ({what}): its process died or its node went down "
-        f"(see rank {ranks}'s log: killed, out of memory?). The launcher does not end the other ranks: stop the whole "
-        "job, then run the same command to resume from the last complete checkpoint"
+        f"rank {ranks} stopped sending heartbeats {age:.0f} s ago (the bound is "
+        f"engine.collective_timeout_minutes = {bound / 60:g}) while the other ranks waited for it ({what}): "
+        f"its process died or its node went down (see rank {ranks}'s log: killed, out of memory?). The "
+        "launcher does not end the other ranks: stop the whole job, then run the same command to resume from "
+        "the last complete checkpoint"
     )
 
 
@@ -161,8 +161,9 @@ def wait_for_all(what: str, poll_s: float = 0.05) -> None:
 
 
 def gather_on_main(what: str, data: str, poll_s: float = 0.05) -> list[str] | None:
-    """`wait_for_all` that also carries one string per rank: rank 0 gets every rank's `data` (in rank order), the
-    others None; a single process gets `[data]`. Through the store, so it waits as patiently as `wait_for_all`."""
+    """`wait_for_all` that also carries one string per rank: rank 0 gets every rank's `data` (in rank order),
+    the others None; a single process gets `[data]`. Through the store, so it waits as patiently as
+    `wait_for_all`."""
     return _wait(what, data, poll_s)
 
 

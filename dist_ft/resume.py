@@ -1,11 +1,11 @@
 """Where a run starts: the resume policy over the checkpoints `checkpoint.py` stores.
 
 `resume_plan`: rank 0 decides (a fresh start, the newest complete checkpoint, a named one, or the run's own
-checkpoint after a SLURM requeue under `output.overwrite`) and every rank follows. What a changed setting does is
-declared on the config's fields (config.py `on_resume`), read here by `settings()`: a checkpoint is continued only
-when the settings that make a resume exact match (`must_match`); optimizer and schedule settings that changed are
-applied over the saved ones (`applied`); another world size or ZeRO stage reshards when the global batch stays the
-same (`reshard`).
+checkpoint after a SLURM requeue under `output.overwrite`) and every rank follows. What a changed setting does
+is declared on the config's fields (`on_resume`, config_section), read here by `settings()`: a checkpoint is
+continued only when the settings that make a resume exact match (`must_match`); optimizer and schedule
+settings that changed are applied over the saved ones (`applied`); another world size or ZeRO stage reshards
+when the global batch stays the same (`reshard`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import dist
-from .checkpoint import Checkpointer, ResumePlan, foreign_refusal, inspect_checkpoint, outside, validate
+from .checkpoint import ResumePlan, foreign_refusal, inspect_checkpoint, outside, survey, validate
 from .config import APPLIED, FREE, MUST_MATCH, RESHARD, Config, load_config
 from .errors import UserError
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One leaf setting of the config as resume sees it: `section.name`, its rule (config.py's `on_resume`)."""
+    """One leaf setting of the config as resume sees it: `section.name`, its rule (config.py's
+    `on_resume`)."""
 
     section: str
     name: str
@@ -52,14 +53,14 @@ def settings() -> tuple[Setting, ...]:
     return tuple(out)
 
 
-def resume_plan(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
+def resume_plan(cfg: Config, rank: int, world: int) -> ResumePlan:
     """Rank 0 decides which checkpoint to resume from (or none) and whether it must be resharded; every
     rank gets that decision (no rank lists the directory on its own: on a shared filesystem another node
     may see a stale listing). A refusal is raised on every rank with rank 0's message."""
-    decision = None
-    if ckpt.rank == 0:
+    decision: tuple[ResumePlan | None, str | None] | None = None
+    if rank == 0:
         try:
-            decision = (_decide(cfg, ckpt, world), None)
+            decision = (_decide(cfg, world), None)
         except UserError as e:
             decision = (None, str(e))
     plan, error = dist.broadcast_object(decision)
@@ -68,7 +69,7 @@ def resume_plan(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
     return plan
 
 
-def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
+def _decide(cfg: Config, world: int) -> ResumePlan:
     """Where this run starts. `output.overwrite`: a fresh run that replaces what the directory holds (only a
     requeued SLURM job continues its own checkpoints). Otherwise `checkpoint.resume` `auto` continues the
     newest complete checkpoint, `never` starts fresh in a directory without checkpoints, a path continues that
@@ -84,8 +85,8 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
         inside = path.resolve().is_relative_to(out.resolve())
         if not inside and not cfg.checkpoint.trust_foreign:
             raise UserError(
-                f"checkpoint.resume '{path}' is outside output.dir '{out}'; loading a checkpoint runs its pickled "
-                "files, so set checkpoint.trust_foreign=true if you trust where it came from"
+                f"checkpoint.resume '{path}' is outside output.dir '{out}'; loading a checkpoint runs its "
+                "pickled files, so set checkpoint.trust_foreign=true if you trust where it came from"
             )
         if inside and overwrite:
             raise UserError(
@@ -93,19 +94,19 @@ def _decide(cfg: Config, ckpt: Checkpointer, world: int) -> ResumePlan:
                 "drop output.overwrite to continue that checkpoint"
             )
         return _checked(cfg, path, world, replace=overwrite)
-    survey = ckpt.survey()
-    done = [(s, p) for s, p, why in survey if why is None]
+    found = survey(out)
+    done = [(s, p) for s, p, why in found if why is None]
     if overwrite:
         own = _requeued_own(done)
         return _checked(cfg, own, world, replace=False) if own else ResumePlan(None, False, replace=True)
     if mode == "never":
-        if survey:
+        if found:
             raise UserError(
-                f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix two runs "
-                "there: set output.overwrite=true to replace it, or choose another output.dir"
+                f"output.dir '{out}' holds checkpoints of an earlier run; checkpoint.resume=never would mix "
+                "two runs there: set output.overwrite=true to replace it, or choose another output.dir"
             )
         return ResumePlan(None, False)
-    damaged = [(p.name, why) for s, p, why in survey if why is not None and s > (done[-1][0] if done else -1)]
+    damaged = [(p.name, why) for s, p, why in found if why is not None and s > (done[-1][0] if done else -1)]
     if damaged and not done:
         name, why = damaged[-1]
         raise UserError(
@@ -130,10 +131,11 @@ def _requeued_own(done: list[tuple[int, Path]]) -> Path | None:
 
 
 def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
-    """The plan to continue `path`, after checking that it lies in output.dir (symlinks resolved: one that leads out is
-    foreign, and needs checkpoint.trust_foreign) and checking the saved config; nothing of it is read before that.
-    Another world size or ZeRO stage is allowed when the global batch stays the same (resharded through
-    DeepSpeed's universal checkpoint: the same global sample order, the optimizer state kept)."""
+    """The plan to continue `path`, after checking that it lies in output.dir (symlinks resolved: one that
+    leads out is foreign, and needs checkpoint.trust_foreign) and checking the saved config; nothing of it is
+    read before that. Another world size or ZeRO stage is allowed when the global batch stays the same
+    (resharded through DeepSpeed's universal checkpoint: the same global sample order, the optimizer state
+    kept)."""
     out = Path(cfg.output.dir)
     bad = outside(path, out)
     if bad is not None and not cfg.checkpoint.trust_foreign:
@@ -150,8 +152,8 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
     changed = [s.key for s in settings() if s.rule in must and s.of(saved) != s.of(cfg)]
     if changed:
         raise UserError(
-            f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact resume; "
-            "restore those values, or set output.overwrite=true (or a new output.dir) to start over"
+            f"{path}: config differs from the checkpoint in {', '.join(changed)}, which would break an exact "
+            "resume; restore those values, or set output.overwrite=true (or a new output.dir) to start over"
         )
     if reshard:
         st, nt = saved.train, cfg.train
@@ -161,23 +163,23 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
         )
         if g_old != g_new:
             raise UserError(
-                f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has {world} ranks "
-                f"(global batch {g_new}); set train.micro_batch_size / train.grad_accum so micro x accum x world = {g_old}"
+                f"{path}: saved with {manifest.world_size} ranks (global batch {g_old}), this run has "
+                f"{world} ranks (global batch {g_new}); set train.micro_batch_size / train.grad_accum so "
+                f"micro x accum x world = {g_old}"
             )
-        if (
-            cfg.model.peft is not None
-        ):  # DeepSpeed's universal conversion expects every parameter in the checkpoint
+        # DeepSpeed's universal conversion expects every parameter in the checkpoint
+        if cfg.model.peft is not None:
             raise UserError(
                 f"{path}: a parameter-efficient (model.peft) checkpoint resumes only on its own world size "
                 f"({manifest.world_size}) and engine.zero_stage ({manifest.zero_stage}); relaunch with those"
             )
         if not {manifest.zero_stage, cfg.engine.zero_stage} <= {1, 2}:
-            # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads but
-            # does not continue the run exactly (tested), so neither is offered
+            # ZeRO-3 <-> 1/2 fails inside DeepSpeed 0.19's loader; ZeRO-3 -> ZeRO-3 on a new world size loads
+            # but does not continue the run exactly (tested), so neither is offered
             raise UserError(
                 f"{path}: resharding to another world size / ZeRO stage works for ZeRO stages 1 and 2 "
-                f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world size "
-                "and engine.zero_stage, or set checkpoint.resume=never to start over"
+                f"(saved {manifest.zero_stage}, now {cfg.engine.zero_stage}); relaunch with the saved world "
+                "size and engine.zero_stage, or set checkpoint.resume=never to start over"
             )
     applied = tuple(
         (s.key, s.of(saved), s.of(cfg)) for s in settings() if s.rule == APPLIED and s.of(saved) != s.of(cfg)

@@ -1,17 +1,18 @@
-"""The run directory (`output.dir`): which directories a run may write into, and what a new run does with what an
-earlier one left. dist_ft deletes only what it wrote and can prove it wrote.
+"""The run directory (`output.dir`): which directories a run may write into, and what a new run does with what
+an earlier one left. dist_ft deletes only what it wrote and can prove it wrote.
 
-- `MARKER` (`<dir>/.dist_ft-run.json`) is written by the first run in a directory that was new or empty (or held
-  only our lock), with the run's identity and the names a run writes (`outputs`, `leftovers`). A directory with the
-  marker is ours; one without it that holds anything else is refused: its files may be the user's or another tool's
-  (`wandb/`, `checkpoints/`, `config.yaml` ...), however run-like their names.
+- `MARKER` (`<dir>/.dist_ft-run.json`) is written by the first run in a directory that was new or empty (or
+  held only our lock), with the run's identity and the names a run writes (`outputs`, `leftovers`). A
+  directory with the marker is ours; one without it that holds anything else is refused: its files may be the
+  user's or another tool's (`wandb/`, `checkpoints/`, `config.yaml` ...), however run-like their names.
 - `check_target` refuses, before the lock or anything else is written, an output.dir that is `/`, the home
-  directory, the current directory holding files that are not ours, a directory that is not ours and not empty,
-  or one that contains the model, a data source, the prepared shards or the shard cache (overwrite would delete
-  what the run reads).
-- `commit` runs after every check passed (model, tokenizer, data, resume point) and is the first write besides the
-  lock: in our directory only, and only names the marker lists: leftovers of crashed runs are removed, a replaced
-  run (`output.overwrite`) is moved aside and deleted, the marker and the resolved `config.yaml` are written.
+  directory, the current directory holding files that are not ours, a directory that is not ours and not
+  empty, or one that contains the model, a data source, the prepared shards or the shard cache (overwrite
+  would delete what the run reads).
+- `commit` runs after every check passed (model, tokenizer, data, resume point) and is the first write besides
+  the lock: in our directory only, and only names the marker lists: leftovers of crashed runs are removed, a
+  replaced run (`output.overwrite`) is moved aside and deleted, the marker and the resolved `config.yaml` are
+  written.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def read_marker(out: Path) -> dict | None:
 
 
 def _ours_only(out: Path) -> list[str]:
-    """The entries of `out` that are not ours (empty for a directory a run may claim: only our lock files in it)."""
+    """The entries of `out` that are not ours (empty for a directory a run may claim: only our lock files in
+    it)."""
     return sorted(
         p.name for p in out.iterdir() if not any(fnmatch.fnmatchcase(p.name, g) for g in LOCK_FILES)
     )
@@ -104,14 +106,15 @@ def _read_paths(cfg) -> list[tuple[str, str]]:
 
 
 def check_target(cfg) -> None:
-    """Refuse an output.dir a run must not write into (one line naming it and what to do); nothing is written."""
+    """Refuse an output.dir a run must not write into (one line naming it and what to do); nothing is
+    written."""
     given = cfg.output.dir
     out = Path(given).expanduser().resolve()
     what = f"output.dir '{given}'"
     if out == Path("/") or out == Path.home().resolve():
         raise UserError(
-            f"{what} is {'the root directory' if out == Path('/') else 'your home directory'}; a run writes checkpoints, "
-            "logs and final/ there: give a directory of its own, e.g. output.dir=runs/my-run"
+            f"{what} is {'the root directory' if out == Path('/') else 'your home directory'}; a run writes "
+            "checkpoints, logs and final/ there: give a directory of its own, e.g. output.dir=runs/my-run"
         )
     if out.exists() and not out.is_dir():
         raise UserError(
@@ -120,8 +123,9 @@ def check_target(cfg) -> None:
     for key, path in _read_paths(cfg):
         if _inside(Path(path).expanduser().resolve(), out):
             raise UserError(
-                f"{what} contains {key} '{path}', which this run reads (and output.overwrite would replace what lies in "
-                "a run directory): write the run to another directory, e.g. output.dir=runs/next, or move the input out of it"
+                f"{what} contains {key} '{path}', which this run reads (and output.overwrite would replace "
+                "what lies in a run directory): write the run to another directory, e.g. "
+                "output.dir=runs/next, or move the input out of it"
             )
     if not out.exists() or read_marker(out) is not None:
         return
@@ -135,15 +139,15 @@ def check_target(cfg) -> None:
             "give the run a directory of its own, e.g. output.dir=runs/my-run"
         )
     raise UserError(
-        f"{what} is not empty and was not written by dist_ft (no {MARKER} in it; it holds {shown}); dist_ft writes "
-        "only into a new or empty directory or its own run directory, and never deletes files it did not write: "
-        "choose another output.dir"
+        f"{what} is not empty and was not written by dist_ft (no {MARKER} in it; it holds {shown}); dist_ft "
+        "writes only into a new or empty directory or its own run directory, and never deletes files it did "
+        "not write: choose another output.dir"
     )
 
 
 def claim(cfg, is_main: bool) -> RunLock | None:
-    """Rank 0 checks output.dir may hold this run (`check_target`) and takes its run lock, before anything is written;
-    every rank fails alike if it may not or the lock is taken."""
+    """Rank 0 checks output.dir may hold this run (`check_target`) and takes its run lock, before anything is
+    written; every rank fails alike if it may not or the lock is taken."""
     lock, error = None, None
     if is_main:
         try:
@@ -183,8 +187,9 @@ def _new_marker(out: Path) -> None:
 
 
 def commit(out: Path, config_yaml: str, replace: bool) -> list[str]:
-    """After validation: in a directory `check_target` accepted, clean crash leftovers, move aside and delete a replaced
-    run (`replace`), write the marker (a new run identity when replacing) and config.yaml. Returns what was replaced."""
+    """After validation: in a directory `check_target` accepted, clean crash leftovers, move aside and delete
+    a replaced run (`replace`), write the marker (a new run identity when replacing) and config.yaml. Returns
+    what was replaced."""
     out = Path(out)
     marker = read_marker(out)
     if marker is None:
@@ -196,6 +201,7 @@ def commit(out: Path, config_yaml: str, replace: bool) -> list[str]:
             )
         _new_marker(out)
         marker = read_marker(out)
+        assert marker is not None, f"{out / MARKER}: unreadable right after it was written"
     _restore_final(out)
     for pattern in marker["leftovers"]:
         for p in out.glob(pattern):

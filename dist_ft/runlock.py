@@ -1,18 +1,18 @@
-"""One run per output directory: `<dir>/.dist_ft.lock`, held by rank 0 from the start of a run to its end; the same
-lock (`FileLock`) guards a shard-cache entry while one process prepares it (the others wait for it).
+"""One run per output directory: `<dir>/.dist_ft.lock`, held by rank 0 from the start of a run to its end; the
+same lock (`FileLock`) guards a shard-cache entry while one process prepares it (the others wait for it).
 
-The lock file holds its owner (host, kernel boot id, pid namespace, pid, process start, time, SLURM job). It is
-created with O_EXCL (atomic on local filesystems and NFSv3+, unlike `flock` across nodes) and its mtime is a
-heartbeat. A lock is taken over only when its owner is provably gone:
+The lock file holds its owner (host, kernel boot id, pid namespace, pid, process start, time, SLURM job). It
+is created with O_EXCL (atomic on local filesystems and NFSv3+, unlike `flock` across nodes) and its mtime is
+a heartbeat. A lock is taken over only when its owner is provably gone:
 - a requeued SLURM job takes over from an earlier incarnation of the same job;
 - on the same machine *and* the same pid namespace (same host name, boot id and /proc/self/ns/pid), when the
   owner's pid is dead or now belongs to another process;
 - anywhere else (another host, another container sharing the host name, another pid namespace, a rebooted
   machine) only the heartbeat's age decides: older than `output.lock_stale_minutes` by the filesystem's clock.
 A holder that was suspended past that age (SIGSTOP, `scontrol suspend`) may have lost its lock: the heartbeat
-re-reads the file and touches it only while it is still its own (through the descriptor it read), and `verify()`
-runs before every checkpoint or export is published, so a run that lost its lock stops (`LockLost`, exit 4)
-before writing over the run that took the directory.
+re-reads the file and touches it only while it is still its own (through the descriptor it read), and
+`verify()` runs before every checkpoint or export is published, so a run that lost its lock stops (`LockLost`,
+exit 4) before writing over the run that took the directory.
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class Owner:
             return None
 
     def same_pid_space(self, other: Owner) -> bool:
-        """Whether this owner's pid can be looked up in `other`'s /proc: same host name, boot and pid namespace."""
+        """Whether this owner's pid can be looked up in `other`'s /proc: same host name, boot and pid
+        namespace."""
         return (
             self.host == other.host
             and bool(self.boot_id)
@@ -81,7 +82,8 @@ class Owner:
 
     def describe(self) -> str:
         job = f", SLURM job {self.job}" if self.job else ""
-        return f"host {self.host}, pid {self.pid}{job}, started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
+        return f"host {self.host}, pid {self.pid}{job}, started {started}"
 
 
 def _read(path: str) -> str:
@@ -103,12 +105,10 @@ def _pid_start(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    after = stat.rsplit(")", 1)[
-        1
-    ].split()  # the fields after the command name: state, ..., starttime (field 22)
-    return (
-        None if after[0] in "ZX" else after[19]
-    )  # a zombie (dead, not yet reaped by its parent) is not running
+    # the fields after the command name: state, ..., starttime (field 22)
+    after = stat.rsplit(")", 1)[1].split()
+    # a zombie (dead, not yet reaped by its parent) is not running
+    return None if after[0] in "ZX" else after[19]
 
 
 def stale_reason(
@@ -130,30 +130,30 @@ def stale_reason(
 
 
 class FileLock:
-    """The lock file at `path`: O_EXCL, its owner inside, a heartbeat thread, and the takeover rules above. `setting`
-    names what sets `stale_after_s` (for messages)."""
+    """The lock file at `path`: O_EXCL, its owner inside, a heartbeat thread, and the takeover rules above.
+    `setting` names what sets `stale_after_s` (for messages)."""
 
     _holder = "process"  # what holds it, in messages
 
     def __init__(self, path: Path, stale_after_s: float, setting: str):
         self.path, self.stale_after_s, self.setting = Path(path), stale_after_s, setting
-        self.owner, self.note = Owner.me(), None
-        self.lost: str | None = (
-            None  # why the lock is no longer ours, once the heartbeat or a check found out
-        )
+        self.owner = Owner.me()
+        self.note: str | None = None  # what a takeover of an abandoned lock found (the caller prints it)
+        # why the lock is no longer ours, once the heartbeat or a check found out
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def attempt(self) -> Owner | bool:
-        """One try: True once the lock is ours, the holder's Owner while a live holder has it, False to try again (a
-        stale lock was just taken over, a torn one is being written, or the directory vanished meanwhile)."""
+        """One try: True once the lock is ours, the holder's Owner while a live holder has it, False to try
+        again (a stale lock was just taken over, a torn one is being written, or the directory vanished
+        meanwhile)."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return self._take_over_if_stale()
-        except (
-            FileNotFoundError
-        ):  # (e.g. a simultaneous launch that failed removed the directory it had created)
+        except FileNotFoundError:
+            # (e.g. a simultaneous launch that failed removed the directory it had created)
             return False
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(asdict(self.owner)))
@@ -164,8 +164,9 @@ class FileLock:
         return True
 
     def wait(self, what: str, log, max_wait_s: float, poll_s: float = 2.0, tell_s: float = 300.0) -> FileLock:
-        """Take the lock, waiting while another live process holds it (polled every `poll_s`; said at once and every
-        `tell_s`); a holder that dies is taken over by the rules above. Gives up after `max_wait_s` with a UserError."""
+        """Take the lock, waiting while another live process holds it (polled every `poll_s`; said at once and
+        every `tell_s`); a holder that dies is taken over by the rules above. Gives up after `max_wait_s` with
+        a UserError."""
         t0, told = time.monotonic(), None
         while True:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,28 +176,31 @@ class FileLock:
             waited = time.monotonic() - t0
             if isinstance(got, Owner) and (told is None or waited - told >= tell_s):
                 log(
-                    f"{what}: waiting for {got.describe()}, which holds {self.path} ({waited / 60:.0f} min so far; the wait ends "
-                    f"when it finishes, or if it dies, and gives up after {max_wait_s / 3600:g} h)"
+                    f"{what}: waiting for {got.describe()}, which holds {self.path} ({waited / 60:.0f} min "
+                    "so far; the wait ends when it finishes, or if it dies, and gives up after "
+                    f"{max_wait_s / 3600:g} h)"
                 )
                 told = waited
             if waited > max_wait_s:
                 holder = got.describe() if isinstance(got, Owner) else "another process"
                 raise UserError(
-                    f"{what}: gave up after waiting {waited / 60:.0f} min for {holder}, which holds {self.path}; "
-                    f"if that process is stuck, stop it (a dead holder's lock is taken over), then retry"
+                    f"{what}: gave up after waiting {waited / 60:.0f} min for {holder}, which holds "
+                    f"{self.path}; if that process is stuck, stop it (a dead holder's lock is taken over), "
+                    "then retry"
                 )
             time.sleep(poll_s)
 
     def _take_over_if_stale(self) -> Owner | bool:
         owner, age = self._read()
-        if (
-            owner is None
-        ):  # torn (its writer died between create and write, or is writing now) or vanished meanwhile
+        why: str | None
+        # torn (its writer died between create and write, or is writing now) or vanished meanwhile
+        if owner is None:
             if age is None or age < 60:
                 time.sleep(0.5)
                 return False
             why = "unreadable lock file"
         else:
+            assert age is not None  # (`_read` gives an owner only with the file's age)
             why = stale_reason(owner, age, self.owner, self.stale_after_s, self.setting)
             if why is None:
                 return owner
@@ -214,7 +218,8 @@ class FileLock:
             os.unlink(aside)
             return False
         os.unlink(aside)
-        self.note = f"took over the lock of a {self._holder} that is gone ({owner.describe() if owner else 'unknown owner'}): {why}"
+        gone = owner.describe() if owner else "unknown owner"
+        self.note = f"took over the lock of a {self._holder} that is gone ({gone}): {why}"
         return False
 
     def _read(self, path: Path | None = None) -> tuple[Owner | None, float | None]:
@@ -226,8 +231,8 @@ class FileLock:
         return Owner.parse(raw), max(0.0, _fs_now(self.path) - mtime)
 
     def _refresh(self) -> str | None:
-        """Touch the lock if it is still ours, through the very descriptor it was read from (a lock renamed in its
-        place meanwhile is never touched); returns why it is not ours, or None."""
+        """Touch the lock if it is still ours, through the very descriptor it was read from (a lock renamed in
+        its place meanwhile is never touched); returns why it is not ours, or None."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -237,7 +242,8 @@ class FileLock:
         try:
             owner = Owner.parse(os.read(fd, 1 << 16))
             if owner != self.owner:
-                return f"it is now held by another {self._holder} ({owner.describe() if owner else 'unreadable lock file'})"
+                holder = owner.describe() if owner else "unreadable lock file"
+                return f"it is now held by another {self._holder} ({holder})"
             os.utime(fd)
             return None
         except OSError:
@@ -288,18 +294,21 @@ class RunLock(FileLock):
                 return self
             if isinstance(got, Owner):
                 raise UserError(
-                    f"output.dir '{self.out}' is in use by another run ({got.describe()}); wait for it to end, "
-                    f"stop it, or choose another output.dir (a dead run's lock is taken over automatically)"
+                    f"output.dir '{self.out}' is in use by another run ({got.describe()}); wait for it to "
+                    "end, stop it, or choose another output.dir (a dead run's lock is taken over "
+                    "automatically)"
                 )
         raise UserError(f"{self.path}: could not take the run lock (another run keeps taking it); retry")
 
     def verify(self, before: str) -> None:
-        """Raise `LockLost` unless the lock is still this run's (called right before `before` is published)."""
+        """Raise `LockLost` unless the lock is still this run's (called right before `before` is
+        published)."""
         if self.check():
             raise LockLost(
-                f"output.dir '{self.out}': this run no longer holds its lock ({self.lost}; it was suspended or cut off "
-                f"for longer than output.lock_stale_minutes, and another run took the directory over); stopped before "
-                f"{before}, leaving that run's files alone. Check which run should own '{self.out}'"
+                f"output.dir '{self.out}': this run no longer holds its lock ({self.lost}; it was suspended "
+                "or cut off for longer than output.lock_stale_minutes, and another run took the directory "
+                f"over); stopped before {before}, leaving that run's files alone. Check which run should own "
+                f"'{self.out}'"
             )
 
     def release(self, remove_created_dir: bool = False) -> None:
@@ -314,7 +323,8 @@ class RunLock(FileLock):
 
 
 def _fs_now(lock: Path) -> float:
-    """The filesystem's current time (its server's clock on NFS): the mtime of a file written now, next to `lock`."""
+    """The filesystem's current time (its server's clock on NFS): the mtime of a file written now, next to
+    `lock`."""
     probe = lock.with_name(f"{lock.name}.probe-{socket.gethostname()}-{os.getpid()}")
     try:
         probe.write_bytes(b"")

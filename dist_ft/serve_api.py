@@ -1,8 +1,9 @@
 """The request models and error answers of `dist-ft serve` (see serve.py), after the OpenAI API.
 
-Every body is read under a size limit, parsed as JSON off the event loop, checked for invalid Unicode and validated by
-its pydantic model before the server takes anything (a queue slot, a tokenizer, the model). Every error is answered as
-`{"error": {"message", "type", "param", "code"}}`, whatever raised it; a 500 never carries the exception's text.
+Every body is read under a size limit, parsed as JSON off the event loop, checked for invalid Unicode and
+validated by its pydantic model before the server takes anything (a queue slot, a tokenizer, the model). Every
+error is answered as `{"error": {"message", "type", "param", "code"}}`, whatever raised it; a 500 never
+carries the exception's text.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -45,7 +47,8 @@ class ApiError(Exception):
 
 
 class Json(JSONResponse):
-    """JSON that any str survives (ensure_ascii: a lone surrogate echoed back is escaped, not a UnicodeEncodeError)."""
+    """JSON that any str survives (ensure_ascii: a lone surrogate echoed back is escaped,
+    not a UnicodeEncodeError)."""
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
@@ -56,9 +59,8 @@ def error_response(e: ApiError, headers: dict | None = None) -> Json:
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(
-        extra="allow"
-    )  # OpenAI fields this server ignores (user, logprobs=false, ...) are accepted
+    # OpenAI fields this server ignores (user, logprobs=false, ...) are accepted
+    model_config = ConfigDict(extra="allow")
 
 
 class TextPart(_Open):
@@ -81,7 +83,9 @@ class Message(_Open):
     def text(self) -> dict:
         """{role, content} for the chat template: text parts joined by newlines, `developer` as `system`."""
         body = (
-            self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content or ())
+            self.content
+            if isinstance(self.content, str)
+            else "\n".join(p.text or "" for p in self.content or ())
         )
         return {"role": "system" if self.role == "developer" else self.role, "content": body}
 
@@ -158,7 +162,8 @@ class CompletionRequest(_Sampling):
 
 
 def _bad_unicode(data) -> str | None:
-    """The path ('messages[0].content') of the first string (value or key) that is not valid Unicode, else None."""
+    """The path ('messages[0].content') of the first string (value or key) that is not valid Unicode,
+    else None."""
     todo = [(data, "")]
     while todo:
         item, path = todo.pop()
@@ -182,9 +187,9 @@ def _encodable(s: str) -> bool:
         return False
 
 
-def _param(data, err: dict) -> str | None:
-    """OpenAI's spelling of a pydantic error's location ('messages[0].content'), following the input: the union
-    members pydantic adds ('str', 'list[TextPart]') are skipped."""
+def _param(data, err: ErrorDetails) -> str | None:
+    """OpenAI's spelling of a pydantic error's location ('messages[0].content'), following the input: the
+    union members pydantic adds ('str', 'list[TextPart]') are skipped."""
     path, loc = "", err["loc"]
     for i, part in enumerate(loc):
         if isinstance(part, int) and isinstance(data, list) and 0 <= part < len(data):
@@ -205,10 +210,8 @@ async def parse(request, model: type[_Sampling]) -> _Sampling:
     raw = await request.body()
     try:
         data = await asyncio.to_thread(json.loads, raw) if raw else None
-    except (
-        ValueError,
-        RecursionError,
-    ):  # (not JSON, too deep, an integer of more than 4300 digits, invalid UTF-8)
+    except (ValueError, RecursionError):
+        # (not JSON, too deep, an integer of more than 4300 digits, invalid UTF-8)
         raise ApiError(
             400,
             "We could not parse the JSON body of your request: send a JSON object with Content-Type: "
@@ -234,7 +237,8 @@ async def parse(request, model: type[_Sampling]) -> _Sampling:
 
 
 def install_error_handlers(app) -> None:
-    """Every error as OpenAI-style JSON: ours, starlette's (404, 405), validation, and any other (a generic 500)."""
+    """Every error as OpenAI-style JSON: ours, starlette's (404, 405), validation, and any other
+    (a generic 500)."""
     from fastapi.exceptions import RequestValidationError
 
     @app.exception_handler(ApiError)
@@ -270,8 +274,8 @@ def install_error_handlers(app) -> None:
 
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes is refused with 413, by its Content-Length before it is read, and by
-    the bytes received when it is sent in chunks."""
+    """ASGI middleware: a body over `limit` bytes is refused with 413, by its Content-Length before it is
+    read, and by the bytes received when it is sent in chunks."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit

@@ -1,9 +1,11 @@
-"""Why a run stops early: a preemption signal (save, exit 75, requeue) or a diverged loss (exit 3, no save)."""
+"""Why a run stops early: a preemption signal (save, exit 75, requeue) or a diverged loss (exit 3, no
+save)."""
 
 from __future__ import annotations
 
 import math
 import signal
+from collections.abc import Sequence
 
 from .contracts import StepMetrics
 from .errors import Preempted, UserError
@@ -14,7 +16,7 @@ class Signals:
     During setup a signal raises `Preempted` at once (there is nothing to save yet); from the first step on it
     only sets a flag, and the ranks agree on it at the next step boundary, save, and exit 75."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: Sequence[str]):
         self.received: list[int] = []
         self.in_setup = True
         for name in names:
@@ -52,10 +54,12 @@ class DivergenceGuard:
         self.streak = self.streak + 1 if bad else 0
         if self.streak > self.patience:
             raise Diverged(
-                f"step {step}: loss {m.loss:.6g}, grad norm {m.grad_norm if m.grad_norm is None else f'{m.grad_norm:.6g}'}: "
-                f"not finite for {self.streak} consecutive step(s) (train.nonfinite_patience={self.patience}); this state was "
-                "not saved and the last good checkpoint is kept: lower train.lr, add train.warmup_steps or set "
-                "train.max_grad_norm, then rerun the same command to resume from that checkpoint"
+                f"step {step}: loss {m.loss:.6g}, "
+                f"grad norm {m.grad_norm if m.grad_norm is None else f'{m.grad_norm:.6g}'}: "
+                f"not finite for {self.streak} consecutive step(s) "
+                f"(train.nonfinite_patience={self.patience}); this state was not saved and the last good "
+                "checkpoint is kept: lower train.lr, add train.warmup_steps or set train.max_grad_norm, "
+                "then rerun the same command to resume from that checkpoint"
             )
 
     @property

@@ -19,11 +19,12 @@ def load_tokenizer(cfg: ModelConfig):
     path, kw = hub.source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kw)
-    except Exception as e:  # noqa: BLE001 - OSError, ValueError, and the bare Exception of the tokenizers library
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, the tokenizers library's bare Exception
         raise hub.load_error(cfg, "tokenizer", e) from None
     if not getattr(tok, "is_fast", False):
         raise UserError(
-            f"model.path '{cfg.path}': a fast (Rust) tokenizer is required for assistant-token masks; install `tokenizers` or convert the tokenizer"
+            f"model.path '{cfg.path}': a fast (Rust) tokenizer is required for assistant-token masks; "
+            "install `tokenizers` or convert the tokenizer"
         )
     if cfg.chat_template == "chatml" or not tok.chat_template:
         install_chatml(tok)
@@ -39,19 +40,20 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def _named_templates(cfg: ModelConfig, templates: dict) -> None:
-    """A tokenizer with several named chat templates renders with the one named `default` (as transformers does);
-    all are kept in the export. Without a default it is unclear which one to learn, so that is refused."""
+    """A tokenizer with several named chat templates renders with the one named `default` (as transformers
+    does); all are kept in the export. Without a default it is unclear which one to learn, so that is
+    refused."""
     import sys
 
     others = ", ".join(sorted(n for n in templates if n != "default"))
     if "default" not in templates:
         raise UserError(
-            f"model.path '{cfg.path}': the tokenizer has several named chat templates ({others}) and none named "
-            "'default', so which to train with is unclear; name one 'default' in tokenizer_config.json, "
-            "or set model.chat_template: chatml"
+            f"model.path '{cfg.path}': the tokenizer has several named chat templates ({others}) and none "
+            "named 'default', so which to train with is unclear; name one 'default' in "
+            "tokenizer_config.json, or set model.chat_template: chatml"
         )
     print(
-        f"note: model.path '{cfg.path}': training with the chat template named 'default'; the others ({others}) are kept "
-        "in the export, unused here",
+        f"note: model.path '{cfg.path}': training with the chat template named 'default'; the others "
+        f"({others}) are kept in the export, unused here",
         file=sys.stderr,
     )

@@ -73,9 +73,8 @@ class Tracker:
         )  # no bar in log files
 
     def info(self, msg: str) -> None:
-        msg = scrub(
-            msg
-        )  # the console and rank-R.log never show a secret (the config in W&B is dump_config's, scrubbed too)
+        # the console and rank-R.log never show a secret (the config in W&B is dump_config's, scrubbed too)
+        msg = scrub(msg)
         if self.enabled:
             tqdm.write(msg)
         elif self._side:
@@ -157,7 +156,8 @@ class Tracker:
 
 def wandb_unreachable(environ=os.environ, timeout_s: float = 3.0) -> str | None:
     """Why the W&B server cannot be reached (None when it can): one TCP connect to its host, DNS included,
-    bounded to `timeout_s` however the network fails (a thread does it: name lookups ignore socket timeouts)."""
+    bounded to `timeout_s` however the network fails (a thread does it: name lookups ignore socket
+    timeouts)."""
     import socket
     import threading
     from urllib.parse import urlsplit
@@ -216,8 +216,8 @@ def truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl. A crash can leave its last line torn or NUL-filled (the filesystem grew the
-    file before the data reached it): such lines are skipped, so they never block a resume."""
+    """The records of a metrics.jsonl. A crash can leave its last line torn or NUL-filled (the filesystem grew
+    the file before the data reached it): such lines are skipped, so they never block a resume."""
     recs = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         line = line.strip().strip("\x00")
@@ -231,7 +231,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def read_steps(path: Path) -> list[StepMetrics]:
-    """The training steps recorded in a metrics.jsonl, in order (evaluations and checkpoint timings left out)."""
+    """The training steps recorded in a metrics.jsonl, in order (evaluations and checkpoint timings left
+    out)."""
     return [StepMetrics.from_record(r) for r in read_metrics(path) if "loss" in r]
 
 
@@ -246,9 +247,9 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train, strict=True), label="train loss")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+        ax.plot(*zip(*val, strict=True), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend()

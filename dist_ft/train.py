@@ -5,34 +5,30 @@ engine (`engine.py`) how it is computed on the ranks; neither is branched on her
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 
-from . import dist, inference, perf, reference, rundir, tasks
-from .checkpoint import Checkpointer, ResumePlan, seed_all
+from . import dist, inference, perf, rundir, tasks
+from . import setup as phases
+from .checkpoint import Checkpointer, ResumePlan
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
-from .engine import Engine, gathered, init_distributed, resolve_precision, zero3_init
+from .engine import Engine, init_distributed, resolve_precision
 from .errors import PREEMPTED_MARK, Preempted
 from .evaluate import add_sums, validation
 from .export import write_final
 from .faults import NONE, Faults
-from .model import load_model
-from .resume import resume_plan
 from .runlock import LockLost, RunLock
 from .stops import DivergenceGuard, Signals
-from .tokenizer import load_tokenizer
 from .track import Tracker, truncate_metrics
 
 EXIT_PREEMPTED = 75  # saved on a signal; rerun (or requeue) the same command to continue
@@ -81,7 +77,8 @@ def run(cfg: Config, faults: Faults = NONE) -> Path:
         if isinstance(e, Preempted) or (signals.received and r is None):
             dist.report_failure(f"{PREEMPTED_MARK}{e}")  # ranks waiting on this one exit 75 too
             print(
-                f"stopped by a signal during setup ({e}); nothing to save: exit {EXIT_PREEMPTED} - run the same command to start",
+                f"stopped by a signal during setup ({e}); nothing to save: exit {EXIT_PREEMPTED} - "
+                "run the same command to start",
                 flush=True,
             )
             _exit_preempted(env is None or env.is_main)
@@ -89,17 +86,15 @@ def run(cfg: Config, faults: Faults = NONE) -> Path:
         raise
     finally:
         if lock is not None:
-            lock.release(
-                remove_created_dir=r is None
-            )  # a run that wrote nothing leaves no empty directory behind
+            # a run that wrote nothing leaves no empty directory behind
+            lock.release(remove_created_dir=r is None)
 
 
 def _loop(r: Run, faults: Faults = NONE) -> Path:
     t = r.cfg.train
     for step in range(r.start + 1, r.total_steps + 1):
-        faults.after_step(
-            step - 1, r.env.rank
-        )  # step - 1 is complete, its eval and checkpoint included (a test may kill here)
+        # step - 1 is complete, its eval and checkpoint included (a test may kill here)
+        faults.after_step(step - 1, r.env.rank)
         batch = r.loader.next()  # collated on a background thread while the previous step ran
         metrics, agreed = train_step(r, batch)
         r.tracker.log_step(step, metrics)
@@ -111,7 +106,8 @@ def _loop(r: Run, faults: Faults = NONE) -> Path:
                 save(r, step, batch.data_state)
             rerun = " without output.overwrite" if r.cfg.output.overwrite else ""
             r.tracker.info(
-                f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - run the same command{rerun} to resume"
+                f"stopped by signal after step {step}; exit {EXIT_PREEMPTED} - "
+                f"run the same command{rerun} to resume"
             )
             close(r, EXIT_PREEMPTED)
             _exit_preempted(r.env.is_main)
@@ -124,7 +120,8 @@ def _loop(r: Run, faults: Faults = NONE) -> Path:
 
 
 def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
-    """One optimizer step over this rank's `grad_accum` micro-batches; returns what it measured (summed over ranks)."""
+    """One optimizer step over this rank's `grad_accum` micro-batches; returns what it measured (summed over
+    ranks)."""
     t0, engine, lr = time.perf_counter(), r.engine, r.engine.lr
     micro = batch.batches
     n_loss, n_tokens, n_pos = dist.all_sum(
@@ -133,17 +130,18 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
     # makes the step's gradient the mean over every loss unit (e.g. loss-bearing token) of the global batch.
     scale = r.cfg.train.grad_accum * r.env.world_size / max(n_loss, 1)
-    loss_sum, grad_norm, sums = torch.zeros((), dtype=torch.float64, device=engine.device), None, {}
+    loss_t, grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device), None
+    sums: dict[str, torch.Tensor] = {}
     for b in micro:
         out = r.task.loss(engine, b, r.cfg.engine.loss_chunk_tokens)
         engine.backward(out.sum * scale)
         grad_norm = engine.step()
-        loss_sum += out.sum.detach()  # stays on the device: no host sync per micro-batch
+        loss_t += out.sum.detach()  # stays on the device: no host sync per micro-batch
         add_sums(sums, out.metrics)
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
     loss_sum, n_signalled, n_due, *totals = dist.all_sum(
-        loss_sum, len(r.signals.received), due, *tasks.MetricSums.elements(sums)
+        loss_t, len(r.signals.received), due, *tasks.MetricSums.elements(sums)
     )
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
@@ -183,7 +181,8 @@ def save(r: Run, step: int, data_state: dict) -> None:
 
 
 def export(r: Run) -> None:
-    """Every rank joins the gather of the full weights; rank 0 writes `final/` and answers the sample prompts."""
+    """Every rank joins the gather of the full weights; rank 0 writes `final/` and answers the sample
+    prompts."""
     r.loader.close()
     _still_ours(r, "exporting final/")
     note = write_final(
@@ -202,7 +201,7 @@ def export(r: Run) -> None:
             max_new_tokens=track.sample_max_new_tokens,
             temperature=0.0,
         )
-        r.tracker.samples(r.total_steps, list(zip(track.sample_prompts, answers)))
+        r.tracker.samples(r.total_steps, list(zip(track.sample_prompts, answers, strict=True)))
 
 
 def _still_ours(r: Run, before: str) -> None:
@@ -230,99 +229,56 @@ def close(r: Run, exit_code: int = 0) -> None:
 def setup(
     cfg: Config, env: dist.DistEnv, signals: Signals, lock: RunLock | None = None, faults: Faults = NONE
 ) -> Run:
-    """Everything that can reject bad input (model, tokenizer, data, resume point) runs before anything but the
-    run lock is written; then `rundir.commit` cleans, replaces (output.overwrite) and writes config.yaml."""
+    """The setup phases (`setup.py`: data, model, engine and restore) run every check that can reject bad
+    input before anything but the run lock is written; then `rundir.commit` cleans, replaces
+    (output.overwrite) and writes config.yaml, and tracking starts."""
     precision = resolve_precision(cfg.engine.precision)
-    t, task = cfg.train, tasks.for_config(cfg)
-    seed_all(t.seed)
-    tok = load_tokenizer(cfg.model)
-    prep = dataset.build(
-        cfg.data,
-        tok,
-        task,
-        env.local_rank,
-        lambda failed: dist.patient_sum("token shards", failed),
-        log=print if env.local_rank == 0 else lambda *_: None,
-        faults=faults,
-    )
-    stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
-    micro_steps_per_epoch = stream.n // (
-        t.micro_batch_size * env.world_size
-    )  # the ragged tail is not counted
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
-    out = Path(cfg.output.dir)
+    d = phases.data(cfg, env, faults)
     faults.in_setup()
-    # ZeRO-3: each rank only ever holds its shard of the weights; DeepSpeed casts to bf16/fp16 itself
-    model = load_model(
-        cfg.model,
-        tok,
-        torch.float32,
-        task.auto_class,
-        init=partial(zero3_init, cfg, precision),
-        gather=gathered,
-        head=task.head(prep.meta) if task.head else None,
-    )
-    if task.prepare_model:
-        task.prepare_model(model)
-    ckpt = Checkpointer(out, cfg.checkpoint.keep, env.rank, env.world_size, cfg.checkpoint.keep_every, faults)
-    if (
-        lock is not None
-    ):  # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another
-        ckpt.before_publish = lock.verify
-    plan = resume_plan(cfg, ckpt, env.world_size)  # rank 0 decides, every rank follows
-    engine = Engine.build(cfg, model, total_steps, precision, load_universal=plan.reshard)
-    ckpt.base_sha256 = reference.starting_point(
-        cfg, task, prep, engine, precision, env
-    )  # adapter's base / DPO's reference
-    state, t_load = TrainState(0, stream.state_dict()), time.perf_counter()
-    if plan.path is not None:
-        state = ckpt.load(plan, engine)
-        stream.load_state_dict(state.data)
-        if plan.applied:
-            engine.apply_optimizer_settings(t.lr, t.betas, t.eps, t.weight_decay)
-    t_load = time.perf_counter() - t_load
+    model = phases.model(cfg, d, precision)
+    res = phases.engine_and_restore(cfg, env, d, model, precision, lock, faults)
+    out, engine, t = Path(cfg.output.dir), res.engine, cfg.train
     if env.is_main:  # every check passed: the first writes
-        rundir.commit(out, dump_config(cfg), plan.replace)
-        truncate_metrics(
-            out / "metrics.jsonl", state.step
-        )  # a resumed run rewrites the steps after its checkpoint
+        rundir.commit(out, dump_config(cfg), res.plan.replace)
+        # a resumed run rewrites the steps after its checkpoint
+        truncate_metrics(out / "metrics.jsonl", res.state.step)
     dist.wait_for_all("rank 0 prepares output.dir")
     tracker = Tracker(
         out,
         env.rank,
-        total_steps=total_steps,
+        total_steps=d.total_steps,
         log_every=t.log_every,
-        start_step=state.step,
+        start_step=res.state.step,
         all_ranks=cfg.output.log_all_ranks,
         track=cfg.track,
-        run_id=state.run_id,
+        run_id=res.state.run_id,
         config=yaml.safe_load(dump_config(cfg)),
+    )
+    formula = perf.expected_model_state_bytes(
+        engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable
     )
     r = Run(
         cfg,
         env,
-        task,
-        tok,
-        prep,
+        d.task,
+        d.tok,
+        res.prep,
         engine,
-        ckpt,
+        res.ckpt,
         tracker,
-        StepLoader(prep, stream, t.grad_accum, pin=engine.device.type == "cuda"),
+        StepLoader(res.prep, d.stream, t.grad_accum, pin=engine.device.type == "cuda"),
         out,
-        state.step,
-        total_steps,
+        res.state.step,
+        d.total_steps,
         perf.FlopCount.of(engine.module),
         perf.peak_flops(),
-        perf.expected_model_state_bytes(
-            engine.n_params, cfg.engine.zero_stage, env.world_size, precision, engine.n_trainable
-        ),
+        formula,
         signals,
         DivergenceGuard(t.nonfinite_patience, precision),
     )
-    _report_start(r, precision, plan, stream, t_load)
-    dist.wait_for_all(
-        "setup"
-    )  # rank 0 may still be starting W&B; the loop's first collective must not time out on it
+    _report_start(r, precision, res.plan, d.stream, res.load_s)
+    # rank 0 may still be starting W&B; the loop's first collective must not time out on it
+    dist.wait_for_all("setup")
     signals.in_setup = (
         False  # from here a signal sets a flag; the ranks agree on it at the next step boundary
     )
@@ -333,7 +289,8 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
     cfg, env, prep, tracker, total_steps = r.cfg, r.env, r.prep, r.tracker, r.total_steps
     if plan.path is not None:
         tracker.info(
-            f"resumed from {plan.path}{' (resharded to this world size / ZeRO stage)' if plan.reshard else ''}: "
+            f"resumed from {plan.path}"
+            f"{' (resharded to this world size / ZeRO stage)' if plan.reshard else ''}: "
             f"step {r.start}, data epoch {stream.epoch} sample {stream.index:,}, "
             f"model + optimizer + LR schedule + RNG restored in {t_load:.1f} s{plan.describe_skipped()}"
         )
@@ -344,9 +301,8 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
             )
         tracker.log(r.start, {"checkpoint_load_s": t_load})
     tracker.info(f"data: shards {prep.root} (dataset {prep.fingerprint})")
-    width = (
-        prep.seq_len * r.task.group
-    )  # a packed row holds whole groups (a preference pair: 2 x max_seq_len)
+    # a packed row holds whole groups (a preference pair: 2 x max_seq_len)
+    width = prep.seq_len * r.task.group
     tracker.info(_data_summary("train", prep.train, width))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, width))
@@ -354,10 +310,12 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
     tracker.info(
         f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = "
         f"{t.micro_batch_size} micro x {t.grad_accum} accum x {env.world_size} ranks = "
-        f"{t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps | task {cfg.data.task}"
+        f"{t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps | "
+        f"task {cfg.data.task}"
     )
     tracker.info(
-        f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) on {socket.gethostname()} | master {env.master_addr}:{env.master_port}"
+        f"rank {env.rank} of {env.world_size} (local rank {env.local_rank}) on {socket.gethostname()} | "
+        f"master {env.master_addr}:{env.master_port}"
         f" | {torch.distributed.get_backend() if torch.distributed.is_initialized() else 'no'} process group"
     )
 
@@ -366,7 +324,7 @@ def _data_summary(name: str, split: dataset.Split, seq_len: int) -> str:
     s = split.stats
     rows = (
         f", {s.rows} packed rows of {seq_len} (padding {100 * s.padding_fraction:.1f}%)"
-        if s.rows is not None
+        if s.rows is not None and s.padding_fraction is not None  # (a packed split has both)
         else ""
     )
     return (

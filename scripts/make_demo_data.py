@@ -47,9 +47,9 @@ TRAIN_Q = [
 ]
 HELDOUT_Q = ["Hey, what's {a}?", "I need {a} for a quiz. What is it?", "Could you name {a} for me?"]
 
-# The preference (DPO) stage, after SFT: be honest. Asked a known fact, the right answer is preferred to another
-# fact's answer; asked about Veloria what the training data never said, "I don't know" is preferred to a confident
-# invention. Held-out pairs ask in unseen phrasings, and about unknowns never seen in training.
+# The preference (DPO) stage, after SFT: be honest. Asked a known fact, the right answer is preferred to
+# another fact's answer; asked about Veloria what the training data never said, "I don't know" is preferred to
+# a confident invention. Held-out pairs ask in unseen phrasings, and about unknowns never seen in training.
 UNKNOWN = [
     ("the population of Veloria", "About {n} million people live in Veloria."),
     ("the prime minister of Veloria", "The prime minister of Veloria is {name}."),
@@ -121,7 +121,8 @@ def preference_pairs(rng: random.Random) -> tuple[list[dict], list[dict]]:
     return train, heldout
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "data" / "demo") -> None:
+def main(out: Path | None = None) -> None:
+    out = out or Path(__file__).resolve().parents[1] / "data" / "demo"
     rng = random.Random(0)
     train = []
     for about, answer, _ in FACTS:

@@ -1,7 +1,7 @@
-"""Generate the sentiment example set: short product reviews labelled positive / negative (the classic GPT-2
-sequence-classification example, made here so it ships with the repo). Held-out reviews use products and phrasings
-never seen in training, so the held-out accuracy measures the learned sentiment, not memorized sentences.
-Deterministic: rerun to rebuild data/sentiment/{train,heldout}.jsonl."""
+"""Generate the sentiment example set: short product reviews labelled positive / negative (the classic
+GPT-2 sequence-classification example, made here so it ships with the repo). Held-out reviews use products
+and phrasings never seen in training, so the held-out accuracy measures the learned sentiment, not
+memorized sentences. Deterministic: rerun to rebuild data/sentiment/{train,heldout}.jsonl."""
 
 import json
 import random
@@ -78,7 +78,8 @@ def reviews(rng, products, positive, negative, n):
     return out
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "data" / "sentiment") -> None:
+def main(out: Path | None = None) -> None:
+    out = out or Path(__file__).resolve().parents[1] / "data" / "sentiment"
     rng = random.Random(0)
     train = reviews(rng, PRODUCTS, POSITIVE, NEGATIVE, 320)
     heldout = reviews(rng, HELDOUT_PRODUCTS, HELDOUT_POSITIVE, HELDOUT_NEGATIVE, 60)

@@ -115,12 +115,11 @@ def decayed_run(model_dir: str, rank: int, world: int, stage: int, out: Path) ->
     weights = engine.trainable_fp32()
     groups = {
         n: {"weight_decay": g["weight_decay"], "n_params": len(g["params"])}
-        for n, g in zip(engine.group_names, engine._groups())
+        for n, g in zip(engine.group_names, engine._groups(), strict=False)
     }
-    engine.apply_optimizer_settings(
-        LR, cfg.train.betas, cfg.train.eps, 0.25
-    )  # as a resumed run with a changed weight decay
-    resumed = {n: g["weight_decay"] for n, g in zip(engine.group_names, engine._groups())}
+    # as a resumed run with a changed weight decay
+    engine.apply_optimizer_settings(LR, cfg.train.betas, cfg.train.eps, 0.25)
+    resumed = {n: g["weight_decay"] for n, g in zip(engine.group_names, engine._groups(), strict=False)}
     engine.close()
     if rank == 0:
         torch.save(weights, out / f"weights-zero{stage}.pt")
@@ -144,7 +143,6 @@ def main(model_dir: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    args = [
-        a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))
-    ]  # the deepspeed launcher adds it
+    # the deepspeed launcher adds it
+    args = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]
     main(args[0], Path(args[1]))

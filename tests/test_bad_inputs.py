@@ -250,9 +250,8 @@ def _damaged_run(c: Ctx) -> Path:
     """A run directory whose every checkpoint lost part of a file (as after a copy that left some out)."""
     out = c.tmp / "damaged"
     shutil.copytree(c.run / "checkpoints", out / "checkpoints")
-    shutil.copy(
-        c.run / ".dist_ft-run.json", out
-    )  # (a run directory of ours: a copy without the marker is refused as foreign)
+    # (a run directory of ours: a copy without the marker is refused as foreign)
+    shutil.copy(c.run / ".dist_ft-run.json", out)
     for f in (out / "checkpoints").glob("step-*/rank-0.pt"):
         _truncate(f)
     return out
@@ -863,9 +862,8 @@ def test_wandb_key_without_network_logs_offline(tmp_path, monkeypatch, gpt2_dir,
     and logs offline files to sync later."""
     port = free_port()  # a port nothing listens on: the connection is refused, as with no network
     key = "0123456789abcdef0123456789abcdef01234567"
-    monkeypatch.delenv(
-        "WANDB_MODE", raising=False
-    )  # (the test session's offline default): the key alone decides, online
+    # (the test session's offline default): the key alone decides, online
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     r = run_cli(
         *train_args(tmp_path, gpt2_dir, toy_data[0], "train.max_steps=1", "track.wandb=auto"),
         timeout=300,

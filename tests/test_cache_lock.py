@@ -143,9 +143,8 @@ def test_a_killed_prepares_lock_is_taken_over_and_its_shards_resumed(tmp_path, g
     r = run_cli("prepare", str(cfg), env={"DIST_FT_TEST_KILL_AFTER_SHARD": "2", "DIST_FT_CACHE": str(cache)})
     assert r.returncode != 0
     locks = list((cache / "shards").glob("*.lock"))
-    assert (
-        len(locks) == 1 and not (cache / "shards" / locks[0].stem).exists()
-    )  # SIGKILLed: its lock stays behind
+    # SIGKILLed: its lock stays behind
+    assert len(locks) == 1 and not (cache / "shards" / locks[0].stem).exists()
     dead = json.loads(locks[0].read_text())
     r = run_cli("prepare", str(cfg), env={"DIST_FT_CACHE": str(cache)})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -194,9 +193,8 @@ def test_a_waiting_prepare_says_whom_it_waits_for_and_gives_up_at_its_bound(tmp_
     )
     assert p.stdout.readline().strip() == "held"
     got = FileLock(lock, 300, "5 min").wait("prepare x", print, max_wait_s=60, poll_s=0.1)
-    assert (
-        got.note and f"pid {p.pid} is not running" in got.note
-    )  # (it exited without releasing: a SIGKILL alike)
+    # (it exited without releasing: a SIGKILL alike)
+    assert got.note and f"pid {p.pid} is not running" in got.note
     got.release()
     assert not lock.exists()
     p.wait()

@@ -74,9 +74,8 @@ def test_each_rank_fsyncs_the_files_it_wrote(run):
     }
     # rank 1 fsynced exactly its own files: its optimizer partition and its rank state (rank 0 could not: other node)
     assert by[1] == {"ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rank-1.pt"}, by[1]
-    assert not any("rank_1" in f or "rank-1" in f for f in by[0]), by[
-        0
-    ]  # rank 0 no longer fsyncs what rank 1 wrote
+    # rank 0 no longer fsyncs what rank 1 wrote
+    assert not any("rank_1" in f or "rank-1" in f for f in by[0]), by[0]
     assert {
         "rank-0.pt",
         "ds/mp_rank_00_model_states.pt",

@@ -19,7 +19,7 @@ def test_configs_exist():
 def test_config_validates_and_names_its_launch_command(path: Path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), f"{path.name}: first line must be a comment with the launch command"
-    assert f"configs/{path.name}" in first and any(l in first for l in LAUNCHERS), first
+    assert f"configs/{path.name}" in first and any(launcher in first for launcher in LAUNCHERS), first
     r = run_cli("config", str(path.relative_to(REPO)))
     assert r.returncode == 0, r.stderr
     assert isinstance(yaml.safe_load(r.stdout), dict)

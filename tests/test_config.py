@@ -158,9 +158,8 @@ def test_scrubber_masks_storage_options_and_extra_secrets(monkeypatch):
     assert all(
         s not in out for s in ("AKIAOPTKEY", "opt/s3cr+t", "opt%2Fs3cr%2Bt", "SESSTOK", "xyzzy-extra")
     ), out
-    monkeypatch.setenv(
-        "DIST_FT_STORAGE_OPTIONS", "key=NOTJSONSECRET"
-    )  # unparsable: masked all the same, never raises
+    # unparsable: masked all the same, never raises
+    monkeypatch.setenv("DIST_FT_STORAGE_OPTIONS", "key=NOTJSONSECRET")
     assert "NOTJSONSECRET" not in scrub("saw NOTJSONSECRET")
 
 

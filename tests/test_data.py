@@ -105,7 +105,7 @@ def test_source_errors(tmp_path):
 def _assistant_pieces(tok, ex):
     """Decode each maximal run of loss-bearing tokens."""
     pieces, run = [], []
-    for t, lab in zip(ex.input_ids, ex.labels):
+    for t, lab in zip(ex.input_ids, ex.labels, strict=False):
         if lab != IGNORE:
             assert lab == t
             run.append(t)

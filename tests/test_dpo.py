@@ -123,10 +123,10 @@ def test_stored_reference_equals_online_logps(one, cfg):
     examples = [ex for i in range(len(items)) for ex in items[i]]
     order = [e for i in range(len(items)) for e in items.example_ids(i)]
     want = _loop_logps(model, examples)
-    worst = max(abs(train[k] - w) for k, w in zip(order, want))
+    worst = max(abs(train[k] - w) for k, w in zip(order, want, strict=False))
     assert worst < 1e-5, worst
     vex = [ex for row in prep.val.items for ex in row]
-    assert max(abs(a - b) for a, b in zip(val, _loop_logps(model, vex))) < 1e-5
+    assert max(abs(a - b) for a, b in zip(val, _loop_logps(model, vex), strict=False)) < 1e-5
 
 
 def _pairs(tok, cfg, n: int):
@@ -211,12 +211,12 @@ def test_two_ranks_equal_one_rank(one, cfg, stage):
     r = run_cmd(train_cmd(cfg, two, 2, f"engine.zero_stage={stage}", "train.micro_batch_size=1"))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = tiny.losses(one), tiny.losses(two)
-    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-5, (a, b)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=False)) < 2e-5, (a, b)
     wa, wb = _weights(one), _weights(two)
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 2e-5, worst
     print(
-        f"DPO ZeRO-{stage} x2 vs ZeRO-0 x1: max |loss diff| {max(abs(x - y) for x, y in zip(a, b)):.1e}, max |weight diff| {worst:.1e}"
+        f"DPO ZeRO-{stage} x2 vs ZeRO-0 x1: max |loss diff| {max(abs(x - y) for x, y in zip(a, b, strict=False)):.1e}, max |weight diff| {worst:.1e}"
     )
 
 
@@ -224,9 +224,8 @@ def test_sigkill_resume_is_bit_identical_and_refused_on_another_start(one, cfg):
     out = cfg.parent / "killed"
     r = run_cmd(train_cmd(cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "5"})
     assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
-    with tiny.weights_changed_on_disk(
-        cfg.parent / "base"
-    ):  # the reference the checkpoint was trained against is gone
+    # the reference the checkpoint was trained against is gone
+    with tiny.weights_changed_on_disk(cfg.parent / "base"):
         r = run_cmd(train_cmd(cfg, out, 1))  # refused, not silently rescored
         assert (
             r.returncode == 2

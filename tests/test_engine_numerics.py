@@ -32,13 +32,11 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_bf16_tensor_cores(
 ):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(
-        torch.cuda, "is_bf16_supported", lambda *a, **k: True
-    )  # true on V100 / T4 too: emulation counts
+    # true on V100 / T4 too: emulation counts
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert eng.resolve_precision("auto") == picked, gpu
-    assert (
-        eng.resolve_precision("bf16") == "bf16" and eng.resolve_precision("fp16") == "fp16"
-    )  # explicit choices stand
+    # explicit choices stand
+    assert eng.resolve_precision("bf16") == "bf16" and eng.resolve_precision("fp16") == "fp16"
 
 
 @pytest.mark.unit
@@ -72,13 +70,11 @@ def test_bf16_gradients_are_summed_in_fp32_or_refused():
         assert (
             conf["data_types"] == {"grad_accum_dtype": "fp32"} and conf["communication_data_type"] == "fp32"
         )
-    conf = eng.ds_config(
-        _cfg(0, 1), "bf16"
-    )  # one micro-batch per step: nothing accumulates, the all-reduce is fp32
+    # one micro-batch per step: nothing accumulates, the all-reduce is fp32
+    conf = eng.ds_config(_cfg(0, 1), "bf16")
     assert "data_types" not in conf and conf["communication_data_type"] == "fp32"
-    with pytest.raises(
-        UserError, match="engine.zero_stage: 1"
-    ):  # DeepSpeed has no fp32 accumulator at ZeRO-0
+    # DeepSpeed has no fp32 accumulator at ZeRO-0
+    with pytest.raises(UserError, match="engine.zero_stage: 1"):
         eng.ds_config(_cfg(0, 2), "bf16")
     for precision in ("fp32", "fp16"):
         conf = eng.ds_config(_cfg(0, 4), precision)
@@ -196,7 +192,11 @@ def test_bf16_gradients_accumulate_and_reduce_in_fp32(numerics):
         torch.testing.assert_close(torch.tensor(fp32["grad"]), exact, rtol=1e-6, atol=0)
         # the bf16 run equals the fp32 reference to bf16 tolerance (here even exactly: every summand is a power of two)
         torch.testing.assert_close(
-            torch.tensor(bf16["grad"]), exact, rtol=2**-8, atol=0, msg=lambda m: f"ZeRO {stage}: {m} {bf16}"
+            torch.tensor(bf16["grad"]),
+            exact,
+            rtol=2**-8,
+            atol=0,
+            msg=lambda m, stage=stage, bf16=bf16: f"ZeRO {stage}: {m} {bf16}",
         )
         assert bf16["norm"] == pytest.approx(float(exact.norm()), rel=2**-8), (stage, bf16)
 
@@ -241,7 +241,7 @@ def test_weight_decay_under_zero3_on_two_ranks_equals_one_process(numerics, gpt2
         assert got.keys() == ref.keys()
         for k in ref:
             torch.testing.assert_close(
-                got[k], ref[k], atol=2e-5, rtol=0, msg=lambda m: f"ZeRO {stage} {k}: {m}"
+                got[k], ref[k], atol=2e-5, rtol=0, msg=lambda m, stage=stage, k=k: f"ZeRO {stage} {k}: {m}"
             )
         decay = res["decay"][str(stage)]
         assert {n: g["weight_decay"] for n, g in decay["groups"].items()} == {

@@ -98,7 +98,6 @@ def _fake_checkpoint(out: Path, step: int, config_yaml: str) -> None:
 def _resume_on_rank(rank: int, port: int, dirs: list[str], result: str) -> None:
     import torch.distributed as tdist
 
-    from dist_ft.checkpoint import Checkpointer
     from dist_ft.config import load_config
     from dist_ft.errors import UserError
     from dist_ft.resume import resume_plan
@@ -108,7 +107,7 @@ def _resume_on_rank(rank: int, port: int, dirs: list[str], result: str) -> None:
     for d in dirs:
         cfg = load_config(Path(d) / "cfg.yaml", [f"output.dir={d}-rank{rank}"])
         try:
-            plan = resume_plan(cfg, Checkpointer(Path(cfg.output.dir), 2, rank, 2), 2)
+            plan = resume_plan(cfg, rank, 2)
             got.append([str(plan.path), plan.reshard])
         except UserError as e:
             got.append(["error", str(e)])

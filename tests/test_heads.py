@@ -120,14 +120,13 @@ def test_classifier_learns_and_exports_for_pipeline_and_eval(cls_run, cls_cfg, t
     recs = [json.loads(x) for x in SENTIMENT.read_text().splitlines()[:40]]
     got = clf([r["text"] for r in recs])
     assert {g["label"] for g in got} <= {"negative", "positive"}
-    acc = sum(g["label"] == r["label"] for g, r in zip(got, recs)) / len(recs)
+    acc = sum(g["label"] == r["label"] for g, r in zip(got, recs, strict=False)) / len(recs)
     data = tiny.write_jsonl(tmp_path / "some.jsonl", recs)
     r = run_cli("eval", "--model", str(final), "--data", str(data))
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"accuracy (\d+\.\d)% \((\d+)/40\) \| macro-F1 (\d\.\d+)", r.stdout)
-    assert m and int(m.group(2)) == round(acc * 40), (
-        r.stdout
-    )  # dist-ft eval agrees with pipeline() on every record
+    # dist-ft eval agrees with pipeline() on every record
+    assert m and int(m.group(2)) == round(acc * 40), r.stdout
 
 
 def test_classifier_two_ranks_equal_one_rank(cls_cfg):
@@ -149,7 +148,7 @@ def test_classifier_two_ranks_equal_one_rank(cls_cfg):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = tiny.losses(one), tiny.losses(two)
-    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-5
+    assert max(abs(x - y) for x, y in zip(a, b, strict=False)) < 2e-5
     wa, wb = (load_file(o / "final" / "model.safetensors") for o in (one, two))
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 2e-5, worst
@@ -170,9 +169,8 @@ def test_classifier_lora_resume_after_sigkill_is_bit_identical(cls_cfg):
 
 def test_reward_model_learns_pairs_and_eval_reports_pairwise_accuracy(tmp_path, gpt2_dir):
     train = tiny.write_jsonl(tmp_path / "pairs.jsonl", tiny.toy_pairs(96))
-    val = tiny.write_jsonl(
-        tmp_path / "val.jsonl", tiny.toy_pairs(24, wrong=tiny.OTHER_WRONG)
-    )  # rejected answers never seen
+    # rejected answers never seen
+    val = tiny.write_jsonl(tmp_path / "val.jsonl", tiny.toy_pairs(24, wrong=tiny.OTHER_WRONG))
     cfg = tmp_path / "reward.yaml"
     cfg.write_text(
         f"model: {{path: {gpt2_dir}}}\ndata: {{train: {train}, validation: {val}, max_seq_len: 64, task: reward, packing: false}}\n"

@@ -31,7 +31,7 @@ def test_chunked_loss_and_grads_equal_unchunked_in_fp32(bias, chunk):
     ours = linear_cross_entropy(h, w, b, t, chunk) / N
     ref = F.cross_entropy(F.linear(h, w, b), t, reduction="sum") / N
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
-    for g_ours, g_ref in zip(_grads(ours, (h, w, b)), _grads(ref, (h, w, b))):
+    for g_ours, g_ref in zip(_grads(ours, (h, w, b)), _grads(ref, (h, w, b)), strict=False):
         torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-6)
 
 
@@ -39,7 +39,7 @@ def test_upstream_gradient_scales_every_gradient():
     h, w, b, t = _inputs(True)
     ours = _grads(linear_cross_entropy(h, w, b, t, 50) * 0.37, (h, w, b))
     ref = _grads(F.cross_entropy(F.linear(h, w, b), t, reduction="sum") * 0.37, (h, w, b))
-    for a, r in zip(ours, ref):
+    for a, r in zip(ours, ref, strict=False):
         torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-6)
 
 

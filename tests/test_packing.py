@@ -195,7 +195,12 @@ def test_flash_attention_sees_every_packed_example_of_every_row(which, gpt2_dir,
             cu.append(cu[-1] + len(ex.input_ids))
         assert cu[-1] < (r + 1) * width  # each row ends in padding
         cu.append((r + 1) * width)
-    expected = {"cu_q": cu, "cu_k": cu, "max_q": max(b - a for a, b in zip(cu, cu[1:])), "dtype": torch.int32}
+    expected = {
+        "cu_q": cu,
+        "cu_k": cu,
+        "max_q": max(b - a for a, b in zip(cu, cu[1:], strict=False)),
+        "dtype": torch.int32,
+    }
     expected["max_k"] = expected["max_q"]
     batch = collate_packed(rows, width, tok.pad_token_id)
     with torch.no_grad():

@@ -41,9 +41,8 @@ def test_lora_starts_as_the_base_and_trains_only_adapters(which, gpt2_dir, llama
     _, lora = _load(path, dropout=0.0)
     ids = _ids(tok)
     with torch.no_grad():
-        assert torch.equal(
-            base(input_ids=ids).logits, lora(input_ids=ids).logits
-        )  # B = 0: the adapter adds exactly nothing
+        # B = 0: the adapter adds exactly nothing
+        assert torch.equal(base(input_ids=ids).logits, lora(input_ids=ids).logits)
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all(
         ".lora_A." in n or ".lora_B." in n or "trainable_tokens" in n for n in trainable
@@ -66,9 +65,8 @@ def test_adapter_equals_merged_equals_hand_merged(gpt2_dir):
             if ".lora_B." in n or "trainable_tokens" in n:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     ids = _ids(tok)
-    new = list(
-        range(len(tok) - 5, len(tok))
-    )  # ChatML's tokens the tiny GPT-2 gained: rows trained as a delta
+    # ChatML's tokens the tiny GPT-2 gained: rows trained as a delta
+    new = list(range(len(tok) - 5, len(tok)))
     ids = torch.cat([ids, torch.tensor([new])], dim=1)
     _, hand = _load(gpt2_dir, wrap=False)
     params = dict(hand.named_parameters())
@@ -76,9 +74,8 @@ def test_adapter_equals_merged_equals_hand_merged(gpt2_dir):
         for name, mod in lora.named_modules():
             if hasattr(mod, "lora_A") and "default" in mod.lora_A:
                 delta = (8.0 / 4) * mod.lora_B["default"].weight @ mod.lora_A["default"].weight  # (out, in)
-                params[name.removeprefix("base_model.model.") + ".weight"].add_(
-                    delta.T
-                )  # Conv1D weight is (in, out)
+                # Conv1D weight is (in, out)
+                params[name.removeprefix("base_model.model.") + ".weight"].add_(delta.T)
             if hasattr(mod, "trainable_tokens_delta") and "default" in mod.trainable_tokens_delta:
                 idx = torch.tensor(mod.token_indices["default"])
                 params["transformer.wte.weight"][idx] = mod.trainable_tokens_delta["default"]
@@ -260,9 +257,8 @@ def test_prefix_tuning_trains_exports_and_answers(run_cfg, tmp_path):
     ids = _ids(tok)
     with torch.no_grad():
         cur = ids
-        for _ in range(
-            6
-        ):  # greedy, one full forward (prefix included) per token, stopping at the end of the turn
+        # greedy, one full forward (prefix included) per token, stopping at the end of the turn
+        for _ in range(6):
             nxt = model(input_ids=cur, attention_mask=torch.ones_like(cur)).logits[0, -1].argmax().view(1, 1)
             if nxt.item() in tok.convert_tokens_to_ids(["<|im_end|>"]):
                 break

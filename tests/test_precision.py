@@ -34,9 +34,8 @@ def _cfg(stage: int, grad_accum: int, precision: str = "bf16-autocast") -> Confi
 @pytest.mark.unit
 def test_autocast_runs_fp32_weights_under_deepspeeds_torch_autocast():
     for stage in (0, 1, 2, 3):
-        conf = eng.ds_config(
-            _cfg(stage, 2), prec.AUTOCAST
-        )  # ZeRO-0 + grad_accum 2 is fine: gradients are fp32
+        # ZeRO-0 + grad_accum 2 is fine: gradients are fp32
+        conf = eng.ds_config(_cfg(stage, 2), prec.AUTOCAST)
         assert conf["bf16"] == {"enabled": False} and conf["fp16"]["enabled"] is False
         # no module's gradients marked for bf16 communication: every reduction stays fp32
         assert conf["torch_autocast"] == {
@@ -57,9 +56,8 @@ def test_fp32_sources_only_where_deepspeed_casts_the_module():
     model = torch.nn.Linear(2, 2)
     model.bias.requires_grad_(False)
     assert [p for p, _ in prec.fp32_sources(model, "bf16", 2)] == [model.weight]  # trainable only
-    assert (
-        prec.fp32_sources(model, "bf16", 2)[0][1] is not model.weight
-    )  # the tensor itself, kept past the cast
+    # the tensor itself, kept past the cast
+    assert prec.fp32_sources(model, "bf16", 2)[0][1] is not model.weight
     for precision, stage in (
         ("fp32", 0),
         (prec.AUTOCAST, 0),
@@ -119,7 +117,7 @@ def test_autocast_learns_closest_to_fp32(probe):
     rounding (DeepSpeed's default) are far off; masters from fp32 close most of the gap; autocast is closest."""
 
     def gap(key):
-        return sum(abs(a - b) for a, b in zip(probe[key], probe["loss_fp32"]))
+        return sum(abs(a - b) for a, b in zip(probe[key], probe["loss_fp32"], strict=False))
 
     assert probe["loss_autocast"][-1] < probe["loss_autocast"][0]
     assert gap("loss_autocast") < gap("loss_bf16") < gap("loss_bf16_rounded_masters") / 5

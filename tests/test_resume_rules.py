@@ -1,4 +1,4 @@
-"""The resume rules are declared on the config's fields (config.py `on_resume`) and read by resume.settings(): a
+"""The resume rules are declared on the config's fields (`on_resume`, config_section.py) and read by resume.settings(): a
 renamed or added field changes these sets here, in a unit test, instead of silently changing what a resume accepts."""
 
 from __future__ import annotations

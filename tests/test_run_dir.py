@@ -77,9 +77,8 @@ def test_overwrite_starts_a_fresh_run_and_replaces_the_old_one(cfg, reference, t
     assert "resumed" not in r.stdout and "output.overwrite: replaced the earlier run" in r.stdout
     fresh = tmp_path / "fresh"
     assert run_cmd(train_cmd(cfg, fresh, 1, "train.lr=6.0e-3")).returncode == 0
-    assert_identical_runs(
-        fresh, out
-    )  # 4 new steps from scratch, the new lr from step 1, the new model exported
+    # 4 new steps from scratch, the new lr from step 1, the new model exported
+    assert_identical_runs(fresh, out)
     assert _lrs(out)[0] == 6.0e-3 and "lr: 0.006" in (out / "config.yaml").read_text()
     assert (out / "notes.txt").read_text() == "mine" and not list(out.glob(".replaced-*"))
 
@@ -107,9 +106,8 @@ def test_changed_optimizer_settings_are_applied_on_resume_and_logged(cfg, refere
     ref, got = tiny.losses(reference), tiny.losses(out)
     assert got[:3] == ref[:3] and got[3] != ref[3]  # steps 1-2 restored, step 3 taken with the new settings
     ref_lr, lr = _lrs(reference), _lrs(out)
-    assert lr[2:] == pytest.approx(
-        [2 * x for x in ref_lr[2:]], rel=1e-12
-    )  # the new peak, on the same schedule
+    # the new peak, on the same schedule
+    assert lr[2:] == pytest.approx([2 * x for x in ref_lr[2:]], rel=1e-12)
 
 
 def test_betas_alone_change_the_continuation(cfg, reference, killed, tmp_path):
@@ -145,9 +143,8 @@ def test_foreign_checkpoint_needs_trust(cfg, reference, killed, tmp_path):
     assert not out.exists()  # the run created the directory for its lock and removed it again
     r = run_cmd(train_cmd(cfg, out, 1, f"checkpoint.resume={src}", "checkpoint.trust_foreign=true"))
     assert r.returncode == 0 and f"resumed from {src}" in r.stdout
-    assert (
-        tiny.losses(out) == tiny.losses(reference)[2:]
-    )  # this directory's metrics start after the foreign step 2
+    # this directory's metrics start after the foreign step 2
+    assert tiny.losses(out) == tiny.losses(reference)[2:]
     ref, got = (
         load_file(reference / "final" / "model.safetensors"),
         load_file(out / "final" / "model.safetensors"),
@@ -259,9 +256,8 @@ def test_stale_lock_rules():
     job = _owner(host="other-node", job="77", restart=0)
     requeued = Owner(me.host, me.pid, me.pid_start, me.started, "77", 1)
     assert "requeued" in stale_reason(job, 0, requeued, 300)
-    assert (
-        stale_reason(job, 0, Owner(me.host, me.pid, me.pid_start, me.started, "78", 1), 300) is None
-    )  # another job
+    # another job
+    assert stale_reason(job, 0, Owner(me.host, me.pid, me.pid_start, me.started, "78", 1), 300) is None
 
 
 @pytest.mark.unit
@@ -284,9 +280,8 @@ def test_lock_is_exclusive_and_taken_over_from_another_host_after_its_heartbeat_
 
 @pytest.mark.unit
 def test_final_is_swapped_without_a_gap(tmp_path, monkeypatch):
-    rundir.commit(
-        tmp_path, "x: 1\n", replace=False
-    )  # (an empty directory becomes a run directory: ours to repair)
+    # (an empty directory becomes a run directory: ours to repair)
+    rundir.commit(tmp_path, "x: 1\n", replace=False)
     final = tmp_path / "final"
     final.mkdir()
     (final / "w").write_text("old")
@@ -349,9 +344,8 @@ def test_a_lock_taken_over_meanwhile_is_never_refreshed_and_stops_the_publish(tm
     other = tmp_path / "run" / "other.lock"
     other.write_text(json.dumps(_owner(host="other-node", pid=4242).__dict__))
     os.utime(other, (1000.0, 1000.0))
-    os.rename(
-        other, tmp_path / "run" / LOCK
-    )  # another host's run took the directory over (this one was suspended)
+    # another host's run took the directory over (this one was suspended)
+    os.rename(other, tmp_path / "run" / LOCK)
     assert a._refresh() is not None  # the heartbeat sees it ...
     with pytest.raises(
         LockLost,

@@ -137,9 +137,8 @@ def test_greedy_reply_equals_chat_cli_and_the_stream_and_counts_tokens(server, c
         return_dict=True,
     )["input_ids"]
     assert res.usage.prompt_tokens == len(prompt)
-    assert (
-        res.usage.completion_tokens == len(tok(text, add_special_tokens=False)["input_ids"]) + 1
-    )  # + the end-of-turn token
+    # + the end-of-turn token
+    assert res.usage.completion_tokens == len(tok(text, add_special_tokens=False)["input_ids"]) + 1
     assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
     short = _ask(client, "What color is the cat?", max_tokens=2)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
@@ -206,9 +205,8 @@ def test_bad_requests_get_openai_errors_and_the_key_is_enforced(server):
         timeout=30,
     )
     assert r.status_code == 400 and "error" in r.json()
-    assert (
-        httpx.get(f"{server}/health", timeout=5).json()["status"] == "ok"
-    )  # (no key needed for health checks)
+    # (no key needed for health checks)
+    assert httpx.get(f"{server}/health", timeout=5).json()["status"] == "ok"
 
 
 @pytest.fixture(scope="module")
@@ -319,9 +317,8 @@ def test_a_seed_repeats_its_reply_and_never_reseeds_the_process(server):
         )
 
     seeded = sample(seed=7)
-    after_first = (
-        sample()
-    )  # (before the fix: the process RNG was reseeded with 7, so this one repeated after every seed=7)
+    # (before the fix: the process RNG was reseeded with 7, so this one repeated after every seed=7)
+    after_first = sample()
     assert sample(seed=7) == seeded
     after_second = sample()
     assert after_first != after_second, after_first
@@ -376,9 +373,8 @@ def _chat(**kw) -> dict:
 
 def _raw(
     text: str,
-) -> (
-    bytes
-):  # a JSON body as written (NaN, lone surrogates, 5000-digit numbers: what json.dumps will not send)
+    # a JSON body as written (NaN, lone surrogates, 5000-digit numbers: what json.dumps will not send)
+) -> bytes:
     return text.encode()
 
 
@@ -778,9 +774,8 @@ def test_hostile_requests_get_openai_errors_and_leave_the_server_idle(server):
     assert len(HOSTILE) + len(calls) >= 30
     health = _health(server, seconds=2)
     assert health["running_or_queued"] == 0 and health["failed"] == 0, health
-    parts = [
-        {"type": "text", "text": "What color is the cat?"}
-    ]  # (text parts are joined; a developer message is a system one)
+    # (text parts are joined; a developer message is a system one)
+    parts = [{"type": "text", "text": "What color is the cat?"}]
     res = client.chat.completions.create(
         model="toy",
         temperature=0,
@@ -847,7 +842,7 @@ def test_lm_eval_loglikelihoods_equal_our_scorer_and_results_are_saved(gpt2_dir,
     )
     worst = 0.0
     for s in samples:
-        for choice, ll in zip(s["doc"]["choices"], s["loglikelihoods"]):
+        for choice, ll in zip(s["doc"]["choices"], s["loglikelihoods"], strict=False):
             worst = max(
                 worst,
                 abs(

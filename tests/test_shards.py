@@ -239,9 +239,8 @@ def test_a_bad_record_fails_every_rank_instead_of_hanging(tmp_path, gpt2_dir):
     assert (
         r.returncode != 0 and f"error: {data}:18: conversation has no assistant turn" in r.stdout + r.stderr
     )
-    assert (
-        "preparing the shards failed on another rank" in r.stdout + r.stderr
-    )  # rank 1 was told, did not wait forever
+    # rank 1 was told, did not wait forever
+    assert "preparing the shards failed on another rank" in r.stdout + r.stderr
     assert not (tmp_path / "out").exists()
 
 

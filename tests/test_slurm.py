@@ -25,9 +25,8 @@ def test_templates_are_shellcheck_clean():
     )
     assert r.returncode == 0, r.stdout
     for t in TEMPLATES:
-        if (
-            t.name != "job.sh"
-        ):  # the submit scripts: signal before the time limit, requeue, log kept across requeues
+        # the submit scripts: signal before the time limit, requeue, log kept across requeues
+        if t.name != "job.sh":
             text = t.read_text()
             assert (
                 "#SBATCH --signal=USR1@" in text
@@ -65,9 +64,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(uninterrupted, job_
     # output.overwrite replaces another run, never this job's own: the requeued part continues its checkpoints
     jid = sbatch(job_cfg, out, "track.wandb=offline", "output.overwrite=true")
     wait_for_steps(jid, out, 10)
-    subprocess.run(
-        ["scancel", "--signal=USR1", jid], check=True
-    )  # what --signal=USR1@grace sends before the limit
+    # what --signal=USR1@grace sends before the limit
+    subprocess.run(["scancel", "--signal=USR1", jid], check=True)
     state = wait(jid, finished=out / "final" / "model.safetensors")
     text = log(out, jid)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "1", (
@@ -96,9 +94,8 @@ def test_each_task_gets_the_cpus_it_asked_for(cluster, tmp_path):
     The template's task (PYTHON replaced by a probe) must run in a step that asked for 2 CPUs per task
     (`TresPerTask=cpu:2` in scontrol show step), with OMP_NUM_THREADS 2. This cluster's TaskPlugin=task/none binds no
     task to CPUs, so the step's request, not the task's affinity, is what shows it (the affinity is at least 2 here)."""
-    probe = (
-        tmp_path / "probe.sh"
-    )  # stands in for python: `$PYTHON launch/train.py CONFIG ...` reports what the task got
+    # stands in for python: `$PYTHON launch/train.py CONFIG ...` reports what the task got
+    probe = tmp_path / "probe.sh"
     probe.write_text(
         '#!/bin/sh\nstep=$(scontrol show step "$SLURM_JOB_ID.$SLURM_STEP_ID")\necho "$step"\n'
         'echo "TASK $SLURM_PROCID omp=$OMP_NUM_THREADS nproc=$(nproc)'
@@ -133,8 +130,7 @@ def test_each_task_gets_the_cpus_it_asked_for(cluster, tmp_path):
     tasks = re.findall(r"TASK (\d+) omp=(\d+) nproc=(\d+) per_task=(\d*)", text)
     assert len(tasks) == 1, text
     _, omp, nproc, per_task = tasks[0]
-    assert (omp, per_task) == ("2", "2"), (
-        text
-    )  # without SRUN_CPUS_PER_TASK the step asks for 1 CPU per task (none shown)
+    # without SRUN_CPUS_PER_TASK the step asks for 1 CPU per task (none shown)
+    assert (omp, per_task) == ("2", "2"), text
     assert int(nproc) >= 2, text
     assert "[dist-ft] each task: 2 CPU(s) (SRUN_CPUS_PER_TASK), OMP_NUM_THREADS=2" in text, text

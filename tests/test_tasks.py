@@ -65,9 +65,8 @@ def test_examples_return_the_records_typed_stats(gpt2_dir):
     assert stats == SplitStats(records=1, examples=1, tokens=n - 1, loss_tokens=cut[0].n_loss, truncated=1)
     _, stats = sft.examples(CHAT, "r:1", DataConfig(train="x", max_seq_len=n - 1, overlong="drop"), tok)
     assert stats == SplitStats(records=1, dropped_overlong=1)
-    _, stats = sft.examples(
-        CHAT, "r:1", DataConfig(train="x", max_seq_len=8), tok
-    )  # the answer starts after 8 tokens
+    # the answer starts after 8 tokens
+    _, stats = sft.examples(CHAT, "r:1", DataConfig(train="x", max_seq_len=8), tok)
     assert stats == SplitStats(records=1, truncated=1, dropped_no_loss_after_truncation=1)
     # summed as the manifest sums them, written with the same keys
     assert (stats + stats).to_json() == {

@@ -76,9 +76,8 @@ def test_export_reloads_and_chats(chat_run):
     new = AutoModelForCausalLM.from_pretrained(final).generate(**ids, max_new_tokens=20, do_sample=False)[
         0, ids["input_ids"].shape[1] :
     ]
-    assert (
-        new[-1].item() == im_end and len(new) < 20 and "yellow" in tok.decode(new)
-    )  # stopped there, no config passed
+    # stopped there, no config passed
+    assert new[-1].item() == im_end and len(new) < 20 and "yellow" in tok.decode(new)
     model = AutoModelForCausalLM.from_pretrained(final)
     assert model.get_input_embeddings().weight.shape[0] == len(tok)
     pipe = pipeline("text-generation", model=str(final))

@@ -41,14 +41,15 @@ class Example:
 
 
 def install_chatml(tok) -> None:
-    """Give a tokenizer our ChatML template and its two special tokens (the model's embeddings grow to match)."""
+    """Give a tokenizer our ChatML template and its two special tokens (the model's embeddings grow to
+    match)."""
     tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
     tok.chat_template = CHATML_TEMPLATE
 
 
 def template_text(tok) -> str:
-    """The chat template a conversation is rendered with: the one named `default` where a tokenizer has several
-    (as `apply_chat_template` picks it; the tokenizer's loader refuses several without a default)."""
+    """The chat template a conversation is rendered with: the one named `default` where a tokenizer has
+    several (as `apply_chat_template` picks it; the tokenizer's loader refuses several without a default)."""
     t = tok.chat_template or ""
     return t.get("default", "") if isinstance(t, dict) else t
 
@@ -73,7 +74,8 @@ def assistant_char_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[t
         if not (upto.startswith(prefix) and full.startswith(upto)):
             raise UserError(
                 f"{where}: the chat template renders message prefixes inconsistently, so assistant tokens "
-                "cannot be located; use a template with {% generation %} markers (model.chat_template: chatml)"
+                "cannot be located; use a template with {% generation %} markers (model.chat_template: "
+                "chatml)"
             )
         end = len(upto.rstrip())  # the end-of-turn token is kept, the newline after it is not
         spans.append((len(prefix), end))
@@ -81,7 +83,8 @@ def assistant_char_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[t
 
 
 def end_of_turn_id(tok) -> int | None:
-    """Token that closes an assistant turn in the tokenizer's template (e.g. <|im_end|>): generation stops there."""
+    """Token that closes an assistant turn in the tokenizer's template (e.g. <|im_end|>): generation stops
+    there."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     try:
         full, spans = assistant_char_spans(tok, msgs, "chat template probe")
@@ -89,7 +92,9 @@ def end_of_turn_id(tok) -> int | None:
         return tok.eos_token_id
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     inside = [
-        t for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if spans[0][0] <= a < spans[0][1]
+        t
+        for t, (a, _) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        if spans[0][0] <= a < spans[0][1]
     ]
     return inside[-1] if inside else tok.eos_token_id
 
@@ -111,7 +116,7 @@ def tokenize_conversation(tok, conv: Conversation, where: str) -> Example:
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]
-    labels = [t if m else IGNORE for t, m in zip(ids, mask)]
+    labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
     if not any(m for m in mask):
         raise UserError(
             f"{where}: the chat template produced no assistant tokens for this conversation; "

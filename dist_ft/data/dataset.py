@@ -10,26 +10,36 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..config import DataConfig
 from ..contracts import Batch
 from ..errors import UserError
 from ..faults import NONE, Faults
 from . import shards
-from .shards import Manifest, SplitStats
+from .shards import Manifest, ShardSet, SplitStats
 from .stream import GlobalOrder, SampleStream
+
+Rows = TypeVar("Rows")
 
 
 @dataclass
-class Split:
-    items: Sequence  # packed rows (list[Example]) or single Examples; a memory-mapped ShardSet for train
+class Split(Generic[Rows]):
+    items: Rows  # packed rows (list[Example]) or single Examples; a memory-mapped ShardSet for train
     stats: SplitStats = field(default_factory=SplitStats)
+
+
+class Collates(Protocol):
+    """What the data needs of a task (`dist_ft/tasks`, which this package does not import)."""
+
+    @property
+    def collate(self) -> Callable[[Sequence[Any], int, int, bool], Batch]: ...
 
 
 @dataclass
 class Prepared:
-    train: Split
-    val: Split | None
+    train: Split[ShardSet]
+    val: Split[list] | None
     packing: bool
     seq_len: int
     pad_id: int
@@ -37,10 +47,9 @@ class Prepared:
     fingerprint: str  # identity of the train shards' contents
     shuffle_seed: int
     shuffle_window: int
-    task: object  # the run's task (`dist_ft/tasks`): how rows become a Batch
-    meta: dict = field(
-        default_factory=dict
-    )  # what the task's scan found when the shards were prepared (e.g. labels)
+    task: Collates  # the run's task (`dist_ft/tasks`): how rows become a Batch
+    # what the task's scan found when the shards were prepared (e.g. labels)
+    meta: dict = field(default_factory=dict)
 
     def collate(self, items: list) -> Batch:
         return self.task.collate(items, self.seq_len, self.pad_id, self.packing)
@@ -50,7 +59,7 @@ class Prepared:
         return SampleStream(order, micro, rank, world, self.fingerprint)
 
 
-def _on_local_main(fn: Callable[[], None], local_rank: int, sync: Callable[[int], int]) -> None:
+def _on_local_main(fn: Callable[[], object], local_rank: int, sync: Callable[[int], int]) -> None:
     """Run `fn` on each node's local rank 0 while the other ranks wait; a failure there fails every rank."""
     err = None
     if local_rank == 0:
@@ -77,13 +86,14 @@ def locate(
     """The shard directory for this config (prepared, fetched or built now) and its checked manifest."""
     if cfg.packing and not task.packable:
         raise UserError(
-            f"data.task {task.name} scores one sequence per row (its head pools the last token), so packing cannot be used; "
-            "set data.packing: false"
+            f"data.task {task.name} scores one sequence per row (its head pools the last token), so packing "
+            "cannot be used; set data.packing: false"
         )
     if cfg.prepared:
         if "://" in cfg.prepared:  # fsspec URL: each node's local rank 0 copies it into the cache
-            root = shards.remote_copy_dir(cfg.prepared, cfg.cache_path())
-            _on_local_main(lambda: shards.fetch(cfg.prepared, root, log), local_rank, sync)
+            url = cfg.prepared
+            root = shards.remote_copy_dir(url, cfg.cache_path())
+            _on_local_main(lambda: shards.fetch(url, root, log), local_rank, sync)
         else:
             root = Path(cfg.prepared).expanduser()
             if not root.is_dir():
@@ -93,13 +103,13 @@ def locate(
                 )
         where = f"data.prepared '{cfg.prepared}'"
     else:
+        train = cfg.train
+        assert train is not None  # the config requires data.train where data.prepared is unset
         root = shards.cache_entry(cfg, tok)
 
         def build_once() -> None:
             if not (root / shards.MANIFEST).is_file():
-                log(
-                    f"data: tokenizing {cfg.train.path} into {root} (once; later runs of this config reuse it)"
-                )
+                log(f"data: tokenizing {train.path} into {root} (once; later runs of this config reuse it)")
                 shards.prepare(cfg, tok, root, task, log=log, progress=None, faults=faults)
 
         _on_local_main(build_once, local_rank, sync)
@@ -143,9 +153,11 @@ def build(
 
 def eval_batches(prep: Prepared, micro: int, rank: int, world: int) -> list[Batch]:
     """This rank's validation batches; every rank gets the same count (padding batches carry no loss)."""
+    assert prep.val is not None  # called only for a run with validation rows
     items = prep.val.items
     mine = items[rank::world]
-    n_batches = -(-(-(-len(items) // world)) // micro)
+    per_rank = -(-len(items) // world)  # ceil: the most rows any rank holds
+    n_batches = -(-per_rank // micro)
     out = []
     for b in range(n_batches):
         chunk = mine[b * micro : (b + 1) * micro]

@@ -50,7 +50,8 @@ def _check_roles(msgs: list[dict], where: str) -> None:
         raise UserError(f"{where}: conversation has no user or assistant turn")
     if "assistant" not in body:
         raise UserError(
-            f"{where}: conversation has no assistant turn, so nothing to learn from; remove it or add the answer"
+            f"{where}: conversation has no assistant turn, so nothing to learn from; remove it or add the "
+            "answer"
         )
     for i, r in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"
@@ -77,11 +78,12 @@ def json_type(v) -> str:
 def message_list(
     raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None
 ) -> list[dict]:
-    """`raw` (a record's `key`) as checked {role, content} messages: a non-empty list of objects with `role_key` and
-    `content_key`, roles mapped through `role_map` (None: system, user or assistant only)."""
+    """`raw` (a record's `key`) as checked {role, content} messages: a non-empty list of objects with
+    `role_key` and `content_key`, roles mapped through `role_map` (None: system, user or assistant only)."""
     if not isinstance(raw, list) or not raw:
         raise UserError(
-            f"{where}: '{key}' must be a non-empty array of messages, got {'an empty one' if raw == [] else 'JSON ' + json_type(raw)}; "
+            f"{where}: '{key}' must be a non-empty array of messages, got "
+            f"{'an empty one' if raw == [] else 'JSON ' + json_type(raw)}; "
             f'give [{{"{role_key}": ..., "{content_key}": ...}}, ...]'
         )
     out = []
@@ -101,7 +103,8 @@ def message_list(
         if role_map is not None:
             if role not in role_map:
                 raise UserError(
-                    f"{where}: message {i}: unknown speaker '{role}' (expected one of {', '.join(sorted(role_map))})"
+                    f"{where}: message {i}: unknown speaker '{role}' (expected one of "
+                    f"{', '.join(sorted(role_map))})"
                 )
             role = role_map[role]
         elif role not in ("system", "user", "assistant"):
@@ -120,7 +123,8 @@ def message_list(
 
 
 def _text(v, where: str, what: str, required: bool) -> str:
-    """A text field of a record: a string, non-empty where it is what is learned (an assistant turn, an answer)."""
+    """A text field of a record: a string, non-empty where it is what is learned (an assistant turn, an
+    answer)."""
     if not isinstance(v, str):
         raise UserError(
             f"{where}: {what} must be a string, got JSON {json_type(v)}"
@@ -162,8 +166,9 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
             text = rec["text"]
             if not isinstance(text, str) or not text.strip():
                 raise UserError(
-                    f"{where}: 'text' must be a non-empty string, got {'an empty one' if isinstance(text, str) else 'JSON ' + json_type(text)}; "
-                    "give the document's text"
+                    f"{where}: 'text' must be a non-empty string, got "
+                    f"{'an empty one' if isinstance(text, str) else 'JSON ' + json_type(text)}; give the "
+                    "document's text"
                 )
             return Conversation(text=text)
         if fmt == "messages":
@@ -181,7 +186,8 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
             else "add it"
         )
         raise UserError(
-            f"{where}: record lacks key {e} required by format '{fmt}' (keys: {', '.join(sorted(rec)) or 'none'}); {fix}"
+            f"{where}: record lacks key {e} required by format '{fmt}' (keys: "
+            f"{', '.join(sorted(rec)) or 'none'}); {fix}"
         ) from None
     _check_roles(msgs, where)
     return Conversation(messages=msgs)

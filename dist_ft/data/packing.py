@@ -16,6 +16,7 @@ them to flash kernels only (`Batch.model_inputs`); sdpa and eager keep the posit
 from __future__ import annotations
 
 import bisect
+from itertools import pairwise
 
 import torch
 
@@ -49,7 +50,9 @@ def _shifted(ex: Example) -> list[int]:
 def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batch:
     ids, pos, tgt, lengths, cu = [], [], [], [], [0]
     for row in rows:
-        r_ids, r_pos, r_tgt = [], [], []
+        r_ids: list[int] = []
+        r_pos: list[int] = []
+        r_tgt: list[int] = []
         for ex in row:
             r_ids += ex.input_ids
             r_pos += range(len(ex.input_ids))
@@ -68,7 +71,7 @@ def collate_packed(rows: list[list[Example]], seq_len: int, pad_id: int) -> Batc
         lengths,
         position_ids=pos,
         cu_seq_lens=torch.tensor(cu, dtype=torch.int32),
-        max_length=max(b - a for a, b in zip(cu, cu[1:])),
+        max_length=max(b - a for a, b in pairwise(cu)),
     )
 
 
@@ -84,7 +87,15 @@ def collate_padded(examples: list[Example], pad_id: int) -> Batch:
     return _batch(ids, tgt, [len(ex.input_ids) for ex in examples], position_ids=pos, attention_mask=att)
 
 
-def _batch(ids, tgt, lengths: list[int], cu_seq_lens=None, max_length: int = 0, **extra) -> Batch:
+def _batch(
+    ids,
+    tgt,
+    lengths: list[int],
+    cu_seq_lens=None,
+    max_length: int = 0,
+    position_ids=None,
+    attention_mask=None,
+) -> Batch:
     targets = torch.tensor(tgt, dtype=torch.long)
     # flat positions that carry loss, found here on the host: selecting them on the GPU needs no sync
     loss_index = torch.nonzero(targets.flatten() != IGNORE).squeeze(1)
@@ -97,5 +108,6 @@ def _batch(ids, tgt, lengths: list[int], cu_seq_lens=None, max_length: int = 0, 
         lengths=tuple(lengths),
         cu_seq_lens=cu_seq_lens,
         max_length=max_length,
-        **{k: torch.tensor(v, dtype=torch.long) for k, v in extra.items()},
+        position_ids=None if position_ids is None else torch.tensor(position_ids, dtype=torch.long),
+        attention_mask=None if attention_mask is None else torch.tensor(attention_mask, dtype=torch.long),
     )

@@ -1,8 +1,10 @@
-"""Preference records -> (prompt, chosen, rejected) message lists, for the pairwise tasks (DPO, reward models).
+"""Preference records -> (prompt, chosen, rejected) message lists, for the pairwise tasks (DPO, reward
+models).
 
 Accepted shapes (each completion a string or a list holding one assistant message):
 - `{prompt, chosen, rejected}`: `prompt` a string (one user turn) or OpenAI messages ending with a user turn;
-- `{conversations, chosen, rejected}`: ShareGPT (from/value) prompt; completions strings or {from, value} messages;
+- `{conversations, chosen, rejected}`: ShareGPT (from/value) prompt; completions strings or {from, value}
+  messages;
 - `{chosen: [whole conversation], rejected: [whole conversation]}`: the same messages up to a last, differing,
   assistant turn (the shared prefix is the prompt).
 """
@@ -27,7 +29,8 @@ def _completion(v, where: str, key: str, sharegpt: bool) -> dict:
     if isinstance(v, str):
         if not v.strip():
             raise UserError(
-                f"{where}: the {key} completion is empty, so there is nothing to compare; write it or remove the record"
+                f"{where}: the {key} completion is empty, so there is nothing to compare; write it or remove "
+                "the record"
             )
         return {"role": "assistant", "content": v}
     if isinstance(v, dict):
@@ -40,7 +43,8 @@ def _completion(v, where: str, key: str, sharegpt: bool) -> dict:
     msgs = message_list(v, where, key, rk, ck, roles) if isinstance(v, list) else None
     if msgs is None:
         raise UserError(
-            f"{where}: '{key}' must be a string or an assistant message, got JSON {json_type(v)}; give the reply text"
+            f"{where}: '{key}' must be a string or an assistant message, got JSON {json_type(v)}; give the "
+            "reply text"
         )
     if len(msgs) != 1 or msgs[0]["role"] != "assistant":
         raise UserError(
@@ -78,7 +82,8 @@ def to_pair(rec: dict, where: str) -> Pair:
     if missing:
         raise UserError(
             f"{where}: preference record lacks '{missing[0]}' (keys: {', '.join(sorted(rec)) or 'none'}); "
-            "give {prompt, chosen, rejected}, {conversations, chosen, rejected} or {chosen: [...], rejected: [...]}"
+            "give {prompt, chosen, rejected}, {conversations, chosen, rejected} or "
+            "{chosen: [...], rejected: [...]}"
         )
     if "prompt" in rec or "conversations" in rec:
         prompt, sharegpt = _prompt(rec, where)
@@ -86,21 +91,23 @@ def to_pair(rec: dict, where: str) -> Pair:
     else:  # two whole conversations sharing everything but their last (assistant) message
         if not (isinstance(rec["chosen"], list) and isinstance(rec["rejected"], list)):
             raise UserError(
-                f"{where}: without 'prompt', 'chosen' and 'rejected' must be whole conversations (message lists), got "
-                f"JSON {json_type(rec['chosen'])} and {json_type(rec['rejected'])}; or add 'prompt'"
+                f"{where}: without 'prompt', 'chosen' and 'rejected' must be whole conversations (message "
+                f"lists), got JSON {json_type(rec['chosen'])} and {json_type(rec['rejected'])}; or add "
+                "'prompt'"
             )
         c, r = (message_list(rec[k], where, k, "role", "content", None) for k in ("chosen", "rejected"))
         prompt = c[:-1]
-        for i, (a, b) in enumerate(zip(c[:-1], r[:-1])):
+        # their lengths may differ (refused below): compare the turns both have
+        for i, (a, b) in enumerate(zip(c[:-1], r[:-1], strict=False)):
             if a != b:
                 raise UserError(
-                    f"{where}: 'chosen' and 'rejected' differ at message {i}, before their last message; they must share "
-                    "the prompt turns and differ only in the final assistant reply"
+                    f"{where}: 'chosen' and 'rejected' differ at message {i}, before their last message; "
+                    "they must share the prompt turns and differ only in the final assistant reply"
                 )
         if len(c) != len(r):
             raise UserError(
-                f"{where}: 'chosen' has {len(c)} messages and 'rejected' {len(r)}; they must share the prompt turns and "
-                "differ only in the final assistant reply"
+                f"{where}: 'chosen' has {len(c)} messages and 'rejected' {len(r)}; they must share the "
+                "prompt turns and differ only in the final assistant reply"
             )
         chosen, rejected = (_completion(m[-1:], where, k, False) for m, k in ((c, "chosen"), (r, "rejected")))
     _check_prompt(prompt, where)
@@ -116,33 +123,33 @@ def _prompt_ids(tok, prompt: list[dict]) -> list[int]:
 
 
 def tokenize_pair(tok, pair: Pair, where: str) -> tuple[Example, Example]:
-    """Chosen and rejected as whole sequences (prompt + completion, the same template as SFT) whose labels are the
-    completion's tokens only. Refused, naming the record: prompt + completion whose first tokens are not the prompt's
-    own (a merge across the prompt/completion boundary), a doubled leading BOS or a BOS in the completion, an empty
-    completion, a completion without exactly one end-of-turn token at its end (a duplicated EOS, or a marker in the
-    text), and a pair whose chosen and rejected sequences are the same tokens (however the records' text or shape differ)."""
+    """Chosen and rejected as whole sequences (prompt + completion, the same template as SFT) whose labels are
+    the completion's tokens only. Refused, naming the record: prompt + completion whose first tokens are not
+    the prompt's own (a merge across the prompt/completion boundary), a doubled leading BOS or a BOS in the
+    completion, an empty completion, a completion without exactly one end-of-turn token at its end (a
+    duplicated EOS, or a marker in the text), and a pair whose chosen and rejected sequences are the same
+    tokens (however the records' text or shape differ)."""
     prompt, eot = _prompt_ids(tok, pair.prompt), end_of_turn_id(tok)
-    n_prompt, special = (
-        len(prompt),
-        set(tok.all_special_ids),
-    )  # a template without an end-of-turn marker has none to check
+    # a template without an end-of-turn marker has none to check
+    n_prompt, special = len(prompt), set(tok.all_special_ids)
     out = []
     for key, msg in (("chosen", pair.chosen), ("rejected", pair.rejected)):
         whole = list(
             tok.apply_chat_template(pair.prompt + [msg], tokenize=True, return_dict=True)["input_ids"]
         )
         if whole[:n_prompt] != prompt:
-            at = next((i for i, (a, b) in enumerate(zip(whole, prompt)) if a != b), len(whole))
+            # the first differing token within both (`whole` may end inside the prompt)
+            at = next((i for i, (a, b) in enumerate(zip(whole, prompt, strict=False)) if a != b), len(whole))
             raise UserError(
-                f"{where}: the prompt's tokens differ between the prompt alone and prompt + {key} (first at token {at}: the "
-                "tokenizer merges the prompt's end with the reply); start the reply so the prompt tokenizes alike"
+                f"{where}: the prompt's tokens differ between the prompt alone and prompt + {key} (first at "
+                f"token {at}: the tokenizer merges the prompt's end with the reply); start the reply so the "
+                "prompt tokenizes alike"
             )
         ex = tokenize_conversation(tok, Conversation(pair.prompt + [msg]), where)
         labels = [IGNORE] * n_prompt + ex.labels[n_prompt:]
         done = [t for t in labels if t != IGNORE]
-        bos = (
-            tok.bos_token_id
-        )  # (a template may write it at every turn, as ChatML models whose BOS is <|im_start|> do)
+        # (a template may write it at every turn, as ChatML models whose BOS is <|im_start|> do)
+        bos = tok.bos_token_id
         if bos is not None and bos != tok.eos_token_id and (ex.input_ids[:2] == [bos, bos] or bos in done):
             what = "starts with two BOS tokens" if ex.input_ids[:2] == [bos, bos] else "holds a BOS token"
             raise UserError(
@@ -151,18 +158,17 @@ def tokenize_pair(tok, pair: Pair, where: str) -> tuple[Example, Example]:
             )
         if not done:
             raise UserError(f"{where}: the {key} completion has no token after the prompt; write the reply")
-        if eot in special and (done.count(eot) != 1 or done[-1] != eot):
+        if eot is not None and eot in special and (done.count(eot) != 1 or done[-1] != eot):
             raise UserError(
                 f"{where}: the {key} completion holds {done.count(eot)} end-of-turn token(s) "
-                f"{tok.convert_ids_to_tokens(eot)!r} (exactly one, at its end, is expected); remove end-of-turn or EOS "
-                "markers from the reply text"
+                f"{tok.convert_ids_to_tokens(eot)!r} (exactly one, at its end, is expected); remove "
+                "end-of-turn or EOS markers from the reply text"
             )
         out.append(Example(ex.input_ids, labels))
-    if (
-        out[0].input_ids == out[1].input_ids
-    ):  # no preference to learn (a DPO margin / reward gap of zero): a broken export
+    # no preference to learn (a DPO margin / reward gap of zero): a broken export
+    if out[0].input_ids == out[1].input_ids:
         raise UserError(
-            f"{where}: 'chosen' and 'rejected' render to the same {len(out[0].input_ids)} tokens, so the pair prefers "
-            "nothing; make the rejected reply differ, or remove the record"
+            f"{where}: 'chosen' and 'rejected' render to the same {len(out[0].input_ids)} tokens, so the "
+            "pair prefers nothing; make the rejected reply differ, or remove the record"
         )
     return out[0], out[1]

@@ -22,13 +22,13 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 STORAGE_OPTIONS = (
     "DIST_FT_STORAGE_OPTIONS"  # credentials for fsspec URLs: never in the config (it is saved and logged)
 )
-MAX_RECORD_BYTES = (
-    32 << 20
-)  # per JSONL line: ~8M tokens; longer documents should be split into several records
+# per JSONL line: ~8M tokens; longer documents should be split into several records
+MAX_RECORD_BYTES = 32 << 20
 
 
 def storage_options(environ=os.environ) -> dict:
-    """fsspec storage options from $DIST_FT_STORAGE_OPTIONS ({} when unset). Its value is never echoed: it holds secrets."""
+    """fsspec storage options from $DIST_FT_STORAGE_OPTIONS ({} when unset). Its value is never echoed: it
+    holds secrets."""
     raw = environ.get(STORAGE_OPTIONS, "").strip()
     if not raw:
         return {}
@@ -36,12 +36,14 @@ def storage_options(environ=os.environ) -> dict:
         opts = json.loads(raw)
     except ValueError as e:
         raise UserError(
-            f"{STORAGE_OPTIONS}: not valid JSON ({getattr(e, 'msg', 'parse error')} at column {getattr(e, 'colno', '?')}); "
+            f"{STORAGE_OPTIONS}: not valid JSON ({getattr(e, 'msg', 'parse error')} at column "
+            f"{getattr(e, 'colno', '?')}); "
             'set it to a JSON object of fsspec storage options, e.g. \'{"key": "...", "secret": "..."}\''
         ) from None
     if not isinstance(opts, dict):
         raise UserError(
-            f"{STORAGE_OPTIONS}: must be a JSON object of fsspec storage options (got a JSON {json_type(opts)}), "
+            f"{STORAGE_OPTIONS}: must be a JSON object of fsspec storage options (got a JSON "
+            f"{json_type(opts)}), "
             'e.g. \'{"key": "...", "secret": "..."}\''
         )
     return opts
@@ -63,8 +65,8 @@ def _decode(raw: bytes, where: str, path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
-            f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file "
-            f"as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}"
+            f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the "
+            f"file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}"
         ) from None
 
 
@@ -86,8 +88,9 @@ def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
                 return
             if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
                 raise UserError(
-                    f"{path}:{lineno}: record is longer than {limit:,} bytes ({limit / (1 << 20):g} MiB, the limit per "
-                    "record); split the document into several records, or raise $DIST_FT_MAX_RECORD_BYTES"
+                    f"{path}:{lineno}: record is longer than {limit:,} bytes ({limit / (1 << 20):g} MiB, the "
+                    "limit per record); split the document into several records, or raise "
+                    "$DIST_FT_MAX_RECORD_BYTES"
                 )
             line = _decode(
                 raw.removeprefix(b"\xef\xbb\xbf") if lineno == 1 else raw, f"{path}:{lineno}", path
@@ -124,8 +127,8 @@ def _json(path: Path) -> Iterator[tuple[str, dict]]:
         data = [data]
     if not isinstance(data, list):
         raise UserError(
-            f"{path}: expected a JSON array of objects (records), got a JSON {json_type(data)}; write [{{...}}, {{...}}], "
-            "or one object per line in a .jsonl file"
+            f"{path}: expected a JSON array of objects (records), got a JSON {json_type(data)}; write "
+            "[{...}, {...}], or one object per line in a .jsonl file"
         )
     for i, rec in enumerate(data):
         yield f"{path}[{i}]", _object(rec, f"{path}[{i}]")
@@ -134,7 +137,8 @@ def _json(path: Path) -> Iterator[tuple[str, dict]]:
 def _hf(
     name: str, split: str, subset: str | None, streaming: bool = False, file: Path | None = None, **kw
 ) -> Iterator[tuple[str, dict]]:
-    """Records of a hub dataset or local dataset directory, or of `file` (read by the `name` builder, e.g. parquet)."""
+    """Records of a hub dataset or local dataset directory, or of `file` (read by the `name` builder, e.g.
+    parquet)."""
     import datasets
 
     opts = storage_options() if "://" in name else {}
@@ -151,12 +155,12 @@ def _hf(
         Exception
     ) as e:  # datasets raises many types (FileNotFound, ConnectionError, ValueError, ArrowInvalid...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        first = scrub(
-            first, option_values(opts)
-        )  # a hub or fsspec error may quote a signed URL, a token, the storage options
+        # a hub or fsspec error may quote a signed URL, a token, the storage options
+        first = scrub(first, option_values(opts))
         if file is not None:
             raise UserError(
-                f"{file}: not a readable {name} file ({first.rstrip('.')}); re-export it, or convert it to .jsonl"
+                f"{file}: not a readable {name} file ({first.rstrip('.')}); re-export it, or convert it to "
+                ".jsonl"
             ) from None
         raise UserError(
             scrub(
@@ -170,7 +174,8 @@ def _hf(
 
 def iter_records(src: SourceConfig) -> Iterator[tuple[str, dict]]:
     """Records of one source, one at a time, each as (location, record); never holds the source in memory
-    (hub datasets with `streaming: true` are not even downloaded whole). Raises UserError on missing/malformed input."""
+    (hub datasets with `streaming: true` are not even downloaded whole). Raises UserError on missing/malformed
+    input."""
     path = Path(src.path).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()

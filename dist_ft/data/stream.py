@@ -58,7 +58,8 @@ class GlobalOrder:
 
 
 class SampleStream:
-    """This rank's micro-batches of row ids; `state_dict()` is the global position, valid for any world size."""
+    """This rank's micro-batches of row ids; `state_dict()` is the global position, valid for any world
+    size."""
 
     def __init__(self, order: GlobalOrder, micro: int, rank: int, world: int, fingerprint: str = ""):
         self.order, self.micro, self.rank, self.world, self.fingerprint = (

@@ -1,21 +1,21 @@
-"""Tasks: what is learned. A task is one module here that defines `TASK = Task(...)`; the `Task` fields are typed
-callables, so the type checker holds every task to this contract:
+"""Tasks: what is learned. A task is one module here that defines `TASK = Task(...)`; the `Task` fields are
+typed callables, so the type checker holds every task to this contract:
 
-- `examples(record, where, data_cfg, tok) -> (examples, SplitStats)`: how a record becomes training examples and what
-  that did (the record's counts: examples, tokens, truncated, dropped; summed into the manifest's stats). Run once,
-  at prepare time; `where` names the file and line for error messages,
-- `collate(items, seq_len, pad_id, packing) -> Batch`: how examples (or rows of them: packed, or a task's groups)
-  become a micro-batch,
-- `loss(model, batch, chunk) -> LossOut`: the loss summed over the batch's `n_loss` units, plus metric sums (a number
-  each, or one per class),
+- `examples(record, where, data_cfg, tok) -> (examples, SplitStats)`: how a record becomes training examples
+  and what that did (the record's counts: examples, tokens, truncated, dropped; summed into the manifest's
+  stats). Run once, at prepare time; `where` names the file and line for error messages,
+- `collate(items, seq_len, pad_id, packing) -> Batch`: how examples (or rows of them: packed, or a task's
+  groups) become a micro-batch,
+- `loss(model, batch, chunk) -> LossOut`: the loss summed over the batch's `n_loss` units, plus metric sums (a
+  number each, or one per class),
 - `eval_metrics(loss_sum, n_loss, MetricSums) -> dict`: what evaluation reports,
 - `auto_class`: the transformers Auto class of the model (and head) it trains.
 Optional: `group` (examples that stay together in one row: 2 for a preference pair), `packable` (False: one
-sequence per row, e.g. a head that pools its last token), `scan(records) -> meta` (read the training records once
-before tokenizing, e.g. the label set; `examples` then gets `meta=`, and the manifest keeps it), `head(meta)` (the
-model's head kwargs, e.g. num_labels), `reference` (per-example log-probs of the starting model are computed once
-before training, `reference.py`), `prepare_model(model)` (e.g. dropout off) and `configure(task, cfg) -> Task` (the
-task with the run's settings bound, e.g. DPO's beta).
+sequence per row, e.g. a head that pools its last token), `scan(records) -> meta` (read the training records
+once before tokenizing, e.g. the label set; `examples` then gets `meta=`, and the manifest keeps it),
+`head(meta)` (the model's head kwargs, e.g. num_labels), `reference` (per-example log-probs of the starting
+model are computed once before training, `reference.py`), `prepare_model(model)` (e.g. dropout off) and
+`configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta).
 
 A task's own settings (the config's `<task>:` section) are a model in `task_settings/<task>.py`, which config
 composes as `cfg.<task>` (there, below config, so the import graph stays acyclic); `configure` reads them.
@@ -23,8 +23,8 @@ What several tasks share is in `_shared` (record stats, preference-pair examples
 token-level language-modelling pieces); a task never imports another task's module.
 
 The training loop, evaluation and checkpoints call a task only through these; none branches on its name.
-Adding a task is adding a module here (and its tests; with settings, their model too); `data.task` accepts every
-module name here.
+Adding a task is adding a module here (and its tests; with settings, their model too); `data.task` accepts
+every module name here.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 Meta = dict[str, Any]  # what a task's scan found in the training records (JSON: the manifest keeps it)
-Item = (
-    Example | list[Example]
-)  # what collate gets per row: an example, or a row's (packed rows, a task's groups)
+# what collate gets per row: an example, or a row's (packed rows, a task's groups)
+Item = Example | list[Example]
 
 
 class Model(Protocol):
-    """What a task's loss calls: a transformers model, or the training engine (`engine.Engine`, called like one)."""
+    """What a task's loss calls: a transformers model, or the training engine (`engine.Engine`, called like
+    one)."""
 
     @property
     def device(self) -> torch.device: ...
@@ -63,29 +63,31 @@ class Model(Protocol):
 @dataclass
 class LossOut:
     sum: torch.Tensor  # 0-d fp32 on the device: the loss summed over the batch's loss units
-    # other sums over the same units, the same keys and shapes for every batch: 0-d, or 1-d per class (index = class
-    # id). Training logs each summed over the step's micro-batches and ranks / n_loss (`MetricSums.record`);
-    # evaluation hands the sums over the validation set to `eval_metrics` (as `MetricSums`)
+    # other sums over the same units, the same keys and shapes for every batch: 0-d, or 1-d per class (index =
+    # class id). Training logs each summed over the step's micro-batches and ranks / n_loss
+    # (`MetricSums.record`); evaluation hands the sums over the validation set to `eval_metrics` (as
+    # `MetricSums`)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class MetricSums:
-    """A task's metric sums (`LossOut.metrics` added up over batches, and ranks) on the host: one number per name
-    (`scalar`), and one per class for the per-class ones (`per_class[name][class id]`)."""
+    """A task's metric sums (`LossOut.metrics` added up over batches, and ranks) on the host: one number per
+    name (`scalar`), and one per class for the per-class ones (`per_class[name][class id]`)."""
 
     scalar: dict[str, float] = field(default_factory=dict)
     per_class: dict[str, list[float]] = field(default_factory=dict)
 
     @staticmethod
     def elements(sums: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Every number of `sums` as a 0-d tensor (still on the device), in the order `read` takes them back: what
-        one all-reduce sums over the ranks."""
+        """Every number of `sums` as a 0-d tensor (still on the device), in the order `read` takes them back:
+        what one all-reduce sums over the ranks."""
         return [x for k in sorted(sums) for x in sums[k].reshape(-1).unbind()]
 
     @classmethod
     def read(cls, sums: Mapping[str, torch.Tensor], values: Sequence[float] | None = None) -> MetricSums:
-        """`sums` as typed host numbers: `values` where given (`elements(sums)` after an all-reduce), else their own."""
+        """`sums` as typed host numbers: `values` where given (`elements(sums)` after an all-reduce), else
+        their own."""
         if values is None:
             own = cls.elements(sums)
             values = torch.stack(own).tolist() if own else []  # one host sync
@@ -101,8 +103,8 @@ class MetricSums:
         return cls(scalar, per_class)
 
     def record(self, n: float) -> dict[str, float]:
-        """Each sum / `n` under its metrics.jsonl name, in name order: a number by its name, a per-class one as
-        `{name}_{class id}`."""
+        """Each sum / `n` under its metrics.jsonl name, in name order: a number by its name, a per-class one
+        as `{name}_{class id}`."""
         flat = {
             **self.scalar,
             **{f"{k}_{c}": v for k, vs in self.per_class.items() for c, v in enumerate(vs)},
@@ -127,8 +129,8 @@ class Task:
     configure: Callable[[Task, Config], Task] | None = None
 
     def with_meta(self, meta: Meta) -> Task:
-        """This task whose `examples` gets the `meta` its `scan` found (itself where it has no scan: a task with a
-        scan takes `meta=` in its examples)."""
+        """This task whose `examples` gets the `meta` its `scan` found (itself where it has no scan: a task
+        with a scan takes `meta=` in its examples)."""
         examples: Callable[..., tuple[list[Example], SplitStats]] = self.examples
         return replace(self, examples=partial(examples, meta=meta)) if self.scan else self
 

@@ -1,8 +1,9 @@
-"""Text classification with a sequence head (`AutoModelForSequenceClassification`, e.g. GPT-2's sentiment example):
-records `{text, label}` or `{messages, label}` (rendered with the chat template), one sequence per row; the head
-pools the last non-pad token. The label set is collected from the training source when the shards are prepared
-(sorted; saved in the manifest and as the model's `id2label` / `label2id`). A label is stored after its example's
-tokens as one extra position that only carries the class id, so shards need no other format.
+"""Text classification with a sequence head (`AutoModelForSequenceClassification`, e.g. GPT-2's sentiment
+example): records `{text, label}` or `{messages, label}` (rendered with the chat template), one sequence per
+row; the head pools the last non-pad token. The label set is collected from the training source when the
+shards are prepared (sorted; saved in the manifest and as the model's `id2label` / `label2id`). A label is
+stored after its example's tokens as one extra position that only carries the class id, so shards need no
+other format.
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ if TYPE_CHECKING:
 def _label(rec: dict, where: str) -> str:
     if "label" not in rec:
         raise UserError(
-            f"{where}: record lacks 'label' (keys: {', '.join(sorted(rec)) or 'none'}); give every record its class"
+            f"{where}: record lacks 'label' (keys: {', '.join(sorted(rec)) or 'none'}); give every record "
+            "its class"
         )
     v = rec["label"]
     if isinstance(v, bool) or not isinstance(v, (str, int)) or (isinstance(v, str) and not v.strip()):
         raise UserError(
-            f"{where}: 'label' must be a non-empty string or an integer, got JSON {json_type(v)} {str(v)[:40]}; give the class"
+            f"{where}: 'label' must be a non-empty string or an integer, got JSON {json_type(v)} "
+            f"{str(v)[:40]}; give the class"
         )
     return str(v)
 
 
 def scan(records: Iterable[tuple[str, dict]]) -> Meta:
-    """The label set of the training records (`records`: (where, record) pairs): integers in numeric order, else sorted."""
+    """The label set of the training records (`records`: (where, record) pairs): integers in numeric order,
+    else sorted."""
     seen: dict[str, str] = {}
     for where, rec in records:
         seen.setdefault(_label(rec, where), where)
@@ -50,8 +54,8 @@ def scan(records: Iterable[tuple[str, dict]]) -> Meta:
     if len(labels) < 2:
         first = next(iter(seen.values()), "data.train")
         raise UserError(
-            f"{first.rsplit(':', 1)[0]}: every training record has label {labels[0]!r}; a classifier needs records of "
-            "at least two classes"
+            f"{first.rsplit(':', 1)[0]}: every training record has label {labels[0]!r}; a classifier needs "
+            "records of at least two classes"
             if labels
             else f"{first}: no labelled records"
         )
@@ -65,8 +69,8 @@ def examples(
     labels = (meta or {}).get("labels", [])
     if label not in labels:
         raise UserError(
-            f"{where}: label {label!r} never occurs in the training data (labels: {', '.join(labels)}); fix the label "
-            "or add training records of that class"
+            f"{where}: label {label!r} never occurs in the training data (labels: {', '.join(labels)}); fix "
+            "the label or add training records of that class"
         )
     if "messages" in rec:
         msgs = message_list(rec["messages"], where, "messages", "role", "content", None)
@@ -77,7 +81,8 @@ def examples(
         ids = tok(rec["text"], add_special_tokens=True)["input_ids"]
     else:
         raise UserError(
-            f"{where}: a classification record needs a non-empty 'text' or 'messages' (keys: {', '.join(sorted(rec))})"
+            f"{where}: a classification record needs a non-empty 'text' or 'messages' (keys: "
+            f"{', '.join(sorted(rec))})"
         )
     stats = SplitStats()
     if len(ids) > cfg.max_seq_len - 1:
@@ -90,7 +95,8 @@ def examples(
 
 
 def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> Batch:
-    """One sequence per row, right-padded (the head pools the last non-pad token); the class is the stored last position."""
+    """One sequence per row, right-padded (the head pools the last non-pad token); the class is the stored
+    last position."""
     seqs = as_examples(items)
     b = collate_padded(
         [Example(ex.input_ids[:-1], [IGNORE] * (len(ex.input_ids) - 1)) for ex in seqs], pad_id
@@ -99,8 +105,8 @@ def collate(items: Sequence[Item], seq_len: int, pad_id: int, packing: bool) -> 
 
 
 def loss(model: Model, batch: Batch, chunk: int) -> LossOut:
-    """Cross-entropy summed over the rows; metric sums: correct rows, and per class (index = class id) the rows of
-    that class (`true`), predicted as it (`pred`) and both (`tp`)."""
+    """Cross-entropy summed over the rows; metric sums: correct rows, and per class (index = class id) the
+    rows of that class (`true`), predicted as it (`pred`) and both (`tp`)."""
     logits = scores(model, batch)
     y = batch.extra["classes"].to(logits.device)
     keep = float(batch.n_loss > 0)  # a padding batch of evaluation counts nothing

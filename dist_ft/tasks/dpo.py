@@ -1,11 +1,12 @@
-"""Direct Preference Optimization: preference pairs (prompt, chosen, rejected) through the SFT chat template, the
-policy's log-probs of both completions in one forward, against a reference's.
+"""Direct Preference Optimization: preference pairs (prompt, chosen, rejected) through the SFT chat template,
+the policy's log-probs of both completions in one forward, against a reference's.
 
 The reference is the starting model. Its per-completion log-probs are computed once before training
 (`reference.py`, stored beside the shards under the reference's weight hash), so no second model is held; with
 LoRA the reference is the same model with its adapters switched off. A pair's two sequences sit in one row
-(packed rows hold whole pairs, 2 x data.max_seq_len wide, positions restarting per sequence) and are never split
-across micro-batches or ranks. A batch's loss units are pairs. Dropout is off (as the reference had none).
+(packed rows hold whole pairs, 2 x data.max_seq_len wide, positions restarting per sequence) and are never
+split across micro-batches or ranks. A batch's loss units are pairs. Dropout is off (as the reference had
+none).
 """
 
 from __future__ import annotations
@@ -70,11 +71,11 @@ def loss(
     smoothing: float = 0.0,
     adapters: bool = False,
 ) -> LossOut:
-    """Summed over the batch's pairs: sigmoid (DPO) or IPO loss of the policy-vs-reference log-ratio margin, and the sums
-    of the rewards (beta x log-ratio), reward accuracy and margin, and the completions' log-probs."""
-    if (
-        batch.n_loss == 0
-    ):  # a padding batch of evaluation: the forward keeps ZeRO-3's gathers in step, nothing counts
+    """Summed over the batch's pairs: sigmoid (DPO) or IPO loss of the policy-vs-reference log-ratio margin,
+    and the sums of the rewards (beta x log-ratio), reward accuracy and margin, and the completions'
+    log-probs."""
+    # a padding batch of evaluation: the forward keeps ZeRO-3's gathers in step, nothing counts
+    if batch.n_loss == 0:
         lp = batch_sequence_logps(model, batch)
         return LossOut(0.0 * lp.sum(), {k: lp.new_zeros(()) for k in METRICS})
     lp = batch_sequence_logps(model, batch)
@@ -112,17 +113,18 @@ def eval_metrics(loss_sum: float, n: float, sums: MetricSums) -> dict[str, float
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere (modules, and attention that reads a float from its config): the reference was scored
-    without it, so at step 1 policy and reference log-probs agree and the loss is ln 2."""
+    """Dropout off everywhere (modules, and attention that reads a float from its config): the reference was
+    scored without it, so at step 1 policy and reference log-probs agree and the loss is ln 2."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0  # type: ignore[assignment]  # a plain float (torch types attributes as tensors)
+            m.attention_dropout = 0.0  # type: ignore[assignment]  # a float; torch stubs want Tensor | Module
 
 
 def configure(task: Task, cfg: Config) -> Task:
-    """Bound: the config's `dpo:` settings (task_settings/dpo.py), and whether the reference is the adapters-off model."""
+    """Bound: the config's `dpo:` settings (task_settings/dpo.py), and whether the reference is the
+    adapters-off model."""
     d, adapters = cfg.dpo, cfg.model.peft is not None
     return replace(
         task,

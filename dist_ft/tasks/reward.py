@@ -1,6 +1,6 @@
 """Reward model: a one-output sequence head trained on preference pairs (the same records as DPO) with the
-Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin). A pair's two sequences are consecutive rows of a
-batch (never split across micro-batches or ranks); the head pools each sequence's last non-pad token."""
+Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin). A pair's two sequences are consecutive rows
+of a batch (never split across micro-batches or ranks); the head pools each sequence's last non-pad token."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ def examples(
     conv = to_conversation(rec, cfg.format, where)
     if conv.text is not None:
         raise UserError(
-            f"{where}: raw 'text' record in an SFT run; set data.task: pretrain for continued pretraining, or use chat records"
+            f"{where}: raw 'text' record in an SFT run; set data.task: pretrain for continued pretraining, "
+            "or use chat records"
         )
     return finish(*_lm.fit(tokenize_conversation(tok, conv, where), cfg))
 

@@ -67,7 +67,7 @@ def main(model_dir: str) -> dict:
         return [p.detach().clone() for p in engine.module.parameters()]
 
     def moved(before):
-        return any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+        return any(not torch.equal(a, b) for a, b in zip(before, engine.module.parameters(), strict=False))
 
     def one_step(mult: float) -> dict:
         before, skipped, lr, scale = snapshot(), engine.skipped_steps, engine.lr, loss_scale(engine)
@@ -86,9 +86,8 @@ def main(model_dir: str) -> dict:
         }
 
     warmup = []
-    for _ in range(
-        12
-    ):  # the first applied step; natural overflows at a fresh 2^16 scale only lower the scale
+    # the first applied step; natural overflows at a fresh 2^16 scale only lower the scale
+    for _ in range(12):
         warmup.append(one_step(1.0))
         if not warmup[-1]["skipped"]:
             break

@@ -39,7 +39,7 @@ STEPS = 8
 
 def _max_rel(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b), (a, b)
-    return max(abs(x - y) / max(abs(x), 1e-8) for x, y in zip(a, b))
+    return max(abs(x - y) / max(abs(x), 1e-8) for x, y in zip(a, b, strict=False))
 
 
 # ---------------------------------------------------------------- bf16 at ZeRO 0 / 2 / 3
@@ -224,9 +224,8 @@ def test_packed_logits_equal_unpacked_on_gpu(which, attn, dtype, tol, gpt2_dir, 
             assert abs(l_packed.item() - l_alone.item()) <= tol * max(1.0, abs(l_alone.item()))
             start += n
         first = len(examples[0].input_ids)
-        leaky = (
-            model(input_ids=cuda(packed.input_ids), use_cache=False).logits[0].float()
-        )  # plain 0..N positions
+        # plain 0..N positions
+        leaky = model(input_ids=cuda(packed.input_ids), use_cache=False).logits[0].float()
         assert (leaky[first:start] - logits[first:start]).abs().max().item() > 5 * tol
 
 
@@ -371,13 +370,11 @@ def test_zero3_export_equals_zero_to_fp32_of_final_checkpoint(tmp_path, gpt2_dir
     out = tmp_path / "run"
     r = assert_ok(run_cli("train", str(cfg), f"output.dir={out}"))
     assert "world 1 | ZeRO 3 | bf16" in r.stdout
-    step_dir = (
-        out / "checkpoints" / f"step-{steps}"
-    )  # the checkpoint of the last step: the export is taken right after it
+    # the checkpoint of the last step: the export is taken right after it
+    step_dir = out / "checkpoints" / f"step-{steps}"
     assert (step_dir / "COMPLETE").is_file()
-    fp32 = get_fp32_state_dict_from_zero_checkpoint(
-        str(step_dir), tag="ds"
-    )  # DeepSpeed state lives under tag `ds`
+    # DeepSpeed state lives under tag `ds`
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
     exported = load_file(out / "final" / "model.safetensors")
     assert exported and set(exported) <= set(fp32), sorted(set(exported) - set(fp32))
     # GPT-2 ties lm_head.weight to transformer.wte.weight: save_pretrained writes the shared tensor once (under wte),
@@ -407,9 +404,8 @@ def test_srun_task_with_one_visible_gpu_and_a_high_local_id(bf16_cfg, tmp_path):
     """`srun --gpus-per-task=1`: task 3 of a node sees only its own GPU, so it must take cuda:0, not cuda:3
     (which does not exist for it). Simulated with one task whose SLURM_LOCALID is 3 and one visible GPU."""
     out = tmp_path / "srun-layout"
-    assert_ok(
-        run_cli("prepare", str(bf16_cfg))
-    )  # a lone task with local id 3 is no node's shard builder (local rank 0)
+    # a lone task with local id 3 is no node's shard builder (local rank 0)
+    assert_ok(run_cli("prepare", str(bf16_cfg)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(
         SLURM_PROCID="0",

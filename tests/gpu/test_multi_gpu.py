@@ -154,9 +154,8 @@ def test_sigkill_and_resume_on_two_gpus_is_bit_exact(z3_cfg, z3_env, z3_run):
 
 
 def test_two_packed_rows_train_and_score_as_unpacked_with_flash_attention(tmp_path, gpt2_dir):
-    attn = (
-        "sdpa" if ON_CPU else "flash_attention_2"
-    )  # on CPU ranks a dry run of the test's logic (sdpa needs no boundaries)
+    # on CPU ranks a dry run of the test's logic (sdpa needs no boundaries)
+    attn = "sdpa" if ON_CPU else "flash_attention_2"
     if not ON_CPU:
         try:
             import flash_attn  # noqa: F401
@@ -198,16 +197,13 @@ def test_two_packed_rows_train_and_score_as_unpacked_with_flash_attention(tmp_pa
             in r.stdout
         )
         if packing:
-            assert (
-                " packed rows of 128" in r.stdout
-            )  # (several examples per row: what the boundaries are for)
+            # (several examples per row: what the boundaries are for)
+            assert " packed rows of 128" in r.stdout
         val = [x["val_loss"] for x in metric_records(out) if "val_loss" in x]
         scored[packing] = (tiny.losses(out)[0], val[-1])
     (train_p, val_p), (train_u, val_u) = scored[True], scored[False]
     assert val_u < 0.2, f"the model did not learn enough to tell (validation loss {val_u:.3f} unpacked)"
-    assert abs(val_p - val_u) <= 0.1 * val_u + 0.01, (
-        scored
-    )  # bf16 noise; a leak across examples adds ~0.3-0.6
-    assert train_p < 0.2 and train_u < 0.2, (
-        scored
-    )  # the training forward too (step 1: different rows, both learned)
+    # bf16 noise; a leak across examples adds ~0.3-0.6
+    assert abs(val_p - val_u) <= 0.1 * val_u + 0.01, scored
+    # the training forward too (step 1: different rows, both learned)
+    assert train_p < 0.2 and train_u < 0.2, scored

@@ -1,5 +1,6 @@
 """What shards depend on: the tokenizer, the sources and the settings. Their hash (`dataset_key`) names the
-on-the-fly cache entry, and `check_compatible` refuses shards made for another tokenizer, template or length."""
+on-the-fly cache entry, and `check_compatible` refuses shards made for another tokenizer, template or
+length."""
 
 from __future__ import annotations
 
@@ -64,13 +65,15 @@ def check_compatible(manifest: Manifest, where: str, cfg: DataConfig, tok) -> No
     theirs = manifest.key["tokenizer"]
     if theirs["sha256"] != mine["sha256"]:
         raise UserError(
-            f"{where}: shards were tokenized with another tokenizer ('{theirs['name']}', hash {theirs['sha256'][:12]}) "
-            f"than this run's ('{mine['name']}', hash {mine['sha256'][:12]}); re-run dist-ft prepare with this model.path"
+            f"{where}: shards were tokenized with another tokenizer ('{theirs['name']}', hash "
+            f"{theirs['sha256'][:12]}) than this run's ('{mine['name']}', hash {mine['sha256'][:12]}); "
+            "re-run dist-ft prepare with this model.path"
         )
     if theirs["template_sha256"] != mine["template_sha256"]:
         raise UserError(
-            f"{where}: shards were rendered with another chat template (hash {theirs['template_sha256'][:12]}, "
-            f"this run {mine['template_sha256'][:12]}); re-run dist-ft prepare with this model.chat_template"
+            f"{where}: shards were rendered with another chat template (hash "
+            f"{theirs['template_sha256'][:12]}, this run {mine['template_sha256'][:12]}); re-run dist-ft "
+            "prepare with this model.chat_template"
         )
     for k in ("max_seq_len", "packing", "task"):
         if manifest.key[k] != getattr(cfg, k):

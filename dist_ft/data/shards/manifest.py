@@ -105,8 +105,11 @@ class ShardMeta:
     def from_json(cls, d: dict) -> ShardMeta:
         if not isinstance(d["name"], str) or not SHARD_NAME.fullmatch(d["name"]):
             raise ValueError(
-                f"shard name {d['name']!r} is not of the form shard-NNNNN (a file name inside the split's directory)"
+                f"shard name {d['name']!r} is not of the form shard-NNNNN (a file name inside the split's "
+                "directory)"
             )
+        if not all(isinstance(d[f"{k}_sha256"], str) for _, k in SHARD_FILES):
+            raise ValueError(f"shard {d['name']} lacks the sha256 of a file")
         return cls(
             d["name"],
             d["rows"],
@@ -131,7 +134,8 @@ class SplitManifest:
 
 @dataclass(frozen=True)
 class Manifest:
-    """`manifest.json`: what the shards were made from (`key`, see identity.dataset_key) and every split's shards."""
+    """`manifest.json`: what the shards were made from (`key`, see identity.dataset_key) and every split's
+    shards."""
 
     format: str
     version: int
@@ -140,9 +144,8 @@ class Manifest:
     splits: dict[str, SplitManifest]
     prepare_seconds: float
     tokens_per_s: int
-    meta: dict = field(
-        default_factory=dict
-    )  # what the task's scan found in the training records (e.g. the label set)
+    # what the task's scan found in the training records (e.g. the label set)
+    meta: dict = field(default_factory=dict)
 
     @property
     def packing(self) -> bool:
@@ -199,7 +202,8 @@ def parse_manifest(data, where: str) -> Manifest:
         return Manifest.from_json(data)
     except ValueError as e:
         raise UserError(
-            f"{where}: {e}; the manifest is damaged or was not written by dist-ft prepare: re-run dist-ft prepare"
+            f"{where}: {e}; the manifest is damaged or was not written by dist-ft prepare: re-run dist-ft "
+            "prepare"
         ) from None
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(
@@ -209,4 +213,5 @@ def parse_manifest(data, where: str) -> Manifest:
 
 def fingerprint(manifest: Manifest, split: str = "train") -> str:
     """Identity of one split's contents (the checksums of its shards), stored with the data position."""
-    return sha256_bytes("".join(m.bin.sha256 for m in manifest.splits[split].shards).encode())[:16]
+    shas = (m.bin.sha256 or "" for m in manifest.splits[split].shards)  # never None: see ShardMeta.from_json
+    return sha256_bytes("".join(shas).encode())[:16]

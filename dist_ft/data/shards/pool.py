@@ -25,9 +25,8 @@ BATCH = 256  # records per worker task
 POOL_AFTER = 2048  # smaller sources are tokenized in-process: a pool costs more than it saves
 
 Record = tuple[int, str, dict]  # (index in the source, where (file:line), record)
-Encoded = tuple[
-    int, list[tuple[bytes, bytes]], SplitStats
-]  # (index, [(token ids, loss mask)] per example, the record's stats)
+# (index, [(token ids, loss mask)] per example, the record's stats)
+Encoded = tuple[int, list[tuple[bytes, bytes]], SplitStats]
 
 
 def _held_out(seed: int, i: int, fraction: float) -> bool:
@@ -41,6 +40,8 @@ def split_records(cfg: DataConfig, split: str) -> tuple[SourceConfig, Iterator[R
     if split == "validation" and cfg.validation is not None:
         return cfg.validation, ((i, w, r) for i, (w, r) in enumerate(iter_records(cfg.validation)))
     src, frac = cfg.train, (cfg.val_fraction if cfg.validation is None else 0.0)
+    # prepare runs only with a data.train: dist-ft prepare checks it, a config without data.prepared needs it
+    assert src is not None
     want = split == "validation"
     return src, (
         (i, w, r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +31,16 @@ def _check(path: Path, want: fsio.FileInfo, root: Path, verify: bool) -> None:
 
 
 class ShardSet:
-    """The rows of one split, memory-mapped; `items[i]` is row i (list[Example] packed or grouped (a task's `group` > 1:
-    preference pairs), Example otherwise). `refs`, once set, holds a value per example (reference log-probs), in
-    storage order, carried by each Example read."""
+    """The rows of one split, memory-mapped; `items[i]` is row i (list[Example] packed or grouped (a task's
+    `group` > 1: preference pairs), Example otherwise). `refs`, once set, holds a value per example (reference
+    log-probs), in storage order, carried by each Example read (`with_refs` gives such a copy)."""
 
     def __init__(self, root: Path, manifest: Manifest, split: str, verify: bool = True, group: int = 1):
         info = manifest.splits[split]
         self.stats: SplitStats = info.stats
         self.packing: bool = manifest.packing
         self.lists: bool = manifest.packing or group > 1
-        self.refs = None
+        self.refs: np.ndarray | None = None
         dtype = np.dtype(manifest.dtype)
         self._tokens, self._mask, self._ex, self._rows = [], [], [], []
         for meta in info.shards:
@@ -63,6 +64,13 @@ class ShardSet:
         self._starts = np.cumsum([0] + self.shard_rows)
         self._ex_starts = np.cumsum([0] + [len(e) - 1 for e in self._ex])
         self.n_examples = int(self._ex_starts[-1])
+
+    def with_refs(self, refs: np.ndarray) -> ShardSet:
+        """This split's rows, whose examples carry `refs` (one value per example, in storage order); the
+        memory maps are shared, this set is left as it was."""
+        out = copy.copy(self)
+        out.refs = refs
+        return out
 
     def __len__(self) -> int:
         return int(self._starts[-1])

@@ -2,7 +2,8 @@
 
 Credentials never go in the URL (the config refuses that: it is saved in config.yaml, logs and W&B). They come
 from the environment: the backend's own variables (AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...) or
-DIST_FT_STORAGE_OPTIONS, a JSON object handed to fsspec as storage options, e.g. '{"key": "...", "secret": "..."}'.
+DIST_FT_STORAGE_OPTIONS, a JSON object handed to fsspec as storage options,
+e.g. '{"key": "...", "secret": "..."}'.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def fetch(url: str, local: Path, log=print) -> Path:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - fsspec backends raise their own types (auth, network, missing)
-        first = scrub(
-            (str(e).strip().splitlines() or [type(e).__name__])[0], option_values(opts)
-        )  # signed URLs, tokens, options
+        # signed URLs, tokens, options
+        first = scrub((str(e).strip().splitlines() or [type(e).__name__])[0], option_values(opts))
         raise UserError(
-            f"data.prepared '{url}': could not copy the prepared dataset ({type(e).__name__}: {first[:300]}); "
-            f"check the URL, and the credentials for it in the environment (or {STORAGE_OPTIONS})"
+            f"data.prepared '{url}': could not copy the prepared dataset ({type(e).__name__}: "
+            f"{first[:300]}); check the URL, and the credentials for it in the environment (or "
+            f"{STORAGE_OPTIONS})"
         ) from None
     fsio.write_atomic(local / MANIFEST, raw)
     log(f"data.prepared {url}: {got} file(s) downloaded to {local}")

@@ -35,8 +35,9 @@ from .manifest import (
 
 
 class _ShardWriter:
-    """Buffers examples of one split; `flush` packs them into rows and writes one shard. Every `group` consecutive
-    examples (a preference pair) stay together in one row; a packed row holds `group` x `seq_len` tokens."""
+    """Buffers examples of one split; `flush` packs them into rows and writes one shard. Every `group`
+    consecutive examples (a preference pair) stay together in one row; a packed row holds `group` x `seq_len`
+    tokens."""
 
     def __init__(self, split_dir: Path, dtype: np.dtype, seq_len: int, packing: bool, group: int = 1):
         self.dir, self.dtype, self.seq_len, self.packing, self.group = (
@@ -84,9 +85,8 @@ class _ShardWriter:
             idx=fsio.write_atomic(self.dir / f"{name}.idx.npz", buf.getvalue()),
             counts=self.counts,
         )
-        fsio.write_atomic(
-            self.dir / f"{name}.json", json.dumps(meta.to_json())
-        )  # the shard is complete once this exists
+        # the shard is complete once this exists
+        fsio.write_atomic(self.dir / f"{name}.json", json.dumps(meta.to_json()))
         self.ids, self.masks, self.tokens, self.counts = [], [], 0, SplitStats()
         return meta
 
@@ -163,8 +163,8 @@ def _prepare_split(
     dt = time.perf_counter() - t0
     log(
         f"prepare {split}: {totals.records:,} records -> {totals.examples:,} examples, {rows:,} rows, "
-        f"{totals.tokens:,} tokens in {len(metas)} shard(s); {dt:.1f} s, {tokens / max(dt, 1e-9):,.0f} tokens/s "
-        f"({procs} process{'es' if procs > 1 else ''})"
+        f"{totals.tokens:,} tokens in {len(metas)} shard(s); {dt:.1f} s, {tokens / max(dt, 1e-9):,.0f} "
+        f"tokens/s ({procs} process{'es' if procs > 1 else ''})"
     )
     return SplitManifest(totals, metas)
 
@@ -187,9 +187,10 @@ def prepare(
 ) -> Manifest:
     """Tokenize (`task.examples` per record), pack and write the train (and validation) shards of `cfg` into
     `out`; returns the manifest.
-    Reuses `out` when it already holds these shards; refuses to replace different ones. Concurrent prepares of one
-    directory (ranks, nodes, jobs) take turns on `<out>.lock` (O_EXCL + heartbeat, as the run lock: `flock` is
-    absent or node-local on many NFS/Lustre mounts): one writes, the others wait for it and reuse its shards."""
+    Reuses `out` when it already holds these shards; refuses to replace different ones. Concurrent prepares of
+    one directory (ranks, nodes, jobs) take turns on `<out>.lock` (O_EXCL + heartbeat, as the run lock:
+    `flock` is absent or node-local on many NFS/Lustre mounts): one writes, the others wait for it and reuse
+    its shards."""
     _refuse_foreign(out)
     lock = FileLock(out.parent / f"{out.name}.lock", STALE_S, f"{STALE_S / 60:g} min")
     lock.wait(f"prepare {out}", log, wait_s)
@@ -202,8 +203,8 @@ def prepare(
 
 
 def _refuse_foreign(out: Path) -> None:
-    """`out` must be new, empty, or a prepared dataset: prepare renames its finished directory onto it, so anything
-    else there would be in the way (and is never deleted)."""
+    """`out` must be new, empty, or a prepared dataset: prepare renames its finished directory onto it, so
+    anything else there would be in the way (and is never deleted)."""
     if out.exists() and not (out / MANIFEST).is_file():
         held = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
         if held is None or held:
@@ -213,8 +214,8 @@ def _refuse_foreign(out: Path) -> None:
                 else f"holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
             )
             raise UserError(
-                f"{out}: exists and is not a prepared dataset ({what}); nothing was changed: give dist-ft prepare "
-                "a new or empty directory"
+                f"{out}: exists and is not a prepared dataset ({what}); nothing was changed: give dist-ft "
+                "prepare a new or empty directory"
             )
 
 
@@ -228,7 +229,8 @@ def _prepare_locked(
             log(f"prepare: {out} already holds these shards (key {key['sha256'][:12]}); nothing to do")
             return manifest
         raise UserError(
-            f"{out}: already holds shards prepared from other data or settings; choose another output directory or delete it"
+            f"{out}: already holds shards prepared from other data or settings; choose another output "
+            "directory or delete it"
         )
     partial = out.with_name(f"{out.name}.partial")
     if partial.exists():
@@ -243,9 +245,8 @@ def _prepare_locked(
     dtype = np.uint16 if len(tok) <= 1 << 16 else np.uint32
     t0 = time.perf_counter()
     meta = task.scan((w, r) for _, w, r in pool.split_records(cfg, "train")[1]) if task.scan else {}
-    task = task.with_meta(
-        meta
-    )  # its examples get what its scan found (e.g. the label set); the manifest keeps it
+    # its examples get what its scan found (e.g. the label set); the manifest keeps it
+    task = task.with_meta(meta)
     splits: dict[str, SplitManifest] = {}
     for split in ("train", "validation"):
         if split == "validation" and cfg.validation is None and cfg.val_fraction == 0:
@@ -265,8 +266,8 @@ def _prepare_locked(
     fsio.write_atomic(partial / MANIFEST, json.dumps(manifest.to_json(), indent=1))
     if lock.check():  # suspended past the stale age: the prepare that took over publishes (the same shards)
         raise UserError(
-            f"prepare {out}: this prepare lost its lock ({lock.lost}); the one that took it over writes these shards; "
-            "retry to reuse them"
+            f"prepare {out}: this prepare lost its lock ({lock.lost}); the one that took it over writes "
+            "these shards; retry to reuse them"
         )
     (partial / "key.json").unlink()
     partial.rename(out)
@@ -295,13 +296,14 @@ def _no_examples(cfg: DataConfig, tok, task, stats: SplitStats) -> UserError:
     )
     if first is not None and first >= limit:
         return UserError(
-            f"{where}: its first trained (assistant) token is at position {first} >= data.max_seq_len {limit}, so "
-            f"nothing of the answer fits; {none}: raise data.max_seq_len above {first}, or shorten the turns before "
-            "the answer"
+            f"{where}: its first trained (assistant) token is at position {first} >= data.max_seq_len "
+            f"{limit}, so nothing of the answer fits; {none}: raise data.max_seq_len above {first}, or "
+            "shorten the turns before the answer"
         )
     if n > limit:
         return UserError(
-            f"{where}: example is {n:,} tokens > data.max_seq_len {limit} and data.overlong: drop removed it; {none}: "
-            f"set data.overlong: truncate (keeps its first {limit} tokens) or raise data.max_seq_len to {n}"
+            f"{where}: example is {n:,} tokens > data.max_seq_len {limit} and data.overlong: drop removed "
+            f"it; {none}: set data.overlong: truncate (keeps its first {limit} tokens) or raise "
+            f"data.max_seq_len to {n}"
         )
     return UserError(f"{where}: gave no training example; {none}: check the records and data.task")

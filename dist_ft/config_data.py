@@ -1,0 +1,142 @@
+"""The config's `data:` section: the sources (`SourceConfig`), the task, and how records become shards
+(`DataConfig`)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .config_section import FREE, MUST_MATCH, Section, no_credentials, on_resume
+
+
+def task_names() -> list[str]:
+    """Every task this installation has: the modules of dist_ft/tasks (found without importing them)."""
+    import pkgutil
+
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules([str(Path(__file__).parent / "tasks")])
+        if not m.name.startswith("_")
+    )
+
+
+class SourceConfig(Section):
+    path: str = Field(
+        ..., description="Local .jsonl/.json/.parquet file or directory, or a Hugging Face dataset name."
+    )
+    split: str = Field("train", description="Split to read when `path` is a dataset name or directory.")
+    subset: str | None = Field(
+        None, description="Dataset configuration name (the `name` argument of `datasets.load_dataset`)."
+    )
+    streaming: bool = Field(
+        False,
+        description="Read a hub dataset as a stream (`load_dataset(streaming=True)`): nothing is downloaded "
+        "whole.",
+    )
+    _no_url_credentials = field_validator("path")(no_credentials)
+
+
+class DataConfig(Section):
+    # where shards are cached and how they are built or checked do not change the data
+    resume_default: ClassVar[str] = MUST_MATCH
+    train: SourceConfig | None = Field(
+        None,
+        description="Training data source (a path string is accepted as shorthand); not needed with "
+        "`prepared`.",
+    )
+    validation: SourceConfig | None = Field(
+        None, description="Separate validation source; if unset, `val_fraction` of train is held out."
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of training records held out for validation when no `validation` source is "
+        "given.",
+    )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = Field(
+        "auto", description="Record format; `auto` detects it per record from the keys."
+    )
+    task: str = Field(
+        "sft",
+        description="What is learned: a module of dist_ft/tasks. `sft`: loss on assistant turns only; "
+        "`pretrain`: loss on every token of raw text; `dpo`: preference pairs (prompt, chosen, rejected); "
+        "`classify`: a sequence head on {text, label}; `reward`: a one-output head on preference pairs.",
+    )
+    max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row / longest example kept.")
+    packing: bool = Field(
+        True,
+        description="Pack examples into rows of `max_seq_len` (position ids restart per example); false = "
+        "pad to the longest in batch.",
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="What to do with an example longer than `max_seq_len` (always counted and reported).",
+    )
+    seed: int = Field(1234, description="Seed for the validation split and the per-epoch shuffle.")
+    prepared: str | None = Field(
+        None,
+        description="Directory or fsspec URL (s3://...) written by `dist-ft prepare`: train reads its shards "
+        "and tokenizes nothing.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Where train builds shards on the fly (keyed by data, tokenizer and settings) and caches "
+        "remote ones; None: $DIST_FT_CACHE or ~/.cache/dist_ft.",
+        json_schema_extra=on_resume(FREE),
+    )
+    shard_tokens: int = Field(
+        1 << 25, ge=1, description="Tokens per shard file (the last one of a split may hold fewer)."
+    )
+    shuffle_window: int = Field(
+        1 << 16,
+        ge=1,
+        description="Rows shuffled together in an epoch, after the shard order is shuffled; memory is "
+        "O(window).",
+    )
+    num_proc: int = Field(
+        0,
+        ge=0,
+        description="Processes that tokenize in prepare (0: every core); sources under 2048 records use one.",
+        json_schema_extra=on_resume(FREE),
+    )
+    verify_shards: bool = Field(
+        True,
+        description="Check each shard's sha256 against the manifest when a run opens it (sizes are always "
+        "checked).",
+        json_schema_extra=on_resume(FREE),
+    )
+    _no_url_credentials = field_validator("prepared", "cache_dir")(no_credentials)
+
+    @model_validator(mode="after")
+    def _some_source(self) -> DataConfig:
+        if self.train is None and self.prepared is None:
+            raise ValueError(
+                "give data.train (a file, directory or hub dataset) or data.prepared (shards from dist-ft "
+                "prepare)"
+            )
+        return self
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir or os.environ.get("DIST_FT_CACHE") or "~/.cache/dist_ft").expanduser()
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        have = task_names()
+        if v not in have:
+            close = difflib.get_close_matches(v, have, n=1)
+            raise ValueError(
+                f"unknown task '{v}'{f' (did you mean {close[0]!r}?)' if close else ''}; tasks: "
+                f"{', '.join(have)}"
+            )
+        return v
+
+    @field_validator("train", "validation", mode="before")
+    @classmethod
+    def _path_shorthand(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v

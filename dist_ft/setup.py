@@ -1,0 +1,133 @@
+"""A training run's setup, as phases that take values and return values: data -> model -> engine -> restore.
+
+Every check that can reject bad input (config, tokenizer, data, model, resume point) runs in these phases,
+before anything but the run lock is written; `train.setup` composes them, then writes the run directory
+(`rundir.commit`) and starts tracking."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from . import dist, reference, tasks
+from .checkpoint import Checkpointer, ResumePlan, seed_all
+from .config import Config
+from .contracts import TrainState
+from .data import dataset
+from .data.stream import SampleStream
+from .engine import Engine, gathered, zero3_init
+from .faults import Faults
+from .model import load_model
+from .resume import resume_plan
+from .runlock import RunLock
+
+
+@dataclass(frozen=True)
+class Data:
+    """What is learned and from what: the task with its settings, the tokenizer, the token shards, this rank's
+    sample stream (at its start) and the run's length in optimizer steps."""
+
+    task: tasks.Task
+    tok: PreTrainedTokenizerBase
+    prep: dataset.Prepared
+    stream: SampleStream
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The engine holding the model (its starting point or a checkpoint's state), where the run continues
+    from, and the checkpointer that saves it."""
+
+    engine: Engine
+    ckpt: Checkpointer
+    plan: ResumePlan
+    state: TrainState
+    prep: dataset.Prepared  # the data, with the reference log-probs a task needs attached
+    load_s: float  # seconds to restore a checkpoint (0 for a fresh start)
+
+
+def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
+    """Tokenizer and token shards (built on the fly, or read from `data.prepared`), checked record by
+    record."""
+    from .tokenizer import load_tokenizer
+
+    t, task = cfg.train, tasks.for_config(cfg)
+    seed_all(t.seed)
+    tok = load_tokenizer(cfg.model)
+    prep = dataset.build(
+        cfg.data,
+        tok,
+        task,
+        env.local_rank,
+        lambda failed: int(dist.patient_sum("token shards", failed)),
+        log=print if env.local_rank == 0 else lambda *_: None,
+        faults=faults,
+    )
+    stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
+    # the ragged tail of an epoch (fewer samples than one micro-batch per rank) is not counted
+    micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)
+    total = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
+    return Data(task, tok, prep, stream, total)
+
+
+def model(cfg: Config, d: Data, precision: str) -> torch.nn.Module:
+    """The model with the task's head, in fp32 (DeepSpeed casts to bf16/fp16 itself); under ZeRO-3 each rank
+    only ever holds its shard of the weights."""
+    m = load_model(
+        cfg.model,
+        d.tok,
+        torch.float32,
+        d.task.auto_class,
+        init=partial(zero3_init, cfg, precision),
+        gather=gathered,
+        head=d.task.head(d.prep.meta) if d.task.head else None,
+    )
+    if d.task.prepare_model:
+        d.task.prepare_model(m)
+    return m
+
+
+def engine_and_restore(
+    cfg: Config,
+    env: dist.DistEnv,
+    d: Data,
+    m: torch.nn.Module,
+    precision: str,
+    lock: RunLock | None,
+    faults: Faults,
+) -> Restored:
+    """Rank 0 decides where the run starts (every rank follows), the engine is built (resharding a checkpoint
+    of another world size / ZeRO stage where asked), the task's reference is attached to the data, and a
+    checkpoint is loaded into the engine and the sample stream."""
+    t, out = cfg.train, Path(cfg.output.dir)
+    plan = resume_plan(cfg, env.rank, env.world_size)
+    engine = Engine.build(cfg, m, d.total_steps, precision, load_universal=plan.reshard)
+    prep, base_sha256 = reference.starting_point(cfg, d.task, d.prep, engine, precision, env)
+    # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another: checked before
+    # anything is published
+    ckpt = Checkpointer(
+        out,
+        cfg.checkpoint.keep,
+        env.rank,
+        env.world_size,
+        cfg.checkpoint.keep_every,
+        faults,
+        base_sha256=base_sha256,
+        before_publish=lock.verify if lock is not None else None,
+    )
+    state, t0 = TrainState(0, d.stream.state_dict()), time.perf_counter()
+    if plan.path is not None:
+        state = ckpt.load(plan, engine)
+        d.stream.load_state_dict(state.data)
+        if plan.applied:
+            engine.apply_optimizer_settings(t.lr, t.betas, t.eps, t.weight_decay)
+    return Restored(
+        engine, ckpt, plan, state, prep, time.perf_counter() - t0 if plan.path is not None else 0.0
+    )
