@@ -11,6 +11,7 @@ when the global batch stays the same (`reshard`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class Setting:
         return getattr(getattr(cfg, self.section), self.name)
 
 
+@cache
 def settings() -> tuple[Setting, ...]:
     """Every setting of `Config` with its resume rule: the field's own `on_resume`, else its section's."""
     out = []

@@ -26,6 +26,7 @@ from .faults import Faults
 from .model import load_model
 from .resume import resume_plan
 from .runlock import RunLock
+from .tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,6 @@ class Restored:
 def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
     """Tokenizer and token shards (built on the fly, or read from `data.prepared`), checked record by
     record."""
-    from .tokenizer import load_tokenizer
-
     t, task = cfg.train, tasks.for_config(cfg)
     seed_all(t.seed)
     tok = load_tokenizer(cfg.model)

@@ -6,12 +6,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import tiny
-from helpers import REPO, free_port
+from helpers import REPO, free_port, train_cmd
 
 from dist_ft.dist import DistEnv, device_index, env_from, plan_devices
 
@@ -163,18 +162,7 @@ def test_two_ranks_survive_rank_0_working_alone_past_the_collective_timeout(tmp_
     )
     out = tmp_path / "out"
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "launch/train.py",
-            str(cfg),
-            f"output.dir={out}",
-        ],
+        train_cmd(cfg, out, 2),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 import tiny  # noqa: E402
-from helpers import REPO, assert_ok, free_port, metric_records  # noqa: E402  (tests/helpers.py)
+from helpers import REPO, assert_ok, metric_records, train_cmd  # noqa: E402  (tests/helpers.py)
 
 PRECISION, BACKEND = ("fp32", "gloo") if ON_CPU else ("bf16", "nccl")
 STEPS, EVERY, KILL_AT = 20, 5, 12
@@ -48,21 +47,8 @@ def _launch(
 ) -> subprocess.CompletedProcess:
     """2 ranks through the deepspeed launcher, in their own session: the kill hook SIGKILLs the whole process group
     (launcher and ranks), as a node failure would."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "launch/train.py",
-        str(cfg),
-        f"output.dir={out}",
-        *overrides,
-    ]
     return subprocess.run(
-        cmd,
+        train_cmd(cfg, out, 2, *overrides),
         cwd=REPO,
         env={**os.environ, **(env or {})},
         capture_output=True,
