@@ -287,7 +287,7 @@ def main() -> None:
             flush=True,
         )
         return
-    from dist_ft.engine import resolve_precision
+    from dist_ft.precision import resolve
 
     steps = a.steps or (3 if a.smoke else 10)
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +297,7 @@ def main() -> None:
         data.write_text("".join(json.dumps(r) + "\n" for r in recs))
         shape = packed_rows(model, recs, a.max_len, a.pairs_per_step)
         name = "tiny gpt2-2x64 (smoke)" if a.smoke else "smollm2-135m"
-        precision = resolve_precision("auto")
+        precision = resolve("auto")
         head = (
             f"{name}, {len(recs)} pairs ({shape['seq_tokens'][0]}-{shape['seq_tokens'][1]} tokens per sequence), max length "
             f"{a.max_len}, {a.pairs_per_step} pairs/step (dist_ft packed: {shape['rows']} rows of {2 * a.max_len}, "

@@ -3,10 +3,10 @@
 Layout: <output.dir>/checkpoints/step-N/ holding the engine state (model, optimizer, ZeRO partitions, LR
 scheduler) under `ds/` (written by the engine), our per-rank state `rank-R.pt` (`TrainState` + RNG states),
 the resolved `config.yaml`, `manifest.json` (every file with its size and the small ones' sha256, world size,
-ZeRO stage, version) and a `COMPLETE` marker. Each rank fsyncs the files it wrote and reports them; rank 0
-builds the manifest from the reports after checking them on disk (`checkpoint_files`). Everything is written
-into `step-N.tmp/` and renamed only after the manifest and marker are on disk (`fsio`), so a crash at any
-point leaves the previous checkpoint usable.
+ZeRO stage, precision, version) and a `COMPLETE` marker. Each rank fsyncs the files it wrote and reports
+them; rank 0 builds the manifest from the reports after checking them on disk (`checkpoint_files`).
+Everything is written into `step-N.tmp/` and renamed only after the manifest and marker are on disk
+(`fsio`), so a crash at any point leaves the previous checkpoint usable.
 "Latest" is the newest folder whose marker and manifest check out, never a name guess.
 
 Storage only: `resume.py` decides where a run continues from.
@@ -47,6 +47,8 @@ class Manifest:
     base_sha256: str = ""
     # relative path -> sha256 of the small files (rank states, config)
     sha256: dict = field(default_factory=dict)
+    # what engine.precision resolved to ("" before it was recorded): a resume continues in it
+    precision: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ResumePlan:
     skipped: tuple = ()  # (name, why) of damaged checkpoints newer than `path`, passed over
     # `path` (or a file in it) lies outside output.dir, accepted with checkpoint.trust_foreign
     foreign: bool = False
+    precision: str = ""  # what the run trains in: engine.precision resolved, or the checkpoint's
 
     def describe_applied(self) -> str:
         return ", ".join(f"{k} {old} -> {new}" for k, old, new in self.applied)
@@ -205,11 +208,13 @@ class Checkpointer:
         faults: Faults = NONE,
         *,
         base_sha256: str = "",
+        precision: str = "",
         before_publish: Callable[[str], None] | None = None,
     ):
         """`base_sha256`: the weights this run must continue from ("" where any may;
         `reference.starting_point`), saved in every manifest and checked on load. `before_publish` (rank 0):
-        raises if the run may no longer publish (it lost output.dir's lock)."""
+        raises if the run may no longer publish (it lost output.dir's lock). `precision`: what the run trains
+        in, recorded in every manifest."""
         self.out, self.root, self.keep, self.rank, self.world = (
             out_dir,
             out_dir / "checkpoints",
@@ -218,6 +223,7 @@ class Checkpointer:
             world_size,
         )
         self.keep_every, self.faults, self.base_sha256 = keep_every, faults, base_sha256
+        self.precision = precision
         self.before_publish: Callable[[str], None] = before_publish or (lambda what: None)
         # old checkpoints outside output.dir that rotation could not delete (noted once each)
         self._left: set[Path] = set()
@@ -264,6 +270,7 @@ class Checkpointer:
                 dist.slurm_job()[0],
                 self.base_sha256,
                 {rel: fi.sha256 for rel, fi in sorted(files.items()) if fi.sha256},
+                self.precision,
             )
             fsio.write_synced(tmp / "manifest.json", json.dumps(asdict(manifest), indent=1))
             fsio.write_synced(tmp / "COMPLETE", "ok\n")

@@ -22,7 +22,7 @@ from .config_data import DataConfig, SourceConfig, task_names
 from .config_explain import explain
 from .config_model import ModelConfig, PeftConfig
 from .config_run import CheckpointConfig, EngineConfig, OutputConfig, TrackConfig, TrainConfig
-from .config_section import APPLIED, FREE, MUST_MATCH, RESHARD, RESUME_KINDS, Section, on_resume
+from .config_section import APPLIED, FREE, MUST_MATCH, RESHARD, RESOLVED, RESUME_KINDS, Section, on_resume
 from .errors import UserError
 from .redact import env_secrets, scrub
 from .task_settings.dpo import DpoConfig
@@ -33,6 +33,7 @@ __all__ = [
     "FREE",
     "MUST_MATCH",
     "RESHARD",
+    "RESOLVED",
     "RESUME_KINDS",
     "CheckpointConfig",
     "Config",

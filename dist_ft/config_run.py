@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config_section import APPLIED, MUST_MATCH, RESHARD, Section, on_resume
+from .config_section import APPLIED, MUST_MATCH, RESHARD, RESOLVED, Section, on_resume
 
 
 def _two_betas(cls, v: Any) -> Any:
@@ -107,10 +107,12 @@ class EngineConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "bf16-autocast", "fp16"] = Field(
         "auto",
         description="`bf16`: bf16 weights + fp32 master copies (least memory); `bf16-autocast`: fp32 "
-        "weights, bf16 matmuls (torch autocast, as HF Trainer / TRL); `auto`: bf16 where the hardware runs "
-        "it natively (GPU compute capability 8+, CPU with AVX512-BF16/AMX), fp16 with loss scaling on older "
-        "GPUs, else fp32.",
-        json_schema_extra=on_resume(MUST_MATCH),
+        "weights, bf16 matmuls (torch autocast, as HF Trainer / TRL; learns like fp32 at small learning "
+        "rates); `auto`: where the hardware runs bf16 natively (GPU compute capability 8+, CPU with "
+        "AVX512-BF16/AMX) bf16-autocast at ZeRO 0-2 and bf16 at ZeRO-3 or with offload_optimizer, fp16 with "
+        "loss scaling on older GPUs, else fp32. A resume continues in the checkpoint's precision (`auto` "
+        "follows it, another explicit value is refused).",
+        json_schema_extra=on_resume(RESOLVED),
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")

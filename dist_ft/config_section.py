@@ -18,7 +18,9 @@ MUST_MATCH = "must_match"  # breaks an exact resume: refused
 RESHARD = "reshard"
 APPLIED = "applied"  # applied over the checkpoint's value (the Adam moments and step count kept) and logged
 FREE = "free"  # does not change what the continued run computes
-RESUME_KINDS = (MUST_MATCH, RESHARD, APPLIED, FREE)
+# the value it resolved to (recorded in the checkpoint's manifest) must match; `auto` follows the checkpoint
+RESOLVED = "resolved"
+RESUME_KINDS = (MUST_MATCH, RESHARD, APPLIED, FREE, RESOLVED)
 
 
 def on_resume(kind: str) -> dict[str, Any]:

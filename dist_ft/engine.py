@@ -21,13 +21,6 @@ from . import precision as precision_
 from .config import Config
 from .errors import UserError
 
-# re-exported
-from .precision import AUTOCAST, cpu_has_native_bf16, gpu_has_native_bf16, torch_dtype  # noqa: F401
-
-
-def resolve_precision(requested: str) -> str:
-    return precision_.resolve(requested, cpu_has_native_bf16)  # this module's name: tests patch it here
-
 
 def _bf16_gradients(cfg: Config) -> dict:
     """bf16 gradients are summed over micro-batches and ranks in fp32: DeepSpeed's default is the model's
@@ -41,8 +34,7 @@ def _bf16_gradients(cfg: Config) -> dict:
                 "engine.precision bf16 with engine.zero_stage 0 and train.grad_accum > 1: DeepSpeed would "
                 "sum the micro-batches' gradients in bf16 (it has no fp32 accumulator at ZeRO-0), losing the "
                 "small ones. Use engine.zero_stage: 1 (an fp32 accumulator; on one rank the same memory as "
-                "0), train.grad_accum: 1 or engine.precision: fp32 (precision auto picks bf16 on GPUs with "
-                "compute capability 8+)"
+                "0), train.grad_accum: 1 or engine.precision: bf16-autocast (fp32 gradients)"
             )
         return {"communication_data_type": "fp32"}
     return {"communication_data_type": "fp32", "data_types": {"grad_accum_dtype": "fp32"}}

@@ -37,20 +37,34 @@ def gpu_has_native_bf16() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0) and torch.cuda.is_bf16_supported()
 
 
-def resolve(requested: str, cpu_native=cpu_has_native_bf16) -> str:
+def resolve(requested: str, zero_stage: int = 0, offload_optimizer: bool = False) -> str:
+    """The precision a fresh run trains in. `auto`, where bf16 is native (GPU compute capability 8+, CPU with
+    AVX512-BF16/AMX): `bf16-autocast` at ZeRO 0-2 (it learns like fp32 at fine-tuning learning rates, at the
+    memory and speed of `bf16` there: bench/precision.py), `bf16` at ZeRO-3 or with the optimizer offloaded,
+    where memory decides (autocast keeps 4 B/param of weights and unsharded bf16 copies); fp16 with loss
+    scaling on older GPUs; else fp32. A resumed run continues in the precision its checkpoint records
+    (resume.py)."""
     on_gpu = torch.cuda.is_available()
     if requested == "auto":
-        if on_gpu:
-            # fp16 runs with DeepSpeed's dynamic loss scaling
-            return "bf16" if gpu_has_native_bf16() else "fp16"
+        if on_gpu and not gpu_has_native_bf16():
+            return "fp16"  # with DeepSpeed's dynamic loss scaling
         # emulated bf16 on CPUs without AVX512-BF16/AMX is many times slower than fp32
-        return "bf16" if cpu_native() else "fp32"
+        if not on_gpu and not cpu_has_native_bf16():
+            return "fp32"
+        return "bf16" if zero_stage == 3 or offload_optimizer else AUTOCAST
     if requested == "fp16" and not on_gpu:
         raise UserError(
             "engine.precision: fp16 needs a GPU (the CPU accelerator has no fp16 loss-scaling path); use "
             "fp32 or bf16"
         )
     return requested
+
+
+def resolved_before_recorded(requested: str) -> str:
+    """What a checkpoint written before manifests recorded the precision was trained in: its config's explicit
+    value, or what `auto` picked then (bf16 wherever it now picks bf16-autocast)."""
+    got = resolve(requested)
+    return "bf16" if requested == "auto" and got == AUTOCAST else got
 
 
 def torch_dtype(precision: str) -> torch.dtype:

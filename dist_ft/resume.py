@@ -5,7 +5,8 @@ checkpoint after a SLURM requeue under `output.overwrite`) and every rank follow
 is declared on the config's fields (`on_resume`, config_section), read here by `settings()`: a checkpoint is
 continued only when the settings that make a resume exact match (`must_match`); optimizer and schedule
 settings that changed are applied over the saved ones (`applied`); another world size or ZeRO stage reshards
-when the global batch stays the same (`reshard`).
+when the global batch stays the same (`reshard`). The plan also fixes the precision the run trains in
+(`resolved`): `engine.precision` resolved for a fresh start, the checkpoint's recorded one for a resume.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from typing import Any
 from pydantic import BaseModel
 
 from . import dist
-from .checkpoint import ResumePlan, foreign_refusal, inspect_checkpoint, outside, survey, validate
+from . import precision as precision_
+from .checkpoint import (
+    Manifest,
+    ResumePlan,
+    foreign_refusal,
+    inspect_checkpoint,
+    outside,
+    survey,
+    validate,
+)
 from .config import APPLIED, FREE, MUST_MATCH, RESHARD, Config, load_config
 from .errors import UserError
 
@@ -62,7 +72,12 @@ def resume_plan(cfg: Config, rank: int, world: int) -> ResumePlan:
     decision: tuple[ResumePlan | None, str | None] | None = None
     if rank == 0:
         try:
-            decision = (_decide(cfg, world), None)
+            plan = _decide(cfg, world)
+            if plan.path is None:  # a fresh start: resolved here, once, for every rank
+                eng = cfg.engine
+                chosen = precision_.resolve(eng.precision, eng.zero_stage, eng.offload_optimizer)
+                plan = replace(plan, precision=chosen)
+            decision = (plan, None)
         except UserError as e:
             decision = (None, str(e))
     plan, error = dist.broadcast_object(decision)
@@ -186,4 +201,21 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
     applied = tuple(
         (s.key, s.of(saved), s.of(cfg)) for s in settings() if s.rule == APPLIED and s.of(saved) != s.of(cfg)
     )
-    return ResumePlan(path, reshard, replace, applied, foreign=bad is not None)
+    precision = _continued_precision(path, manifest, saved, cfg)
+    return ResumePlan(path, reshard, replace, applied, foreign=bad is not None, precision=precision)
+
+
+def _continued_precision(path: Path, manifest: Manifest, saved: Config, cfg: Config) -> str:
+    """A run continues in the precision its checkpoint was trained in (recorded in the manifest; before it
+    was, what the saved config resolved to then): `auto` follows it, another explicit value is refused (the
+    weights, masters and Adam states would change meaning mid-run)."""
+    trained = manifest.precision or precision_.resolved_before_recorded(saved.engine.precision)
+    asked = cfg.engine.precision
+    if asked != "auto" and asked != trained:
+        raise UserError(
+            f"{path}: trained in {trained} precision, this run sets engine.precision: {asked}; a run's "
+            f"precision cannot change on resume: set engine.precision to {trained} or auto (which continues "
+            "the checkpoint's), or set output.overwrite=true (or a new output.dir) to start over"
+        )
+    # (fp16 on a machine without a GPU is refused here as for a fresh start)
+    return precision_.resolve(trained)

@@ -1,4 +1,5 @@
-"""A training run's setup, as phases that take values and return values: data -> model -> engine -> restore.
+"""A training run's setup, as phases that take values and return values: data -> model -> engine -> restore
+(after `resume.resume_plan` has fixed where the run starts and in which precision).
 
 Every check that can reject bad input (config, tokenizer, data, model, resume point) runs in these phases,
 before anything but the run lock is written; `train.setup` composes them, then writes the run directory
@@ -24,7 +25,6 @@ from .data.stream import SampleStream
 from .engine import Engine, gathered, zero3_init
 from .faults import Faults
 from .model import load_model
-from .resume import resume_plan
 from .runlock import RunLock
 from .tokenizer import load_tokenizer
 
@@ -98,15 +98,14 @@ def engine_and_restore(
     env: dist.DistEnv,
     d: Data,
     m: torch.nn.Module,
-    precision: str,
+    plan: ResumePlan,
     lock: RunLock | None,
     faults: Faults,
 ) -> Restored:
-    """Rank 0 decides where the run starts (every rank follows), the engine is built (resharding a checkpoint
-    of another world size / ZeRO stage where asked), the task's reference is attached to the data, and a
-    checkpoint is loaded into the engine and the sample stream."""
-    t, out = cfg.train, Path(cfg.output.dir)
-    plan = resume_plan(cfg, env.rank, env.world_size)
+    """The engine is built in the plan's precision (resharding a checkpoint of another world size / ZeRO
+    stage where asked), the task's reference is attached to the data, and the planned checkpoint is loaded
+    into the engine and the sample stream."""
+    t, out, precision = cfg.train, Path(cfg.output.dir), plan.precision
     engine = Engine.build(cfg, m, d.total_steps, precision, load_universal=plan.reshard)
     prep, base_sha256 = reference.starting_point(cfg, d.task, d.prep, engine, precision, env)
     # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another: checked before
@@ -119,6 +118,7 @@ def engine_and_restore(
         cfg.checkpoint.keep_every,
         faults,
         base_sha256=base_sha256,
+        precision=precision,
         before_publish=lock.verify if lock is not None else None,
     )
     state, t0 = TrainState(0, d.stream.state_dict()), time.perf_counter()

@@ -22,11 +22,12 @@ from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
 from .data import dataset
 from .data.loader import Step, StepLoader
-from .engine import Engine, init_distributed, resolve_precision
+from .engine import Engine, init_distributed
 from .errors import PREEMPTED_MARK, Preempted
 from .evaluate import add_sums, validation
 from .export import write_final
 from .faults import NONE, Faults
+from .resume import resume_plan
 from .runlock import LockLost, RunLock
 from .stops import DivergenceGuard, Signals
 from .track import Tracker, truncate_metrics
@@ -232,11 +233,13 @@ def setup(
     """The setup phases (`setup.py`: data, model, engine and restore) run every check that can reject bad
     input before anything but the run lock is written; then `rundir.commit` cleans, replaces
     (output.overwrite) and writes config.yaml, and tracking starts."""
-    precision = resolve_precision(cfg.engine.precision)
+    # rank 0 decides where the run starts and in which precision; every rank follows
+    plan = resume_plan(cfg, env.rank, env.world_size)
+    precision = plan.precision
     d = phases.data(cfg, env, faults)
     faults.in_setup()
     model = phases.model(cfg, d, precision)
-    res = phases.engine_and_restore(cfg, env, d, model, precision, lock, faults)
+    res = phases.engine_and_restore(cfg, env, d, model, plan, lock, faults)
     out, engine, t = Path(cfg.output.dir), res.engine, cfg.train
     if env.is_main:  # every check passed: the first writes
         rundir.commit(out, dump_config(cfg), res.plan.replace)

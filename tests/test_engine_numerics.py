@@ -16,6 +16,7 @@ from helpers import REPO, free_port
 
 from dist_ft import engine as eng
 from dist_ft import optim
+from dist_ft import precision as prec
 from dist_ft.config import Config
 from dist_ft.errors import UserError
 
@@ -24,7 +25,12 @@ from dist_ft.errors import UserError
 
 @pytest.mark.parametrize(
     "gpu,capability,picked",
-    [("V100", (7, 0), "fp16"), ("T4", (7, 5), "fp16"), ("A100", (8, 0), "bf16"), ("H100", (9, 0), "bf16")],
+    [
+        ("V100", (7, 0), "fp16"),
+        ("T4", (7, 5), "fp16"),
+        ("A100", (8, 0), prec.AUTOCAST),
+        ("H100", (9, 0), prec.AUTOCAST),
+    ],
 )
 @pytest.mark.unit
 def test_auto_precision_is_bf16_only_where_the_gpu_has_bf16_tensor_cores(
@@ -34,19 +40,28 @@ def test_auto_precision_is_bf16_only_where_the_gpu_has_bf16_tensor_cores(
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     # true on V100 / T4 too: emulation counts
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert eng.resolve_precision("auto") == picked, gpu
+    for stage in (0, 1, 2):
+        assert prec.resolve("auto", stage) == picked, gpu
+    # where memory decides, bf16 weights
+    bf16 = "bf16" if picked == prec.AUTOCAST else picked
+    assert prec.resolve("auto", 3) == bf16 and prec.resolve("auto", 2, offload_optimizer=True) == bf16
     # explicit choices stand
-    assert eng.resolve_precision("bf16") == "bf16" and eng.resolve_precision("fp16") == "fp16"
+    assert prec.resolve("bf16", 0) == "bf16" and prec.resolve("fp16", 3) == "fp16"
+    # what auto meant before manifests recorded it
+    assert prec.resolved_before_recorded("auto") == bf16 and prec.resolved_before_recorded(prec.AUTOCAST) == (
+        prec.AUTOCAST
+    )
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("native,picked", [(True, "bf16"), (False, "fp32")])
-def test_auto_precision_on_cpu_is_unchanged(monkeypatch, native, picked):
+@pytest.mark.parametrize("native,picked", [(True, prec.AUTOCAST), (False, "fp32")])
+def test_auto_precision_on_cpu(monkeypatch, native, picked):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(eng, "cpu_has_native_bf16", lambda: native)
-    assert eng.resolve_precision("auto") == picked
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: native)
+    assert prec.resolve("auto") == picked
+    assert prec.resolve("auto", 3) == ("bf16" if native else "fp32")
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        eng.resolve_precision("fp16")
+        prec.resolve("fp16")
 
 
 # ---------------------------------------------------------------- the DeepSpeed config for bf16 gradients

@@ -4,6 +4,7 @@ and `bf16-autocast` (fp32 weights, bf16 compute through DeepSpeed's torch_autoca
 The engine half is one single-rank run of tests/precision_probe.py that several tests read; the training half runs
 `dist-ft train` on CPU ranks (autocast at ZeRO-0 and ZeRO-3 with grad_accum 2, exact resume after SIGKILL)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 import tiny
 import torch
-from helpers import REPO, assert_identical_runs, free_port, run_cmd, train_cmd
+from helpers import REPO, assert_clean_failure, assert_identical_runs, free_port, run_cmd, train_cmd
 
 from dist_ft import engine as eng
 from dist_ft import precision as prec
@@ -45,10 +46,7 @@ def test_autocast_runs_fp32_weights_under_deepspeeds_torch_autocast():
         }
         assert "data_types" not in conf and "communication_data_type" not in conf
     assert "torch_autocast" not in eng.ds_config(_cfg(1, 2, "bf16"), "bf16")
-    assert (
-        eng.resolve_precision(prec.AUTOCAST) == prec.AUTOCAST
-        and eng.torch_dtype(prec.AUTOCAST) == torch.float32
-    )
+    assert prec.resolve(prec.AUTOCAST) == prec.AUTOCAST and prec.torch_dtype(prec.AUTOCAST) == torch.float32
 
 
 @pytest.mark.unit
@@ -153,8 +151,49 @@ def test_autocast_resume_after_sigkill_is_bit_exact(autocast_cfg):
     assert run_cmd(train_cmd(autocast_cfg, ref, 1)).returncode == 0
     r = run_cmd(train_cmd(autocast_cfg, out, 1), {"DIST_FT_TEST_KILL_AT_STEP": "3"})
     assert r.returncode != 0 and not (out / "final").exists()
-    r = run_cmd(train_cmd(autocast_cfg, out, 1))
+    step2 = out / "checkpoints" / "step-2"
+    assert json.loads((step2 / "manifest.json").read_text())["precision"] == prec.AUTOCAST
+    # another precision would change what the weights and Adam states mean mid-run: refused, nothing touched
+    ckpts = out / "checkpoints"
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in ckpts.rglob("*"))
+    r = run_cmd(train_cmd(autocast_cfg, out, 1, "engine.precision=fp32"))
+    assert_clean_failure(
+        r, r"step-2: trained in bf16-autocast precision, this run sets engine.precision: fp32", None
+    )
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in ckpts.rglob("*")) == before
+    # auto continues the checkpoint's precision (whatever auto would pick on this machine for a fresh run)
+    r = run_cmd(train_cmd(autocast_cfg, out, 1, "engine.precision=auto"))
     assert r.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout, r.stderr[
         -3000:
     ]
     assert_identical_runs(ref, out)
+
+
+def test_autocast_with_lora_offload_and_the_divergence_guard(autocast_cfg):
+    """The rest of what issue #27 asks both bf16 modes to keep: LoRA at ZeRO-2 with the optimizer offloaded
+    trains and exports its adapter; a diverging step stops the run (exit 3) keeping only the last finite
+    checkpoint."""
+    out = autocast_cfg.parent / "lora-offload"
+    lora = ("model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8", "model.peft.dropout=0")
+    r = run_cmd(
+        train_cmd(
+            autocast_cfg,
+            out,
+            1,
+            *lora,
+            "engine.zero_stage=2",
+            "engine.offload_optimizer=true",
+            "train.max_steps=2",
+        )
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bf16-autocast" in r.stdout and (out / "final" / "adapter" / "adapter_config.json").is_file()
+    assert (
+        json.loads((out / "checkpoints" / "step-2" / "manifest.json").read_text())["precision"]
+        == prec.AUTOCAST
+    )
+    out = autocast_cfg.parent / "nan"
+    r = run_cmd(train_cmd(autocast_cfg, out, 1, "train.lr=1e30", "checkpoint.every_steps=1"))
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 3 and len(errors) == 1 and "not finite" in errors[0], r.stderr[-2000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
