@@ -7,8 +7,8 @@ Both frameworks load the same model directory and train on the same generated pr
 questions, the right sum chosen, a wrong one rejected, filler words for a spread of lengths: 41-78 tokens per
 sequence with SmolLM2's tokenizer) with the same max length per sequence, pairs per optimizer step, AdamW
 (constant LR, clip 1.0, no weight decay), beta 0.1, sigmoid loss, dropout off, no gradient checkpointing,
-2 threads, and the precision dist_ft's engine.precision auto picks (bf16 on a CPU with native bf16: DeepSpeed
-bf16 for dist_ft, autocast for TRL, its only bf16 path). Runs, each a fresh process (as bench/worker.py):
+2 threads, and the precision dist_ft's engine.precision auto picks (on a CPU with native bf16: bf16-autocast,
+DeepSpeed's torch_autocast over fp32 weights, for dist_ft; autocast for TRL, its only bf16 path). Runs, each a fresh process (as bench/worker.py):
 - dist_ft packed: rows of whole pairs (2 x max length wide), as many rows per step as hold ~ the pairs per step;
 - dist_ft padded: data.packing false, one padded batch of exactly the pairs per step;
 - trl precomputed: precompute_ref_log_probs=True, TRL's reference-log-prob cache (what dist_ft does);
@@ -178,7 +178,7 @@ def run_trl(spec: dict) -> dict:
         per_device_train_batch_size=spec["pairs_per_step"],
         max_length=spec["seq_len"],
         precompute_ref_log_probs=spec["variant"] == "precomputed",
-        bf16=spec["precision"] == "bf16",
+        bf16=spec["precision"] in ("bf16", "bf16-autocast"),
         fp16=False,
         gradient_checkpointing=False,
         padding_free=False,
