@@ -299,6 +299,7 @@ def _leave_group(code: int) -> None:
     last."""
     if "torch.distributed" not in sys.modules:
         return
+    import signal
     import time
 
     import torch.distributed as tdist
@@ -308,6 +309,8 @@ def _leave_group(code: int) -> None:
         sys.stderr.flush()
         if tdist.get_rank() != 0:
             os._exit(code)
+        # the launcher may SIGTERM this rank once another exited: it is leaving with the error's code anyway
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(1.0)
 
 

@@ -88,6 +88,36 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sequence_parallel(self) -> Config:
+        sp = self.engine.sequence_parallel
+        if sp == 1:
+            return self
+        if self.data.task not in ("sft", "pretrain"):
+            raise ValueError(
+                f"engine.sequence_parallel {sp} works for data.task sft and pretrain, not "
+                f"{self.data.task} (its loss reads whole sequences on one rank); set "
+                "engine.sequence_parallel: 1"
+            )
+        if self.data.packing:
+            # Ulysses hands attention no mask: sdpa would attend across the packed examples
+            raise ValueError(
+                f"engine.sequence_parallel {sp} needs data.packing: false (DeepSpeed's Ulysses attention "
+                "drops the packed rows' block-diagonal mask, so examples would attend to each other); set "
+                "data.packing=false"
+            )
+        if self.model.attn_implementation == "eager":
+            raise ValueError(
+                f"engine.sequence_parallel {sp} needs model.attn_implementation sdpa or flash_attention_2 "
+                "(eager builds a full attention mask that Ulysses cannot shard)"
+            )
+        if self.model.peft is not None and self.model.peft.method == "prefix":
+            raise ValueError(
+                f"engine.sequence_parallel {sp} does not work with model.peft.method prefix (its virtual "
+                "tokens are a cache on every rank, not a shard of the sequence); use lora"
+            )
+        return self
+
 
 # ---------------------------------------------------------------- loading
 

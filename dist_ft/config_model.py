@@ -53,6 +53,13 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory (slower)."
     )
+    tiled_mlp: int = Field(
+        0,
+        ge=0,
+        description="Run each decoder layer's MLP over this many tiles of the sequence, recomputing each "
+        "tile in backward (DeepSpeed's TiledMLP, from ALST), so its wide intermediate activations exist for "
+        "one tile at a time; 0: off. For long sequences.",
+    )
     chat_template: Literal["auto", "chatml"] = Field(
         "auto",
         description="`auto`: keep the tokenizer's template, add ChatML if it has none; `chatml`: always use "

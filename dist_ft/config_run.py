@@ -114,6 +114,14 @@ class EngineConfig(Section):
         "follows it, another explicit value is refused).",
         json_schema_extra=on_resume(RESOLVED),
     )
+    sequence_parallel: int = Field(
+        1,
+        ge=1,
+        description="Ranks that split each sequence between them (DeepSpeed's Ulysses attention: heads <-> "
+        "sequence all-to-alls); 1: off. The world size must be a multiple (data parallel = world / this); "
+        "the model's attention heads too. SFT and pretrain, data.packing false, sdpa or flash attention.",
+        json_schema_extra=on_resume(MUST_MATCH),
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO 3 only).")
     dist_backend: Literal["auto", "nccl", "gloo"] = Field(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, engine_state, optim
+from . import dist, engine_sp, engine_state, optim
 from . import precision as precision_
 from .config import Config
 from .errors import UserError
@@ -67,6 +67,8 @@ def ds_config(cfg: Config, precision: str) -> dict:
                 "torch_adam": not e.offload_optimizer,
             },
         },
+        # sequence parallelism: DeepSpeed's batch arithmetic counts data-parallel ranks (world / this)
+        **({"sequence_parallel_size": e.sequence_parallel} if e.sequence_parallel > 1 else {}),
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         **(_bf16_gradients(cfg) if precision == "bf16" else {}),
@@ -85,7 +87,8 @@ def zero3_init(cfg: Config, precision: str):
     from transformers.integrations import HfDeepSpeedConfig
 
     conf = ds_config(cfg, precision)
-    conf["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * tdist.get_world_size()
+    readers = tdist.get_world_size() // cfg.engine.sequence_parallel
+    conf["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * readers
     alive = HfDeepSpeedConfig(conf)  # transformers holds only a weak reference: it is on while this lives
     try:
         yield
@@ -137,8 +140,9 @@ def whole_params(model, frozen_only: bool = True):
 class Engine:
     """A DeepSpeed engine behind the few calls the loop, evaluation, checkpoints and export make."""
 
-    def __init__(self, ds_engine, precision: str):
+    def __init__(self, ds_engine, precision: str, sequence_parallel: int = 1, attention=None):
         self._ds, self.precision = ds_engine, precision
+        self.sequence_parallel, self._attention = sequence_parallel, attention
         # the groups DeepSpeed kept (it drops empty ones), in order
         self.group_names = [g["name"] for g in self._groups()]
         self._model_states: dict | None = (
@@ -174,13 +178,23 @@ class Engine:
         groups = optim.build(model.named_parameters(), t.weight_decay)
         # DeepSpeed casts them to bf16 below
         fp32 = precision_.fp32_sources(model, precision, cfg.engine.zero_stage)
+        if cfg.model.tiled_mlp and not engine_sp.tile_mlps(model, cfg.model.tiled_mlp):
+            raise UserError(
+                "model.tiled_mlp: this model has no decoder-layer module named `mlp` to tile; set "
+                "model.tiled_mlp: 0"
+            )
+        mpu, attention = engine_sp.register(model, cfg) if cfg.engine.sequence_parallel > 1 else (None, None)
         ds, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=groups, config=config, lr_scheduler=lambda opt: LambdaLR(opt, sched)
+            model=model,
+            model_parameters=groups,
+            config=config,
+            lr_scheduler=lambda opt: LambdaLR(opt, sched),
+            mpu=mpu,
         )
         # the fp32 masters start from the fp32 weights, not their bf16 rounding
         engine_state.set_masters(ds, fp32)
         del fp32
-        engine = cls(ds, precision)
+        engine = cls(ds, precision, cfg.engine.sequence_parallel, attention)
         # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
         engine.train()
         return engine
@@ -231,6 +245,16 @@ class Engine:
     @property
     def zero_stage(self) -> int:
         return self._ds.zero_optimization_stage()
+
+    @property
+    def ranks_averaged(self) -> int:
+        """Over how many ranks DeepSpeed averages the gradients (the loop scales the loss to undo it)."""
+        return engine_sp.ranks_averaged(self.zero_stage, self.sequence_parallel)
+
+    def plain_attention(self):
+        """`with engine.plain_attention():` the plain attention kernel again (for another model in this
+        process, e.g. generating with the exported one)."""
+        return engine_sp.plain_attention(self._attention)
 
     # ---- one micro-batch at a time
     def backward(self, loss: torch.Tensor) -> None:

@@ -59,11 +59,13 @@ def loss_sums(model, task, batches: Iterable, chunk: int = 0) -> tuple:
 def validation(engine, task, prep, cfg, env) -> dict:
     """The task's eval metrics over the run's validation rows, every rank scoring its slice
     (summed over the ranks)."""
-    from . import dist
+    from . import dist, sequence_parallel
     from .data import dataset
     from .tasks import MetricSums
 
-    batches = dataset.eval_batches(prep, cfg.train.micro_batch_size, env.rank, env.world_size)
+    # (sequence parallelism: the ranks of a group score the same rows, each its shard of them)
+    reader, readers = sequence_parallel.readers(env.rank, env.world_size, cfg.engine.sequence_parallel)
+    batches = dataset.eval_batches(prep, cfg.train.micro_batch_size, reader, readers)
     total, n, sums = loss_sums(engine, task, batches, cfg.engine.loss_chunk_tokens)
     engine.train()
     total, n, *totals = dist.all_sum(total, n, *MetricSums.elements(sums))

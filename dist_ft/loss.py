@@ -44,6 +44,12 @@ def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, n
         if need_w:
             gw = (g.t() @ hc).float()
             g_w = gw if g_w is None else g_w.add_(gw)  # accumulated in fp32 across chunks
+    # no loss-bearing position here (e.g. a sequence-parallel shard of prompt tokens): the weights still get
+    # a (zero) gradient, as autograd gives a used weight - ZeRO-3 reduces one for every parameter it gathered
+    if need_w and g_w is None:
+        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    if need_b and g_b is None:
+        g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
     return total, g_h, g_w, g_b
 
 

@@ -184,6 +184,11 @@ def _checked(cfg: Config, path: Path, world: int, replace: bool) -> ResumePlan:
                 f"{world} ranks (global batch {g_new}); set train.micro_batch_size / train.grad_accum so "
                 f"micro x accum x world = {g_old}"
             )
+        if cfg.engine.sequence_parallel > 1:
+            raise UserError(
+                f"{path}: a sequence-parallel checkpoint resumes only on its own world size "
+                f"({manifest.world_size}) and engine.zero_stage ({manifest.zero_stage}); relaunch with those"
+            )
         # DeepSpeed's universal conversion expects every parameter in the checkpoint
         if cfg.model.peft is not None:
             raise UserError(

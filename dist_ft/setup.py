@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import dist, reference, tasks
+from . import dist, reference, sequence_parallel, tasks
 from .checkpoint import Checkpointer, ResumePlan, seed_all
 from .config import Config
 from .contracts import TrainState
@@ -69,9 +69,15 @@ def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
         log=print if env.local_rank == 0 else lambda *_: None,
         faults=faults,
     )
-    stream = prep.stream(t.micro_batch_size, env.rank, env.world_size)
+    sp = cfg.engine.sequence_parallel
+    # sequence parallelism: the ranks of a group read the same rows, each keeps its shard of them
+    reader, readers = sequence_parallel.readers(env.rank, env.world_size, sp)
+    if sp > 1:
+        cut = partial(sequence_parallel.shard, sp_rank=env.rank % sp, sp=sp, rows=t.micro_batch_size)
+        prep = replace(prep, shard=partial(cut, pad_id=prep.pad_id))
+    stream = prep.stream(t.micro_batch_size, reader, readers)
     # the ragged tail of an epoch (fewer samples than one micro-batch per rank) is not counted
-    micro_steps_per_epoch = stream.n // (t.micro_batch_size * env.world_size)
+    micro_steps_per_epoch = stream.n // (t.micro_batch_size * readers)
     total = t.max_steps or max(1, math.ceil(t.epochs * micro_steps_per_epoch / t.grad_accum))
     return Data(task, tok, prep, stream, total)
 

@@ -130,7 +130,7 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     )
     # DeepSpeed averages gradients over micro-batches and ranks; scaling each summed loss like this
     # makes the step's gradient the mean over every loss unit (e.g. loss-bearing token) of the global batch.
-    scale = r.cfg.train.grad_accum * r.env.world_size / max(n_loss, 1)
+    scale = r.cfg.train.grad_accum * engine.ranks_averaged / max(n_loss, 1)
     loss_t, grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device), None
     sums: dict[str, torch.Tensor] = {}
     for b in micro:
@@ -195,13 +195,14 @@ def export(r: Run) -> None:
     track = r.cfg.track
     if track.sample_prompts and r.task.auto_class == "AutoModelForCausalLM":
         tok, model = inference.load(str(r.out / "final"))
-        answers = inference.generate(
-            tok,
-            model,
-            [[{"role": "user", "content": p}] for p in track.sample_prompts],
-            max_new_tokens=track.sample_max_new_tokens,
-            temperature=0.0,
-        )
+        with r.engine.plain_attention():
+            answers = inference.generate(
+                tok,
+                model,
+                [[{"role": "user", "content": p}] for p in track.sample_prompts],
+                max_new_tokens=track.sample_max_new_tokens,
+                temperature=0.0,
+            )
         r.tracker.samples(r.total_steps, list(zip(track.sample_prompts, answers, strict=True)))
 
 
@@ -309,11 +310,13 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
     tracker.info(_data_summary("train", prep.train, width))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, width))
-    t, unit = cfg.train, "rows" if prep.packing else "examples"
+    t, unit, sp = cfg.train, "rows" if prep.packing else "examples", cfg.engine.sequence_parallel
+    readers = env.world_size // sp
+    ranks = f"data-parallel ranks (sequence parallel: {sp} ranks per sequence)" if sp > 1 else "ranks"
     tracker.info(
         f"world {env.world_size} | ZeRO {cfg.engine.zero_stage} | {precision} | global batch = "
-        f"{t.micro_batch_size} micro x {t.grad_accum} accum x {env.world_size} ranks = "
-        f"{t.micro_batch_size * t.grad_accum * env.world_size} {unit} | {total_steps} steps | "
+        f"{t.micro_batch_size} micro x {t.grad_accum} accum x {readers} {ranks} = "
+        f"{t.micro_batch_size * t.grad_accum * readers} {unit} | {total_steps} steps | "
         f"task {cfg.data.task}"
     )
     tracker.info(

@@ -45,3 +45,17 @@ def test_cluster_configs_have_advertised_settings(name, offload_optimizer):
         assert c["model"]["path"] == "gpt2-xl" and c["data"]["max_seq_len"] == 1024
     else:
         assert "8B" in c["model"]["path"] and c["data"]["max_seq_len"] in (2048, 4096)
+
+
+def test_long_context_config_splits_64k_sequences_over_one_node():
+    c = _resolved("llama-8b-long-context.yaml")
+    e, d = c["engine"], c["data"]
+    assert e["sequence_parallel"] == 8 and e["zero_stage"] == 3 and e["precision"] == "bf16"
+    assert d["max_seq_len"] == 65536 and d["packing"] is False
+    assert c["model"]["gradient_checkpointing"] is True and c["model"]["tiled_mlp"] > 0
+    # one node of 8 GPUs: data parallel 1, so the global batch is micro x accum sequences
+    first = (REPO / "configs" / "llama-8b-long-context.yaml").read_text().splitlines()[0]
+    assert "--num_gpus 8" in first
+    # Llama-3.1-8B: 32 heads, 8 key/value heads: both split over 8 ranks (engine_sp.register's rule)
+    heads, kv, sp = 32, 8, e["sequence_parallel"]
+    assert heads % sp == 0 and (kv % sp == 0 or sp % kv == 0)

@@ -50,9 +50,12 @@ class Prepared:
     task: Collates  # the run's task (`dist_ft/tasks`): how rows become a Batch
     # what the task's scan found when the shards were prepared (e.g. labels)
     meta: dict = field(default_factory=dict)
+    # sequence parallelism: this rank's shard of each collated batch (`sequence_parallel.shard`)
+    shard: Callable[[Batch], Batch] | None = None
 
     def collate(self, items: list) -> Batch:
-        return self.task.collate(items, self.seq_len, self.pad_id, self.packing)
+        b = self.task.collate(items, self.seq_len, self.pad_id, self.packing)
+        return b if self.shard is None else self.shard(b)
 
     def stream(self, micro: int, rank: int, world: int) -> SampleStream:
         order = GlobalOrder(self.train.items.shard_rows, self.shuffle_seed, self.shuffle_window)

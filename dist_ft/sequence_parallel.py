@@ -1,0 +1,66 @@
+"""Sequence parallelism's glue (`engine.sequence_parallel` = sp > 1): which rows a rank reads, and its shard
+of each row. The attention itself is DeepSpeed's Ulysses (`engine_sp.py` registers it).
+
+Ranks form groups of sp consecutive ranks (DeepSpeed's layout: ranks [i*sp, (i+1)*sp) share sequences); the
+groups are the data-parallel ranks, so the sample stream and validation split rows over `world // sp` readers,
+and every rank of a group reads the same rows. Each rank then keeps one contiguous 1/sp of every row: input
+ids, position ids (the row's own, so after Ulysses gathers them attention sees positions 0..n-1) and targets.
+Targets are already shifted (position i is scored against token i+1), so the token that predicts the first
+token of shard k+1 lives at the end of shard k and no label crosses a boundary. Rows are padded (right) to a
+multiple of sp and batches to exactly `train.micro_batch_size` rows (Ulysses reshapes by that fixed size);
+padding carries no loss. The loss of a rank is its shard's summed loss; the step's normalization counts
+loss-bearing tokens over every rank, so shards add up to the whole sequence's mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from .contracts import Batch
+from .errors import UserError
+
+IGNORE = -100
+
+
+def readers(rank: int, world: int, sp: int) -> tuple[int, int]:
+    """(this rank's data-parallel rank, the data-parallel world): the rows' readers under sequence
+    parallelism."""
+    if world % sp:
+        raise UserError(
+            f"engine.sequence_parallel {sp} does not divide the world size {world}; launch a multiple of "
+            f"{sp} ranks, or set engine.sequence_parallel to a divisor of {world}"
+        )
+    return rank // sp, world // sp
+
+
+def shard(b: Batch, sp_rank: int, sp: int, rows: int, pad_id: int) -> Batch:
+    """Rank `sp_rank`'s contiguous 1/sp of every row of a padded (unpacked) batch, padded to `rows` rows."""
+    assert b.cu_seq_lens is None, "packed rows are refused under sequence parallelism (config.py)"
+    n, w = b.input_ids.shape
+    width = -(-w // sp) * sp
+    real = b.attention_mask if b.attention_mask is not None else torch.ones_like(b.input_ids)
+    pos = b.position_ids if b.position_ids is not None else torch.arange(w).expand(n, w)
+
+    def padded(t: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(t, (0, width - w, 0, rows - n), value=value)
+
+    c = width // sp
+    part = slice(c * sp_rank, c * (sp_rank + 1))
+    ids, tgt = padded(b.input_ids, pad_id)[:, part], padded(b.targets, IGNORE)[:, part]
+    # (padding follows every real token, and attention looks only backwards: its positions do not matter)
+    pos = padded(pos, 0)[:, part]
+    mine = padded(real, 0)[:, part]
+    loss_index = torch.nonzero(tgt.flatten() != IGNORE).squeeze(1)
+    return replace(
+        b,
+        input_ids=ids.contiguous(),
+        targets=tgt.contiguous(),
+        loss_index=loss_index,
+        n_tokens=int(mine.sum()),
+        n_loss=len(loss_index),
+        position_ids=pos.contiguous(),
+        attention_mask=None,  # Ulysses attends causally over the gathered sequence; it drops any mask
+    )
