@@ -121,6 +121,8 @@ def runs(request, tmp_path_factory, gpt2_dir, llama_dir):
         todo.append(("sp2-z3-tiled", 2, (*todo[2][2], "model.tiled_mlp=3")))
     else:
         todo.append(("sp2-z1", 2, ("engine.sequence_parallel=2", "engine.zero_stage=1")))
+        lora = ("model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8", "model.peft.dropout=0")
+        todo += [("sp1-lora", 1, lora), ("sp2-lora", 2, (*lora, "engine.sequence_parallel=2"))]
     for name, ranks, extra in todo:
         r = run_cmd(train_cmd(cfg, tmp / name, ranks, *data, *extra))
         assert r.returncode == 0, r.stderr[-4000:]
@@ -153,6 +155,17 @@ def test_sp2_trains_like_one_rank(runs, run):
     assert len(vg) == 2 and max(abs(a - b) for a, b in zip(vr, vg, strict=True)) < TOL, (vr, vg)
     # every loss-bearing token counted once over the two shards
     assert _records(ref, "loss_tokens") == _records(got, "loss_tokens")
+
+
+def test_lora_under_sp2_trains_like_one_rank(runs):
+    _, _, out, _ = runs
+    if "sp2-lora" not in out:
+        pytest.skip("LoRA runs on GPT-2")
+    a, b = tiny.losses(out["sp1-lora"]), tiny.losses(out["sp2-lora"])
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOL, (a, b)
+    wa = load_file(out["sp1-lora"] / "final" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(out["sp2-lora"] / "final" / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
 
 
 def test_sp2_sigkill_resume_is_bit_identical_and_sp_changes_are_refused(runs):
