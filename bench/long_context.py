@@ -3,8 +3,9 @@
 Model: a Llama-shaped model built here (hidden 256, MLP 1024, 4 layers, 4 heads, the test tokenizer), fp32 -
 SmolLM2-135M on 2 CPU cores takes minutes per step at 16k tokens, which makes a search over lengths hours long.
 Data: one long text (continued pretraining: loss on every token), rows of exactly the length tried, one row per
-step. Each run is a fresh process tree inside a cgroup-v1 memory limit of `--budget-mb` per rank (the OOM
-killer ends a run that needs more, nothing else on the machine is touched); without a writable memory cgroup
+step. Each run is a fresh process tree inside a cgroup-v1 memory limit of `--budget-mb` per rank plus 256 MB
+(and, for a multi-rank run, the deepspeed launcher's own peak RSS) - the OOM killer ends a run that needs more,
+nothing else on the machine is touched; without a writable memory cgroup
 the runs are uncapped and only the peak RSS is reported. For each mode the length doubles from 2,048 until a
 run fails (or `--max-len`); the longest that trained, the peak RSS per rank at each length (ru_maxrss of the
 largest process of the tree) and tokens/s over step 2 at `--common-len` are written to
@@ -136,7 +137,8 @@ def run(mode: str, length: int, model: Path, data: Path, tmp: Path, budget_mb: i
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
             cmd += ["--master_port", str(29700 + length % 97), "launch/train.py", str(cfg), *args]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // ranks)), "PYTHONPATH": str(REPO)}
-    cap = Capped(budget_mb * ranks + 256)  # (+ the launcher's own)
+    # every run gets the budget per rank plus 256 MB of slack; a multi-rank run also its launcher's own memory
+    cap = Capped(int(budget_mb * ranks + 256 + (launcher_mb() if ranks > 1 else 0)))
     t0 = time.time()
     p = subprocess.Popen(
         cmd,
@@ -175,6 +177,18 @@ def run(mode: str, length: int, model: Path, data: Path, tmp: Path, budget_mb: i
     else:
         res["tail"] = log[-400:]
     return res
+
+
+_LAUNCHER: list[float] = []
+
+
+def launcher_mb() -> float:
+    """Peak RSS of the deepspeed launcher process itself (it imports torch): measured once."""
+    if not _LAUNCHER:
+        p = subprocess.Popen([sys.executable, "-c", "import deepspeed.launcher.runner"], cwd=REPO)
+        _, _, usage = os.wait4(p.pid, 0)
+        _LAUNCHER.append(usage.ru_maxrss / 1024)
+    return _LAUNCHER[0]
 
 
 def hf_worker(spec: str) -> None:
@@ -240,7 +254,8 @@ def main() -> None:
                 length *= 2
     head = (
         f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d')}; budget {a.budget_mb} MB per rank "
+        f"{time.strftime('%Y-%m-%d')}; budget {a.budget_mb} MB per rank + 256 MB (+ launcher {launcher_mb():.0f} MB "
+        "for 2 ranks) "
         f"({'cgroup-capped' if rows and rows[0]['capped'] else 'NOT capped: no writable memory cgroup'})"
     )
     best = {m: max([r["len"] for r in rows if r["mode"] == m and r["ok"]], default=0) for m in MODES}
