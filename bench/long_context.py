@@ -1,6 +1,6 @@
 """How long a sequence trains in a fixed memory budget per rank: `python bench/long_context.py` (issue #29).
 
-Model: a Llama-shaped model built here (hidden 256, MLP 1024, 4 layers, 4 heads, the test tokenizer), fp32 -
+Model: a Llama-shaped model built here (hidden 256, MLP 1024, `--layers` layers, 4 heads, the test tokenizer), fp32 -
 SmolLM2-135M on 2 CPU cores takes minutes per step at 16k tokens, which makes a search over lengths hours long.
 Data: one long text (continued pretraining: loss on every token), rows of exactly the length tried, one row per
 step. Each run is a fresh process tree inside a cgroup-v1 memory limit of `--budget-mb` per rank plus 256 MB
@@ -45,7 +45,7 @@ MODES = {
 }
 
 
-def build(tmp: Path) -> tuple[Path, Path]:
+def build(tmp: Path, layers: int) -> tuple[Path, Path]:
     """The model directory and a text file long enough for two rows of the longest length."""
     sys.path.insert(0, str(REPO / "tests"))
     import tiny
@@ -58,7 +58,7 @@ def build(tmp: Path) -> tuple[Path, Path]:
         vocab_size=len(tok),
         hidden_size=256,
         intermediate_size=1024,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1 << 17,
@@ -232,6 +232,8 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=int, default=1536, help="memory per rank")
     ap.add_argument("--max-len", type=int, default=1 << 16)
     ap.add_argument("--common-len", type=int, default=4096)
+    ap.add_argument("--start-len", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers of the bench's model")
     ap.add_argument("--hf-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.hf_worker:
@@ -242,9 +244,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        model, data = build(tmp)
+        model, data = build(tmp, a.layers)
         for mode in MODES:
-            length = 2048
+            length = a.start_len
             while length <= a.max_len:
                 r = run(mode, length, model, data, tmp, a.budget_mb, 2 if length == a.common_len else 1)
                 rows.append(r)
@@ -254,6 +256,7 @@ def main() -> None:
                 length *= 2
     head = (
         f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}; "
+        f"model: {a.layers} layers x hidden 256; "
         f"{time.strftime('%Y-%m-%d')}; budget {a.budget_mb} MB per rank + 256 MB (+ launcher {launcher_mb():.0f} MB "
         "for 2 ranks) "
         f"({'cgroup-capped' if rows and rows[0]['capped'] else 'NOT capped: no writable memory cgroup'})"
