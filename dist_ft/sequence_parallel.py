@@ -36,6 +36,23 @@ def readers(rank: int, world: int, sp: int) -> tuple[int, int]:
     return rank // sp, world // sp
 
 
+def spanning(hosts: list[str], sp: int) -> str | None:
+    """Why a group of `sp` consecutive ranks would span nodes (`hosts`: each rank's host, in rank order), or
+    None when every group lies on one node: Ulysses runs two all-to-alls per layer inside a group, made for a
+    node's fast links, not for the network between nodes."""
+    per_node = {h: hosts.count(h) for h in hosts}
+    for g in range(0, len(hosts), sp):
+        mine = hosts[g : g + sp]
+        if len(set(mine)) > 1:
+            fit = min(per_node.values())
+            return (
+                f"engine.sequence_parallel {sp}: ranks {g}-{g + sp - 1} would share sequences across nodes "
+                f"({', '.join(sorted(set(mine)))}), and Ulysses runs two all-to-alls per layer between them; "
+                f"set engine.sequence_parallel to a divisor of the ranks per node ({fit})"
+            )
+    return None
+
+
 def shard(b: Batch, sp_rank: int, sp: int, rows: int, pad_id: int) -> Batch:
     """Rank `sp_rank`'s contiguous 1/sp of every row of a padded (unpacked) batch, padded to `rows` rows."""
     assert b.cu_seq_lens is None, "packed rows are refused under sequence parallelism (config.py)"

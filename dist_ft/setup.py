@@ -8,6 +8,7 @@ before anything but the run lock is written; `train.setup` composes them, then w
 from __future__ import annotations
 
 import math
+import socket
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -23,6 +24,7 @@ from .contracts import TrainState
 from .data import dataset
 from .data.stream import SampleStream
 from .engine import Engine, gathered, zero3_init
+from .errors import UserError
 from .faults import Faults
 from .model import load_model
 from .runlock import RunLock
@@ -72,6 +74,11 @@ def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
     sp = cfg.engine.sequence_parallel
     # sequence parallelism: the ranks of a group read the same rows, each keeps its shard of them
     reader, readers = sequence_parallel.readers(env.rank, env.world_size, sp)
+    if sp > 1:  # a group on one node
+        hosts = dist.gather_on_main("sequence-parallel groups: each rank's node", socket.gethostname())
+        why = dist.broadcast_object(sequence_parallel.spanning(hosts, sp) if hosts is not None else None)
+        if why:
+            raise UserError(why)
     if sp > 1:
         cut = partial(sequence_parallel.shard, sp_rank=env.rank % sp, sp=sp, rows=t.micro_batch_size)
         prep = replace(prep, shard=partial(cut, pad_id=prep.pad_id))

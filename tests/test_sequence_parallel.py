@@ -89,6 +89,16 @@ def test_a_shard_without_loss_still_gives_the_output_layer_a_gradient():
     assert w.grad is not None and not w.grad.any() and b.grad is not None and not b.grad.any()
 
 
+@pytest.mark.unit
+def test_a_sequence_parallel_group_stays_on_one_node():
+    assert seqp.spanning(["a"] * 4 + ["b"] * 4, 4) is None and seqp.spanning(["a"] * 4 + ["b"] * 4, 2) is None
+    why = seqp.spanning(["a"] * 4 + ["b"] * 4, 8)
+    assert why is not None and "ranks 0-7 would share sequences across nodes (a, b)" in why
+    assert "a divisor of the ranks per node (4)" in why
+    # 3 ranks per node: groups of 2 would straddle nodes 0 and 1 at ranks 2-3
+    assert "ranks 2-3" in (seqp.spanning(["a"] * 3 + ["b"] * 3, 2) or "")
+
+
 # ---------------------------------------------------------------- training on CPU ranks
 
 STEPS = 4
