@@ -143,6 +143,8 @@ class Engine:
     def __init__(self, ds_engine, precision: str, sequence_parallel: int = 1, attention=None):
         self._ds, self.precision = ds_engine, precision
         self.sequence_parallel, self._attention = sequence_parallel, attention
+        # over how many ranks DeepSpeed averages the gradients (the loop scales the loss to undo it)
+        self.ranks_averaged = engine_sp.ranks_averaged(ds_engine.zero_optimization_stage(), sequence_parallel)
         # the groups DeepSpeed kept (it drops empty ones), in order
         self.group_names = [g["name"] for g in self._groups()]
         self._model_states: dict | None = (
@@ -245,11 +247,6 @@ class Engine:
     @property
     def zero_stage(self) -> int:
         return self._ds.zero_optimization_stage()
-
-    @property
-    def ranks_averaged(self) -> int:
-        """Over how many ranks DeepSpeed averages the gradients (the loop scales the loss to undo it)."""
-        return engine_sp.ranks_averaged(self.zero_stage, self.sequence_parallel)
 
     def plain_attention(self):
         """`with engine.plain_attention():` the plain attention kernel again (for another model in this

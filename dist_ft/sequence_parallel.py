@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .contracts import Batch
+from .data.chat import IGNORE
 from .errors import UserError
-
-IGNORE = -100
 
 
 def readers(rank: int, world: int, sp: int) -> tuple[int, int]:

@@ -59,7 +59,15 @@ class Restored:
 def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
     """Tokenizer and token shards (built on the fly, or read from `data.prepared`), checked record by
     record."""
-    t, task = cfg.train, tasks.for_config(cfg)
+    t, task, sp = cfg.train, tasks.for_config(cfg), cfg.engine.sequence_parallel
+    # sequence parallelism: the ranks of a group read the same rows, each keeps its shard of them; checked
+    # before any data is read: the world a multiple of sp, each group on one node
+    reader, readers = sequence_parallel.readers(env.rank, env.world_size, sp)
+    if sp > 1:
+        hosts = dist.gather_on_main("sequence-parallel groups: each rank's node", socket.gethostname())
+        why = dist.broadcast_object(sequence_parallel.spanning(hosts, sp) if hosts is not None else None)
+        if why:
+            raise UserError(why)
     seed_all(t.seed)
     tok = load_tokenizer(cfg.model)
     prep = dataset.build(
@@ -71,17 +79,9 @@ def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
         log=print if env.local_rank == 0 else lambda *_: None,
         faults=faults,
     )
-    sp = cfg.engine.sequence_parallel
-    # sequence parallelism: the ranks of a group read the same rows, each keeps its shard of them
-    reader, readers = sequence_parallel.readers(env.rank, env.world_size, sp)
-    if sp > 1:  # a group on one node
-        hosts = dist.gather_on_main("sequence-parallel groups: each rank's node", socket.gethostname())
-        why = dist.broadcast_object(sequence_parallel.spanning(hosts, sp) if hosts is not None else None)
-        if why:
-            raise UserError(why)
     if sp > 1:
-        cut = partial(sequence_parallel.shard, sp_rank=env.rank % sp, sp=sp, rows=t.micro_batch_size)
-        prep = replace(prep, shard=partial(cut, pad_id=prep.pad_id))
+        shard = partial(sequence_parallel.shard, sp_rank=env.rank % sp, sp=sp, rows=t.micro_batch_size)
+        prep = replace(prep, shard=partial(shard, pad_id=prep.pad_id))
     stream = prep.stream(t.micro_batch_size, reader, readers)
     # the ragged tail of an epoch (fewer samples than one micro-batch per rank) is not counted
     micro_steps_per_epoch = stream.n // (t.micro_batch_size * readers)
