@@ -10,13 +10,15 @@ world size or ZeRO stage), `full_state_dict` for export, `take_model_states` (me
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from . import dist, engine_sp, engine_state, optim
+from . import dist, engine_sp, engine_state, hub, optim
 from . import precision as precision_
 from .config import Config
 from .errors import UserError
@@ -154,10 +156,16 @@ class Engine:
 
     @classmethod
     def build(
-        cls, cfg: Config, model, total_steps: int, precision: str, load_universal: bool = False
+        cls,
+        cfg: Config,
+        model,
+        total_steps: int,
+        precision: str,
+        load_universal: bool = False,
+        fresh: bool = True,
     ) -> Engine:
         """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO
-        stage)."""
+        stage). `fresh`: no checkpoint will be loaded into it (the masters are set from the model's files)."""
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
@@ -180,6 +188,11 @@ class Engine:
         groups = optim.build(model.named_parameters(), t.weight_decay)
         # DeepSpeed casts them to bf16 below
         fp32 = precision_.fp32_sources(model, precision, cfg.engine.zero_stage)
+        # ZeRO-3 partitioned the loaded weights in bf16: theirs are read from the model's files on a fresh
+        # start (a resume loads its own masters)
+        from_files: Iterable = ()
+        if fresh and cfg.engine.zero_stage == 3 and precision in ("bf16", "fp16"):
+            from_files = precision_.file_fp32(model, hub.safetensors_files(cfg.model))
         if cfg.model.tiled_mlp and not engine_sp.tile_mlps(model, cfg.model.tiled_mlp):
             raise UserError(
                 "model.tiled_mlp: this model has no decoder-layer module named `mlp` to tile; set "
@@ -194,7 +207,7 @@ class Engine:
             mpu=mpu,
         )
         # the fp32 masters start from the fp32 weights, not their bf16 rounding
-        engine_state.set_masters(ds, fp32)
+        engine_state.set_masters(ds, itertools.chain(fp32, from_files))
         del fp32
         engine = cls(ds, precision, cfg.engine.sequence_parallel, attention)
         # from_pretrained hands the model over in eval mode: dropout would be off for the whole run

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -172,11 +173,11 @@ def zero0_masters(engine) -> dict:
     }
 
 
-def set_masters(engine, sources: list) -> None:
+def set_masters(engine, sources: Iterable) -> None:
     """Put each (parameter, fp32 tensor) of `sources` into the optimizer's fp32 master copy of that parameter:
-    ZeRO 1-2 and BF16_Optimizer through DeepSpeed's `safe_set_full_fp32_param` (each rank its partition),
+    ZeRO 1-2 and BF16_Optimizer through DeepSpeed's `safe_set_full_fp32_param`, ZeRO-3 its partition,
     ZeRO-0's FP16 optimizers (bf16 / fp16 without ZeRO) directly."""
-    from deepspeed.utils import safe_set_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
     zero0 = zero0_masters(engine)
     if zero0:
@@ -189,5 +190,27 @@ def set_masters(engine, sources: list) -> None:
     for p, v in sources:
         if id(p) in zero0:
             zero0[id(p)].data.copy_(v.view_as(zero0[id(p)]))
+            continue
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if tuple(v.shape) != shape:  # the stored rows of a grown embedding: the new rows keep their draw
+            whole = safe_get_full_fp32_param(p)
+            whole[: v.shape[0]] = v
+            v = whole
+        if hasattr(p, "ds_id"):
+            _set_zero3_master(p, v.to(engine.device))
         else:
             safe_set_full_fp32_param(p, v.to(engine.device))
+
+
+def _set_zero3_master(p, value: torch.Tensor) -> None:
+    """This rank's slice of `value` into ZeRO-3's fp32 partition of `p`. DeepSpeed's `set_full_hp_param`
+    (0.19.8) reads a whole partition from the value on every rank, past its end on the last rank when the
+    partitions are padded (a parameter whose size the world does not divide): here the slice stops at the
+    end."""
+    opt = p._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)
+    start = part.numel() * opt._get_param_partition_rank(p)
+    mine = value.flatten()[start : start + part.numel()]
+    part.data[: mine.numel()].copy_(mine)
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)

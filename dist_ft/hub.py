@@ -56,6 +56,34 @@ def source(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
     return path, kw
 
 
+def safetensors_files(cfg: ModelConfig) -> dict[str, str]:
+    """{tensor name: the .safetensors file holding it} of the model `cfg` loads (a local directory, or a hub
+    id's cached snapshot), read from `model.safetensors` or a sharded checkpoint's index; empty for GGUF and
+    pickled `.bin` weights (never unpickled here)."""
+    if cfg.gguf_file:
+        return {}
+    path = resolve_path(cfg.path)
+    if Path(path).is_dir():
+        found = {n: str(Path(path) / n) for n in ("model.safetensors", "model.safetensors.index.json")}
+        found = {n: f for n, f in found.items() if Path(f).is_file()}
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        names = ("model.safetensors", "model.safetensors.index.json")
+        hits = {n: try_to_load_from_cache(path, n, revision=cfg.revision) for n in names}
+        found = {n: f for n, f in hits.items() if isinstance(f, str)}
+    if "model.safetensors" in found:
+        from safetensors import safe_open
+
+        with safe_open(found["model.safetensors"], "pt") as f:
+            return dict.fromkeys(f.keys(), found["model.safetensors"])
+    if "model.safetensors.index.json" in found:
+        index = Path(found["model.safetensors.index.json"])
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: str(index.parent / v) for k, v in weight_map.items()}
+    return {}
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 

@@ -5,7 +5,7 @@ the choice into DeepSpeed's config).
 - `bf16`: DeepSpeed's bf16 mode: the module's weights are bf16, the optimizer keeps fp32 master copies and
   gradients are summed in fp32 (ZeRO 1-3; refused at ZeRO-0 with grad_accum > 1). 2 + 4 + 12 = 18 B/param at
   ZeRO-0 (2 + 2 + 12 with bf16 gradients), the least at ZeRO 1-3 where the 12 are sharded. The masters start
-  from the checkpoint's fp32 weights, not from their bf16 rounding (ZeRO 0-2; see `fp32_sources`).
+  from the checkpoint's fp32 weights, not from their bf16 rounding (`fp32_sources`; ZeRO-3: `file_fp32`).
 - `bf16-autocast`: fp32 weights, gradients and Adam states, the forward run under `torch.autocast(bfloat16)`
   (DeepSpeed's `torch_autocast`, what HF Trainer / TRL do): 4 + 4 + 8 = 16 B/param plus bf16 copies of the
   weights and activations a matmul casts. Updates smaller than bf16's resolution reach the weights the forward
@@ -14,6 +14,8 @@ the choice into DeepSpeed's config).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -86,8 +88,57 @@ def autocast_section(precision: str) -> dict:
 def fp32_sources(model, precision: str, zero_stage: int) -> list:
     """(parameter, its fp32 tensor) of every trainable fp32 parameter, taken before DeepSpeed casts the module
     to bf16, so the optimizer's fp32 masters can start from these instead of their bf16 rounding. Empty where
-    nothing is cast (fp32, autocast) and under ZeRO-3, whose parameters were partitioned in bf16 at load
-    (`zero.Init`)."""
-    if precision not in ("bf16", "fp16") or zero_stage == 3:
+    nothing is cast (fp32, autocast). Under ZeRO-3 only what was made after `zero.Init` (adapters; an
+    embedding grown from bf16 rows, whose stored rows `file_fp32` then replaces): the parameters it
+    partitioned at load are already bf16 (`file_fp32` reads theirs)."""
+    if precision not in ("bf16", "fp16"):
         return []
-    return [(p, p.data) for p in model.parameters() if p.requires_grad and p.dtype == torch.float32]
+    return [
+        (p, p.data)
+        for p in model.parameters()
+        if p.requires_grad and p.dtype == torch.float32 and not (zero_stage == 3 and hasattr(p, "ds_id"))
+    ]
+
+
+def file_keys(name: str, prefix: str) -> list[str]:
+    """Where parameter `name` may be stored in a checkpoint: as named, without or with the model's
+    `base_model_prefix` (hub GPT-2 stores `h.0...` for `transformer.h.0...`), outside peft's wrapper."""
+    name = name.removeprefix("base_model.model.")
+    out = [name]
+    if prefix and name.startswith(prefix + "."):
+        out.append(name[len(prefix) + 1 :])
+    elif prefix:
+        out.append(f"{prefix}.{name}")
+    return out
+
+
+def file_fp32(model, files: dict[str, str]) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(ZeRO-3 parameter, its fp32 tensor read from the model's safetensors `files`), one at a time (read as
+    iterated, after `deepspeed.initialize`), for every trainable parameter the files hold: `zero.Init`
+    partitioned them in bf16, and an embedding grown for new tokens was rebuilt from those bf16 rows. A
+    parameter the files lack (an adapter, a new head) is left out; one with more rows than its tensor gets its
+    stored rows. The order is the same on every rank (gathering a ZeRO-3 master is collective)."""
+    from safetensors import safe_open
+
+    prefix = getattr(model, "base_model_prefix", "") or getattr(
+        getattr(model, "base_model", None), "base_model_prefix", ""
+    )
+    todo = []
+    for name, p in model.named_parameters():
+        key = next((k for k in file_keys(name, prefix) if k in files), None)
+        if p.requires_grad and key is not None:
+            todo.append((p, key))
+
+    def read():
+        handles: dict = {}
+        for p, key in todo:
+            if files[key] not in handles:
+                handles[files[key]] = safe_open(files[key], "pt")
+            t = handles[files[key]].get_tensor(key)
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if t.shape == shape or (
+                t.dim() == len(shape) and t.shape[1:] == shape[1:] and t.shape[0] < shape[0]
+            ):
+                yield p, t.float()
+
+    return read()

@@ -119,7 +119,9 @@ def engine_and_restore(
     stage where asked), the task's reference is attached to the data, and the planned checkpoint is loaded
     into the engine and the sample stream."""
     t, out, precision = cfg.train, Path(cfg.output.dir), plan.precision
-    engine = Engine.build(cfg, m, d.total_steps, precision, load_universal=plan.reshard)
+    engine = Engine.build(
+        cfg, m, d.total_steps, precision, load_universal=plan.reshard, fresh=plan.path is None
+    )
     prep, base_sha256 = reference.starting_point(cfg, d.task, d.prep, engine, precision, env)
     # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another: checked before
     # anything is published

@@ -1,13 +1,17 @@
 """The engine's bf16 modes on one CPU rank, as train.py builds them (run by tests/test_precision.py):
 
     python tests/precision_probe.py MODEL_DIR OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 tests/precision_probe.py MODEL_DIR OUT_DIR zero3
 
-1. Masters from fp32: for bf16 at ZeRO 0, 1 and 2, the optimizer's fp32 masters before any step (`trainable_fp32`)
+1. Masters from fp32: for bf16 at ZeRO 0, 1, 2 and 3, the optimizer's fp32 masters before any step (`trainable_fp32`)
    and after one AdamW step on a fixed batch, and the same step in fp32 (weights after it).
 2. Learning: STEPS steps at lr LR on a fixed batch (loss per step) in fp32, bf16, bf16-autocast, and bf16 with
    masters made from the bf16 weights (DeepSpeed's own behaviour, what dist_ft did before).
 
-OUT_DIR/result.pt holds the tensors and losses; the test asserts."""
+3. `zero3` (on the ranks torchrun starts): the masters of bf16 at ZeRO-3 before any step, whole, from rank 0,
+   of the model and of a 3-element parameter made after loading (`odd`: padded partitions).
+
+OUT_DIR/result.pt (zero3.pt) holds the tensors and losses; the test asserts."""
 
 import os
 import sys
@@ -87,7 +91,7 @@ def main(model_dir: str, out: str) -> None:
     init, fp32_after, res["loss_fp32"] = train(model_dir, 0, "fp32", STEPS)
     _, fp32_one, _ = train(model_dir, 0, "fp32", 1)
     res.update(init=init, fp32_one=fp32_one, fp32_after=fp32_after)
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         res[f"bf16_before_{stage}"], res[f"bf16_one_{stage}"], _ = train(model_dir, stage, "bf16", 1)
     _, _, res["loss_bf16"] = train(model_dir, 0, "bf16", STEPS)
     _, _, res["loss_autocast"] = train(model_dir, 0, prec.AUTOCAST, STEPS)
@@ -96,5 +100,20 @@ def main(model_dir: str, out: str) -> None:
     torch.save(res, os.path.join(out, "result.pt"))
 
 
+def zero3(model_dir: str, out: str) -> None:
+    eng.init_distributed("gloo")
+    engine, _ = build(model_dir, 3, "bf16")
+    before = engine.trainable_fp32()  # collective
+    engine.close()
+    # a parameter made after loading, whose size the 2 ranks do not divide (padded partitions)
+    odd = torch.nn.Linear(3, 1, bias=False)
+    odd.weight.data = torch.tensor([[0.1, 0.2, 0.3]])
+    engine = eng.Engine.build(config(model_dir, 3, "bf16"), odd, 100, "bf16")
+    before["odd"] = engine.trainable_fp32()["weight"]
+    engine.close()
+    if torch.distributed.get_rank() == 0:
+        torch.save(before, os.path.join(out, "zero3.pt"))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    (zero3 if sys.argv[3:] == ["zero3"] else main)(sys.argv[1], sys.argv[2])
