@@ -99,13 +99,6 @@ class Config(Section):
                 f"{self.data.task} (its loss reads whole sequences on one rank); set "
                 "engine.sequence_parallel: 1"
             )
-        if self.data.packing:
-            # Ulysses hands attention no mask: sdpa would attend across the packed examples
-            raise ValueError(
-                f"engine.sequence_parallel {sp} needs data.packing: false (DeepSpeed's Ulysses attention "
-                "drops the packed rows' block-diagonal mask, so examples would attend to each other); set "
-                "data.packing=false"
-            )
         if self.model.attn_implementation == "eager":
             raise ValueError(
                 f"engine.sequence_parallel {sp} needs model.attn_implementation sdpa or flash_attention_2 "

@@ -5,6 +5,7 @@ models. The data side (which rows, which shard) is `sequence_parallel.py`."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -33,6 +34,8 @@ def register(model, cfg: Config):
         )
     kernel = config._attn_implementation
     plain = ALL_ATTENTION_FUNCTIONS[kernel]
+    # Ulysses captures the kernel it calls after its all-to-all: ours splits packed rows into their examples
+    ALL_ATTENTION_FUNCTIONS[kernel] = partial(per_example, plain)
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model,
         core_attn_implementation=kernel,
@@ -51,6 +54,38 @@ def register(model, cfg: Config):
 
     ALL_ATTENTION_FUNCTIONS[kernel] = attention
     return mpu, (kernel, plain, attention)
+
+
+def per_example(kernel, module, query, key, value, attention_mask, *args, position_ids=None, **kwargs):
+    """`kernel` (transformers' attention function: q/k/v [batch, heads, positions, head_dim] in, [batch,
+    positions, heads, head_dim] out) on the whole sequence Ulysses gathered, once per example of a packed row.
+    Ulysses drops every mask and attends causally over the row; an example starts wherever the row's
+    position_ids do not go on by one (transformers' rule for packed rows at sp=1). Unpacked rows: one call."""
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("cu_seq_lens", "max_length"))}
+    if position_ids is None:
+        return kernel(module, query, key, value, attention_mask, *args, **kwargs)
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not starts.any():
+        return kernel(module, query, key, value, attention_mask, *args, position_ids=position_ids, **kwargs)
+    rows, weights = [], None
+    for r in range(query.shape[0]):
+        cut = [0, *(torch.nonzero(starts[r]).squeeze(1) + 1).tolist(), query.shape[2]]
+        parts = []
+        for a, b in zip(cut, cut[1:], strict=False):
+            piece = (slice(r, r + 1), slice(None), slice(a, b))
+            out, weights = kernel(
+                module,
+                query[piece],
+                key[piece],
+                value[piece],
+                None,
+                *args,
+                position_ids=position_ids[r : r + 1, a:b],
+                **kwargs,
+            )
+            parts.append(out)
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
 
 
 def ranks_averaged(zero_stage: int, sp: int) -> int:

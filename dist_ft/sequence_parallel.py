@@ -53,8 +53,9 @@ def spanning(hosts: list[str], sp: int) -> str | None:
 
 
 def shard(b: Batch, sp_rank: int, sp: int, rows: int, pad_id: int) -> Batch:
-    """Rank `sp_rank`'s contiguous 1/sp of every row of a padded (unpacked) batch, padded to `rows` rows."""
-    assert b.cu_seq_lens is None, "packed rows are refused under sequence parallelism (config.py)"
+    """Rank `sp_rank`'s contiguous 1/sp of every row of a batch (padded or packed), padded to `rows` rows.
+    The padding's positions go on from the row's last, so it adds no example boundary (packed rows: the
+    attention splits examples where positions restart, `engine_sp.per_example`)."""
     n, w = b.input_ids.shape
     width = -(-w // sp) * sp
     real = b.attention_mask if b.attention_mask is not None else torch.ones_like(b.input_ids)
@@ -66,8 +67,11 @@ def shard(b: Batch, sp_rank: int, sp: int, rows: int, pad_id: int) -> Batch:
     c = width // sp
     part = slice(c * sp_rank, c * (sp_rank + 1))
     ids, tgt = padded(b.input_ids, pad_id)[:, part], padded(b.targets, IGNORE)[:, part]
-    # (padding follows every real token, and attention looks only backwards: its positions do not matter)
-    pos = padded(pos, 0)[:, part]
+    # (padding follows every real token, and attention looks only backwards)
+    pos = padded(pos, 0)
+    pos[:, w:] = pos[:, w - 1 : w] + torch.arange(1, width - w + 1)
+    pos[n:] = torch.arange(width)
+    pos = pos[:, part]
     mine = padded(real, 0)[:, part]
     loss_index = torch.nonzero(tgt.flatten() != IGNORE).squeeze(1)
     return replace(
@@ -79,4 +83,6 @@ def shard(b: Batch, sp_rank: int, sp: int, rows: int, pad_id: int) -> Batch:
         n_loss=len(loss_index),
         position_ids=pos.contiguous(),
         attention_mask=None,  # Ulysses attends causally over the gathered sequence; it drops any mask
+        cu_seq_lens=None,  # the whole row's boundaries are found from the gathered positions
+        max_length=0,
     )

@@ -1,7 +1,7 @@
 """Sequence parallelism (engine.sequence_parallel, DeepSpeed's Ulysses attention) on CPU ranks over gloo.
 
 Equivalence: sp=2 on 2 ranks trains like sp=1 on 1 rank on the same rows (GPT-2 and Llama tiny models, ZeRO-0
-and ZeRO-3, validation included), dp=2 x sp=2 on 4 ranks like dp=2 on 2 ranks, and a SIGKILL + resume at sp=2
+and ZeRO-3, validation included, packed and unpacked), dp=2 x sp=2 on 4 ranks like dp=2 on 2 ranks, and a SIGKILL + resume at sp=2
 is bit-identical. Tolerance 2e-5 on losses, as tests/test_distributed.py: the all-to-alls and the gradient sums
 over ranks add in another order than one process does (fp32 rounding); the data, the positions, the label shift
 and the loss normalization are the same. Weights: at most 1e-4 apart and 1e-7 on average - Adam divides by the
@@ -57,14 +57,52 @@ def test_shards_put_back_together_are_the_batch(sp):
 
 
 @pytest.mark.unit
+def test_packed_shards_keep_their_positions_and_padding_adds_no_boundary():
+    from dist_ft.data.chat import Example
+    from dist_ft.data.packing import collate_packed
+
+    exs = [Example(list(range(1, n + 1)), list(range(1, n + 1))) for n in (3, 2, 4)]
+    b = collate_packed([exs[:2], exs[2:]], seq_len=6, pad_id=0)  # rows of 5 and 4 tokens, then padding
+    parts = [seqp.shard(b, r, 4, rows=3, pad_id=0) for r in range(4)]
+    pos = torch.cat([p.position_ids for p in parts], 1)
+    # the examples and the packer's padding restart (as at sp=1); the padding to a multiple of sp goes on
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3], list(range(8))]
+    assert all(p.cu_seq_lens is None for p in parts) and sum(p.n_loss for p in parts) == b.n_loss
+
+
+@pytest.mark.unit
+def test_per_example_attention_equals_the_block_diagonal_mask():
+    """What Ulysses' kernel sees after its all-to-all: whole packed rows, no mask. Per example, it gives what
+    sdpa gives with the block-diagonal causal mask transformers builds from the positions at sp=1."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from dist_ft.engine_sp import per_example
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, generator=g) for _ in range(3))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2], list(range(9))])
+    got, _ = per_example(sdpa_attention_forward, module, q, k, v, None, position_ids=pos, dropout=0.0)
+    doc = (pos == 0).cumsum(1)
+    mask = (doc[:, :, None] == doc[:, None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6)
+    plain, _ = sdpa_attention_forward(module, q, k, v, None, dropout=0.0)
+    assert not torch.allclose(plain[0], want[0], atol=1e-3)  # (without it, examples see each other)
+
+
+@pytest.mark.unit
 def test_readers_and_refusals():
     assert [seqp.readers(r, 4, 2) for r in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
     with pytest.raises(UserError, match="does not divide the world size 3"):
         seqp.readers(0, 3, 2)
     base = {"model": {"path": "m"}, "data": {"train": "t.jsonl", "packing": False}}
     Config.model_validate({**base, "engine": {"sequence_parallel": 2}})
+    Config.model_validate(
+        {**base, "data": {"train": "t.jsonl"}, "engine": {"sequence_parallel": 2}}
+    )  # packed
     for change, why in (
-        ({"data": {"train": "t.jsonl"}}, "needs data.packing: false"),
         ({"data": {"train": "t.jsonl", "packing": False, "task": "dpo"}}, "sft and pretrain, not dpo"),
         ({"model": {"path": "m", "attn_implementation": "eager"}}, "sdpa or flash_attention_2"),
         ({"model": {"path": "m", "peft": {"method": "prefix"}}}, "prefix"),
@@ -131,6 +169,8 @@ def runs(request, tmp_path_factory, gpt2_dir, llama_dir):
         todo.append(("sp2-z1", 2, ("engine.sequence_parallel=2", "engine.zero_stage=1")))
         lora = ("model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8", "model.peft.dropout=0")
         todo += [("sp1-lora", 1, lora), ("sp2-lora", 2, (*lora, "engine.sequence_parallel=2"))]
+    # packed rows (several examples each): Ulysses' kernel attends per example
+    todo += [("sp1-packed", 1, ("data.packing=true",)), ("sp2-packed", 2, ("data.packing=true", *todo[1][2]))]
     for name, ranks, extra in todo:
         r = run_cmd(train_cmd(cfg, tmp / name, ranks, *data, *extra))
         assert r.returncode == 0, r.stderr[-4000:]
@@ -163,6 +203,19 @@ def test_sp2_trains_like_one_rank(runs, run):
     # every loss-bearing token counted once over the two shards
     tokens = [[x["loss_tokens"] for x in metric_records(o) if "loss_tokens" in x] for o in (ref, got)]
     assert tokens[0] == tokens[1] and len(tokens[0]) == STEPS
+
+
+def test_packed_rows_under_sp2_train_like_one_rank(runs):
+    _, _, out, _ = runs
+    ref, got = out["sp1-packed"], out["sp2-packed"]
+    lr, lg = tiny.losses(ref), tiny.losses(got)
+    assert len(lg) == STEPS and max(abs(a - b) for a, b in zip(lr, lg, strict=True)) < TOL, (lr, lg)
+    assert _weights_close(ref, got)
+    tokens = [
+        [x["loss_tokens"] for x in metric_records(o) if "loss_tokens" in x] for o in (ref, got, out["sp1"])
+    ]
+    assert tokens[0] == tokens[1]
+    assert tokens[0][0] > 2 * tokens[2][0]  # rows really are packed: more examples per step than unpacked
 
 
 def test_lora_under_sp2_trains_like_one_rank(runs):
