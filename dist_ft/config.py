@@ -93,10 +93,10 @@ class Config(Section):
         sp = self.engine.sequence_parallel
         if sp == 1:
             return self
-        if self.data.task not in ("sft", "pretrain"):
+        if self.data.task not in ("sft", "pretrain", "dpo"):
             raise ValueError(
-                f"engine.sequence_parallel {sp} works for data.task sft and pretrain, not "
-                f"{self.data.task} (its loss reads whole sequences on one rank); set "
+                f"engine.sequence_parallel {sp} works for data.task sft, pretrain and dpo, not "
+                f"{self.data.task} (its head pools each sequence's last token on one rank); set "
                 "engine.sequence_parallel: 1"
             )
         if self.model.attn_implementation == "eager":

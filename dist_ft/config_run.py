@@ -119,7 +119,7 @@ class EngineConfig(Section):
         ge=1,
         description="Ranks that split each sequence between them (DeepSpeed's Ulysses attention: heads <-> "
         "sequence all-to-alls); 1: off. The world size must be a multiple (data parallel = world / this); "
-        "the model's attention heads too. SFT and pretrain (packed or not), sdpa or flash attention.",
+        "the model's attention heads too. SFT, pretrain and DPO (packed or not), sdpa or flash attention.",
         json_schema_extra=on_resume(MUST_MATCH),
     )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO 1-3).")

@@ -261,6 +261,12 @@ class Engine:
     def zero_stage(self) -> int:
         return self._ds.zero_optimization_stage()
 
+    def sequence_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over this rank's sequence-parallel group, differentiably (torch's autograd all-reduce:
+        the gradient is summed back, so each rank's shard gets the whole sequence's): per-sequence sums of
+        shards, e.g. a preference pair's log-probs. `t` itself at sp=1."""
+        return engine_sp.sequence_sum(t) if self.sequence_parallel > 1 else t
+
     def plain_attention(self):
         """`with engine.plain_attention():` the plain attention kernel again (for another model in this
         process, e.g. generating with the exported one)."""

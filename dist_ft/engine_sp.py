@@ -11,6 +11,7 @@ import torch
 
 from .config import Config
 from .errors import UserError
+from .sequence_parallel import batch_rows
 
 
 def register(model, cfg: Config):
@@ -40,7 +41,7 @@ def register(model, cfg: Config):
         model_name_or_path=model,
         core_attn_implementation=kernel,
         sequence_parallel_size=sp,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=batch_rows(cfg),  # (the rows shard() pads every batch to)
         seq_length=cfg.data.max_seq_len,
         seq_length_is_variable=True,
     )
@@ -86,6 +87,14 @@ def per_example(kernel, module, query, key, value, attention_mask, *args, positi
             parts.append(out)
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+def sequence_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` all-reduced (summed) over the sequence-parallel group DeepSpeed's Ulysses set up, with autograd."""
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as groups
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t, group=groups.get_sequence_parallel_group())
 
 
 def ranks_averaged(zero_stage: int, sp: int) -> int:

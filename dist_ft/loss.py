@@ -154,7 +154,8 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
 
 def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) -> torch.Tensor:
     """Each sequence's summed log-probability of its loss-bearing targets, [n_seq] fp64 on the device
-    (log-softmax in fp32, summed in fp64); `seq_of_loss[i]` is the sequence of the batch's i-th loss position.
+    (log-softmax in fp32, summed in fp64, over the shards of a sequence-parallel group); `seq_of_loss[i]` is
+    the sequence of the batch's i-th loss position.
     The output layer runs on those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its
     weight); logits of them are kept for backward (n x vocab fp32: the pairwise tasks' completions are
     short)."""
@@ -169,9 +170,11 @@ def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) 
     finally:
         handle.remove()
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-    return torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(
+    sums = torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(
         0, seq_of_loss.to(dev), logp.double()
     )
+    # sequence parallelism: each rank scored its shard of every sequence
+    return engine.sequence_sum(sums) if hasattr(engine, "sequence_sum") else sums
 
 
 def batch_sequence_logps(engine, batch: Batch) -> torch.Tensor:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, fsio
+from . import dist, fsio, sequence_parallel
 from .adapters import fingerprint
 from .data.dataset import Prepared
 from .engine import whole_params
@@ -94,11 +94,14 @@ def _write(paths: list[Path], k: str, refs: dict) -> Path:
     raise OSError(f"cannot write reference log-probs to {' or '.join(str(p.parent) for p in paths)}")
 
 
-def _score(
-    engine, prep: Prepared, rows, ids_of, n_rows: int, n_ex: int, micro: int, rank: int, world: int
-) -> torch.Tensor:
-    """Summed completion log-prob of every example of `rows`, [n_ex] fp64, each rank scoring rows rank::world
-    (and running as many forwards as every other rank, so ZeRO-3's gathers stay in step)."""
+def _score(engine, prep: Prepared, rows, ids_of, n_rows: int, n_ex: int, micro: int, env) -> torch.Tensor:
+    """Summed completion log-prob of every example of `rows`, [n_ex] fp64, each reader scoring rows
+    reader::readers (and running as many forwards as every other rank, so ZeRO-3's gathers stay in step).
+    Sequence parallelism: a group's ranks score the same rows, each its shard (`prep.collate`); the sums
+    over the group are the same on each, so its first rank alone keeps them."""
+    sp = getattr(engine, "sequence_parallel", 1)
+    rank, world = sequence_parallel.readers(env.rank, env.world_size, sp)
+    keeps = env.rank % sp == 0
     out = torch.zeros(n_ex, dtype=torch.float64, device=engine.device)
     mine = list(range(rank, n_rows, world))
     with torch.no_grad():
@@ -107,7 +110,7 @@ def _score(
             idx = mine[b * micro : (b + 1) * micro]
             batch = prep.collate([rows(i) for i in idx]) if idx else prep.collate([rows(0)]).without_loss()
             lp = batch_sequence_logps(engine, batch)
-            if idx:
+            if idx and keeps:
                 out[torch.tensor([e for i in idx for e in ids_of(i)], device=engine.device)] = lp
     return dist.all_sum_tensor(out)
 
@@ -135,8 +138,7 @@ def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) ->
                 len(train),
                 sizes["train"],
                 micro,
-                env.rank,
-                env.world_size,
+                env,
             )
         }
         if prep.val:
@@ -149,8 +151,7 @@ def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) ->
                 len(prep.val.items),
                 sizes["validation"],
                 micro,
-                env.rank,
-                env.world_size,
+                env,
             )
         engine.train()
         refs = {s: v.cpu().numpy() for s, v in refs.items()}

@@ -9,7 +9,11 @@ Targets are already shifted (position i is scored against token i+1), so the tok
 token of shard k+1 lives at the end of shard k and no label crosses a boundary. Rows are padded (right) to a
 multiple of sp and batches to exactly `train.micro_batch_size` rows (Ulysses reshapes by that fixed size);
 padding carries no loss. The loss of a rank is its shard's summed loss; the step's normalization counts
-loss-bearing tokens over every rank, so shards add up to the whole sequence's mean.
+loss-bearing tokens over every rank, so shards add up to the whole sequence's mean. A loss over whole
+sequences (DPO: a pair's log-probs) sums its shards' per-sequence parts over the group
+(`Engine.sequence_sum`), so every rank of the group holds the batch's whole loss and counts its units: summed
+over the ranks, loss and units are both sp times the batch's, and the all-reduce's backward hands each shard
+the whole gradient.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from .config import Config
 from .contracts import Batch
 from .data.chat import IGNORE
 from .errors import UserError
@@ -33,6 +38,15 @@ def readers(rank: int, world: int, sp: int) -> tuple[int, int]:
             f"{sp} ranks, or set engine.sequence_parallel to a divisor of {world}"
         )
     return rank // sp, world // sp
+
+
+def batch_rows(cfg: Config) -> int:
+    """Rows of every micro-batch under sequence parallelism (Ulysses reshapes by a fixed count): one per
+    example, or per group of a task's examples when unpacked (a preference pair: 2 rows); packed rows hold
+    whole groups."""
+    from . import tasks
+
+    return cfg.train.micro_batch_size * (1 if cfg.data.packing else tasks.for_config(cfg).group)
 
 
 def spanning(hosts: list[str], sp: int) -> str | None:
@@ -74,13 +88,19 @@ def shard(b: Batch, sp_rank: int, sp: int, rows: int, pad_id: int) -> Batch:
     pos = pos[:, part]
     mine = padded(real, 0)[:, part]
     loss_index = torch.nonzero(tgt.flatten() != IGNORE).squeeze(1)
+    extra, n_loss = b.extra, len(loss_index)
+    if "seq_of_loss" in extra:  # a loss over whole sequences (DPO): its units stay the batch's, on every rank
+        seq = torch.full((n * w,), -1, dtype=torch.long).index_copy(0, b.loss_index, extra["seq_of_loss"])
+        seq = F.pad(seq.view(n, w), (0, width - w, 0, rows - n), value=-1)[:, part]
+        extra, n_loss = {**extra, "seq_of_loss": seq.flatten().index_select(0, loss_index)}, b.n_loss
     return replace(
         b,
+        extra=extra,
         input_ids=ids.contiguous(),
         targets=tgt.contiguous(),
         loss_index=loss_index,
         n_tokens=int(mine.sum()),
-        n_loss=len(loss_index),
+        n_loss=n_loss,
         position_ids=pos.contiguous(),
         attention_mask=None,  # Ulysses attends causally over the gathered sequence; it drops any mask
         cu_seq_lens=None,  # the whole row's boundaries are found from the gathered positions

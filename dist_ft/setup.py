@@ -80,7 +80,8 @@ def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
         faults=faults,
     )
     if sp > 1:
-        shard = partial(sequence_parallel.shard, sp_rank=env.rank % sp, sp=sp, rows=t.micro_batch_size)
+        rows = sequence_parallel.batch_rows(cfg)
+        shard = partial(sequence_parallel.shard, sp_rank=env.rank % sp, sp=sp, rows=rows)
         prep = replace(prep, shard=partial(shard, pad_id=prep.pad_id))
     stream = prep.stream(t.micro_batch_size, reader, readers)
     # the ragged tail of an epoch (fewer samples than one micro-batch per rank) is not counted

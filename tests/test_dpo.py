@@ -1,5 +1,6 @@
 """DPO (data.task dpo): the loss against an fp64 per-example loop, packed == unpacked, the reference log-probs
-(computed once, stored, read back, equal to online ones), ln 2 at step 1, 2 ranks == 1 rank at ZeRO-2/3,
+(computed once, stored, read back, equal to online ones), ln 2 at step 1, 2 ranks == 1 rank at ZeRO-2/3 and
+under sequence parallelism (packed, and LoRA unpacked),
 SIGKILL + resume bit-identical and refused on another starting model, and LoRA's reference (adapters off)."""
 
 from __future__ import annotations
@@ -218,6 +219,36 @@ def test_two_ranks_equal_one_rank(one, cfg, stage):
     print(
         f"DPO ZeRO-{stage} x2 vs ZeRO-0 x1: max |loss diff| {max(abs(x - y) for x, y in zip(a, b, strict=False)):.1e}, max |weight diff| {worst:.1e}"
     )
+
+
+def test_sequence_parallel_two_ranks_equal_one_rank(one, cfg):
+    """engine.sequence_parallel 2 (packed pairs): both sequences of a pair split alike over the 2 ranks, each
+    scoring its shard of every sequence, the pair's log-probs summed over the two - in training and in the
+    reference pass (scored anew: its own cache directory)."""
+    sp2 = cfg.parent / "sp2"
+    extra = ("engine.sequence_parallel=2", f"data.cache_dir={cfg.parent / 'sp-cache'}")
+    r = run_cmd(train_cmd(cfg, sp2, 2, *extra))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reference: scoring 216 sequences" in r.stdout
+    a, b = tiny.losses(one), tiny.losses(sp2)
+    assert len(b) == STEPS and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-5, (a, b)
+    va, vb = ([x["val_loss"] for x in _records(o) if "val_loss" in x] for o in (one, sp2))
+    assert va and max(abs(x - y) for x, y in zip(va, vb, strict=True)) < 2e-5, (va, vb)
+    wa, wb = _weights(one), _weights(sp2)
+    d = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert float(d.max()) < 1e-4 and float(d.mean()) < 1e-7, (float(d.max()), float(d.mean()))
+
+
+def test_sequence_parallel_lora_unpacked_equals_one_rank(cfg):
+    """LoRA's reference (adapters off) under sp=2, pairs unpacked (a row per sequence: 2 rows per pair)."""
+    args = ("model.peft.method=lora", "model.peft.r=4", "train.max_steps=3", "data.packing=false")
+    outs = [cfg.parent / "lora-sp1", cfg.parent / "lora-sp2"]
+    for out, ranks, extra in ((outs[0], 1, ()), (outs[1], 2, ("engine.sequence_parallel=2",))):
+        r = run_cmd(train_cmd(cfg, out, ranks, *args, *extra))
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = tiny.losses(outs[0]), tiny.losses(outs[1])
+    assert len(b) == 3 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 2e-5, (a, b)
+    assert b[-1] != a[0]  # (it learned)
 
 
 def test_sigkill_resume_is_bit_identical_and_refused_on_another_start(one, cfg):

@@ -103,7 +103,10 @@ def test_readers_and_refusals():
         {**base, "data": {"train": "t.jsonl"}, "engine": {"sequence_parallel": 2}}
     )  # packed
     for change, why in (
-        ({"data": {"train": "t.jsonl", "packing": False, "task": "dpo"}}, "sft and pretrain, not dpo"),
+        (
+            {"data": {"train": "t.jsonl", "packing": False, "task": "reward"}},
+            "sft, pretrain and dpo, not reward",
+        ),
         ({"model": {"path": "m", "attn_implementation": "eager"}}, "sdpa or flash_attention_2"),
         ({"model": {"path": "m", "peft": {"method": "prefix"}}}, "prefix"),
     ):
