@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from .config_section import MUST_MATCH, Section, no_credentials
+from .config_section import FREE, MUST_MATCH, Section, no_credentials, on_resume
 
 
 class PeftConfig(Section):
@@ -53,6 +53,13 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory (slower)."
     )
+    activation_offload: bool = Field(
+        False,
+        description="Keep what backward needs of the forward (with gradient_checkpointing: each layer's "
+        "input) in pinned host memory and copy it back for backward (ALST's checkpoint offload); GPU only, "
+        "values unchanged. Needs gradient_checkpointing.",
+        json_schema_extra=on_resume(FREE),
+    )
     tiled_mlp: int = Field(
         0,
         ge=0,
@@ -71,3 +78,12 @@ class ModelConfig(Section):
         "weight trains.",
     )
     _no_url_credentials = field_validator("path")(no_credentials)
+
+    @model_validator(mode="after")
+    def _offload_needs_checkpointing(self) -> ModelConfig:
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ValueError(
+                "model.activation_offload needs model.gradient_checkpointing: true (without it every "
+                "activation would cross to host memory and back); set model.gradient_checkpointing=true"
+            )
+        return self

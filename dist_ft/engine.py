@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import dist, engine_sp, engine_state, hub, optim
+from . import dist, engine_sp, engine_state, hub, offload, optim
 from . import precision as precision_
 from .config import Config
 from .errors import UserError
@@ -153,6 +153,7 @@ class Engine:
             None  # bytes this rank holds for params / grads / optimizer, once measured
         )
         self._states_taken = False
+        self.offload_activations = False  # model.activation_offload (offload.py)
 
     @classmethod
     def build(
@@ -210,6 +211,7 @@ class Engine:
         engine_state.set_masters(ds, itertools.chain(fp32, from_files))
         del fp32
         engine = cls(ds, precision, cfg.engine.sequence_parallel, attention)
+        engine.offload_activations = cfg.model.activation_offload
         # from_pretrained hands the model over in eval mode: dropout would be off for the whole run
         engine.train()
         return engine
@@ -224,7 +226,8 @@ class Engine:
         return self._ds.device
 
     def __call__(self, **inputs):
-        return self._ds(**inputs)
+        with offload.activations_on_host(self.offload_activations):
+            return self._ds(**inputs)
 
     def train(self) -> None:
         self._ds.train()

@@ -109,6 +109,7 @@ def test_readers_and_refusals():
         ),
         ({"model": {"path": "m", "attn_implementation": "eager"}}, "sdpa or flash_attention_2"),
         ({"model": {"path": "m", "peft": {"method": "prefix"}}}, "prefix"),
+        ({"model": {"path": "m", "activation_offload": True}}, "needs model.gradient_checkpointing: true"),
     ):
         with pytest.raises(ValueError, match=why):
             Config.model_validate({**base, "engine": {"sequence_parallel": 2}, **change})
@@ -167,7 +168,9 @@ def runs(request, tmp_path_factory, gpt2_dir, llama_dir):
         request.param == "llama"
     ):  # ZeRO-2, and ZeRO-3 with the MLP tiled over the sequence (DeepSpeed's TiledMLP)
         todo.append(("sp2-z2", 2, ("engine.sequence_parallel=2", "engine.zero_stage=2")))
-        todo.append(("sp2-z3-tiled", 2, (*todo[2][2], "model.tiled_mlp=3")))
+        # (and checkpointed layers with their inputs offloaded: a no-op on CPU, the wiring exercised)
+        offload = ("model.gradient_checkpointing=true", "model.activation_offload=true")
+        todo.append(("sp2-z3-tiled", 2, (*todo[2][2], "model.tiled_mlp=3", *offload)))
     else:
         todo.append(("sp2-z1", 2, ("engine.sequence_parallel=2", "engine.zero_stage=1")))
         lora = ("model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8", "model.peft.dropout=0")
