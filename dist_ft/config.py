@@ -26,6 +26,7 @@ from .config_section import APPLIED, FREE, MUST_MATCH, RESHARD, RESOLVED, RESUME
 from .errors import UserError
 from .redact import env_secrets, scrub
 from .task_settings.dpo import DpoConfig
+from .task_settings.grpo import GrpoConfig
 from .task_settings.reward import RewardConfig
 
 __all__ = [
@@ -73,6 +74,10 @@ class Config(Section):
     # each task's own settings (task_settings/<task>.py), as cfg.<task>
     dpo: DpoConfig = Field(
         default_factory=DpoConfig, description="Preference tuning (data.task: dpo): loss and beta."
+    )
+    grpo: GrpoConfig = Field(
+        default_factory=GrpoConfig,
+        description="Online RL (data.task: grpo): rollouts, rewards and the clipped-surrogate loss.",
     )
     reward: RewardConfig = Field(
         default_factory=RewardConfig, description="Reward models (data.task: reward)."

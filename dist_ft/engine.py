@@ -261,6 +261,11 @@ class Engine:
         return out
 
     @property
+    def steps_done(self) -> int:
+        """Optimizer steps taken (restored with a checkpoint)."""
+        return self._ds.global_steps
+
+    @property
     def zero_stage(self) -> int:
         return self._ds.zero_optimization_stage()
 

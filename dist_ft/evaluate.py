@@ -47,7 +47,13 @@ def _forward(model, batches: Iterable, fn: Callable) -> list:
 def loss_sums(model, task, batches: Iterable, chunk: int = 0) -> tuple:
     """(loss sum, loss units, metric sums) of the task over `batches`: the sums are float64 tensors left on
     the model's device (0.0 for no batches), the units an int."""
-    outs = _forward(model, batches, lambda batch: (task.loss(model, batch, chunk), batch.n_loss))
+
+    def scored(batch):
+        if task.rollout is not None:  # an online task samples what it scores
+            batch = task.rollout(model, [batch])[0]
+        return task.loss(model, batch, chunk), batch.n_loss
+
+    outs = _forward(model, batches, scored)
     total: dict[str, Any] = {}
     sums: dict[str, Any] = {}
     for out, _ in outs:

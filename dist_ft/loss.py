@@ -152,13 +152,11 @@ def token_loss_sum(engine, batch: Batch, chunk: int = 4096) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) -> torch.Tensor:
-    """Each sequence's summed log-probability of its loss-bearing targets, [n_seq] fp64 on the device
-    (log-softmax in fp32, summed in fp64, over the shards of a sequence-parallel group); `seq_of_loss[i]` is
-    the sequence of the batch's i-th loss position.
-    The output layer runs on those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its
-    weight); logits of them are kept for backward (n x vocab fp32: the pairwise tasks' completions are
-    short)."""
+def target_logps(engine, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The log-probability of each loss-bearing target of `batch`, [n] fp32 on the device (log-softmax in
+    fp32), and with `entropy` each position's predictive entropy (no gradient). The output layer runs on
+    those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its weight); logits of
+    them are kept for backward (n x vocab fp32: completions of the pairwise and RL tasks are short)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
     index = batch.loss_index.to(dev, non_blocking=True)
@@ -169,9 +167,21 @@ def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) 
         logits = engine(**batch.model_inputs(dev, attn_implementation(model)), use_cache=False).logits
     finally:
         handle.remove()
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-    sums = torch.zeros(n_seq, dtype=torch.float64, device=dev).index_add(
-        0, seq_of_loss.to(dev), logp.double()
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    ent = None
+    if entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(1, targets[:, None]).squeeze(1), ent
+
+
+def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Each sequence's summed log-probability of its loss-bearing targets, [n_seq] fp64 on the device
+    (`target_logps` summed in fp64, over the shards of a sequence-parallel group); `seq_of_loss[i]` is the
+    sequence of the batch's i-th loss position."""
+    logp, _ = target_logps(engine, batch)
+    sums = torch.zeros(n_seq, dtype=torch.float64, device=logp.device).index_add(
+        0, seq_of_loss.to(logp.device), logp.double()
     )
     # sequence parallelism: each rank scored its shard of every sequence
     return engine.sequence_sum(sums) if hasattr(engine, "sequence_sum") else sums

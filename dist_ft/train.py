@@ -125,6 +125,8 @@ def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
     ranks)."""
     t0, engine, lr = time.perf_counter(), r.engine, r.engine.lr
     micro = batch.batches
+    if r.task.rollout is not None:  # an online task's samples, from the model as it is now
+        micro = r.task.rollout(engine, micro)
     n_loss, n_tokens, n_pos = dist.all_sum(
         sum(b.n_loss for b in micro), sum(b.n_tokens for b in micro), sum(b.n_positions for b in micro)
     )

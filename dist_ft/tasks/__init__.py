@@ -14,8 +14,10 @@ Optional: `group` (examples that stay together in one row: 2 for a preference pa
 sequence per row, e.g. a head that pools its last token), `scan(records) -> meta` (read the training records
 once before tokenizing, e.g. the label set; `examples` then gets `meta=`, and the manifest keeps it),
 `head(meta)` (the model's head kwargs, e.g. num_labels), `reference` (per-example log-probs of the starting
-model are computed once before training, `reference.py`), `prepare_model(model)` (e.g. dropout off) and
-`configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta).
+model are computed once before training, `reference.py`), `prepare_model(model)` (e.g. dropout off),
+`configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta) and
+`rollout(model, batches) -> batches` (online tasks: the step's collated micro-batches made into what the loss
+reads, with the model as it is now, before any loss of the step: GRPO samples and scores completions there).
 
 A task's own settings (the config's `<task>:` section) are a model in `task_settings/<task>.py`, which config
 composes as `cfg.<task>` (there, below config, so the import graph stays acyclic); `configure` reads them.
@@ -127,6 +129,7 @@ class Task:
     reference: bool = False
     prepare_model: Callable[[torch.nn.Module], None] | None = None
     configure: Callable[[Task, Config], Task] | None = None
+    rollout: Callable[[Model, list[Batch]], list[Batch]] | None = None
 
     def with_meta(self, meta: Meta) -> Task:
         """This task whose `examples` gets the `meta` its `scan` found (itself where it has no scan: a task

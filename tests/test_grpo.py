@@ -1,0 +1,323 @@
+"""GRPO (data.task grpo): the loss and its gradients against an fp64 loop written out by hand for each variant,
+a group of equal rewards gives no gradient, rewards' bad returns and bad configs fail in one line, and on CPU
+ranks: the sampling is the same on 1 and 2 ranks and ZeRO-0/3, a SIGKILL + resume is bit-identical, LoRA
+trains and exports, and a tiny GPT-2 raises a reward well above its start."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from helpers import assert_clean_failure, assert_identical_runs, metric_records, run_cmd, train_cmd
+from safetensors.torch import load_file
+
+from dist_ft.config import ModelConfig
+from dist_ft.errors import UserError
+from dist_ft.model import load_model
+from dist_ft.task_settings.grpo import GrpoConfig, RewardSpec
+from dist_ft.tasks import grpo
+from dist_ft.tokenizer import load_tokenizer
+
+# ---------------------------------------------------------------- the loss against an fp64 loop
+
+PROMPTS = [[5, 17, 9], [30, 4]]
+COMPS = [[11, 12, 13], [14], [15, 16], [21, 22], [23, 24, 25, 26], [27]]  # 2 groups of 3
+REWARDS = [1.0, 0.0, 0.5, 2.0, 2.0, -1.0]
+G = 3
+
+
+@pytest.fixture(scope="module")
+def policy(gpt2_dir):
+    cfg = ModelConfig(path=str(gpt2_dir))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok, torch.float32)
+    model.eval()  # (the tiny GPT-2 has no dropout; eval keeps it certain)
+    return model, tok
+
+
+def _batch(pad_id: int, scaled: bool, rewards=REWARDS, old_shift: float = 0.0, model=None):
+    prompts = [p for p in PROMPTS for _ in range(G)]
+    b = grpo.training_batch(prompts, COMPS, {"r": (1.0, list(rewards))}, G, scaled, pad_id)
+    if old_shift:  # old log-probs off the current ones (as after an optimizer pass): some ratios clip
+        with torch.no_grad():
+            logp, _ = grpo.target_logps(model, b)
+        signs = torch.tensor([(-1.0) ** i for i in range(len(logp))])
+        b.extra["old_logps"] = logp - old_shift * signs
+    return b
+
+
+def _oracle(model, s: GrpoConfig, rewards, old_shift: float) -> tuple[float, dict]:
+    """The GRPO objective of the module doc, term by term in fp64 on one sequence at a time."""
+    m = _fp64(model)
+    r = torch.tensor(rewards, dtype=torch.float64)
+    adv = []
+    for g in range(len(r) // G):
+        grp = r[g * G : (g + 1) * G]
+        mean = sum(grp) / G
+        std = math.sqrt(sum((x - mean) ** 2 for x in grp) / (G - 1))
+        adv += [(x - mean) / (std + 1e-4) if s.scaled else x - mean for x in grp]
+    total, k, per_comp = torch.zeros((), dtype=torch.float64), 0, []
+    for i, comp in enumerate(COMPS):
+        prompt = PROMPTS[i // G]
+        ids = torch.tensor([prompt + comp])
+        logits = m(input_ids=ids).logits[0]
+        terms = []
+        for j, tok in enumerate(comp):
+            lp = torch.log_softmax(logits[len(prompt) - 1 + j], -1)[tok]
+            old = lp.detach() - (old_shift * (-1.0) ** k if old_shift else 0.0)
+            k += 1
+            ratio = torch.exp(lp - old)
+            a = adv[i]
+            clipped = min(max(ratio, 1 - s.epsilon), 1 + s.clip_high)
+            terms.append(-torch.minimum(ratio * a, clipped * a))
+        per_comp.append(sum(terms))
+    n_tokens = sum(len(c) for c in COMPS)
+    for i, t in enumerate(per_comp):
+        if s.loss == "grpo":
+            total = total + t / len(COMPS[i])
+        elif s.loss == "dr_grpo":
+            total = total + t / s.max_completion_tokens
+        else:
+            total = total + t * len(COMPS) / n_tokens  # (the loop divides by the completions)
+    total.backward()
+    return float(total), {n: p.grad for n, p in m.named_parameters()}
+
+
+def _fp64(model):
+    import copy
+
+    m = copy.deepcopy(model).double()
+    m.zero_grad(set_to_none=True)
+    return m
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("old_shift", [0.0, 0.3])
+def test_loss_and_gradients_equal_an_fp64_loop(policy, variant, old_shift):
+    model, tok = policy
+    s = GrpoConfig(loss=variant, max_completion_tokens=4, rewards=[RewardSpec(kind="length")])
+    b = _batch(tok.pad_token_id, s.scaled, old_shift=old_shift, model=model)
+    b.extra["tokens_per_completion"] = sum(len(c) for c in COMPS) / len(COMPS)
+    model.zero_grad(set_to_none=True)
+    out = grpo.loss(model, b, 0, s=s, adapters=False)
+    out.sum.backward()
+    want, grads = _oracle(model, s, REWARDS, old_shift)
+    assert abs(float(out.sum) - want) < 1e-5 * max(1.0, abs(want)), (float(out.sum), want)
+    worst = max(float((p.grad.double() - grads[n]).abs().max()) for n, p in model.named_parameters())
+    scale = max(float(g.abs().max()) for g in grads.values())
+    assert scale > 0 and worst < 1e-5 * scale, (worst, scale)
+    if old_shift:  # the shifted old log-probs put some ratios outside the clip range
+        assert float(out.metrics["clipped"]) > 0
+    else:
+        assert float(out.metrics["clipped"]) == 0
+    assert float(out.metrics["reward"]) == pytest.approx(sum(REWARDS))
+
+
+@pytest.mark.unit
+def test_a_group_of_equal_rewards_gives_no_gradient(policy):
+    model, tok = policy
+    s = GrpoConfig(rewards=[RewardSpec(kind="length")])
+    b = _batch(tok.pad_token_id, s.scaled, rewards=[0.5, 0.5, 0.5, 2.0, 2.0, 2.0])
+    model.zero_grad(set_to_none=True)
+    out = grpo.loss(model, b, 0, s=s, adapters=False)
+    out.sum.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert float(out.metrics["zero_std_groups"]) == 6  # every completion sits in a zero-std group
+
+
+@pytest.mark.unit
+def test_advantages_by_hand():
+    a, std = grpo.advantages(torch.tensor([1.0, 0.0, 0.5, 3.0, 3.0, 3.0], dtype=torch.float64), 3, True)
+    assert torch.allclose(a[:3], torch.tensor([0.5, -0.5, 0.0], dtype=torch.float64) / (0.5 + 1e-4))
+    assert not a[3:].any() and std[3:].tolist() == [0.0] * 3
+    a, _ = grpo.advantages(torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), 3, False)
+    assert a.tolist() == [0.5, -0.5, 0.0]
+
+
+# ---------------------------------------------------------------- rewards
+
+
+@pytest.mark.unit
+def test_builtin_rewards():
+    from dist_ft import rewards
+
+    def run(spec, completions, fields, lengths=None):
+        return rewards.build([spec], 8, rewards.reward_model)[0][1](
+            [None] * len(completions), completions, lengths or [1] * len(completions), fields
+        )
+
+    f = [{"answer": "42"}] * 3
+    assert run(RewardSpec(kind="numeric"), ["it is 41, no 42.", "42.0", "forty-two"], f) == [1.0, 1.0, 0.0]
+    assert run(RewardSpec(kind="exact"), [" 42 ", "42!", "4 2"], f) == [1.0, 0.0, 0.0]
+    spec = RewardSpec(kind="exact", answer_pattern=r"answer: (\S+)")
+    assert run(spec, ["so answer: 42", "answer: 7", "42"], f) == [1.0, 0.0, 0.0]
+    assert run(RewardSpec(kind="regex", pattern=r"^<a>.*</a>$"), ["<a>x</a>", "x"], f[:2]) == [1.0, 0.0]
+    assert run(RewardSpec(kind="length"), ["a", "b"], f[:2], lengths=[2, 8]) == [-0.25, -1.0]
+    with pytest.raises(UserError, match="has none; add `answer`"):
+        run(RewardSpec(kind="numeric"), ["1"], [{}])
+
+
+@pytest.mark.unit
+def test_bad_reward_functions_fail_in_one_line(tmp_path, monkeypatch):
+    from dist_ft import rewards
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def nan(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n"
+        "def short(prompts, completions, **kw):\n    return [1.0]\n"
+        "def boom(prompts, completions, **kw):\n    raise KeyError('answer')\n"
+        "def fine(prompts, completions, answer, **kw):\n    return [float(c == a) for c, a in zip(completions, answer)]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def call(name):
+        spec = RewardSpec(kind="function", function=f"my_rewards:{name}")
+        ((_, score),) = rewards.build([spec], 8, rewards.reward_model)
+        return rewards.checked(spec, score([None] * 2, ["a", "b"], [1, 1], [{"answer": "a"}] * 2), 2)
+
+    assert call("fine") == [1.0, 0.0]
+    for name, why in (
+        ("nan", "returned nan for completion 0; rewards must be finite"),
+        ("short", "returned 1 values for 2 completions"),
+        ("boom", "raised KeyError"),
+        ("missing", "cannot be imported"),
+    ):
+        with pytest.raises(UserError, match=why):
+            call(name)
+    with pytest.raises(ValueError, match="is not `package.module:name`"):
+        RewardSpec(kind="function", function="my_rewards.fine")
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        GrpoConfig(group_size=1)
+
+
+# ---------------------------------------------------------------- training on CPU ranks
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def grpo_cfg(tmp_path_factory, gpt2_dir) -> Path:
+    """Prompts with an answer; a dense reward a tiny random GPT-2 can move (a function of the tests): the
+    share of a completion's characters that are vowels."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    recs = [
+        {"prompt": f"What color is the {x}?", "answer": "blue"} for x in ("sky", "sea", "lake", "ink")
+    ] * 8
+    train = tiny.write_jsonl(tmp / "prompts.jsonl", recs)
+    path = tmp / "grpo.yaml"
+    path.write_text(
+        f"model: {{path: {gpt2_dir}}}\ndata: {{train: {train}, max_seq_len: 64, task: grpo, packing: false}}\n"
+        f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 1.0e-2, warmup_steps: 0, schedule: constant}}\n"
+        "engine: {precision: fp32}\ncheckpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n"
+        "grpo: {group_size: 4, max_completion_tokens: 8, rewards: [{kind: function, function: 'grpo_rewards:vowels'},"
+        " {kind: regex, pattern: blue, weight: 0.5}]}\n"
+    )
+    return path
+
+
+def _env() -> dict:
+    import os
+
+    here = str(Path(__file__).resolve().parent)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
+
+
+@pytest.fixture(scope="module")
+def one(grpo_cfg) -> Path:
+    out = grpo_cfg.parent / "one"
+    r = run_cmd(train_cmd(grpo_cfg, out, 1), _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def _steps(out: Path) -> list[dict]:
+    return [x for x in metric_records(out) if "reward" in x and "loss" in x]
+
+
+def test_metrics_of_every_step(one):
+    steps = _steps(one)
+    assert len(steps) == STEPS
+    for x in steps:
+        assert 0 <= x["zero_std_groups"] <= 1 and 0 < x["completion_length"] <= 8
+        assert x["clipped"] == 0 and x["kl"] == 0 and x["entropy"] > 0
+        assert x["reward"] == pytest.approx(x["reward_vowels"] + 0.5 * x["reward_regex"])
+        assert x["loss_tokens"] == 8  # completions: 2 prompts x 4
+
+
+def test_two_ranks_and_zero3_sample_and_train_like_one_rank(one, grpo_cfg):
+    """A batch's completions are drawn from its own seed (the run's, the step, its prompts): 2 ranks of one
+    prompt each at ZeRO-3 (generation gathering the weights as it goes) sample and train like 1 rank at ZeRO-0
+    taking the same two prompts as 2 micro-batches of one."""
+    ref, two = grpo_cfg.parent / "accum2", grpo_cfg.parent / "two-z3"
+    small = ("train.micro_batch_size=1",)
+    r = run_cmd(train_cmd(grpo_cfg, ref, 1, *small, "train.grad_accum=2"), _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cmd(train_cmd(grpo_cfg, two, 2, *small, "engine.zero_stage=3"), _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _steps(ref), _steps(two)
+    assert [x["reward"] for x in a] == pytest.approx([x["reward"] for x in b], abs=1e-9)
+    assert [x["completion_length"] for x in a] == [x["completion_length"] for x in b]
+    la, lb = [x["grad_norm"] for x in a], [x["grad_norm"] for x in b]
+    assert max(la) > 0 and max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 1e-5 * max(la), (la, lb)
+    wa, wb = load_file(ref / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def test_sigkill_resume_is_bit_identical(one, grpo_cfg):
+    out = grpo_cfg.parent / "killed"
+    r = run_cmd(train_cmd(grpo_cfg, out, 1), {**_env(), "DIST_FT_TEST_KILL_AT_STEP": "5"})
+    assert r.returncode != 0 and (out / "checkpoints" / "step-3").is_dir()
+    r = run_cmd(train_cmd(grpo_cfg, out, 1), _env())
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert [x["reward"] for x in _steps(out)] == [x["reward"] for x in _steps(one)]
+    assert_identical_runs(one, out)
+
+
+def test_lora_grpo_with_a_kl_to_the_adapters_off_model_trains_and_exports(grpo_cfg):
+    out = grpo_cfg.parent / "lora"
+    lora = ("model.peft.method=lora", "model.peft.r=4", "grpo.beta=0.1", "train.max_steps=3")
+    r = run_cmd(train_cmd(grpo_cfg, out, 1, *lora), _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    steps = _steps(out)
+    assert steps[0]["kl"] == 0 and any(x["kl"] > 0 for x in steps[1:])  # B = 0 at the start: policy == ref
+
+
+def test_a_tiny_gpt2_raises_its_reward(grpo_cfg):
+    out = grpo_cfg.parent / "learn"
+    r = run_cmd(train_cmd(grpo_cfg, out, 1, "train.max_steps=30", "checkpoint.every_steps=0"), _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    rewards = [x["reward_vowels"] for x in _steps(out)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"GRPO tiny GPT-2, vowel share: first 5 steps {first:.3f} -> last 5 {last:.3f}")
+    assert last > first + 0.1, rewards
+
+
+@pytest.mark.parametrize(
+    "override, why",
+    [
+        ("grpo.rewards=[]", "needs at least one reward"),
+        ("grpo.rewards=[{kind: function, function: 'no_such_module:f'}]", "cannot be imported"),
+        ("grpo.max_completion_tokens=60", "the prompt is \\d+ tokens and grpo.max_completion_tokens 60"),
+        ("grpo.beta=0.1", "needs model.peft"),
+        ("grpo.group_size=1", "group_size"),
+    ],
+)
+def test_bad_input_fails_in_one_line(grpo_cfg, override, why):
+    out = grpo_cfg.parent / "bad"
+    r = run_cmd(
+        train_cmd(grpo_cfg, out, 1, override, f"data.cache_dir={grpo_cfg.parent / 'cache-bad'}"), _env()
+    )
+    assert_clean_failure(r, why, out)
+
+
+def test_a_reward_returning_nan_stops_the_run_in_one_line(grpo_cfg):
+    out = grpo_cfg.parent / "nan"
+    bad = "grpo.rewards=[{kind: function, function: 'grpo_rewards:nan_at_step_two'}]"
+    r = run_cmd(train_cmd(grpo_cfg, out, 1, bad), _env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "returned nan for completion" in errors[0] and "nan_at_step_two" in errors[0]
