@@ -136,7 +136,7 @@ def reward_model(path: str) -> Scorer:
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # missing, damaged, or weights of another shape
         raise UserError(
             f"grpo.rewards: reward model '{path}' cannot be loaded ({str(e).splitlines()[0][:200]}); "
             "give the final/ directory of a data.task: reward run"

@@ -123,24 +123,19 @@ class Tracker:
                 + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             )
 
-    def samples(self, step: int, rows: list[tuple[str, str]]) -> None:
-        """Sample generations: samples.jsonl and a W&B table."""
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """Sample generations (rows of the same keys, e.g. prompt, answer): samples.jsonl and a W&B table."""
         if not self.enabled or not rows:
             return
         with (self.path.parent / "samples.jsonl").open("a", encoding="utf-8") as f:
-            for prompt, answer in rows:
-                f.write(json.dumps({"step": step, "prompt": prompt, "answer": answer}) + "\n")
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log(
-                {
-                    "samples": wandb.Table(
-                        columns=["step", "prompt", "answer"], data=[[step, p, a] for p, a in rows]
-                    )
-                },
-                step=step,
-            )
+            columns = ["step", *rows[0]]
+            data = [[step, *(row[k] for k in rows[0])] for row in rows]
+            self.wandb.log({"samples": wandb.Table(columns=columns, data=data)}, step=step)
 
     def close(self, exit_code: int = 0) -> None:
         for f in (self._f, self._side):

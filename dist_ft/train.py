@@ -97,7 +97,7 @@ def _loop(r: Run, faults: Faults = NONE) -> Path:
         # step - 1 is complete, its eval and checkpoint included (a test may kill here)
         faults.after_step(step - 1, r.env.rank)
         batch = r.loader.next()  # collated on a background thread while the previous step ran
-        metrics, agreed = train_step(r, batch)
+        metrics, agreed = train_step(r, batch, step)
         r.tracker.log_step(step, metrics)
         r.guard.check(step, metrics)  # a non-finite run stops here (exit 3), before anything saves its state
         if r.prep.val and ((t.eval_every and step % t.eval_every == 0) or step == r.total_steps):
@@ -120,13 +120,14 @@ def _loop(r: Run, faults: Faults = NONE) -> Path:
     return r.out
 
 
-def train_step(r: Run, batch: Step) -> tuple[StepMetrics, Agreed]:
-    """One optimizer step over this rank's `grad_accum` micro-batches; returns what it measured (summed over
-    ranks)."""
+def train_step(r: Run, batch: Step, step: int) -> tuple[StepMetrics, Agreed]:
+    """Optimizer step `step` over this rank's `grad_accum` micro-batches; returns what it measured (summed
+    over ranks)."""
     t0, engine, lr = time.perf_counter(), r.engine, r.engine.lr
     micro = batch.batches
     if r.task.rollout is not None:  # an online task's samples, from the model as it is now
         micro = r.task.rollout(engine, micro)
+        r.tracker.samples(step, [row for b in micro for row in b.extra.get("samples", ())])
     n_loss, n_tokens, n_pos = dist.all_sum(
         sum(b.n_loss for b in micro), sum(b.n_tokens for b in micro), sum(b.n_positions for b in micro)
     )
@@ -205,7 +206,8 @@ def export(r: Run) -> None:
                 max_new_tokens=track.sample_max_new_tokens,
                 temperature=0.0,
             )
-        r.tracker.samples(r.total_steps, list(zip(track.sample_prompts, answers, strict=True)))
+        rows = [{"prompt": p, "answer": a} for p, a in zip(track.sample_prompts, answers, strict=True)]
+        r.tracker.samples(r.total_steps, rows)
 
 
 def _still_ours(r: Run, before: str) -> None:

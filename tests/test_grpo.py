@@ -5,6 +5,7 @@ trains and exports, and a tiny GPT-2 raises a reward well above its start."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -212,7 +213,7 @@ def grpo_cfg(tmp_path_factory, gpt2_dir) -> Path:
         f"model: {{path: {gpt2_dir}}}\ndata: {{train: {train}, max_seq_len: 64, task: grpo, packing: false}}\n"
         f"train: {{max_steps: {STEPS}, micro_batch_size: 2, lr: 1.0e-2, warmup_steps: 0, schedule: constant}}\n"
         "engine: {precision: fp32}\ncheckpoint: {every_steps: 3}\ntrack: {wandb: disabled}\n"
-        "grpo: {group_size: 4, max_completion_tokens: 8, rewards: [{kind: function, function: 'grpo_rewards:vowels'},"
+        "grpo: {group_size: 4, max_completion_tokens: 8, samples_every: 3, rewards: [{kind: function, function: 'grpo_rewards:vowels'},"
         " {kind: regex, pattern: blue, weight: 0.5}]}\n"
     )
     return path
@@ -245,6 +246,11 @@ def test_metrics_of_every_step(one):
         assert x["clipped"] == 0 and x["kl"] == 0 and x["entropy"] > 0
         assert x["reward"] == pytest.approx(x["reward_vowels"] + 0.5 * x["reward_regex"])
         assert x["loss_tokens"] == 8  # completions: 2 prompts x 4
+    # a table of the rollouts every grpo.samples_every steps (default 10: set to 3 here)
+    rows = [json.loads(line) for line in (one / "samples.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in rows} == {3, 6} and len(rows) == 16
+    assert set(rows[0]) == {"step", "prompt", "completion", "reward"}
+    assert all(r["prompt"].startswith("What color is the ") for r in rows)
 
 
 def test_two_ranks_and_zero3_sample_and_train_like_one_rank(one, grpo_cfg):
@@ -321,3 +327,38 @@ def test_a_reward_returning_nan_stops_the_run_in_one_line(grpo_cfg):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and "returned nan for completion" in errors[0] and "nan_at_step_two" in errors[0]
+
+
+@pytest.mark.unit
+def test_a_reward_model_scores_prompt_and_completion_through_its_template(gpt2_dir, tmp_path):
+    """A one-label sequence head saved as a `data.task: reward` run exports it (ChatML tokenizer included):
+    the reward is its score of the rendered conversation, as a direct forward computes it."""
+    from transformers import AutoModelForSequenceClassification
+
+    from dist_ft import rewards
+
+    tok = load_tokenizer(ModelConfig(path=str(gpt2_dir)))
+    torch.manual_seed(0)
+    head = AutoModelForSequenceClassification.from_pretrained(gpt2_dir, num_labels=1)
+    head.resize_token_embeddings(len(tok))
+    head.config.pad_token_id = tok.pad_token_id
+    head.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    fields = [{"_messages": [{"role": "user", "content": "What color is the sky?"}]}] * 2
+    got = rewards.reward_model(str(tmp_path / "rm"))(None, ["blue", "It is green, I think."], [1, 6], fields)
+    for text, value in zip(["blue", "It is green, I think."], got, strict=True):
+        conv = [*fields[0]["_messages"], {"role": "assistant", "content": text}]
+        ids = tok(
+            tok.apply_chat_template(conv, tokenize=False), return_tensors="pt", add_special_tokens=False
+        )
+        with torch.no_grad():
+            want = head.eval()(**ids).logits[0, 0].item()
+        assert abs(value - want) < 1e-5
+    assert got[0] != got[1]
+    two = AutoModelForSequenceClassification.from_pretrained(gpt2_dir, num_labels=2)
+    two.save_pretrained(tmp_path / "classifier")
+    tok.save_pretrained(tmp_path / "classifier")
+    with pytest.raises(UserError, match="has 2 labels; a reward model has one"):
+        rewards.reward_model(str(tmp_path / "classifier"))
+    with pytest.raises(UserError, match="cannot be loaded"):
+        rewards.reward_model(str(tmp_path / "missing"))

@@ -135,6 +135,10 @@ def rollout(model: Model, batches: list[Batch], *, s: GrpoConfig, scorers, backe
     out = [
         _rolled(model, b, s, scorers, backend, sampling_seed(seed, step, b.extra["prompts"])) for b in batches
     ]
+    # a table of them now and then (training only: the loop writes it)
+    training = getattr(getattr(model, "module", model), "training", False)
+    if not (training and s.samples_every and (step + 1) % s.samples_every == 0):
+        out = [replace(b, extra={k: v for k, v in b.extra.items() if k != "samples"}) for b in out]
     # dapo's normalization: every completion token of the step, over micro-batches and ranks
     tokens, comps = dist.all_sum(sum(int(b.extra["lengths"].sum()) for b in out), sum(b.n_loss for b in out))
     return [replace(b, extra={**b.extra, "tokens_per_completion": tokens / max(comps, 1)}) for b in out]
@@ -155,7 +159,10 @@ def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int) -> Batc
         values = score([f.get("prompt") for f in fields], texts, lengths, given)
         parts[spec.label] = (spec.weight, rewards.checked(spec, values, len(comps)))
     t = training_batch(prompts, comps, parts, G, s.scaled, backend.pad_id)
-    t.extra["samples"] = [(f["_messages"][-1]["content"], c) for f, c in zip(fields, texts, strict=True)]
+    t.extra["samples"] = [
+        {"prompt": f["_messages"][-1]["content"], "completion": c, "reward": r}
+        for f, c, r in zip(fields, texts, t.extra["rewards"].tolist(), strict=True)
+    ]
     return t.without_loss() if padding else t
 
 
