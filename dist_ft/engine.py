@@ -216,6 +216,26 @@ class Engine:
         engine.train()
         return engine
 
+    @classmethod
+    def frozen(cls, cfg: Config, model, precision: str) -> Engine:
+        """`model` frozen in an engine of its own, forward only (no optimizer): GRPO's KL reference under full
+        fine-tuning. ZeRO-3 partitions it like the policy (its bytes / world per rank); at ZeRO 0-2 each rank
+        holds it whole, in the run's precision (bf16: 2 B/param)."""
+        import deepspeed
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        config = {k: v for k, v in ds_config(cfg, precision).items() if k not in ("optimizer", "data_types")}
+        config["zero_optimization"] = {
+            **config["zero_optimization"],
+            "stage": 3 if cfg.engine.zero_stage == 3 else 0,
+        }
+        config["zero_optimization"].pop("offload_optimizer", None)
+        ds, *_ = deepspeed.initialize(model=model, config=config)
+        engine = cls(ds, precision)
+        engine.eval()
+        return engine
+
     # ---- the model
     @property
     def module(self):
@@ -351,10 +371,10 @@ class Engine:
         sched._last_lr = [g["lr"] for g in groups]
 
     def _groups(self) -> list[dict]:
+        """The optimizer's parameter groups (ZeRO / BF16_Optimizer wrap the torch / DeepSpeed Adam); none for
+        a frozen engine."""
         opt = self._ds.optimizer
-        return getattr(
-            opt, "optimizer", opt
-        ).param_groups  # ZeRO / BF16_Optimizer wrap the torch / DeepSpeed Adam
+        return getattr(getattr(opt, "optimizer", opt), "param_groups", [])
 
     to_universal = staticmethod(engine_state.to_universal)
 

@@ -1,10 +1,11 @@
 """Where GRPO's completions come from: one small interface (`sample`, `decode`, `pad_id`), so a server-side
 generator (an OpenAI-compatible vLLM with weight sync) can stand beside this one later. `HFGenerate` samples
 with transformers' `generate` from the policy the engine holds now: KV cache on, eval mode (no dropout),
-stopping at the chat template's end of turn; under ZeRO-3 every rank steps through the same number of
-forwards (`synced_gpus`) so the parameter gathers stay in step. The draws of a batch come from a seed of its
-own (`grpo.py`: the run's seed, the optimizer step, the prompts), not from the run's generators: the same
-prompts at the same step sample alike on any number of ranks, any ZeRO stage, and after a resume."""
+stopping at the chat template's end of turn, in the engine's precision (bf16-autocast: under autocast);
+under ZeRO-3 every rank steps through the same number of forwards (`synced_gpus`) so the parameter gathers
+stay in step. The draws of a batch come from a seed of its own (`grpo.py`: the run's seed, the optimizer
+step, the prompts), not from the run's generators: the same prompts at the same step sample alike on any
+number of ranks, any ZeRO stage, and after a resume."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Protocol
 import torch
 
 from .data.chat import stop_token_ids
+from .precision import AUTOCAST
 
 
 class Backend(Protocol):
@@ -53,8 +55,12 @@ class HFGenerate:
         )
         was_training = module.training
         module.eval()
+        # the precision the engine trains in: bf16-autocast samples under autocast too
+        autocast = torch.autocast(
+            dev.type, torch.bfloat16, enabled=getattr(model, "precision", "") == AUTOCAST
+        )
         try:
-            with torch.no_grad(), fixed_draws(seed):
+            with torch.no_grad(), fixed_draws(seed), autocast:
                 out = module.generate(
                     input_ids=ids,
                     attention_mask=att,

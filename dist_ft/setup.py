@@ -107,6 +107,16 @@ def model(cfg: Config, d: Data, precision: str) -> torch.nn.Module:
     return m
 
 
+def with_live_reference(cfg: Config, d: Data, precision: str) -> tasks.Task:
+    """The task, with a frozen engine of the starting model bound as its rollout's `reference` where it needs
+    one live (GRPO's KL under full fine-tuning): loaded from model.path again, so a resumed run compares with
+    the same start."""
+    if not d.task.live_reference or d.task.rollout is None:
+        return d.task
+    ref = Engine.frozen(cfg, model(cfg, d, precision), precision)
+    return replace(d.task, rollout=partial(d.task.rollout, reference=ref))
+
+
 def engine_and_restore(
     cfg: Config,
     env: dist.DistEnv,

@@ -245,6 +245,7 @@ def setup(
     faults.in_setup()
     model = phases.model(cfg, d, precision)
     res = phases.engine_and_restore(cfg, env, d, model, plan, lock, faults)
+    task = phases.with_live_reference(cfg, d, precision)
     out, engine, t = Path(cfg.output.dir), res.engine, cfg.train
     if env.is_main:  # every check passed: the first writes
         rundir.commit(out, dump_config(cfg), res.plan.replace)
@@ -268,7 +269,7 @@ def setup(
     r = Run(
         cfg,
         env,
-        d.task,
+        task,
         d.tok,
         res.prep,
         engine,

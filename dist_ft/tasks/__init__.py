@@ -17,7 +17,8 @@ once before tokenizing, e.g. the label set; `examples` then gets `meta=`, and th
 model are computed once before training, `reference.py`), `prepare_model(model)` (e.g. dropout off),
 `configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta) and
 `rollout(model, batches) -> batches` (online tasks: the step's collated micro-batches made into what the loss
-reads, with the model as it is now, before any loss of the step: GRPO samples and scores completions there).
+reads, with the model as it is now, before any loss of the step: GRPO samples and scores completions there;
+with `live_reference`, setup builds a frozen engine of the starting model and binds it as `reference=`).
 
 A task's own settings (the config's `<task>:` section) are a model in `task_settings/<task>.py`, which config
 composes as `cfg.<task>` (there, below config, so the import graph stays acyclic); `configure` reads them.
@@ -129,7 +130,8 @@ class Task:
     reference: bool = False
     prepare_model: Callable[[torch.nn.Module], None] | None = None
     configure: Callable[[Task, Config], Task] | None = None
-    rollout: Callable[[Model, list[Batch]], list[Batch]] | None = None
+    rollout: Callable[..., list[Batch]] | None = None
+    live_reference: bool = False
 
     def with_meta(self, meta: Meta) -> Task:
         """This task whose `examples` gets the `meta` its `scan` found (itself where it has no scan: a task

@@ -9,9 +9,10 @@ Each step (`rollout`, on every micro-batch of the step before any loss): G compl
 end of turn or `max_completion_tokens`; each reward scores them and the weighted sum is the reward; the
 advantage of a completion is its reward minus its group's mean (divided by the group's std unless dr_grpo).
 A group stays whole on one rank. The loss per completion token t of completion c is the clipped surrogate
--min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) (+ beta x the k3 KL to the reference), with rho the ratio of
-the policy's token probability to the sampling policy's (1 with a single pass over the rollouts: the
-gradient is A grad log p). Normalization: `grpo` averages each completion's tokens, then the completions;
+-min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) (+ beta x the k3 KL to the reference: with LoRA the model with
+its adapters off, else the starting model in a frozen engine of its own, `Engine.frozen`), with rho the
+ratio of the policy's token probability to the sampling policy's (1 with a single pass over the rollouts:
+the gradient is A grad log p). Normalization: `grpo` averages each completion's tokens, then the completions;
 `dr_grpo` sums tokens / max_completion_tokens; `dapo` sums tokens / all completion tokens of the global batch
 (counted over the step's micro-batches and ranks in `rollout`). A batch's loss units are its completions, so
 the loop's normalization over ranks and micro-batches is the mean over the global batch's completions."""
@@ -129,12 +130,19 @@ def sampling_seed(seed: int, step: int, prompts: list[list[int]]) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def rollout(model: Model, batches: list[Batch], *, s: GrpoConfig, scorers, backend, seed: int) -> list[Batch]:
-    """Sample, score and turn the step's prompt batches into training batches (see the module doc)."""
+def rollout(
+    model: Model, batches: list[Batch], *, s: GrpoConfig, scorers, backend, seed: int, reference=None
+) -> list[Batch]:
+    """Sample, score and turn the step's prompt batches into training batches (see the module doc); with a
+    `reference` engine (full fine-tuning, beta > 0), its log-probs of the completions too."""
     step = getattr(model, "steps_done", 0)
     out = [
         _rolled(model, b, s, scorers, backend, sampling_seed(seed, step, b.extra["prompts"])) for b in batches
     ]
+    if reference is not None:
+        with torch.no_grad():
+            for b in out:
+                b.extra["ref_logps"] = target_logps(reference, b)[0]
     # a table of them now and then (training only: the loop writes it)
     training = getattr(getattr(model, "module", model), "training", False)
     if not (training and s.samples_every and (step + 1) % s.samples_every == 0):
@@ -208,9 +216,11 @@ def loss(model: Model, batch: Batch, chunk: int, *, s: GrpoConfig, adapters: boo
     per_tok = -torch.minimum(ratio * adv, clipped * adv)
     kl = torch.zeros_like(logp)
     if s.beta > 0:
-        peft_model: Any = getattr(model, "module", model)
-        with torch.no_grad(), peft_model.disable_adapter():
-            ref, _ = target_logps(model, batch)
+        ref = x.get("ref_logps")
+        if ref is None:  # LoRA: the reference is the model with its adapters off
+            peft_model: Any = getattr(model, "module", model)
+            with torch.no_grad(), peft_model.disable_adapter():
+                ref, _ = target_logps(model, batch)
         d = ref - logp
         kl = torch.exp(d) - d - 1
         per_tok = per_tok + s.beta * kl
@@ -254,11 +264,6 @@ def configure(task: Task, cfg: Config) -> Task:
     s = cfg.grpo
     if not s.rewards:
         raise UserError("data.task grpo needs at least one reward in grpo.rewards (e.g. [{kind: numeric}])")
-    if s.beta > 0 and cfg.model.peft is None:
-        raise UserError(
-            "grpo.beta > 0 needs model.peft (the KL reference is the model with its adapters off); full "
-            "fine-tuning against a reference is not built yet: set grpo.beta: 0 or use LoRA"
-        )
     tok = load_tokenizer(cfg.model)
     scorers = rewards.build(s.rewards, s.max_completion_tokens, rewards.reward_model)
     backend = sampling.HFGenerate(tok)
@@ -267,6 +272,7 @@ def configure(task: Task, cfg: Config) -> Task:
         examples=partial(examples, budget=s.max_completion_tokens),
         rollout=partial(rollout, s=s, scorers=scorers, backend=backend, seed=cfg.train.seed),
         loss=partial(loss, s=s, adapters=cfg.model.peft is not None),
+        live_reference=s.beta > 0 and cfg.model.peft is None,
     )
 
 
