@@ -13,6 +13,7 @@ EXAMPLES = """\
 examples:
   dist-ft demo                       fine-tune SmolLM2-135M on the shipped demo set, score before/after
   dist-ft demo --stage dpo           then preference-tune it (DPO) to say "I don't know", score before/after
+  dist-ft demo --stage grpo          online RL (GRPO): SmolLM2-135M learns to reply with only the sum
   dist-ft prepare configs/gpt2-chat.yaml --out /data/ultrachat-gpt2   tokenize + pack once into shards
   dist-ft train configs/gpt2-chat.yaml data.prepared=/data/ultrachat-gpt2
   dist-ft train configs/gpt2-chat.yaml train.lr=3e-5 data.max_seq_len=512
@@ -142,17 +143,18 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the offline demo: score, fine-tune, score again, chat once "
-        "(--stage dpo: then preference-tune it)",
+        "(--stage dpo: then preference-tune it; --stage grpo: online RL with a verifiable reward)",
     )
     p.add_argument(
         "--stage",
-        choices=("sft", "dpo"),
+        choices=("sft", "dpo", "grpo"),
         default="sft",
         help="sft: fine-tune SmolLM2-135M on the demo facts (default); "
-        "dpo: preference-tune that result to answer honestly (run the sft stage first)",
+        "dpo: preference-tune that result to answer honestly (run the sft stage first); "
+        "grpo: GRPO on SmolLM2-135M-Instruct, rewarded for replying with only the right sum",
     )
     p.add_argument(
-        "--config", help="demo config (default configs/demo.yaml, or configs/demo-dpo.yaml with --stage dpo)"
+        "--config", help="demo config (default configs/demo.yaml, configs/demo-<stage>.yaml with --stage)"
     )
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
 

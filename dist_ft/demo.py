@@ -8,6 +8,10 @@
   pairs (unseen phrasings, unseen unknowns): how often the model prefers the chosen reply (log-prob), the DPO
   reward accuracy of the tuned model against the SFT model, and how often its greedy answer behaves as
   preferred.
+- `--stage grpo` (configs/demo-grpo.yaml): SmolLM2-135M-Instruct trained by online RL (GRPO) on "What is a
+  plus b? Reply with only the number.", rewarded for a reply that is exactly the sum and (half) for a reply
+  whose last number is; held-out sums it never trained on, answered greedily before and after (how often the
+  last number is the sum, and how often the reply is only the sum).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 from .errors import UserError
 
-CONFIGS = {"sft": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml"}
+CONFIGS = {"sft": "configs/demo.yaml", "dpo": "configs/demo-dpo.yaml", "grpo": "configs/demo-grpo.yaml"}
 
 
 def run(config: str | None, overrides: list[str], stage: str = "sft") -> None:
@@ -26,7 +30,7 @@ def run(config: str | None, overrides: list[str], stage: str = "sft") -> None:
     heldout = cfg.data.validation.path if cfg.data.validation else None
     if heldout is None:
         raise UserError(f"{config or CONFIGS[stage]}: the demo needs data.validation (the held-out set)")
-    (_sft if stage == "sft" else _dpo)(cfg, heldout)
+    {"sft": _sft, "dpo": _dpo, "grpo": _grpo}[stage](cfg, heldout)
 
 
 def _sft(cfg, heldout: str) -> None:
@@ -110,4 +114,27 @@ def _dpo(cfg, heldout: str) -> None:
         ("SFT model ", "after DPO "),
         ("as preferred", "not preferred"),
     )
+    print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")
+
+
+def _grpo(cfg, heldout: str) -> None:
+    import torch
+
+    from . import inference, train
+    from .evaluate import fmt_answers, score_answers
+    from .model import load_model
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+    base = load_model(cfg.model, tok, torch.float32, adapters=False)
+    before = score_answers(tok, base, heldout)
+    del base
+    print(f"[demo] before GRPO: {fmt_answers(before)}", flush=True)
+    # the held-out set is scored here, greedily; the loop's own validation would sample it G times
+    out = train.run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"validation": None})}))
+    tok, tuned = inference.load(str(out / "final"))
+    after = score_answers(tok, tuned, heldout)
+    print(f"[demo] before GRPO: {fmt_answers(before)}")
+    print(f"[demo] after GRPO:  {fmt_answers(after)}")
+    _show(before, after, range(min(3, after["n"])), ("base model", "after GRPO"), ("right sum", "wrong sum"))
     print(f"[demo] chat with it:  dist-ft chat --model {out / 'final'}")

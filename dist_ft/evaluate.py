@@ -186,6 +186,42 @@ def fmt_score(s: dict) -> str:
     return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
 
 
+def score_answers(tok, model, path: str, max_new_tokens: int = 16) -> dict:
+    """Verifiable held-out answers: each `{prompt, answer}` record of `path` answered greedily; `strict`:
+    the whole reply is the answer (GRPO's `exact` reward), `lenient`: its last number is (`numeric`).
+    `samples` holds (question, reply, lenient) per record."""
+    from .rewards import NUMBER
+
+    recs = [rec for _, rec in _records(DataConfig(train=path, task="grpo"))]
+    replies = generate(
+        tok,
+        model,
+        [[{"role": "user", "content": r["prompt"]}] for r in recs],
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        progress=True,
+    )
+    strict = [a.strip() == str(r["answer"]) for r, a in zip(recs, replies, strict=True)]
+    lenient = [
+        bool(NUMBER.findall(a)) and NUMBER.findall(a)[-1].replace(",", "") == str(r["answer"])
+        for r, a in zip(recs, replies, strict=True)
+    ]
+    n = max(len(recs), 1)
+    return {
+        "strict": sum(strict) / n,
+        "lenient": sum(lenient) / n,
+        "n": len(recs),
+        "samples": [(r["prompt"], a, ok) for r, a, ok in zip(recs, replies, lenient, strict=True)],
+    }
+
+
+def fmt_answers(s: dict) -> str:
+    return (
+        f"reply is exactly the answer {100 * s['strict']:.1f}% | last number is the answer "
+        f"{100 * s['lenient']:.1f}% (of {s['n']} held-out questions)"
+    )
+
+
 def fmt_pairs(s: dict) -> str:
     n = len(s["samples"])
     return (
