@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                         evaluate.score_heads(tok, model, args.data), model.config.num_labels == 1
                     )
                 )
+            elif evaluate.has_answers(args.data):  # {prompt, answer}: greedy replies checked
+                print(evaluate.fmt_answers(evaluate.score_answers(tok, model, args.data)))
             else:
                 print(evaluate.fmt_score(evaluate.score(tok, model, args.data)))
         elif args.cmd == "demo":

@@ -215,6 +215,13 @@ def score_answers(tok, model, path: str, max_new_tokens: int = 16) -> dict:
     }
 
 
+def has_answers(path: str) -> bool:
+    """Whether a file's records are verifiable prompts (`{prompt, answer}`, GRPO's records) rather than
+    conversations."""
+    _, first = _records(DataConfig(train=path))[0]
+    return "prompt" in first and "answer" in first and "messages" not in first
+
+
 def fmt_answers(s: dict) -> str:
     return (
         f"reply is exactly the answer {100 * s['strict']:.1f}% | last number is the answer "

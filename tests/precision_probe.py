@@ -113,6 +113,12 @@ def zero3(model_dir: str, out: str) -> None:
     engine.close()
     if torch.distributed.get_rank() == 0:
         torch.save(before, os.path.join(out, "zero3.pt"))
+    # every rank past its last collective before the group goes (gloo's threads abort a process that exits
+    # with the group still up: seen once as "terminate called without an active exception" on rank 1)
+    torch.distributed.barrier()
+    from dist_ft import dist
+
+    dist.shutdown()
 
 
 if __name__ == "__main__":

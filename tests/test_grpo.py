@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
-from helpers import assert_clean_failure, assert_identical_runs, metric_records, run_cmd, train_cmd
+from helpers import (
+    assert_clean_failure,
+    assert_identical_runs,
+    metric_records,
+    run_cli,
+    run_cmd,
+    train_cmd,
+)
 from safetensors.torch import load_file
 
 from dist_ft.config import ModelConfig
@@ -251,6 +258,17 @@ def test_metrics_of_every_step(one):
     assert {r["step"] for r in rows} == {3, 6} and len(rows) == 16
     assert set(rows[0]) == {"step", "prompt", "completion", "reward"}
     assert all(r["prompt"].startswith("What color is the ") for r in rows)
+
+
+def test_eval_checks_greedy_answers_of_prompt_records(one, grpo_cfg):
+    """`dist-ft eval` on {prompt, answer} records: every prompt answered greedily, the reply checked as the
+    exact / numeric rewards check it (the tiny model never says "blue": 0% both ways, 32 questions)."""
+    r = run_cli("eval", "--model", str(one / "final"), "--data", str(grpo_cfg.parent / "prompts.jsonl"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (
+        "reply is exactly the answer 0.0% | last number is the answer 0.0% (of 32 held-out questions)"
+        in r.stdout
+    )
 
 
 def test_two_ranks_and_zero3_sample_and_train_like_one_rank(one, grpo_cfg):
