@@ -91,7 +91,7 @@ def _oracle(model, s: GrpoConfig, rewards, old_shift: float) -> tuple[float, dic
         else:
             total = total + t * len(COMPS) / n_tokens  # (the loop divides by the completions)
     total.backward()
-    return float(total), {n: p.grad for n, p in m.named_parameters()}
+    return float(total.detach()), {n: p.grad for n, p in m.named_parameters()}
 
 
 def _fp64(model):
