@@ -33,23 +33,31 @@ def run(config: str | None, overrides: list[str], stage: str = "sft") -> None:
     {"sft": _sft, "dpo": _dpo, "grpo": _grpo}[stage](cfg, heldout)
 
 
-def _sft(cfg, heldout: str) -> None:
+def _before_after(cfg, train_cfg, scorer, fmt, before_label: str):
+    """The base model as it comes scored by `scorer(tok, model)`, then trained on `train_cfg`, and the result
+    scored the same way: (before, after, run directory)."""
     import torch
 
     from . import inference, train
-    from .evaluate import fmt_score, score
     from .model import load_model
     from .tokenizer import load_tokenizer
 
     tok = load_tokenizer(cfg.model)
-    # the model as it comes, before any training
     base = load_model(cfg.model, tok, torch.float32, adapters=False)
-    before = score(tok, base, heldout, cfg.data.task)
+    before = scorer(tok, base)
     del base
-    print(f"[demo] before fine-tuning: {fmt_score(before)}", flush=True)
-    out = train.run(cfg)
+    print(f"[demo] {before_label}: {fmt(before)}", flush=True)
+    out = train.run(train_cfg)
     tok, tuned = inference.load(str(out / "final"))
-    after = score(tok, tuned, heldout, cfg.data.task)
+    return before, scorer(tok, tuned), out
+
+
+def _sft(cfg, heldout: str) -> None:
+    from .evaluate import fmt_score, score
+
+    before, after, out = _before_after(
+        cfg, cfg, lambda tok, m: score(tok, m, heldout, cfg.data.task), fmt_score, "before fine-tuning"
+    )
     print(f"[demo] before fine-tuning: {fmt_score(before)}")
     print(f"[demo] after  fine-tuning: {fmt_score(after)}")
     n = len(after["samples"])
@@ -118,22 +126,13 @@ def _dpo(cfg, heldout: str) -> None:
 
 
 def _grpo(cfg, heldout: str) -> None:
-    import torch
-
-    from . import inference, train
     from .evaluate import fmt_answers, score_answers
-    from .model import load_model
-    from .tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.model)
-    base = load_model(cfg.model, tok, torch.float32, adapters=False)
-    before = score_answers(tok, base, heldout)
-    del base
-    print(f"[demo] before GRPO: {fmt_answers(before)}", flush=True)
     # the held-out set is scored here, greedily; the loop's own validation would sample it G times
-    out = train.run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"validation": None})}))
-    tok, tuned = inference.load(str(out / "final"))
-    after = score_answers(tok, tuned, heldout)
+    train_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"validation": None})})
+    before, after, out = _before_after(
+        cfg, train_cfg, lambda tok, m: score_answers(tok, m, heldout), fmt_answers, "before GRPO"
+    )
     print(f"[demo] before GRPO: {fmt_answers(before)}")
     print(f"[demo] after GRPO:  {fmt_answers(after)}")
     _show(before, after, range(min(3, after["n"])), ("base model", "after GRPO"), ("right sum", "wrong sum"))

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import DataConfig
 from .data.formats import to_conversation
-from .data.sources import read_records
+from .data.sources import iter_records, read_records
 from .inference import generate
 
 # max_seq_len for scoring a file: a length no record reaches, so every conversation (pair, text) is scored
@@ -190,35 +190,36 @@ def score_answers(tok, model, path: str, max_new_tokens: int = 16) -> dict:
     """Verifiable held-out answers: each `{prompt, answer}` record of `path` answered greedily; `strict`:
     the whole reply is the answer (GRPO's `exact` reward), `lenient`: its last number is (`numeric`).
     `samples` holds (question, reply, lenient) per record."""
-    from .rewards import NUMBER
+    from . import rewards
+    from .task_settings.grpo import RewardSpec
+    from .tasks.grpo import prompt_messages
 
-    recs = [rec for _, rec in _records(DataConfig(train=path, task="grpo"))]
-    replies = generate(
-        tok,
-        model,
-        [[{"role": "user", "content": r["prompt"]}] for r in recs],
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
-        progress=True,
+    where_recs = _records(DataConfig(train=path, task="grpo"))
+    recs = [rec for _, rec in where_recs]
+    prompts = [prompt_messages(rec, where) for where, rec in where_recs]
+    replies = generate(tok, model, prompts, max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
+    strict, lenient = (
+        scorer(prompts, replies, [], recs)
+        for scorer in (rewards.exact(RewardSpec(kind="exact")), rewards.numeric(RewardSpec(kind="numeric")))
     )
-    strict = [a.strip() == str(r["answer"]) for r, a in zip(recs, replies, strict=True)]
-    lenient = [
-        bool(NUMBER.findall(a)) and NUMBER.findall(a)[-1].replace(",", "") == str(r["answer"])
-        for r, a in zip(recs, replies, strict=True)
-    ]
     n = max(len(recs), 1)
     return {
         "strict": sum(strict) / n,
         "lenient": sum(lenient) / n,
         "n": len(recs),
-        "samples": [(r["prompt"], a, ok) for r, a, ok in zip(recs, replies, lenient, strict=True)],
+        "samples": [
+            (p[-1]["content"], a, ok == 1) for p, a, ok in zip(prompts, replies, lenient, strict=True)
+        ],
     }
 
 
 def has_answers(path: str) -> bool:
     """Whether a file's records are verifiable prompts (`{prompt, answer}`, GRPO's records) rather than
     conversations."""
-    _, first = _records(DataConfig(train=path))[0]
+    src = DataConfig(train=path).train
+    assert src is not None  # (set from the path)
+    # the first record is enough (an empty file goes on to the scorer, which refuses it)
+    _, first = next(iter_records(src), ("", {}))
     return "prompt" in first and "answer" in first and "messages" not in first
 
 

@@ -8,12 +8,14 @@ import importlib
 import math
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import UserError
 from .task_settings.grpo import RewardSpec
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-Scorer = Callable[[Sequence[str], Sequence[str], Sequence[int], Sequence[dict]], list[float]]
+# (prompts: each a string or messages, completions, their token counts, the records' fields) -> rewards
+Scorer = Callable[[Sequence[Any], Sequence[str], Sequence[int], Sequence[dict]], list[float]]
 
 
 def _answer(text: str, pattern: str | None, numeric: bool) -> str | None:

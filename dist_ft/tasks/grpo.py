@@ -136,23 +136,23 @@ def rollout(
     """Sample, score and turn the step's prompt batches into training batches (see the module doc); with a
     `reference` engine (full fine-tuning, beta > 0), its log-probs of the completions too."""
     step = getattr(model, "steps_done", 0)
+    # a table of them now and then (training only: the loop writes it)
+    training = getattr(getattr(model, "module", model), "training", False)
+    table = bool(training and s.samples_every and (step + 1) % s.samples_every == 0)
     out = [
-        _rolled(model, b, s, scorers, backend, sampling_seed(seed, step, b.extra["prompts"])) for b in batches
+        _rolled(model, b, s, scorers, backend, sampling_seed(seed, step, b.extra["prompts"]), table)
+        for b in batches
     ]
     if reference is not None:
         with torch.no_grad():
             for b in out:
                 b.extra["ref_logps"] = target_logps(reference, b)[0]
-    # a table of them now and then (training only: the loop writes it)
-    training = getattr(getattr(model, "module", model), "training", False)
-    if not (training and s.samples_every and (step + 1) % s.samples_every == 0):
-        out = [replace(b, extra={k: v for k, v in b.extra.items() if k != "samples"}) for b in out]
     # dapo's normalization: every completion token of the step, over micro-batches and ranks
     tokens, comps = dist.all_sum(sum(int(b.extra["lengths"].sum()) for b in out), sum(b.n_loss for b in out))
     return [replace(b, extra={**b.extra, "tokens_per_completion": tokens / max(comps, 1)}) for b in out]
 
 
-def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int) -> Batch:
+def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int, table: bool) -> Batch:
     padding = b.n_tokens == 0  # a rank with no evaluation rows left: samples in step, scores nothing
     G = s.group_size
     prompts = [p for p in b.extra["prompts"] for _ in range(G)]
@@ -167,10 +167,11 @@ def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int) -> Batc
         values = score([f.get("prompt") for f in fields], texts, lengths, given)
         parts[spec.label] = (spec.weight, rewards.checked(spec, values, len(comps)))
     t = training_batch(prompts, comps, parts, G, s.scaled, backend.pad_id)
-    t.extra["samples"] = [
-        {"prompt": f["_messages"][-1]["content"], "completion": c, "reward": r}
-        for f, c, r in zip(fields, texts, t.extra["rewards"].tolist(), strict=True)
-    ]
+    if table:
+        t.extra["samples"] = [
+            {"prompt": f["_messages"][-1]["content"], "completion": c, "reward": r}
+            for f, c, r in zip(fields, texts, t.extra["rewards"].tolist(), strict=True)
+        ]
     return t.without_loss() if padding else t
 
 
