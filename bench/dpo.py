@@ -277,16 +277,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        import torch
-
-        spec = json.loads(a.worker)
-        torch.set_num_threads(spec["threads"])
-        print(
-            "RESULT "
-            + json.dumps({**spec, **{"dist_ft": run_dist_ft, "trl": run_trl}[spec["framework"]](spec)}),
-            flush=True,
-        )
-        return
+        return run.serve_worker(a.worker, {"dist_ft": run_dist_ft, "trl": run_trl})
     from dist_ft.precision import resolve
 
     steps = a.steps or (3 if a.smoke else 10)

@@ -49,11 +49,11 @@ def prompts(n: int, seed: int = 0) -> list[dict]:
 
 
 def correct(completion: str, answer: str) -> float:
-    """The reward both runs use: 1 when the completion's last number is the answer (dist_ft: `numeric`)."""
-    from dist_ft.rewards import NUMBER
+    """The reward both runs use: dist_ft's `numeric` (1 when the completion's last number is the answer)."""
+    from dist_ft import rewards
+    from dist_ft.task_settings.grpo import RewardSpec
 
-    found = NUMBER.findall(completion)
-    return float(bool(found) and float(found[-1].replace(",", "")) == float(answer))
+    return rewards.numeric(RewardSpec(kind="numeric"))([None], [completion], [0], [{"answer": answer}])[0]
 
 
 def run_dist_ft(spec: dict) -> dict:
@@ -214,13 +214,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        import torch
-
-        spec = json.loads(a.worker)
-        torch.set_num_threads(spec["threads"])
-        result = {"dist_ft": run_dist_ft, "trl": run_trl}[spec["framework"]](spec)
-        print("RESULT " + json.dumps({**spec, **result}), flush=True)
-        return
+        return run.serve_worker(a.worker, {"dist_ft": run_dist_ft, "trl": run_trl})
     from dist_ft.precision import resolve
 
     steps = a.steps or (3 if a.smoke else 8)

@@ -99,6 +99,16 @@ def spawn_worker(argv: list[str], spec: dict, label: str, env: dict | None = Non
     return res, r.stdout + r.stderr
 
 
+def serve_worker(spec_json: str, runners: dict) -> None:
+    """The worker side of `spawn_worker`: the spec's threads, `runners[spec["framework"]](spec)`, and the
+    RESULT line (the spec with what the run measured)."""
+    import torch
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    print("RESULT " + json.dumps({**spec, **runners[spec["framework"]](spec)}), flush=True)
+
+
 def run_one(spec: dict) -> dict:
     res, _ = spawn_worker([str(HERE / "worker.py")], spec, f"{spec['framework']}/{spec['variant']}")
     if "error" in res:
