@@ -164,17 +164,20 @@ class Engine:
         precision: str,
         load_universal: bool = False,
         fresh: bool = True,
+        passes: int = 1,
     ) -> Engine:
         """`load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size / ZeRO
-        stage). `fresh`: no checkpoint will be loaded into it (the masters are set from the model's files)."""
+        stage). `fresh`: no checkpoint will be loaded into it (the masters are set from the model's files).
+        `passes`: optimizer steps per training step (the task's): the schedule's warmup and length count
+        optimizer steps."""
         import deepspeed
         from torch.optim.lr_scheduler import LambdaLR
 
         t = cfg.train
         sched = partial(
             optim.lr_lambda,
-            warmup=t.warmup_steps,
-            total=total_steps,
+            warmup=t.warmup_steps * passes,
+            total=total_steps * passes,
             schedule=t.schedule,
             min_ratio=t.min_lr_ratio,
         )

@@ -131,7 +131,13 @@ def engine_and_restore(
     into the engine and the sample stream."""
     t, out, precision = cfg.train, Path(cfg.output.dir), plan.precision
     engine = Engine.build(
-        cfg, m, d.total_steps, precision, load_universal=plan.reshard, fresh=plan.path is None
+        cfg,
+        m,
+        d.total_steps,
+        precision,
+        load_universal=plan.reshard,
+        fresh=plan.path is None,
+        passes=d.task.passes,
     )
     prep, base_sha256 = reference.starting_point(cfg, d.task, d.prep, engine, precision, env)
     # (rank 0) a run suspended past the lock's stale age may have lost output.dir to another: checked before

@@ -136,12 +136,14 @@ def train_step(r: Run, batch: Step, step: int) -> tuple[StepMetrics, Agreed]:
     scale = r.cfg.train.grad_accum * engine.ranks_averaged / max(n_loss, 1)
     loss_t, grad_norm = torch.zeros((), dtype=torch.float64, device=engine.device), None
     sums: dict[str, torch.Tensor] = {}
-    for b in micro:
-        out = r.task.loss(engine, b, r.cfg.engine.loss_chunk_tokens)
-        engine.backward(out.sum * scale)
-        grad_norm = engine.step()
-        loss_t += out.sum.detach()  # stays on the device: no host sync per micro-batch
-        add_sums(sums, out.metrics)
+    passes = r.task.passes  # optimizer steps over the same micro-batches (1 but for GRPO's μ)
+    for _ in range(passes):
+        for b in micro:
+            out = r.task.loss(engine, b, r.cfg.engine.loss_chunk_tokens)
+            engine.backward(out.sum * scale)
+            grad_norm = engine.step()
+            loss_t += out.sum.detach()  # stays on the device: no host sync per micro-batch
+            add_sums(sums, out.metrics)
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
     loss_sum, n_signalled, n_due, *totals = dist.all_sum(
@@ -150,7 +152,7 @@ def train_step(r: Run, batch: Step, step: int) -> tuple[StepMetrics, Agreed]:
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
     metrics = StepMetrics(
-        loss=loss_sum / max(n_loss, 1),
+        loss=loss_sum / max(n_loss * passes, 1),  # (the mean over the passes)
         lr=lr,
         grad_norm=grad_norm,
         tokens=int(n_tokens),
@@ -166,7 +168,7 @@ def train_step(r: Run, batch: Step, step: int) -> tuple[StepMetrics, Agreed]:
         elapsed_s=perf.process_age_s(),
         skipped_steps=engine.skipped_steps,
         memory=perf.device_memory_mb(),
-        task=tasks.MetricSums.read(sums, totals).record(max(n_loss, 1)),
+        task=tasks.MetricSums.read(sums, totals).record(max(n_loss * passes, 1)),
         model_states=ModelStates(
             engine.n_params, states, r.formula, engine.n_trainable if r.cfg.model.peft else None
         )

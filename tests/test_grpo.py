@@ -114,7 +114,8 @@ def test_loss_and_gradients_equal_an_fp64_loop(policy, variant, old_shift):
     out = grpo.loss(model, b, 0, s=s, adapters=False)
     out.sum.backward()
     want, grads = _oracle(model, s, REWARDS, old_shift)
-    assert abs(float(out.sum) - want) < 1e-5 * max(1.0, abs(want)), (float(out.sum), want)
+    got = float(out.sum.detach())
+    assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (got, want)
     worst = max(float((p.grad.double() - grads[n]).abs().max()) for n, p in model.named_parameters())
     scale = max(float(g.abs().max()) for g in grads.values())
     assert scale > 0 and worst < 1e-5 * scale, (worst, scale)
@@ -123,6 +124,27 @@ def test_loss_and_gradients_equal_an_fp64_loop(policy, variant, old_shift):
     else:
         assert float(out.metrics["clipped"]) == 0
     assert float(out.metrics["reward"]) == pytest.approx(sum(REWARDS))
+
+
+@pytest.mark.unit
+def test_the_first_pass_keeps_its_log_probs_as_the_old_ones(policy):
+    """grpo.num_iterations > 1: the first pass over a rollout is the sampling policy (ratio 1); its log-probs
+    are kept, so after an optimizer step the next pass's ratios are new / old and clip (no second forward)."""
+    model, tok = policy
+    s = GrpoConfig(epsilon=0.01, rewards=[RewardSpec(kind="length")])
+    b = _batch(tok.pad_token_id, s.scaled)
+    out = grpo.loss(model, b, 0, s=s, adapters=False)
+    with torch.no_grad():
+        want, _ = grpo.target_logps(model, b)
+    assert torch.equal(b.extra["old_logps"], want) and float(out.metrics["clipped"]) == 0
+    import copy
+
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    again = grpo.loss(moved, b, 0, s=s, adapters=False)
+    assert torch.equal(b.extra["old_logps"], want) and float(again.metrics["clipped"]) > 0
 
 
 @pytest.mark.unit
@@ -301,6 +323,28 @@ def test_sigkill_resume_is_bit_identical(one, grpo_cfg):
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
     assert [x["reward"] for x in _steps(out)] == [x["reward"] for x in _steps(one)]
     assert_identical_runs(one, out)
+
+
+def test_several_optimizer_steps_per_rollout_schedule_clip_and_resume_exactly(grpo_cfg):
+    """grpo.num_iterations 2: each step samples once and takes 2 optimizer steps over the rollouts; the
+    schedule counts optimizer steps (warmup 1 step = 2 optimizer steps: lr x 1/3, then x 1; the sampling seed
+    follows them too); later passes' ratios clip; SIGKILL after step 3 + resume from step-2 is bit-identical."""
+    mu = ("grpo.num_iterations=2", "train.max_steps=4", "train.warmup_steps=1", "checkpoint.every_steps=2")
+    full, killed = grpo_cfg.parent / "mu2", grpo_cfg.parent / "mu2-killed"
+    r = run_cmd(train_cmd(grpo_cfg, full, 1, *mu), _env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps = _steps(full)
+    assert [x["lr"] for x in steps] == pytest.approx([1e-2 / 3, 1e-2, 1e-2, 1e-2])
+    assert max(x["clipped"] for x in steps) > 0
+    r = run_cmd(train_cmd(grpo_cfg, killed, 1, *mu), {**_env(), "DIST_FT_TEST_KILL_AT_STEP": "3"})
+    assert r.returncode != 0 and (killed / "checkpoints" / "step-2").is_dir()
+    # what a rollout's optimizer steps are is part of the run: another μ on resume is refused in one line
+    r = run_cmd(train_cmd(grpo_cfg, killed, 1, *mu, "grpo.num_iterations=3"), _env())
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "grpo.num_iterations" in errors[0], r.stderr[-2000:]
+    r = run_cmd(train_cmd(grpo_cfg, killed, 1, *mu), _env())
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert_identical_runs(full, killed)
 
 
 def test_lora_grpo_with_a_kl_to_the_adapters_off_model_trains_and_exports(grpo_cfg):

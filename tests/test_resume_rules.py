@@ -47,7 +47,10 @@ def test_exactness_settings_must_match():
         "data.num_proc",
         "data.verify_shards",
     }  # where shards live does not change them
-    assert all(k.split(".")[0] in ("model", "data", "train", "engine") for k in must)
+    assert all(k.split(".")[0] in ("model", "data", "train", "engine", "grpo") for k in must)
+    # what GRPO samples and optimizes (μ decides the schedule too); how often it writes a table does not
+    assert {"grpo.num_iterations", "grpo.group_size", "grpo.rewards", "grpo.loss"} <= must
+    assert "grpo.samples_every" not in must
 
 
 def test_optimizer_and_schedule_settings_are_applied():

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..config_section import Section
+from ..config_section import FREE, MUST_MATCH, Section, on_resume
 
 
 class RewardSpec(Section):
@@ -49,6 +49,9 @@ class RewardSpec(Section):
 
 
 class GrpoConfig(Section):
+    # what is sampled, scored and optimized: a resume continues the same (samples_every aside)
+    resume_default: ClassVar[str] = MUST_MATCH
+
     group_size: int = Field(
         8, ge=2, description="Completions sampled per prompt (G); advantages compare a group's rewards."
     )
@@ -73,17 +76,24 @@ class GrpoConfig(Section):
     beta: float = Field(
         0.0,
         ge=0,
-        description="KL penalty toward the reference (k3 estimator per token); 0: none. Needs model.peft "
-        "(the reference is the model with its adapters off).",
+        description="KL penalty toward the reference (k3 estimator per token); 0: none. With model.peft the "
+        "reference is the model with its adapters off, else the starting model in a frozen engine.",
     )
     num_iterations: int = Field(
-        1, ge=1, le=1, description="Optimizer passes over each batch of rollouts (μ); 1 for now."
+        1,
+        ge=1,
+        le=16,
+        description="Optimizer steps over each batch of rollouts (μ): a training step samples once and "
+        "takes this many optimizer steps; the schedule counts optimizer steps (max_steps x μ).",
     )
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="The rewards, summed with their weights (at least one)."
     )
     samples_every: int = Field(
-        10, ge=0, description="Every this many steps, write a table of rollouts to samples.jsonl (0: never)."
+        10,
+        ge=0,
+        description="Every this many steps, write a table of rollouts to samples.jsonl (0: never).",
+        json_schema_extra=on_resume(FREE),
     )
 
     @property

@@ -18,7 +18,8 @@ model are computed once before training, `reference.py`), `prepare_model(model)`
 `configure(task, cfg) -> Task` (the task with the run's settings bound, e.g. DPO's beta) and
 `rollout(model, batches) -> batches` (online tasks: the step's collated micro-batches made into what the loss
 reads, with the model as it is now, before any loss of the step: GRPO samples and scores completions there;
-with `live_reference`, setup builds a frozen engine of the starting model and binds it as `reference=`).
+with `live_reference`, setup builds a frozen engine of the starting model and binds it as `reference=`;
+`passes`: optimizer steps per training step over the same batches - GRPO's μ - whose schedule counts them).
 
 A task's own settings (the config's `<task>:` section) are a model in `task_settings/<task>.py`, which config
 composes as `cfg.<task>` (there, below config, so the import graph stays acyclic); `configure` reads them.
@@ -132,6 +133,7 @@ class Task:
     configure: Callable[[Task, Config], Task] | None = None
     rollout: Callable[..., list[Batch]] | None = None
     live_reference: bool = False
+    passes: int = 1
 
     def with_meta(self, meta: Meta) -> Task:
         """This task whose `examples` gets the `meta` its `scan` found (itself where it has no scan: a task

@@ -11,8 +11,10 @@ advantage of a completion is its reward minus its group's mean (divided by the g
 A group stays whole on one rank. The loss per completion token t of completion c is the clipped surrogate
 -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A) (+ beta x the k3 KL to the reference: with LoRA the model with
 its adapters off, else the starting model in a frozen engine of its own, `Engine.frozen`), with rho the
-ratio of the policy's token probability to the sampling policy's (1 with a single pass over the rollouts:
-the gradient is A grad log p). Normalization: `grpo` averages each completion's tokens, then the completions;
+ratio of the policy's token probability to the sampling policy's: 1 on the first pass over a rollout (the
+gradient is A grad log p), whose log-probs are kept as the "old" ones for the `grpo.num_iterations` - 1
+optimizer steps after it over the same rollouts (the loop's `passes`; no extra forward pass).
+Normalization: `grpo` averages each completion's tokens, then the completions;
 `dr_grpo` sums tokens / max_completion_tokens; `dapo` sums tokens / all completion tokens of the global batch
 (counted over the step's micro-batches and ranks in `rollout`). A batch's loss units are its completions, so
 the loop's normalization over ranks and micro-batches is the mean over the global batch's completions."""
@@ -211,7 +213,9 @@ def loss(model: Model, batch: Batch, chunk: int, *, s: GrpoConfig, adapters: boo
     lengths = x["lengths"].to(dev).float()
     adv = x["adv"].to(dev)[comp]
     old = x.get("old_logps")
-    old = logp.detach() if old is None else old.to(dev)
+    if old is None:  # the first pass over a rollout runs the sampling policy: later passes' "old" (μ > 1)
+        old = x["old_logps"] = logp.detach()
+    old = old.to(dev)
     ratio = torch.exp(logp - old)
     clipped = torch.clamp(ratio, 1 - s.epsilon, 1 + s.clip_high)
     per_tok = -torch.minimum(ratio * adv, clipped * adv)
@@ -274,6 +278,7 @@ def configure(task: Task, cfg: Config) -> Task:
         rollout=partial(rollout, s=s, scorers=scorers, backend=backend, seed=cfg.train.seed),
         loss=partial(loss, s=s, adapters=cfg.model.peft is not None),
         live_reference=s.beta > 0 and cfg.model.peft is None,
+        passes=s.num_iterations,
     )
 
 
