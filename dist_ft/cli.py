@@ -186,19 +186,37 @@ def _prepare(args, faults: Faults) -> None:
         )
     preflight(cfg.model, cfg.data.max_seq_len)
     tok = load_tokenizer(cfg.model)
-    out = Path(args.out).expanduser() if args.out else shards.cache_entry(cfg.data, tok)
-    manifest = shards.prepare(cfg.data, tok, out, tasks.get(cfg.data.task), faults=faults)
-    for split, info in manifest.splits.items():
-        st = info.stats
-        print(
-            f"{split}: {st.records:,} records, {st.examples:,} examples, {st.tokens:,} tokens "
-            f"({st.loss_tokens:,} loss-bearing), {len(info.shards)} shard(s)"
-        )
-    print(f"wrote {out} ({manifest.dtype}, {manifest.tokens_per_s:,} tokens/s)")
+    if cfg.data.mixture:  # each source on its own: <out>/<role>-<name>/ (or its cache entry), mixture.json
+        from .data import mixture
+
+        plan = mixture.parts(cfg.data)
+        base = Path(args.out).expanduser() if args.out else None
+        for part in plan:
+            where = base / part.dirname if base else shards.cache_entry(part.cfg, tok)
+            m = shards.prepare(part.cfg, tok, where, tasks.get(part.cfg.task), faults=faults)
+            _print_splits(m, f"{part.role} source {part.name!r} ")
+        if base is not None:
+            mixture.write_plan(base, plan)
+        out = base or cfg.data.cache_path() / "shards"
+        print(f"wrote {out} (a mixture of {len(plan)} sources)")
+    else:
+        out = Path(args.out).expanduser() if args.out else shards.cache_entry(cfg.data, tok)
+        manifest = shards.prepare(cfg.data, tok, out, tasks.get(cfg.data.task), faults=faults)
+        _print_splits(manifest, "")
+        print(f"wrote {out} ({manifest.dtype}, {manifest.tokens_per_s:,} tokens/s)")
     print(
         f"train on it: dist-ft train {args.config} {' '.join(args.overrides)}"
         + (f" data.prepared={out}" if args.out else "   (same config: found in the cache)")
     )
+
+
+def _print_splits(manifest, what: str) -> None:
+    for split, info in manifest.splits.items():
+        st = info.stats
+        print(
+            f"{what}{split}: {st.records:,} records, {st.examples:,} examples, {st.tokens:,} tokens "
+            f"({st.loss_tokens:,} loss-bearing), {len(info.shards)} shard(s)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

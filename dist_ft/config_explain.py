@@ -6,8 +6,10 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from .config_data import UNION_TAGS
+from .config_section import section_of
 from .redact import scrub
 
 
@@ -20,12 +22,8 @@ def _fields_at(loc: tuple, root) -> list[str]:
         field = model.model_fields.get(part)
         if field is None:
             return []
-        ann = field.annotation
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
+        model = section_of(field.annotation)
+        if model is None:
             return []
     return list(model.model_fields)
 
@@ -35,7 +33,9 @@ def explain(err: ValidationError, source: str, root) -> str:
     did-you-mean."""
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(
+            p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in UNION_TAGS))
+        )
         key = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc, root), n=1, cutoff=0.5)

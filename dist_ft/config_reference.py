@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from .config import Config
+from .config_section import section_of
 
 
 def reference_markdown() -> str:
@@ -16,14 +17,7 @@ def reference_markdown() -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, f in model.model_fields.items():
             ann = f.annotation
-            sub = next(
-                (
-                    c
-                    for c in (ann, *getattr(ann, "__args__", ()))
-                    if isinstance(c, type) and issubclass(c, BaseModel)
-                ),
-                None,
-            )
+            sub = section_of(ann)
             key = f"{prefix}{name}"
             if sub is not None:
                 walk(sub, key + ".")

@@ -5,7 +5,7 @@ importing config (which composes those models into `Config`)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,6 +21,18 @@ FREE = "free"  # does not change what the continued run computes
 # the value it resolved to (recorded in the checkpoint's manifest) must match; `auto` follows the checkpoint
 RESOLVED = "resolved"
 RESUME_KINDS = (MUST_MATCH, RESHARD, APPLIED, FREE, RESOLVED)
+
+
+def section_of(annotation: Any) -> type[BaseModel] | None:
+    """The section model a field holds, through Optional, unions, lists and Annotated (`data.train`: one
+    source or a list of them); None for a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = section_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def on_resume(kind: str) -> dict[str, Any]:

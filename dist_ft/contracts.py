@@ -95,20 +95,23 @@ class StepMetrics:
     memory: dict = field(default_factory=dict)  # rss_mb, or gpu_alloc_mb / gpu_peak_mb
     task: dict = field(default_factory=dict)  # the task's own metrics (e.g. reward accuracy)
     model_states: ModelStates | None = None  # on the step that first measured them
+    sources: dict = field(default_factory=dict)  # a mixture's tokens per source (logged as tokens_<name>)
 
     def record(self) -> dict:
         """The flat JSON object of metrics.jsonl and W&B."""
-        rec = {k: v for k, v in asdict(self).items() if k not in ("memory", "task", "model_states")}
+        nested = ("memory", "task", "model_states", "sources")
+        rec = {k: v for k, v in asdict(self).items() if k not in nested}
         if rec["skipped_steps"] is None:
             del rec["skipped_steps"]
         states = self.model_states.record() if self.model_states else {}
-        return {**rec, **self.task, **self.memory, **states}
+        sources = {f"tokens_{k}": v for k, v in self.sources.items()}
+        return {**rec, **sources, **self.task, **self.memory, **states}
 
     @classmethod
     def from_record(cls, rec: dict) -> StepMetrics:
         """A step's metrics read back from metrics.jsonl (memory keys end in _mb; other unknown keys are the
         task's)."""
-        own = {f.name for f in fields(cls)} - {"memory", "task", "model_states"}
+        own = {f.name for f in fields(cls)} - {"memory", "task", "model_states", "sources"}
         rest = {k: v for k, v in rec.items() if k not in own and k != "step" and not k.startswith("mem_")}
         values: dict[str, Any] = {k: rec.get(k) for k in own}  # the record's JSON values, as read
         return cls(

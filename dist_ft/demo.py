@@ -27,7 +27,8 @@ def run(config: str | None, overrides: list[str], stage: str = "sft") -> None:
     from .config import load_config
 
     cfg = load_config(config or CONFIGS[stage], overrides)
-    heldout = cfg.data.validation.path if cfg.data.validation else None
+    val = cfg.data.source("validation")
+    heldout = val.path if val else None
     if heldout is None:
         raise UserError(f"{config or CONFIGS[stage]}: the demo needs data.validation (the held-out set)")
     {"sft": _sft, "dpo": _dpo, "grpo": _grpo}[stage](cfg, heldout)

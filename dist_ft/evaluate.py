@@ -64,24 +64,37 @@ def loss_sums(model, task, batches: Iterable, chunk: int = 0) -> tuple:
 
 def validation(engine, task, prep, cfg, env) -> dict:
     """The task's eval metrics over the run's validation rows, every rank scoring its slice
-    (summed over the ranks)."""
+    (summed over the ranks); a mixture's validation sources also each their own `val_loss_<name>`."""
     from . import dist, sequence_parallel
     from .data import dataset
     from .tasks import MetricSums
 
     # (sequence parallelism: the ranks of a group score the same rows, each its shard of them)
     reader, readers = sequence_parallel.readers(env.rank, env.world_size, cfg.engine.sequence_parallel)
-    batches = dataset.eval_batches(prep, cfg.train.micro_batch_size, reader, readers)
-    total, n, sums = loss_sums(engine, task, batches, cfg.engine.loss_chunk_tokens)
+    items = prep.val.items
+    parts = prep.val_parts or [("", 0, len(items))]
+    per: list = []
+    sums: dict = {}
+    for _, a, b in parts:
+        batches = dataset.eval_batches(prep, cfg.train.micro_batch_size, reader, readers, items[a:b])
+        total, n, part_sums = loss_sums(engine, task, batches, cfg.engine.loss_chunk_tokens)
+        per += [total, n]
+        add_sums(sums, part_sums)
     engine.train()
-    total, n, *totals = dist.all_sum(total, n, *MetricSums.elements(sums))
-    return task.eval_metrics(total, n, MetricSums.read(sums, totals))
+    flat = dist.all_sum(*per, *MetricSums.elements(sums))
+    per, totals = flat[: len(per)], flat[len(per) :]
+    out = task.eval_metrics(sum(per[0::2]), sum(per[1::2]), MetricSums.read(sums, totals))
+    if prep.val_parts:
+        for i, (name, _, _) in enumerate(parts):
+            out[f"val_loss_{name}"] = per[2 * i] / max(per[2 * i + 1], 1)
+    return out
 
 
 def _records(cfg: DataConfig) -> list[tuple[str, dict]]:
     """The records of the file a scoring config is built on (`DataConfig(train=path)`)."""
-    assert cfg.train is not None  # (set from the path)
-    return read_records(cfg.train)
+    src = cfg.source("train")
+    assert src is not None  # (set from the path)
+    return read_records(src)
 
 
 def _checked(tok, model, checks: list, max_new_tokens: int) -> list:
@@ -216,7 +229,7 @@ def score_answers(tok, model, path: str, max_new_tokens: int = 16) -> dict:
 def has_answers(path: str) -> bool:
     """Whether a file's records are verifiable prompts (`{prompt, answer}`, GRPO's records) rather than
     conversations."""
-    src = DataConfig(train=path).train
+    src = DataConfig(train=path).source("train")
     assert src is not None  # (set from the path)
     # the first record is enough (an empty file goes on to the scorer, which refuses it)
     _, first = next(iter_records(src), ("", {}))

@@ -22,6 +22,7 @@ import torch
 from . import dist, fsio, sequence_parallel
 from .adapters import fingerprint
 from .data.dataset import Prepared
+from .data.shards import ShardSet
 from .engine import whole_params
 from .loss import batch_sequence_logps
 
@@ -62,8 +63,14 @@ def _paths(prep: Prepared, cache: Path, k: str) -> list[Path]:
     return [prep.root / "reference" / f"{k[:16]}.npz", cache / "reference" / f"{k[:16]}.npz"]
 
 
+def _rows(prep: Prepared) -> ShardSet:
+    rows = prep.train.items
+    assert isinstance(rows, ShardSet)  # (a mixture is sft / pretrain only: the config refuses it here)
+    return rows
+
+
 def _sizes(prep: Prepared) -> dict[str, int]:
-    sizes = {"train": prep.train.items.n_examples}
+    sizes = {"train": _rows(prep).n_examples}
     if prep.val:
         sizes["validation"] = sum(len(row) for row in prep.val.items)
     return sizes
@@ -128,7 +135,7 @@ def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) ->
             f"(once; stored under its weights' hash {k[:12]})"
         )
         engine.eval()
-        train = prep.train.items
+        train = _rows(prep)
         refs = {
             "train": _score(
                 engine,
@@ -167,4 +174,4 @@ def attach(prep: Prepared, engine, k: str, cache: Path, micro: int, env, log) ->
         val = replace(
             prep.val, items=[[replace(ex, ref=float(next(flat))) for ex in row] for row in prep.val.items]
         )
-    return replace(prep, train=replace(prep.train, items=prep.train.items.with_refs(refs["train"])), val=val)
+    return replace(prep, train=replace(prep.train, items=_rows(prep).with_refs(refs["train"])), val=val)

@@ -96,9 +96,9 @@ def _read_paths(cfg) -> list[tuple[str, str]]:
         found.append(("model.path", resolve_path(cfg.model.path)))
     except UserError:
         pass  # (preflight names a missing package)
-    for key, src in (("data.train.path", cfg.data.train), ("data.validation.path", cfg.data.validation)):
-        if src is not None:
-            found.append((key, src.path))
+    for role in ("train", "validation"):
+        for src in cfg.data.sources(role):
+            found.append((f"data.{role}.path", src.path))
     if cfg.data.prepared:
         found.append(("data.prepared", cfg.data.prepared))
     local = [(k, p) for k, p in found if "://" not in p and Path(p).expanduser().exists()]

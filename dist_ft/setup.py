@@ -78,6 +78,7 @@ def data(cfg: Config, env: dist.DistEnv, faults: Faults) -> Data:
         lambda failed: int(dist.patient_sum("token shards", failed)),
         log=print if env.local_rank == 0 else lambda *_: None,
         faults=faults,
+        task_for=tasks.get,  # (a mixture's source may be `task: pretrain`)
     )
     if sp > 1:
         rows = sequence_parallel.batch_rows(cfg)

@@ -20,7 +20,7 @@ from . import setup as phases
 from .checkpoint import Checkpointer, ResumePlan
 from .config import Config, dump_config
 from .contracts import ModelStates, StepMetrics, TrainState
-from .data import dataset
+from .data import dataset, mixture
 from .data.loader import Step, StepLoader
 from .engine import Engine, init_distributed
 from .errors import PREEMPTED_MARK, Preempted
@@ -146,9 +146,17 @@ def train_step(r: Run, batch: Step, step: int) -> tuple[StepMetrics, Agreed]:
             add_sums(sums, out.metrics)
     every_min = r.cfg.checkpoint.every_minutes
     due = bool(every_min) and time.monotonic() - r.last_save >= 60 * every_min
+    names = sorted(batch.source_tokens)  # (a mixture: every rank has every source's name)
     loss_sum, n_signalled, n_due, *totals = dist.all_sum(
-        loss_t, len(r.signals.received), due, *tasks.MetricSums.elements(sums)
+        loss_t,
+        len(r.signals.received),
+        due,
+        *(batch.source_tokens[k] for k in names),
+        *tasks.MetricSums.elements(sums),
     )
+    # (sequence parallelism: the ranks of a group read the same rows)
+    sources = {k: int(v) // r.cfg.engine.sequence_parallel for k, v in zip(names, totals, strict=False)}
+    totals = totals[len(names) :]
     dt = time.perf_counter() - t0
     states = engine.take_model_states()
     metrics = StepMetrics(
@@ -174,6 +182,7 @@ def train_step(r: Run, batch: Step, step: int) -> tuple[StepMetrics, Agreed]:
         )
         if states
         else None,
+        sources=sources,
     )
     return metrics, Agreed(stop=bool(n_signalled), save_due=bool(n_due))
 
@@ -315,6 +324,8 @@ def _report_start(r: Run, precision: str, plan: ResumePlan, stream, t_load: floa
     # a packed row holds whole groups (a preference pair: 2 x max_seq_len)
     width = prep.seq_len * r.task.group
     tracker.info(_data_summary("train", prep.train, width))
+    if isinstance(prep.train.items, mixture.MixedRows) and prep.weights:
+        tracker.info(mixture.describe(prep.train.items, prep.weights))
     if prep.val:
         tracker.info(_data_summary("validation", prep.val, width))
     t, unit, sp = cfg.train, "rows" if prep.packing else "examples", cfg.engine.sequence_parallel

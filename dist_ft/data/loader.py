@@ -23,6 +23,7 @@ class Step:
     batches: list[Batch]  # grad_accum micro-batches for this rank
     data_state: dict  # the stream's state after this step (resume point)
     epoch_progress: float  # epochs done after this step
+    source_tokens: dict[str, int]  # a mixture's tokens per source in this rank's batches ({}: one source)
 
 
 class StepLoader:
@@ -35,13 +36,17 @@ class StepLoader:
         self._thread: threading.Thread | None = None
 
     def _make(self) -> Step:
-        batches = []
+        batches, sources = [], dict[str, int]()
         for _ in range(self.accum):
-            b = self.prep.collate([self.prep.train.items[i] for i in self.stream.next_indices()])
+            ids = self.stream.next_indices()
+            rows = [self.prep.train.items[i] for i in ids]
+            for name, n in self.prep.tokens_by_source(ids, rows).items():
+                sources[name] = sources.get(name, 0) + n
+            b = self.prep.collate(rows)
             if self.pin:
                 b = b.pin_memory()
             batches.append(b)
-        return Step(batches, self.stream.state_dict(), self.stream.epoch_progress)
+        return Step(batches, self.stream.state_dict(), self.stream.epoch_progress, sources)
 
     def _work(self) -> None:
         while not self._stop.is_set():

@@ -12,9 +12,21 @@ Nothing here reads data; it only maps positions to row ids, with O(window) memor
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 from ..errors import UserError
+
+
+class Order(Protocol):
+    """Stream position -> row id: `GlobalOrder` here, or a mixture's (`mixture.MixtureOrder`)."""
+
+    n: int  # samples per epoch
+    seed: int
+    window: int
+
+    def row(self, g: int) -> int: ...
 
 
 class GlobalOrder:
@@ -61,7 +73,7 @@ class SampleStream:
     """This rank's micro-batches of row ids; `state_dict()` is the global position, valid for any world
     size."""
 
-    def __init__(self, order: GlobalOrder, micro: int, rank: int, world: int, fingerprint: str = ""):
+    def __init__(self, order: Order, micro: int, rank: int, world: int, fingerprint: str = ""):
         self.order, self.micro, self.rank, self.world, self.fingerprint = (
             order,
             micro,

@@ -27,11 +27,14 @@ def tokenizer_identity(tok) -> dict:
     }
 
 
-def source_identity(src: SourceConfig | None) -> dict | None:
-    """What a source is: for local files their size and mtime (a changed file gets new shards)."""
+def source_identity(src: SourceConfig | list[SourceConfig] | None) -> dict | list | None:
+    """What a source is: for local files their size and mtime (a changed file gets new shards). How a
+    mixture uses a source (weight, name; its format and task are settings) is not part of it."""
     if src is None:
         return None
-    ident = src.model_dump()
+    if isinstance(src, list):
+        return [source_identity(s) for s in src]
+    ident = src.model_dump(exclude=set(SourceConfig.MIXING))
     path = Path(src.path).expanduser()
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

@@ -37,9 +37,10 @@ def _held_out(seed: int, i: int, fraction: float) -> bool:
 
 def split_records(cfg: DataConfig, split: str) -> tuple[SourceConfig, Iterator[Record]]:
     """The source of `split` and its records, numbered by their index in that source."""
-    if split == "validation" and cfg.validation is not None:
-        return cfg.validation, ((i, w, r) for i, (w, r) in enumerate(iter_records(cfg.validation)))
-    src, frac = cfg.train, (cfg.val_fraction if cfg.validation is None else 0.0)
+    val = cfg.source("validation")
+    if split == "validation" and val is not None:
+        return val, ((i, w, r) for i, (w, r) in enumerate(iter_records(val)))
+    src, frac = cfg.source("train"), (cfg.val_fraction if val is None else 0.0)
     # prepare runs only with a data.train: dist-ft prepare checks it, a config without data.prepared needs it
     assert src is not None
     want = split == "validation"
