@@ -106,6 +106,11 @@ class DataConfig(Section):
         "`pretrain`: loss on every token of raw text; `dpo`: preference pairs (prompt, chosen, rejected); "
         "`classify`: a sequence head on {text, label}; `reward`: a one-output head on preference pairs.",
     )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant",
+        description='SFT: which assistant turns carry loss (a message\'s `"train": false` excludes it '
+        "either way).",
+    )
     max_seq_len: int = Field(1024, ge=8, description="Tokens per packed row / longest example kept.")
     packing: bool = Field(
         True,

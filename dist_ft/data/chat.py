@@ -16,12 +16,29 @@ from .formats import Conversation
 
 IGNORE = -100
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# With `tools`: a system turn lists them (after the conversation's own system message) and says how to call
+# one; an assistant's calls follow its content as <tool_call>{"name", "arguments"}</tool_call> (inside the
+# generation markers: they carry loss), results are `tool` turns (no loss). Without tools it renders as
+# before.
 CHATML_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call these functions:\n<tools>' }}"
+    "{%- for tool in tools %}"
+    "{{- '\n' + (tool['function'] if tool['function'] is defined else tool) | tojson }}{%- endfor %}"
+    '{{- \'\n</tools>\n\nTo call one, reply with <tool_call>{"name": <function name>, "arguments": '
+    "<JSON object>}</tool_call><|im_end|>\n' }}{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if not (tools and loop.first and message['role'] == 'system') %}"
     "{{- '<|im_start|>' + message['role'] + '\n' }}"
     "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
+    "{% generation %}{{- message['content'] }}"
+    "{%- for call in (message['tool_calls'] or []) if message['tool_calls'] is defined %}"
+    "{{- '<tool_call>' + {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson + '</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>' }}{% endgeneration %}{{- '\n' }}"
     "{%- else %}{{- message['content'] + '<|im_end|>' + '\n' }}{%- endif %}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
@@ -58,19 +75,22 @@ def has_generation_markers(tok) -> bool:
     return "{% generation %}" in template_text(tok) or "{%- generation %}" in template_text(tok)
 
 
-def _render(tok, msgs, gen_prompt: bool) -> str:
-    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+def _render(tok, msgs, gen_prompt: bool, tools: list[dict] | None = None) -> str:
+    return tok.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen_prompt)
 
 
-def assistant_char_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """Full rendered text and the [start, end) character span of each assistant turn (incl. end-of-turn)."""
-    full = _render(tok, msgs, False)
+def assistant_char_spans(
+    tok, msgs: list[dict], where: str, tools: list[dict] | None = None, turns: set[int] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Full rendered text and the [start, end) character span of each assistant turn (incl. end-of-turn);
+    `turns`: of those messages only."""
+    full = _render(tok, msgs, False, tools)
     spans = []
     for i, m in enumerate(msgs):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (turns is not None and i not in turns):
             continue
-        prefix = _render(tok, msgs[:i], True)
-        upto = _render(tok, msgs[: i + 1], False)
+        prefix = _render(tok, msgs[:i], True, tools)
+        upto = _render(tok, msgs[: i + 1], False, tools)
         if not (upto.startswith(prefix) and full.startswith(upto)):
             raise UserError(
                 f"{where}: the chat template renders message prefixes inconsistently, so assistant tokens "
@@ -104,15 +124,37 @@ def stop_token_ids(tok) -> list[int]:
     return [i for i in dict.fromkeys([end_of_turn_id(tok), tok.eos_token_id]) if i is not None]
 
 
-def tokenize_conversation(tok, conv: Conversation, where: str) -> Example:
-    if has_generation_markers(tok):
+def trained_turns(conv: Conversation, train_on: str, where: str) -> set[int]:
+    """The assistant messages that carry loss: every one (`all_assistant`) or the last (`last_assistant`),
+    less those marked `"train": false`."""
+    turns = [i for i, m in enumerate(conv.messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    kept = {i for i in turns if conv.trained is None or conv.trained[i]}
+    if not kept:
+        raise UserError(
+            f'{where}: no assistant turn of this conversation carries loss ("train": false'
+            + (" on its last one, and data.train_on: last_assistant" if train_on == "last_assistant" else "")
+            + "); train one of its turns or remove the record"
+        )
+    return kept
+
+
+def tokenize_conversation(tok, conv: Conversation, where: str, train_on: str = "all_assistant") -> Example:
+    turns = trained_turns(conv, train_on, where)
+    every = len(turns) == sum(m["role"] == "assistant" for m in conv.messages)
+    if every and has_generation_markers(tok):
         enc = tok.apply_chat_template(
-            conv.messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            conv.messages,
+            tools=conv.tools,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         ids = list(enc["input_ids"])
         mask = list(enc["assistant_masks"])
     else:
-        full, spans = assistant_char_spans(tok, conv.messages, where)
+        full, spans = assistant_char_spans(tok, conv.messages, where, conv.tools, turns)
         enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         mask = [int(any(s <= a < e for s, e in spans)) for a, _ in enc["offset_mapping"]]

@@ -1,7 +1,9 @@
 """Turn records of any supported format into one `Conversation` type.
 
-Formats: OpenAI `messages` (role/content), ShareGPT `conversations` (from/value), Alpaca
-(instruction/input/output), and raw `text` (continued pretraining).
+Formats: OpenAI `messages` (role/content; with `tools`, assistant `tool_calls` and `tool` results: tools.py),
+ShareGPT `conversations` (from/value), Alpaca (instruction/input/output), and raw `text` (continued
+pretraining). A message of `messages` or `conversations` may say `"train": false`: its assistant turn carries
+no loss.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from . import tools as tool_calls
 
 SHAREGPT_ROLES = {
     "system": "system",
@@ -26,6 +29,8 @@ SHAREGPT_ROLES = {
 class Conversation:
     messages: list[dict] = field(default_factory=list)  # [{"role": ..., "content": ...}], validated order
     text: str | None = None  # raw text (pretraining); then messages is empty
+    tools: list[dict] | None = None  # the record's tool definitions (passed to the chat template)
+    trained: list[bool] | None = None  # per message: False where `"train": false` (None: every one)
 
 
 def detect(rec: dict, where: str) -> str:
@@ -44,23 +49,36 @@ def detect(rec: dict, where: str) -> str:
 
 
 def _check_roles(msgs: list[dict], where: str) -> None:
+    """[system], then user and assistant turns in turn; an assistant message with tool calls is followed by
+    their `tool` results, then the assistant again."""
     roles = [m["role"] for m in msgs]
-    body = roles[1:] if roles and roles[0] == "system" else roles
-    if not body:
+    start = 1 if roles and roles[0] == "system" else 0
+    if len(roles) == start:
         raise UserError(f"{where}: conversation has no user or assistant turn")
-    if "assistant" not in body:
+    if "assistant" not in roles[start:]:
         raise UserError(
             f"{where}: conversation has no assistant turn, so nothing to learn from; remove it or add the "
             "answer"
         )
-    for i, r in enumerate(body):
-        want = "user" if i % 2 == 0 else "assistant"
-        if r != want:
-            pos = i + (len(roles) - len(body))
+    prev: dict | None = None
+    want: tuple[str, ...]
+    for pos in range(start, len(msgs)):
+        if prev is None:
+            want = ("user",)
+        elif prev["role"] == "user":
+            want = ("assistant",)
+        elif prev["role"] == "assistant":
+            want = ("tool",) if prev.get("tool_calls") else ("user",)
+        else:  # tool
+            want = ("tool", "assistant")
+        if roles[pos] not in want:
+            expected = "' or '".join(want)
             raise UserError(
-                f"{where}: roles out of order at message {pos} ('{r}', expected '{want}'); "
-                "use [system], user, assistant, user, assistant, ..."
+                f"{where}: roles out of order at message {pos} ('{roles[pos]}', expected '{expected}'); use "
+                "[system], user, assistant, user, assistant, ... (an assistant message with tool_calls is "
+                "followed by their tool results)"
             )
+        prev = msgs[pos]
 
 
 def json_type(v) -> str:
@@ -76,10 +94,18 @@ def json_type(v) -> str:
 
 
 def message_list(
-    raw, where: str, key: str, role_key: str, content_key: str, role_map: dict | None
+    raw,
+    where: str,
+    key: str,
+    role_key: str,
+    content_key: str,
+    role_map: dict | None,
+    extended: bool = False,
 ) -> list[dict]:
     """`raw` (a record's `key`) as checked {role, content} messages: a non-empty list of objects with
-    `role_key` and `content_key`, roles mapped through `role_map` (None: system, user or assistant only)."""
+    `role_key` and `content_key`, roles mapped through `role_map` (None: system, user or assistant only).
+    `extended` (SFT conversations): also `tool` messages (with `tool_call_id`), assistant `tool_calls` (whose
+    content may be empty or null), and a boolean `train` on assistant messages, all kept."""
     if not isinstance(raw, list) or not raw:
         raise UserError(
             f"{where}: '{key}' must be a non-empty array of messages, got "
@@ -93,7 +119,8 @@ def message_list(
                 f"{where}: message {i} is a JSON {json_type(m)}, not an object; write each message as "
                 f'{{"{role_key}": ..., "{content_key}": ...}}'
             )
-        missing = [k for k in (role_key, content_key) if k not in m]
+        calls = extended and m.get(role_key) == "assistant" and m.get("tool_calls") is not None
+        missing = [k for k in (role_key, content_key) if k not in m and not (calls and k == content_key)]
         if missing:
             raise UserError(
                 f"{where}: message {i} lacks '{missing[0]}' (keys: {', '.join(sorted(m)) or 'none'}); "
@@ -107,18 +134,38 @@ def message_list(
                     f"{', '.join(sorted(role_map))})"
                 )
             role = role_map[role]
-        elif role not in ("system", "user", "assistant"):
+        elif role not in (allowed := ("system", "user", "assistant", *(("tool",) if extended else ()))):
             raise UserError(
-                f"{where}: message {i}: unknown role '{role}' (expected system, user or assistant)"
+                f"{where}: message {i}: unknown role '{role}' (expected {', '.join(allowed[:-1])} or "
+                f"{allowed[-1]})"
             )
-        out.append(
-            {
-                "role": role,
-                "content": _text(
-                    m[content_key], where, f"message {i} ({role}) '{content_key}'", role == "assistant"
-                ),
-            }
-        )
+        content = "" if calls and m.get(content_key) is None else m[content_key]
+        msg = {
+            "role": role,
+            "content": _text(
+                content, where, f"message {i} ({role}) '{content_key}'", role == "assistant" and not calls
+            ),
+        }
+        if extended:
+            msg |= _extended(m, i, role, where)
+        out.append(msg)
+    return out
+
+
+def _extended(m: dict, i: int, role: str, where: str) -> dict:
+    """A message's tool fields and `train` flag (checked against each other in tools.checked)."""
+    out: dict = {}
+    if "train" in m:
+        if not isinstance(m["train"], bool) or role != "assistant":
+            raise UserError(
+                f"{where}: message {i}: 'train' is true or false on an assistant message (whether its turn "
+                f"carries loss), got {m['train']!r} on a {role} message"
+            )
+        out["train"] = m["train"]
+    if role == "assistant" and m.get("tool_calls") is not None:
+        out["tool_calls"] = m["tool_calls"]
+    if role == "tool":
+        out["tool_call_id"] = m.get("tool_call_id")
     return out
 
 
@@ -172,9 +219,11 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
                 )
             return Conversation(text=text)
         if fmt == "messages":
-            msgs = message_list(rec["messages"], where, "messages", "role", "content", None)
+            msgs = message_list(rec["messages"], where, "messages", "role", "content", None, True)
         elif fmt == "sharegpt":
-            msgs = message_list(rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
+            msgs = message_list(
+                rec["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES, True
+            )
         elif fmt == "alpaca":
             msgs = _alpaca(rec, where)
         else:  # pragma: no cover - config validation restricts fmt
@@ -189,5 +238,8 @@ def to_conversation(rec: dict, fmt: str, where: str) -> Conversation:
             f"{where}: record lacks key {e} required by format '{fmt}' (keys: "
             f"{', '.join(sorted(rec)) or 'none'}); {fix}"
         ) from None
+    tools = tool_calls.definitions(rec.get("tools"), where)
+    msgs = tool_calls.checked(msgs, tools, where)
     _check_roles(msgs, where)
-    return Conversation(messages=msgs)
+    trained = [m.pop("train", True) for m in msgs]
+    return Conversation(messages=msgs, tools=tools, trained=None if all(trained) else trained)

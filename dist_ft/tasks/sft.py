@@ -25,7 +25,7 @@ def examples(
             f"{where}: raw 'text' record in an SFT run; set data.task: pretrain for continued pretraining, "
             "or use chat records"
         )
-    return finish(*_lm.fit(tokenize_conversation(tok, conv, where), cfg))
+    return finish(*_lm.fit(tokenize_conversation(tok, conv, where, cfg.train_on), cfg))
 
 
 TASK = Task(

@@ -48,6 +48,8 @@ def dataset_key(cfg: DataConfig, tok) -> dict:
         "format_version": VERSION,
         "tokenizer": tokenizer_identity(tok),
         **{k: getattr(cfg, k) for k in SETTINGS},
+        # (only where it is not the default, so the shards of every config before it keep their key)
+        **({"train_on": cfg.train_on} if cfg.train_on != "all_assistant" else {}),
         "train": source_identity(cfg.train),
         "validation": source_identity(cfg.validation),
         "val_fraction": cfg.val_fraction if cfg.validation is None else 0.0,
@@ -78,9 +80,10 @@ def check_compatible(manifest: Manifest, where: str, cfg: DataConfig, tok) -> No
             f"{theirs['template_sha256'][:12]}, this run {mine['template_sha256'][:12]}); re-run dist-ft "
             "prepare with this model.chat_template"
         )
-    for k in ("max_seq_len", "packing", "task"):
-        if manifest.key[k] != getattr(cfg, k):
+    for k in ("max_seq_len", "packing", "task", "train_on"):
+        theirs_k = manifest.key.get(k, "all_assistant" if k == "train_on" else None)
+        if theirs_k != getattr(cfg, k):
             raise UserError(
-                f"{where}: shards were prepared with data.{k}={manifest.key[k]!r}, this run has "
-                f"data.{k}={getattr(cfg, k)!r}; set data.{k}={manifest.key[k]!r} or re-run dist-ft prepare"
+                f"{where}: shards were prepared with data.{k}={theirs_k!r}, this run has "
+                f"data.{k}={getattr(cfg, k)!r}; set data.{k}={theirs_k!r} or re-run dist-ft prepare"
             )
