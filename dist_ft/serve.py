@@ -22,6 +22,7 @@ from contextlib import aclosing, suppress
 from fastapi import FastAPI, Request
 from sse_starlette.sse import EventSourceResponse
 
+from .data import tools as tool_calls
 from .faults import NONE, Faults
 from .inference import Delta, stream
 from .serve_api import (
@@ -115,6 +116,13 @@ def build_app(server: Server, max_body: int = 8 << 20):
         kind = ("chat.completion" if chat else "text_completion") + (".chunk" if req.stream and chat else "")
 
         def choice(text: str, finish: str | None, first: bool = False) -> dict:
+            if chat and not req.stream and req.calls_wanted():
+                # calls written as <tool_call>{"name", "arguments"}</tool_call> (our ChatML; Qwen's and
+                # Hermes' too): OpenAI's tool_calls, the rest as the content
+                rest, calls = tool_calls.parse_calls(text)
+                if calls:
+                    message = {"role": "assistant", "content": rest or None, "tool_calls": calls}
+                    return {"index": 0, "message": message, "finish_reason": "tool_calls"}
             if not chat:
                 return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             if req.stream:

@@ -76,18 +76,50 @@ class TextPart(_Open):
         return self
 
 
+class Function(_Open):
+    name: StrictStr = Field(..., min_length=1, max_length=256)
+    arguments: StrictStr | None = None  # (a call's: a JSON object as a string)
+
+
+class ToolCall(_Open):
+    id: StrictStr | None = Field(None, max_length=256)
+    type: Literal["function"] = "function"
+    function: Function
+
+
+class ToolDef(_Open):
+    type: Literal["function"] = "function"
+    function: dict
+
+    @field_validator("function")
+    @classmethod
+    def _named(cls, v):
+        if not isinstance(v.get("name"), str) or not v["name"]:
+            raise ValueError("a tool's function needs a 'name'")
+        return v
+
+
 class Message(_Open):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = Field(...)
+    tool_calls: list[ToolCall] | None = None  # (assistant)
+    tool_call_id: StrictStr | None = None  # (tool)
 
     def text(self) -> dict:
-        """{role, content} for the chat template: text parts joined by newlines, `developer` as `system`."""
+        """{role, content} for the chat template: text parts joined by newlines, `developer` as `system`;
+        with an assistant's tool calls and a tool result's call id (arguments as the JSON text sent: the data
+        path parses and checks them)."""
         body = (
             self.content
             if isinstance(self.content, str)
             else "\n".join(p.text or "" for p in self.content or ())
         )
-        return {"role": "system" if self.role == "developer" else self.role, "content": body}
+        out: dict = {"role": "system" if self.role == "developer" else self.role, "content": body}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump(include={"id", "type", "function"}) for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     @model_validator(mode="after")
     def _null_content(self):
@@ -138,9 +170,24 @@ class _Sampling(_Open):
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(..., min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto"] | None = None  # ("required" and a named function: not supported)
+
+    @model_validator(mode="after")
+    def _tools_not_streamed(self):
+        if self.tools and self.stream:
+            raise ValueError("stream with tools is not supported by this server yet; set stream: false")
+        return self
+
+    def calls_wanted(self) -> bool:
+        """Whether the reply is read for tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def prompt_chars(self) -> int:
-        return sum(len(m.text()["content"]) for m in self.messages)
+        return sum(len(m.text()["content"]) for m in self.messages) + len(json.dumps(self.tool_list() or []))
+
+    def tool_list(self) -> list[dict] | None:
+        return [t.model_dump(include={"type", "function"}) for t in self.tools] if self.tools else None
 
 
 class CompletionRequest(_Sampling):

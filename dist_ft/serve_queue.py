@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Request
 
+from .data import tools as tool_calls
+from .errors import UserError
 from .faults import NONE, Faults
 from .inference import Delta
 from .model import POSITION_KEYS
@@ -125,12 +127,16 @@ class Server:
             if isinstance(req, CompletionRequest):
                 return list(self.tok(req.text())["input_ids"])
             try:
+                # tool calls and results checked as training checks them (ids, JSON arguments, defined tools)
+                tools = tool_calls.definitions(req.tool_list(), "tools")
+                msgs = [m.text() for m in req.messages]
+                if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in msgs):
+                    msgs = tool_calls.checked(msgs, tools, "messages")
                 out = self.tok.apply_chat_template(
-                    [m.text() for m in req.messages],
-                    add_generation_prompt=True,
-                    tokenize=True,
-                    return_dict=True,
+                    msgs, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
                 )
+            except UserError as e:
+                raise ApiError(400, str(e)[:500], param="messages") from None
             except TemplateError as e:
                 raise ApiError(
                     400, f"The chat template refused these messages: {str(e)[:300]}", param="messages"

@@ -178,3 +178,90 @@ def test_calls_are_read_back_out_of_a_reply():
     # not a call: left in the text
     assert parse_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Quenmar"}
+
+
+# ---------------------------------------------------------------- a tiny model fine-tuned to call a tool, served
+
+CITIES = {"Quenmar": "rain", "Ostrel": "snow", "Amberlin": "sun", "Carrow": "fog"}
+
+
+def tool_records(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        city, weather = list(CITIES.items())[i % len(CITIES)]
+        call = {
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+        }
+        out.append(
+            {
+                "tools": TOOLS,
+                "messages": [
+                    {"role": "user", "content": f"What is the weather in {city}?"},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": f"call_{i}", "content": weather},
+                    {"role": "assistant", "content": f"It is {weather} in {city}."},
+                ],
+            }
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory, gpt2_dir):
+    import tiny
+    from helpers import run_cli
+    from test_serve import _server
+
+    tmp = tmp_path_factory.mktemp("tools")
+    data = tiny.write_jsonl(tmp / "tools.jsonl", tool_records(32))
+    cfg = tmp / "tools.yaml"
+    cfg.write_text(
+        f"model: {{path: {gpt2_dir}}}\ndata: {{train: {data}, max_seq_len: 384}}\n"
+        "train: {max_steps: 240, micro_batch_size: 4, lr: 5.0e-3, warmup_steps: 2}\n"
+        "engine: {precision: fp32}\ntrack: {wandb: disabled, sample_prompts: []}\n"
+    )
+    r = run_cli("train", str(cfg), f"output.dir={tmp / 'out'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with _server(tmp / "out" / "final", "--name", "tools") as base:
+        yield base
+
+
+def test_the_server_answers_with_tool_calls_through_the_openai_client(tool_server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{tool_server}/v1", api_key="none", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "What is the weather in Ostrel?"}]
+    res = client.chat.completions.create(
+        model="tools", messages=ask, tools=TOOLS, temperature=0, max_tokens=60
+    )
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Ostrel"}
+    # the call and its result sent back: the model answers from the result
+    follow = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "snow"},
+    ]
+    res = client.chat.completions.create(
+        model="tools", messages=follow, tools=TOOLS, temperature=0, max_tokens=20
+    )
+    assert (
+        res.choices[0].message.content == "It is snow in Ostrel." and res.choices[0].finish_reason == "stop"
+    )
+    # tool_choice none: the reply is text, not parsed
+    res = client.chat.completions.create(
+        model="tools", messages=ask, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=60
+    )
+    assert res.choices[0].message.tool_calls is None and "<tool_call>" in (
+        res.choices[0].message.content or ""
+    )
+    # refused with a 400 naming the field: a result for a call never made, streaming with tools
+    bad = [*follow[:2], {"role": "tool", "tool_call_id": "call_nope", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match="tool result for call id 'call_nope'"):
+        client.chat.completions.create(model="tools", messages=bad, tools=TOOLS, max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="stream with tools is not supported"):
+        client.chat.completions.create(model="tools", messages=ask, tools=TOOLS, stream=True, max_tokens=5)
