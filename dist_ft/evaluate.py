@@ -108,33 +108,71 @@ def _checked(tok, model, checks: list, max_new_tokens: int) -> list:
     ]
 
 
+def _tool_checked(tok, model, checks: list, max_new_tokens: int) -> list:
+    """(question, greedy reply, whether its tool calls are exactly the expected ones: names and arguments, in
+    order) for each (prompt, tools, expected calls); conversations offered the same tools generate
+    together."""
+    import json
+
+    from .data.tools import parse_calls
+
+    groups: dict[str, list[int]] = {}
+    for i, (_, tools, _) in enumerate(checks):
+        groups.setdefault(json.dumps(tools, sort_keys=True), []).append(i)
+    replies: dict[int, str] = {}
+    for idx in groups.values():
+        out = generate(
+            tok,
+            model,
+            [checks[i][0] for i in idx],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            tools=checks[idx[0]][1],
+        )
+        replies.update(zip(idx, out, strict=True))
+    samples = []
+    for i, (prompt, _, want) in enumerate(checks):
+        _, calls = parse_calls(replies[i])
+        got = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+        wanted = [(c["function"]["name"], c["function"]["arguments"]) for c in want]
+        samples.append((prompt[-1]["content"], replies[i], got == wanted))
+    return samples
+
+
 def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) -> dict:
     """Held-out evaluation: the task's loss (and perplexity) over the file and, for records with a `check`
-    field, answer accuracy (the greedy answer contains the expected string, case-insensitive). `samples`
-    holds (question, answer, correct) for every checked record."""
+    field, answer accuracy (the greedy answer contains the expected string, case-insensitive); for records
+    with `tools` whose last assistant turn calls tools, tool-call accuracy (the greedy reply's calls are
+    exactly those). `samples` / `tool_samples` hold (question, answer, correct) for every checked record."""
     from . import tasks
 
     t = tasks.get(task)
     data_cfg = DataConfig(train=path, task=task, max_seq_len=WHOLE_SEQ_LEN)
-    checks = []
+    checks, tool_checks = [], []
 
     def batches():  # one per record
         for where, rec in _records(data_cfg):
             examples, _ = t.examples(rec, where, data_cfg, tok)
             yield t.collate(examples, data_cfg.max_seq_len, tok.pad_token_id, False)
+            conv = to_conversation(rec, "auto", where)
             if "check" in rec:
-                checks.append((to_conversation(rec, "auto", where).messages[:-1], str(rec["check"])))
+                checks.append((conv.messages[:-1], str(rec["check"])))
+            last = max((i for i, m in enumerate(conv.messages) if m["role"] == "assistant"), default=0)
+            if conv.tools and conv.messages[last].get("tool_calls"):
+                tool_checks.append((conv.messages[:last], conv.tools, conv.messages[last]["tool_calls"]))
 
     total, n, _ = loss_sums(model, t, batches())
     samples = _checked(tok, model, checks, max_new_tokens)
-    hits = sum(ok for _, _, ok in samples)
+    tool_samples = _tool_checked(tok, model, tool_checks, max(max_new_tokens, 96))
     loss = float(total) / max(n, 1)
     return {
         "loss": loss,
         "ppl": math.exp(min(loss, 50)),
-        "accuracy": hits / len(samples) if samples else None,
+        "accuracy": sum(ok for *_, ok in samples) / len(samples) if samples else None,
         "checked": len(samples),
         "samples": samples,
+        "tool_accuracy": sum(ok for *_, ok in tool_samples) / len(tool_samples) if tool_samples else None,
+        "tool_samples": tool_samples,
     }
 
 
@@ -196,7 +234,11 @@ def fmt_score(s: dict) -> str:
         if s["accuracy"] is None
         else f"{100 * s['accuracy']:.1f}% ({round(s['accuracy'] * s['checked'])}/{s['checked']})"
     )
-    return f"answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
+    tools = ""
+    if s.get("tool_accuracy") is not None:
+        k, n = sum(ok for *_, ok in s["tool_samples"]), len(s["tool_samples"])
+        tools = f"tool calls exact {100 * s['tool_accuracy']:.1f}% ({k}/{n}) | "
+    return f"{tools}answer accuracy {acc} | assistant-token loss {s['loss']:.3f} | perplexity {s['ppl']:.2f}"
 
 
 def score_answers(tok, model, path: str, max_new_tokens: int = 16) -> dict:

@@ -91,10 +91,11 @@ def generate(
     top_p: float = 0.9,
     batch_size: int = 16,
     progress: bool = False,
+    tools: list[dict] | None = None,
 ) -> list[str]:
     """The assistant's next reply to each conversation (temperature 0: greedy), `batch_size` conversations per
     generate() call (left-padded; one at a time for a prefix-tuned model); `progress` shows a bar. (`stream`
-    yields one reply as it is generated.)"""
+    yields one reply as it is generated.) `tools`: the function definitions every conversation is offered.)"""
     import torch
     from tqdm import tqdm
 
@@ -112,7 +113,12 @@ def generate(
         for i in range(0, len(conversations), size):
             chunk = conversations[i : i + size]
             enc = tok.apply_chat_template(
-                chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+                chunk,
+                tools=tools,
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+                padding=True,
             )
             with torch.no_grad():
                 out = model.generate(

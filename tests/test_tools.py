@@ -265,3 +265,12 @@ def test_the_server_answers_with_tool_calls_through_the_openai_client(tool_serve
         client.chat.completions.create(model="tools", messages=bad, tools=TOOLS, max_tokens=5)
     with pytest.raises(openai.BadRequestError, match="stream with tools is not supported"):
         client.chat.completions.create(model="tools", messages=ask, tools=TOOLS, stream=True, max_tokens=5)
+
+
+@pytest.mark.unit
+def test_a_template_that_cannot_render_tool_calls_is_refused_in_one_line(llama_dir):
+    t = load_tokenizer(ModelConfig(path=str(llama_dir)))  # its own template renders content only
+    with pytest.raises(
+        UserError, match="the chat template does not render tool calls.*model.chat_template: chatml"
+    ):
+        tokenize_conversation(t, to_conversation(_record(), "auto", "r:1"), "r:1")

@@ -140,7 +140,25 @@ def trained_turns(conv: Conversation, train_on: str, where: str) -> set[int]:
     return kept
 
 
+def _check_renders_calls(tok, conv: Conversation, where: str) -> None:
+    """A template that cannot render tool calls fails here in one line (it would raise from jinja, or drop
+    the calls silently)."""
+    names = [c["function"]["name"] for m in conv.messages for c in m.get("tool_calls") or ()]
+    if not names:
+        return
+    try:
+        text = _render(tok, conv.messages, False, conv.tools)
+    except Exception:  # noqa: BLE001 - jinja's TypeError / UndefinedError on a message it cannot render
+        text = ""
+    if not all(n in text for n in names):
+        raise UserError(
+            f"{where}: the chat template does not render tool calls (the call to '{names[0]}' is not in its "
+            "output); set model.chat_template: chatml, or use a template that renders `tool_calls`"
+        )
+
+
 def tokenize_conversation(tok, conv: Conversation, where: str, train_on: str = "all_assistant") -> Example:
+    _check_renders_calls(tok, conv, where)
     turns = trained_turns(conv, train_on, where)
     every = len(turns) == sum(m["role"] == "assistant" for m in conv.messages)
     if every and has_generation_markers(tok):
