@@ -25,6 +25,7 @@ examples:
   dist-ft eval --model runs/demo/final --harness lm-eval --tasks veloria_mc   lm-evaluation-harness, offline
   dist-ft config configs/demo.yaml train.lr=1e-4       print the resolved config (validates it)
   dist-ft config --reference                           every config key with its doc
+  dist-ft doctor [CONFIG] [--json]                     versions, devices, launch, SLURM, disk, W&B
 """
 
 
@@ -164,6 +165,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--reference", action="store_true", help="print every key, type, default and doc as Markdown"
     )
+
+    p = sub.add_parser(
+        "doctor",
+        help="versions, devices, the launch as dist-ft reads it, SLURM, disk and W&B: what a bug report "
+        "needs and what will go wrong before a long job",
+    )
+    p.add_argument(
+        "config", nargs="?", help="YAML config file (adds its output.dir and cache to the disk check)"
+    )
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return ap
 
 
@@ -191,12 +203,14 @@ def _prepare(args, faults: Faults) -> None:
 
         plan = mixture.parts(cfg.data)
         base = Path(args.out).expanduser() if args.out else None
+        counts = []
         for part in plan:
             where = base / part.dirname if base else shards.cache_entry(part.cfg, tok)
             m = shards.prepare(part.cfg, tok, where, tasks.get(part.cfg.task), faults=faults)
             _print_splits(m, f"{part.role} source {part.name!r} ")
+            counts.append({split: info.stats.to_json() for split, info in m.splits.items()})
         if base is not None:
-            mixture.write_plan(base, plan)
+            mixture.write_plan(base, plan, counts)
         out = base or cfg.data.cache_path() / "shards"
         print(f"wrote {out} (a mixture of {len(plan)} sources)")
     else:
@@ -304,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(dump_config(load_config(args.config, args.overrides)), end="")
             else:
                 raise UserError("dist-ft config: give a config file or --reference")
+        elif args.cmd == "doctor":
+            from . import doctor
+
+            doctor.main(args.config, args.overrides, args.json)
     except UserError as e:
         from .redact import scrub
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from .config_section import FREE, MUST_MATCH, Section, no_credentials, on_resume
+from .errors import UserError
 
 
 def task_names() -> list[str]:
@@ -184,7 +185,9 @@ class DataConfig(Section):
         configs first, data/mixture.py)."""
         v = getattr(self, key)
         if isinstance(v, list):
-            raise ValueError(f"data.{key} is a list of sources here, where one source is read")
+            raise UserError(
+                f"data.{key} is a list of sources (a mixture), and this command reads one source; give one"
+            )
         return v
 
     def sources(self, key: str) -> list[SourceConfig]:

@@ -170,6 +170,7 @@ def test_a_mixture_trains_logs_per_source_resumes_exactly_and_prepares_alike(mix
         ("validation", "chat_val", None, "sft"),
         ("validation", "text_val", None, "pretrain"),
     ]
+    assert [p["counts"]["train"]["records"] for p in plan] == [48, 60, 6, 8, 8]  # each source's own counts
     cache = [c.read_bytes() for c in (tmp / "cache").rglob("shard-*.bin")]
     for p in plan:  # byte for byte the shards train built on the fly (found by content in the cache)
         for f in (out / f"{p['role']}-{p['name']}" / "train").glob("shard-*.bin"):

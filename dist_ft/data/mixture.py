@@ -215,7 +215,13 @@ def planned(cfg: DataConfig) -> list[Part]:
         ) from None
 
 
-def write_plan(out: Path, plan: list[Part]) -> None:
-    """`mixture.json` of a prepared mixture: its parts (name, role, weight, task), in order."""
-    body = {"parts": [{"name": p.name, "role": p.role, "weight": p.weight, "task": p.cfg.task} for p in plan]}
+def write_plan(out: Path, plan: list[Part], counts: list[dict]) -> None:
+    """`mixture.json` of a prepared mixture: its parts (name, role, weight, task, and each split's counts from
+    the part's manifest), in order."""
+    body = {
+        "parts": [
+            {"name": p.name, "role": p.role, "weight": p.weight, "task": p.cfg.task, "counts": c}
+            for p, c in zip(plan, counts, strict=True)
+        ]
+    }
     fsio.write_atomic(out / MIXTURE_FILE, json.dumps(body, indent=2).encode())
