@@ -80,14 +80,14 @@ class StepMetrics:
     """What one optimizer step measured, summed or averaged over all ranks."""
 
     loss: float  # mean over the global batch's loss units
-    lr: float
+    lr: float  # the learning rate this step used
     grad_norm: float | None  # before clipping
-    tokens: int
-    loss_tokens: int
+    tokens: int  # tokens in the global batch (padding excluded)
+    loss_tokens: int  # loss units of the global batch (loss-bearing tokens; pairs, completions)
     padding: float  # fraction of positions that are padding
-    tokens_per_s: float
-    loss_tokens_per_s: float
-    step_time_s: float
+    tokens_per_s: float  # tokens / step time, over all ranks
+    loss_tokens_per_s: float  # loss units / step time, over all ranks
+    step_time_s: float  # wall time of the step on rank 0 (sampling included for GRPO)
     mfu: float | None  # model FLOPs utilization; None on CPU / unknown GPUs
     epoch: float  # epochs done after this step
     elapsed_s: float  # since the process started
