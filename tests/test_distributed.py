@@ -111,9 +111,10 @@ def test_zero_stages_on_two_ranks_match_one_process(setup, stage):
         )
 
 
-@pytest.mark.parametrize("stage,params", [(2, False), (3, False), (3, True)])
+@pytest.mark.parametrize("stage,params", [(2, False), (3, True)])
 def test_cpu_offload(setup, stage, params):
-    """Optimizer states (and with ZeRO-3 the parameters too) kept in CPU memory by DeepSpeed's offload."""
+    """Optimizer states (and with ZeRO-3 the parameters too) kept in CPU memory by DeepSpeed's offload (ZeRO-3
+    offloads both at once here: the optimizer alone at ZeRO-3 takes the same DeepSpeedCPUAdam path as at 2)."""
     tmp, cfg = setup
     out = tmp / f"offload{stage}{'-params' if params else ''}"
     _deepspeed(

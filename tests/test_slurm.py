@@ -134,3 +134,41 @@ def test_each_task_gets_the_cpus_it_asked_for(cluster, tmp_path):
     assert (omp, per_task) == ("2", "2"), text
     assert int(nproc) >= 2, text
     assert "[dist-ft] each task: 2 CPU(s) (SRUN_CPUS_PER_TASK), OMP_NUM_THREADS=2" in text, text
+
+
+def test_doctor_inside_a_job_reads_the_rank_layout_as_train_does(cluster, tmp_path):
+    """`dist-ft doctor --json` in each task of a 2-task job step: the rank layout dist.py derives from SLURM's
+    variables (no RANK/WORLD_SIZE set), the job's variables, and the launch found workable."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    step = f"cd {REPO} && {sys.executable} -m dist_ft doctor --json > {tmp_path}/doctor-$SLURM_PROCID.json"
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=debug",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--time=5",
+            f"--output={tmp_path}/doctor-%j.out",
+            "--wrap",
+            f"srun bash -c '{step}'",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    state = wait(jid, timeout=300)
+    assert state["JobState"] == "COMPLETED", (state, (tmp_path / f"doctor-{jid}.out").read_text()[-2000:])
+    for rank in (0, 1):
+        rep = json.loads((tmp_path / f"doctor-{rank}.json").read_text())
+        launch = rep["launch"]
+        assert (launch["rank"], launch["world_size"], launch["local_rank"]) == (rank, 2, rank), launch
+        assert launch["launcher"] == "slurm" and launch["backend"] == "gloo"
+        assert rep["slurm"]["SLURM_JOB_ID"] == jid and rep["slurm"]["SLURM_NTASKS"] == "2"
+        assert not any(p.startswith("launch:") for p in rep["problems"])

@@ -4,7 +4,8 @@
 or its own directory of a prepared mixture), read in its own epochs (shuffled as one source is, `stream.py`,
 from a seed of its own), and the mixture interleaves them by weight:
 
-- The global stream is cut into blocks of `block` positions. After n = b x block positions, source k has
+- The global stream is cut into blocks of `block` positions (2 / the smallest weight, at least 16: small, so
+  even a short run reads each source close to its weight). After n = b x block positions, source k has
   been read `floor(w_k n)` times plus one for the sources with the largest remainders (so the counts add up to
   n): up to every block boundary each source is within one sample of its weight's share, and those counts
   are a formula of the block's index, not of a history. Inside a block the positions of the sources are a
@@ -65,7 +66,7 @@ class MixtureOrder:
         self.n = sum(o.n for o in self.orders)
         self.seed, self.window = seed, window
         # every source gets at least one position per block: counts never step back (see cumulative_counts)
-        self.block = max(1024, math.ceil(1 / float(self.weights.min())))
+        self.block = max(16, math.ceil(2 / float(self.weights.min())))
         self.offsets = np.concatenate([[0], np.cumsum([o.n for o in self.orders])[:-1]]).astype(np.int64)
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
