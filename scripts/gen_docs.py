@@ -1,8 +1,11 @@
-"""Write the docs' generated reference pages from the code: every config key, every CLI command and flag
-(the CLI's own --help output, run as a user runs it), every exit code and every metric key.
+"""Write the docs' generated parts from the code: every config key, every CLI command and flag (the CLI's own
+--help output, run as a user runs it), every exit code and every metric key, the run-directory and shard
+layouts (from the modules that write them), and the error examples the guides show (bad inputs run through the
+CLI on a tiny model built here, between `<!-- gen:NAME -->` and `<!-- /gen -->` markers in a page).
 
-    python scripts/gen_docs.py            # rewrites docs/reference/{config,cli,exit-codes,metrics}.md (and
-                                          # copies the benchmark plot and slurm/README.md into docs/)
+    python scripts/gen_docs.py            # rewrites docs/reference/{config,cli,exit-codes,metrics,layout,
+                                          # shards}.md and the marked blocks (and copies the benchmark plot
+                                          # and slurm/README.md into docs/)
     python scripts/gen_docs.py --check    # exit 1 naming the stale page (tests/test_docs.py runs this)
 """
 
@@ -10,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,12 +163,158 @@ def metrics_page() -> str:
     )
 
 
-PAGES = {"config.md": config_page, "cli.md": cli_page, "exit-codes.md": exit_page, "metrics.md": metrics_page}
+def layout_page() -> str:
+    from dist_ft import checkpoint, rundir, runlock
+
+    fields = ", ".join(f"`{f}`" for f in checkpoint.Manifest.__dataclass_fields__)
+    doc = " ".join((checkpoint.__doc__ or "").split("\n\n")[1].split())  # (its "Layout:" paragraph)
+    doc = doc.replace("<output.dir>/checkpoints/step-N/", "`<output.dir>/checkpoints/step-N/`")
+    return (
+        "# Run directory and checkpoint layout\n\n" + HEADER + "What a run writes in `output.dir` "
+        "(`dist_ft/rundir.py`: anything else there is the user's and never touched), what a crash can leave "
+        "(removed at the next start), and what a checkpoint holds. The rules around them (resume, overwrite, "
+        "the lock) are in [the run directory](run-directory.md).\n\n"
+        "| name | what |\n|---|---|\n"
+        f"| `{rundir.MARKER}` | the run's marker: its id and the names below; only a directory with it is "
+        "ever cleaned or replaced |\n"
+        f"| `{runlock.LOCK}` | the lock of the run using the directory (host, boot id, pid, start time, "
+        f"SLURM job), touched every {runlock.HEARTBEAT_S:g} s |\n"
+        + "".join(f"| `{n}` | written by a run |\n" for n in rundir.RUN_OUTPUTS)
+        + "".join(f"| `{n}` | a crash's leftover, removed at the next start |\n" for n in rundir.LEFTOVERS)
+        + f"\n**Checkpoints** (`dist_ft/checkpoint.py`). {doc}\n\n"
+        f"`manifest.json` fields: {fields}.\n"
+    )
+
+
+def shards_page() -> str:
+    from dist_ft.data import shards
+    from dist_ft.data.shards.manifest import COUNTERS, Manifest, ShardMeta
+
+    doc = (shards.__doc__ or "").split("\n\nModules:")[0].strip()
+    return (
+        "# Shard format\n\n"
+        + HEADER
+        + doc.replace("Layout of a prepared dataset directory:", "Layout of a prepared dataset directory:\n")
+        + "\n\n"
+        + f"Manifest fields: {', '.join(f'`{f}`' for f in Manifest.__dataclass_fields__)}; per shard: "
+        + f"{', '.join(f'`{f}`' for f in ShardMeta.__dataclass_fields__)}; counts per split and shard: "
+        + f"{', '.join(f'`{c}`' for c in COUNTERS)}.\n\n"
+        "A run checks every shard's size always and its sha256 with `data.verify_shards` (default on), and "
+        "names a missing, truncated or corrupt shard with the fix. Nothing in a shard is pickled (the `.npz` "
+        "index is read with `allow_pickle=False`). A prepared mixture is a directory of such datasets, "
+        "`train-<name>/` and `validation-<name>/`, with `mixture.json` (names, weights, tasks and each "
+        "source's counts): [mixtures](../how-to/mixtures.md).\n"
+    )
+
+
+PAGES = {
+    "config.md": config_page,
+    "cli.md": cli_page,
+    "exit-codes.md": exit_page,
+    "metrics.md": metrics_page,
+    "layout.md": layout_page,
+    "shards.md": shards_page,
+}
 # copied as they are: the plot the benchmarks page shows, and slurm/README.md (kept beside the scripts)
 COPIES = {
     REPO / "bench" / "results" / "full.png": REPO / "docs" / "assets" / "bench" / "full.png",
     REPO / "slurm" / "README.md": REPO / "docs" / "tutorials" / "slurm-notes.md",
 }
+
+
+def _cli_error(cwd: Path, *args: str, env: dict | None = None) -> str:
+    """The `error:` line `dist-ft ARGS` prints in `cwd` (asserting it exits 2 with one)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
+    run_env = {**base, "PYTHONPATH": str(REPO), "DIST_FT_CACHE": str(cwd / "cache"), **(env or {})}
+    r = subprocess.run(
+        [sys.executable, "-m", "dist_ft", *args], cwd=cwd, env=run_env, capture_output=True, text=True
+    )
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1, (args, r.returncode, r.stderr[-2000:])
+    # (content hashes of the tiny tokenizers are not the point: shown as …)
+    return re.sub(r"hash [0-9a-f]{12}", "hash …", errors[0])
+
+
+def error_blocks() -> dict[str, str]:
+    """name -> the `error:` lines a guide shows, each produced by running the CLI on a bad input (a tiny model
+    built here, as the test suite builds it)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        tiny.make_gpt2(d / "models" / "tiny")
+        tiny.make_llama(d / "models" / "llama")
+        (d / "data").mkdir()
+        (d / "configs").mkdir()
+        good = [json.dumps(r) for r in tiny.toy_chat(16)]
+        files = {
+            "train.jsonl": good,
+            "broken.jsonl": good + ['{"messages": [{"role": "user" "content": "Hi"}]}'],
+            "no-answer.jsonl": [*good[:2], json.dumps({"messages": [{"role": "user", "content": "Hi"}]})],
+        }
+        for name, lines in files.items():
+            (d / "data" / name).write_text("\n".join(lines) + "\n")
+        (d / "data" / "latin1.jsonl").write_bytes(
+            (good[0] + "\n" + '{"text": "caf\u00e9 au lait"}\n').encode("latin-1")
+        )
+
+        def cfg(name: str, data: str, model: str = "models/tiny", extra: str = "") -> str:
+            (d / "configs" / name).write_text(
+                f"model: {{path: {model}}}\ndata: {{train: data/{data}, max_seq_len: 128}}\n{extra}"
+            )
+            return f"configs/{name}"
+
+        data = [
+            _cli_error(d, "prepare", cfg("a.yaml", "broken.jsonl"), "--out", "prepared/a"),
+            _cli_error(d, "prepare", cfg("b.yaml", "no-answer.jsonl"), "--out", "prepared/b"),
+            _cli_error(d, "config", cfg("c.yaml", "train.jsonl", extra="train: {learning_rate: 1.0e-4}\n")),
+            _cli_error(
+                d, "prepare", cfg("d.yaml", "train.jsonl", model="./models/gpt3"), "--out", "prepared/d"
+            ),
+            _cli_error(d, "prepare", cfg("e.yaml", "latin1.jsonl"), "--out", "prepared/e"),
+            _cli_error(d, "prepare", cfg("f.yaml", "train.jsonl"), "data.max_seq_len=1024"),
+            _cli_error(
+                d,
+                "train",
+                cfg("g.yaml", "train.jsonl"),
+                env={"SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "SLURM_PROCID": "0"},
+            ),
+        ]
+        ok = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dist_ft",
+                "prepare",
+                cfg("h.yaml", "train.jsonl"),
+                "--out",
+                "prepared/ds",
+            ],
+            cwd=d,
+            env={**os.environ, "PYTHONPATH": str(REPO), "DIST_FT_CACHE": str(d / "cache")},
+            capture_output=True,
+            text=True,
+        )
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        shard = d / "prepared" / "ds" / "train" / "shard-00000.bin"
+        original = shard.read_bytes()
+        run = ("train", "configs/h.yaml", "data.prepared=prepared/ds", "output.dir=runs/x")
+        shard.write_bytes(original[:-8] + bytes(b ^ 1 for b in original[-8:]))  # same size, other bytes
+        shards_ = [_cli_error(d, *run)]
+        shard.write_bytes(original[:-7])
+        shards_.append(_cli_error(d, *run))
+        shard.write_bytes(original)
+        shards_.append(_cli_error(d, *run, "model.path=models/llama"))
+        shards_.append(_cli_error(d, *run, "data.max_seq_len=256"))
+    return {"errors-data": "\n".join(data), "errors-shards": "\n".join(shards_)}
+
+
+BLOCK = re.compile(r"(<!-- gen:(?P<name>[\w-]+) -->\n```text\n)(?P<body>.*?)(\n```\n<!-- /gen -->)", re.S)
+
+
+def _with_blocks(text: str, blocks: dict[str, str]) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + blocks[m.group("name")] + m.group(4), text)
 
 
 def main() -> int:
@@ -183,6 +335,17 @@ def main() -> int:
         else:
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(src.read_bytes())
+    blocks = error_blocks()
+    for page in sorted((REPO / "docs").rglob("*.md")):
+        text = page.read_text()
+        if "<!-- gen:" not in text:
+            continue
+        new = _with_blocks(text, blocks)
+        if check:
+            if new != text:
+                stale.append(str(page.relative_to(REPO)))
+        else:
+            page.write_text(new)
     if stale:
         print(f"stale generated docs: {', '.join(stale)}; run python scripts/gen_docs.py", file=sys.stderr)
         return 1
