@@ -134,7 +134,7 @@ def launch(environ: Mapping[str, str], visible_gpus: int) -> tuple[dict, list[st
         if "SLURM_PROCID" in environ
         else "none (one process)",
     }
-    if env.world_size > 1 and visible_gpus and env.local_rank >= visible_gpus and visible_gpus > 1:
+    if env.world_size > 1 and 1 < visible_gpus <= env.local_rank:
         problems.append(
             f"launch: local rank {env.local_rank} but {visible_gpus} GPUs visible: ranks would share a GPU"
         )

@@ -154,6 +154,8 @@ def score(tok, model, path: str, task: str = "sft", max_new_tokens: int = 32) ->
         for where, rec in _records(data_cfg):
             examples, _ = t.examples(rec, where, data_cfg, tok)
             yield t.collate(examples, data_cfg.max_seq_len, tok.pad_token_id, False)
+            if "check" not in rec and "tools" not in rec:
+                continue  # (nothing to generate for: its loss is all it is scored on)
             conv = to_conversation(rec, "auto", where)
             if "check" in rec:
                 checks.append((conv.messages[:-1], str(rec["check"])))

@@ -222,13 +222,18 @@ COPIES = {
 }
 
 
-def _cli_error(cwd: Path, *args: str, env: dict | None = None) -> str:
-    """The `error:` line `dist-ft ARGS` prints in `cwd` (asserting it exits 2 with one)."""
+def _cli(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`dist-ft ARGS` run in `cwd` as a user runs it (no launcher variables of ours; its own shard cache)."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE"))}
     run_env = {**base, "PYTHONPATH": str(REPO), "DIST_FT_CACHE": str(cwd / "cache"), **(env or {})}
-    r = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "dist_ft", *args], cwd=cwd, env=run_env, capture_output=True, text=True
     )
+
+
+def _cli_error(cwd: Path, *args: str, env: dict | None = None) -> str:
+    """The `error:` line `dist-ft ARGS` prints in `cwd` (asserting it exits 2 with one)."""
+    r = _cli(cwd, *args, env=env)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert r.returncode == 2 and len(errors) == 1, (args, r.returncode, r.stderr[-2000:])
     # (content hashes of the tiny tokenizers are not the point: shown as …)
@@ -281,21 +286,7 @@ def error_blocks() -> dict[str, str]:
                 env={"SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "SLURM_PROCID": "0"},
             ),
         ]
-        ok = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dist_ft",
-                "prepare",
-                cfg("h.yaml", "train.jsonl"),
-                "--out",
-                "prepared/ds",
-            ],
-            cwd=d,
-            env={**os.environ, "PYTHONPATH": str(REPO), "DIST_FT_CACHE": str(d / "cache")},
-            capture_output=True,
-            text=True,
-        )
+        ok = _cli(d, "prepare", cfg("h.yaml", "train.jsonl"), "--out", "prepared/ds")
         assert ok.returncode == 0, ok.stderr[-2000:]
         shard = d / "prepared" / "ds" / "train" / "shard-00000.bin"
         original = shard.read_bytes()
