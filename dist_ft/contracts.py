@@ -32,10 +32,14 @@ class Batch:
         None  # int32 boundaries over the flattened rows: every example, each row's padding
     )
     max_length: int = 0  # the longest of those segments (a Python int: no device sync)
+    # shared prefixes (GRPO's prompts): rows continue prefix row r // (rows / prefixes), computed once
+    # (`prefix.py`); a row's targets are its own tokens, the first predicted from the prefix's end
+    prefix_ids: torch.Tensor | None = None  # [prefixes, width], right-padded
+    prefix_mask: torch.Tensor | None = None
 
     @property
     def n_positions(self) -> int:
-        return self.input_ids.numel()
+        return self.input_ids.numel() + (0 if self.prefix_ids is None else self.prefix_ids.numel())
 
     def model_inputs(self, device, attn_implementation: str | None = None) -> dict:
         """The model's keyword inputs on `device` (copies are non-blocking from pinned memory). A

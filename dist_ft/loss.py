@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .contracts import Batch
+from .prefix import prefixed_logits
 
 
 def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, need_b: bool):
@@ -156,17 +157,23 @@ def target_logps(engine, batch: Batch, entropy: bool = False) -> tuple[torch.Ten
     """The log-probability of each loss-bearing target of `batch`, [n] fp32 on the device (log-softmax in
     fp32), and with `entropy` each position's predictive entropy (no gradient). The output layer runs on
     those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its weight); logits of
-    them are kept for backward (n x vocab fp32: completions of the pairwise and RL tasks are short)."""
+    them are kept for backward (n x vocab fp32: completions of the pairwise and RL tasks are short). A batch
+    of shared prefixes (`Batch.prefix_ids`) computes each prefix once (`prefix.py`)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
     index = batch.loss_index.to(dev, non_blocking=True)
     targets = batch.targets.to(dev, non_blocking=True).flatten().index_select(0, index)
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, -2).index_select(0, index),))
-    try:
-        logits = engine(**batch.model_inputs(dev, attn_implementation(model)), use_cache=False).logits
-    finally:
-        handle.remove()
+    if batch.prefix_ids is not None:  # rows continuing shared prefixes, each computed once
+        logits = prefixed_logits(engine, batch, index)
+    else:
+        head = model.get_output_embeddings()
+        handle = head.register_forward_pre_hook(
+            lambda _, args: (args[0].flatten(0, -2).index_select(0, index),)
+        )
+        try:
+            logits = engine(**batch.model_inputs(dev, attn_implementation(model)), use_cache=False).logits
+        finally:
+            handle.remove()
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     ent = None
     if entropy:

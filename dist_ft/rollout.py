@@ -15,6 +15,7 @@ import torch
 
 from .data.chat import stop_token_ids
 from .precision import AUTOCAST
+from .prefix import cache_kw, prefill
 
 
 class Backend(Protocol):
@@ -31,8 +32,8 @@ class Backend(Protocol):
 
 
 class HFGenerate:
-    def __init__(self, tok):
-        self.tok, self.pad_id, self.stop = tok, tok.pad_token_id, stop_token_ids(tok)
+    def __init__(self, tok, shared: bool = False):
+        self.tok, self.pad_id, self.stop, self.shared = tok, tok.pad_token_id, stop_token_ids(tok), shared
 
     def sample(self, model, input_ids, attention_mask, n, s, seed: int) -> list[list[int]]:
         from transformers import GenerationConfig
@@ -61,11 +62,14 @@ class HFGenerate:
         )
         try:
             with torch.no_grad(), fixed_draws(seed), autocast:
+                # each prompt's keys/values once, repeated to its n rows (`prefix.py`)
+                cache = prefill(module, input_ids.to(dev), attention_mask.to(dev), n) if self.shared else None
                 out = module.generate(
                     input_ids=ids,
                     attention_mask=att,
                     generation_config=gen,
                     synced_gpus=getattr(model, "zero_stage", 0) == 3,
+                    **({cache_kw(module): cache} if cache is not None else {}),
                 )
         finally:
             module.train(was_training)

@@ -46,9 +46,9 @@ def policy(gpt2_dir):
     return model, tok
 
 
-def _batch(pad_id: int, scaled: bool, rewards=REWARDS, old_shift: float = 0.0, model=None):
+def _batch(pad_id: int, scaled: bool, rewards=REWARDS, old_shift: float = 0.0, model=None, shared=False):
     prompts = [p for p in PROMPTS for _ in range(G)]
-    b = grpo.training_batch(prompts, COMPS, {"r": (1.0, list(rewards))}, G, scaled, pad_id)
+    b = grpo.training_batch(prompts, COMPS, {"r": (1.0, list(rewards))}, G, scaled, pad_id, shared)
     if old_shift:  # old log-probs off the current ones (as after an optimizer pass): some ratios clip
         with torch.no_grad():
             logp, _ = grpo.target_logps(model, b)
@@ -105,10 +105,15 @@ def _fp64(model):
 @pytest.mark.unit
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("old_shift", [0.0, 0.3])
-def test_loss_and_gradients_equal_an_fp64_loop(policy, variant, old_shift):
+@pytest.mark.parametrize("shared", [True, False], ids=["prompt-once", "full-rows"])
+def test_loss_and_gradients_equal_an_fp64_loop(policy, variant, old_shift, shared):
+    """Each prompt (3 and 2 tokens: padded) computed once for its group, or a full row per completion: the
+    oracle runs each prompt + completion alone."""
     model, tok = policy
     s = GrpoConfig(loss=variant, max_completion_tokens=4, rewards=[RewardSpec(kind="length")])
-    b = _batch(tok.pad_token_id, s.scaled, old_shift=old_shift, model=model)
+    b = _batch(tok.pad_token_id, s.scaled, old_shift=old_shift, model=model, shared=shared)
+    if shared:  # the prompts once: 5 tokens, not 3 x 3 + 3 x 2
+        assert b.prefix_ids is not None and b.n_tokens == 5 + sum(len(c) for c in COMPS)
     b.extra["tokens_per_completion"] = sum(len(c) for c in COMPS) / len(COMPS)
     model.zero_grad(set_to_none=True)
     out = grpo.loss(model, b, 0, s=s, adapters=False)
@@ -145,6 +150,45 @@ def test_the_first_pass_keeps_its_log_probs_as_the_old_ones(policy):
             p.add_(0.05 * torch.randn_like(p))
     again = grpo.loss(moved, b, 0, s=s, adapters=False)
     assert torch.equal(b.extra["old_logps"], want) and float(again.metrics["clipped"]) > 0
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampling_with_each_prompt_prefilled_once_draws_the_same_completions(arch, gpt2_dir, llama_dir):
+    """Sampling with each prompt's keys/values computed once and repeated to its G rows draws what G full
+    rows draw from the same seed (left-padded prompts of 4 lengths, fp32: the draws fall alike)."""
+    from dist_ft import rollout
+
+    cfg = ModelConfig(path=str(gpt2_dir if arch == "gpt2" else llama_dir))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok, torch.float32)
+    prompts = [[5, 17, 9, 40], [30, 4], [7], [8, 9, 10, 11, 12, 13, 14]]
+    width = max(map(len, prompts))
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    s = GrpoConfig(max_completion_tokens=12, rewards=[RewardSpec(kind="length")])
+    full = rollout.HFGenerate(tok, shared=False).sample(model, ids, att, 3, s, seed=11)
+    once = rollout.HFGenerate(tok, shared=True).sample(model, ids, att, 3, s, seed=11)
+    assert full == once and len(full) == 12 and len({tuple(c) for c in full}) > 6
+    assert rollout.HFGenerate(tok, shared=True).sample(model, ids, att, 3, s, seed=12) != once
+
+
+@pytest.mark.unit
+def test_prefix_tuning_trains_on_full_rows(gpt2_dir):
+    """Prefix tuning's virtual tokens travel as a KV cache of their own: GRPO leaves its prompts in full
+    rows there (and shares them otherwise)."""
+    from dist_ft.config import Config
+
+    base = {
+        "model": {"path": str(gpt2_dir)},
+        "data": {"train": "x.jsonl", "task": "grpo", "packing": False},
+        "grpo": {"rewards": [{"kind": "length"}]},
+    }
+    for peft, want in ((None, True), ({"method": "lora"}, True), ({"method": "prefix"}, False)):
+        cfg = Config.model_validate({**base, "model": {**base["model"], "peft": peft}})
+        task = grpo.configure(grpo.TASK, cfg)
+        assert task.rollout.keywords["shared"] is want and task.rollout.keywords["backend"].shared is want
 
 
 @pytest.mark.unit

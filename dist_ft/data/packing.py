@@ -16,6 +16,7 @@ them to flash kernels only (`Batch.model_inputs`); sdpa and eager keep the posit
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 from itertools import pairwise
 
 import torch
@@ -110,4 +111,30 @@ def _batch(
         max_length=max_length,
         position_ids=None if position_ids is None else torch.tensor(position_ids, dtype=torch.long),
         attention_mask=None if attention_mask is None else torch.tensor(attention_mask, dtype=torch.long),
+    )
+
+
+def collate_prefixed(prefixes: list[list[int]], rows: list[list[int]], pad_id: int) -> Batch:
+    """Shared prefixes, each continued by len(rows) / len(prefixes) consecutive rows (`Batch.prefix_ids`,
+    computed once by `prefix.py`), both right-padded; every real token of a row is a target (the first
+    predicted from its prefix's end)."""
+    group = len(rows) // len(prefixes)
+    ids, tgt = [], []
+    width = max(len(r) for r in rows)
+    for r in rows:
+        ids.append(r + [pad_id] * (width - len(r)))
+        tgt.append(r + [IGNORE] * (width - len(r)))
+    att = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
+    b = _batch(
+        ids,
+        tgt,
+        [len(prefixes[i // group]) + len(r) for i, r in enumerate(rows)],
+        attention_mask=att,
+    )
+    pwidth = max(len(p) for p in prefixes)
+    return replace(
+        b,
+        n_tokens=sum(len(p) for p in prefixes) + sum(len(r) for r in rows),
+        prefix_ids=torch.tensor([p + [pad_id] * (pwidth - len(p)) for p in prefixes], dtype=torch.long),
+        prefix_mask=torch.tensor([[1] * len(p) + [0] * (pwidth - len(p)) for p in prefixes]),
     )

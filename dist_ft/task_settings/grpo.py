@@ -86,6 +86,12 @@ class GrpoConfig(Section):
         description="Optimizer steps over each batch of rollouts (μ): a training step samples once and "
         "takes this many optimizer steps; the schedule counts optimizer steps (max_steps x μ).",
     )
+    share_prompts: bool = Field(
+        True,
+        description="Compute each group's prompt once, in sampling and in training (its keys/values serve "
+        "the G completions: the numbers of a full row per completion, up to rounding); False: a full row per "
+        "completion. Prefix tuning always uses full rows.",
+    )
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="The rewards, summed with their weights (at least one)."
     )

@@ -35,7 +35,7 @@ from .. import rollout as sampling
 from ..config import Config, DataConfig
 from ..contracts import Batch
 from ..data.chat import IGNORE, Example
-from ..data.packing import collate_padded
+from ..data.packing import collate_padded, collate_prefixed
 from ..data.shards.manifest import SplitStats
 from ..errors import UserError
 from ..loss import target_logps
@@ -133,7 +133,15 @@ def sampling_seed(seed: int, step: int, prompts: list[list[int]]) -> int:
 
 
 def rollout(
-    model: Model, batches: list[Batch], *, s: GrpoConfig, scorers, backend, seed: int, reference=None
+    model: Model,
+    batches: list[Batch],
+    *,
+    s: GrpoConfig,
+    scorers,
+    backend,
+    seed: int,
+    shared: bool = False,
+    reference=None,
 ) -> list[Batch]:
     """Sample, score and turn the step's prompt batches into training batches (see the module doc); with a
     `reference` engine (full fine-tuning, beta > 0), its log-probs of the completions too."""
@@ -142,7 +150,7 @@ def rollout(
     training = getattr(getattr(model, "module", model), "training", False)
     table = bool(training and s.samples_every and (step + 1) % s.samples_every == 0)
     out = [
-        _rolled(model, b, s, scorers, backend, sampling_seed(seed, step, b.extra["prompts"]), table)
+        _rolled(model, b, s, scorers, backend, sampling_seed(seed, step, b.extra["prompts"]), table, shared)
         for b in batches
     ]
     if reference is not None:
@@ -154,7 +162,7 @@ def rollout(
     return [replace(b, extra={**b.extra, "tokens_per_completion": tokens / max(comps, 1)}) for b in out]
 
 
-def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int, table: bool) -> Batch:
+def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int, table: bool, shared: bool) -> Batch:
     padding = b.n_tokens == 0  # a rank with no evaluation rows left: samples in step, scores nothing
     G = s.group_size
     prompts = [p for p in b.extra["prompts"] for _ in range(G)]
@@ -168,7 +176,7 @@ def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int, table: 
         given = user if spec.kind == "function" else fields
         values = score([f.get("prompt") for f in fields], texts, lengths, given)
         parts[spec.label] = (spec.weight, rewards.checked(spec, values, len(comps)))
-    t = training_batch(prompts, comps, parts, G, s.scaled, backend.pad_id)
+    t = training_batch(prompts, comps, parts, G, s.scaled, backend.pad_id, shared)
     if table:
         t.extra["samples"] = [
             {"prompt": f["_messages"][-1]["content"], "completion": c, "reward": r}
@@ -178,17 +186,28 @@ def _rolled(model, b: Batch, s: GrpoConfig, scorers, backend, seed: int, table: 
 
 
 def training_batch(
-    prompts: list[list[int]], comps: list[list[int]], parts: dict, group: int, scaled: bool, pad_id: int
+    prompts: list[list[int]],
+    comps: list[list[int]],
+    parts: dict,
+    group: int,
+    scaled: bool,
+    pad_id: int,
+    shared: bool = False,
 ) -> Batch:
-    """One row per completion (its prompt, then it; loss on the completion's tokens only) with what the loss
-    reads: each reward's values (`parts`: label -> (weight, values)), their weighted sum, the advantages
-    and each loss position's completion. `comps` holds whole groups of `group`, in order."""
+    """One row per completion (loss on the completion's tokens only) after its prompt, which `shared` batches
+    hold once per group (`Batch.prefix_ids`) and others repeat in each row, with what the loss reads: each
+    reward's values (`parts`: label -> (weight, values)), their weighted sum, the advantages and each loss
+    position's completion. `comps` holds whole groups of `group`, in order (`prompts`: one per completion)."""
     total = torch.zeros(len(comps), dtype=torch.float64)
     for weight, values in parts.values():
         total += weight * torch.tensor(values, dtype=torch.float64)
     adv, std = advantages(total, group, scaled)
-    exs = [Example(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, comps, strict=True)]
-    t = collate_padded(exs, pad_id)
+    if shared:
+        t = collate_prefixed(prompts[::group], comps, pad_id)
+    else:
+        t = collate_padded(
+            [Example(p + c, [IGNORE] * len(p) + c) for p, c in zip(prompts, comps, strict=True)], pad_id
+        )
     extra = {
         "comp_of_loss": t.loss_index // t.input_ids.shape[1],
         "adv": adv.float(),
@@ -271,11 +290,13 @@ def configure(task: Task, cfg: Config) -> Task:
         raise UserError("data.task grpo needs at least one reward in grpo.rewards (e.g. [{kind: numeric}])")
     tok = load_tokenizer(cfg.model)
     scorers = rewards.build(s.rewards, s.max_completion_tokens, rewards.reward_model)
-    backend = sampling.HFGenerate(tok)
+    # prefix tuning's virtual tokens travel as a KV cache of their own: full rows there
+    shared = s.share_prompts and not (cfg.model.peft is not None and cfg.model.peft.method == "prefix")
+    backend = sampling.HFGenerate(tok, shared)
     return replace(
         task,
         examples=partial(examples, budget=s.max_completion_tokens),
-        rollout=partial(rollout, s=s, scorers=scorers, backend=backend, seed=cfg.train.seed),
+        rollout=partial(rollout, s=s, scorers=scorers, backend=backend, seed=cfg.train.seed, shared=shared),
         loss=partial(loss, s=s, adapters=cfg.model.peft is not None),
         live_reference=s.beta > 0 and cfg.model.peft is None,
         passes=s.num_iterations,
