@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -188,19 +189,46 @@ def run_one(spec: dict) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| run | completions/step | completions/s | step time | time to 1st step | peak RSS | mean completion length | reward step 1 | reward, last 3 steps |",
+        "| run (pair) | completions/step | completions/s | step time | time to 1st step | peak RSS | mean completion length | reward step 1 | reward, last 3 steps |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['framework']} | failed |" + " |" * 7)
+            lines.append(f"| {r['framework']} {r['pair'] + 1} | failed |" + " |" * 7)
             continue
         lines.append(
-            f"| {r['framework']} | {r['prompts_per_step'] * G} | {r['completions_per_s']:.2f} | {r['step_s']:.2f} s | "
+            f"| {r['framework']} {r['pair'] + 1} | {r['prompts_per_step'] * G} | {r['completions_per_s']:.2f} | {r['step_s']:.2f} s | "
             f"{r['time_to_first_step_s']:.1f} s | {r['peak_rss_mb']:,.0f} MB | {r['completion_length']:.1f} | "
             f"{r['reward_first']:.3f} | {r['reward_last3']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> str:
+    """dist_ft / TRL per pair (completions/s, completion tokens/s, peak RSS) and their medians."""
+    pairs = []
+    for i in sorted({r["pair"] for r in results}):
+        ok = {r["framework"]: r for r in results if r["pair"] == i and "error" not in r}
+        if len(ok) < 2:
+            continue
+        d, t = ok["dist_ft"], ok["trl"]
+        pairs.append(
+            (
+                d["completions_per_s"] / t["completions_per_s"],
+                d["completions_per_s"]
+                * d["completion_length"]
+                / (t["completions_per_s"] * t["completion_length"]),
+                d["peak_rss_mb"] / t["peak_rss_mb"],
+            )
+        )
+    if not pairs:
+        return "(a run failed)"
+    med = [statistics.median(x) for x in zip(*pairs, strict=True)]
+    each = ", ".join(f"{c:.2f}x" for c, _, _ in pairs)
+    return (
+        f"dist_ft / TRL, median of {len(pairs)} pairs: completions/s **{med[0]:.2f}x** (pairs: {each}), "
+        f"completion tokens/s {med[1]:.2f}x, peak RSS {med[2]:.2f}x"
+    )
 
 
 def main() -> None:
@@ -211,6 +239,13 @@ def main() -> None:
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--completion-tokens", type=int, default=32)
     ap.add_argument("--smoke", action="store_true", help="tiny GPT-2-shaped model, 3 steps; writes nothing")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="dist_ft / TRL pairs, run alternately (this machine's speed drifts between runs: the ratio "
+        "reported is the median of the pairs'; default 3, 1 with --smoke)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -242,14 +277,13 @@ def main() -> None:
             "lr": LR,
             "seq_len": 256,
         }
-        results = [run_one({**base, "framework": f}) for f in ("dist_ft", "trl")]
-    ok = {r["framework"]: r for r in results if "error" not in r}
-    ratio = (
-        f"dist_ft / TRL completions/s: {ok['dist_ft']['completions_per_s'] / ok['trl']['completions_per_s']:.2f}x, "
-        f"peak RSS {ok['dist_ft']['peak_rss_mb'] / ok['trl']['peak_rss_mb']:.2f}x"
-        if len(ok) == 2
-        else "(a run failed)"
-    )
+        repeats = 1 if a.smoke else a.repeats
+        results = [
+            {**run_one({**base, "framework": f}), "pair": i}
+            for i in range(repeats)
+            for f in ("dist_ft", "trl")
+        ]
+    ratio = ratios(results)
     who = run.machine()
     md = f"Machine: {who}\n\n{head}\n\nTRL: {TRL_SETTINGS}\n\n{table(results)}\n\n{ratio}\n"
     print("\n" + md)

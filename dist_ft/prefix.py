@@ -7,9 +7,9 @@ the work on the prefix is done once instead of once per row. Any `AutoModelForCa
 `position_ids` and a cache does this (the cache's `batch_repeat_interleave` is transformers' own); prefix
 tuning, whose virtual tokens travel as a cache of their own, is left on full rows by the caller.
 
-`prefill` serves sampling (left-padded prompts, as `generate` takes them); `prefixed_logits` serves the loss
-(right-padded prefixes, so no query position sees only padding, and gradients flow through the shared
-keys/values back into the prefix)."""
+`rollout.KVSampler` shares prompts in sampling; `prefixed_logits` here serves the loss (right-padded
+prefixes, so no query position sees only padding, and gradients flow through the shared keys/values back
+into the prefix)."""
 
 from __future__ import annotations
 
@@ -29,21 +29,9 @@ def cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _cache_of(out):
+def cache_of(out):
+    """The KV cache a forward returned (`cache`, or `past_key_values` before)."""
     return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-
-
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
-    """The KV cache of every left-padded prompt row but its last token, computed once and repeated `repeats`
-    times per row, for `generate(input_ids=ids repeated, ...)`, which runs the last token and on. None for
-    one-token prompts (nothing to share)."""
-    if ids.shape[1] < 2:
-        return None
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], use_cache=True)
-    cache = _cache_of(out)
-    cache.batch_repeat_interleave(repeats)
-    return cache
 
 
 def prefixed_logits(engine, batch: Batch, index: torch.Tensor) -> torch.Tensor:
@@ -72,7 +60,7 @@ def prefixed_logits(engine, batch: Batch, index: torch.Tensor) -> torch.Tensor:
             out = engine(**kw, use_cache=True)
         finally:
             hook.remove()
-        return out.logits, _cache_of(out)
+        return out.logits, cache_of(out)
 
     pos = torch.arange(width, device=dev).expand(n_pre, -1)
     head_logits, cache = run(last, input_ids=pids, attention_mask=pmask, position_ids=pos)

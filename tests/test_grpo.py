@@ -154,30 +154,92 @@ def test_the_first_pass_keeps_its_log_probs_as_the_old_ones(policy):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_sampling_with_each_prompt_prefilled_once_draws_the_same_completions(arch, gpt2_dir, llama_dir):
-    """Sampling with each prompt's keys/values computed once and repeated to its G rows draws what G full
-    rows draw from the same seed (left-padded prompts of 4 lengths, fp32: the draws fall alike)."""
+def test_the_sampler_decodes_what_generate_decodes(arch, gpt2_dir, llama_dir):
+    """Our decoding loop (each prompt's keys/values once for its rows, finished rows leaving the batch) at a
+    temperature that leaves one token possible follows transformers' greedy `generate` token for token:
+    left-padded prompts of 4 lengths; a stop token chosen so that rows end at different steps."""
+    from transformers import GenerationConfig
+
     from dist_ft import rollout
 
     cfg = ModelConfig(path=str(gpt2_dir if arch == "gpt2" else llama_dir))
     tok = load_tokenizer(cfg)
-    model = load_model(cfg, tok, torch.float32)
+    model = load_model(cfg, tok, torch.float32).eval()
     prompts = [[5, 17, 9, 40], [30, 4], [7], [8, 9, 10, 11, 12, 13, 14]]
-    width = max(map(len, prompts))
-    pad = tok.pad_token_id
+    width, pad = max(map(len, prompts)), tok.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     att = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    s = GrpoConfig(max_completion_tokens=12, rewards=[RewardSpec(kind="length")])
-    full = rollout.HFGenerate(tok, shared=False).sample(model, ids, att, 3, s, seed=11)
-    once = rollout.HFGenerate(tok, shared=True).sample(model, ids, att, 3, s, seed=11)
-    assert full == once and len(full) == 12 and len({tuple(c) for c in full}) > 6
-    assert rollout.HFGenerate(tok, shared=True).sample(model, ids, att, 3, s, seed=12) != once
+    gen = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=pad, eos_token_id=None)
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, attention_mask=att, generation_config=gen)[:, width:].tolist()
+    sampler = rollout.KVSampler(tok)
+    sampler.stop = {greedy[0][3]}  # row 0 ends at its 4th token; the others where (if) it comes up
+    want = [g[: next((i + 1 for i, t in enumerate(g) if t in sampler.stop), 12)] for g in greedy]
+    assert len({len(w) for w in want}) > 1
+    s = GrpoConfig(max_completion_tokens=12, temperature=1e-6, rewards=[RewardSpec(kind="length")])
+    got = sampler.sample(model, ids, att, 2, s, seed=3)
+    assert got == [w for w in want for _ in range(2)]
+
+
+def test_at_zero3_a_rank_whose_rows_ended_steps_on_with_the_others(gpt2_dir, tmp_path):
+    """Two ZeRO-3 ranks sampling (tests/sampler_probe.py): rank 0's rows end at their first token, rank 1's
+    run all 10; rank 0 keeps stepping (its parameter gathers serve rank 1 too: otherwise rank 1 hangs),
+    both run 10 forwards, and each draws what one process without DeepSpeed draws."""
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import sampler_probe as probe
+    from helpers import REPO, free_port
+
+    cfg = ModelConfig(path=str(gpt2_dir))
+    tok = load_tokenizer(cfg)
+    model = load_model(cfg, tok, torch.float32)
+    free, _ = probe.sample(model, tok, probe.PROMPTS[0], set())
+    first = {c[0] for c in free}
+    want0, alone = probe.sample(model, tok, probe.PROMPTS[0], first)
+    want1, _ = probe.sample(model, tok, probe.PROMPTS[1], set())
+    assert alone == 1 and [len(c) for c in want0] == [1, 1] and [len(c) for c in want1] == [10, 10]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), "tests/sampler_probe.py", str(gpt2_dir), str(tmp_path)]
+    cmd += [",".join(map(str, sorted(first)))]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert got[0]["completions"] == want0 and got[1]["completions"] == want1
+    assert got[0]["forwards"] == got[1]["forwards"] == 10
+
+
+@pytest.mark.unit
+def test_a_draw_is_the_inverse_cdf_of_its_uniform():
+    from dist_ft.rollout import draw
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.7], [0.6, 0.0, 0.4]]))
+    pick = lambda u, top_p=1.0: draw(logits, 1.0, top_p, torch.tensor(u)).tolist()  # noqa: E731
+    assert pick([0.05, 0.49]) == [0, 0] and pick([0.15, 0.61]) == [1, 2] and pick([0.95, 0.0]) == [2, 0]
+    assert pick([1 - 1e-12, 1 - 1e-12]) == [2, 2]  # never a token of probability 0
+    # nucleus 0.75: 0.7 alone falls short, so 0.7 and 0.2 (renormalized), and 0.6 and 0.4; 0.5: the first
+    assert pick([0.7, 0.99], top_p=0.75) == [2, 2] and pick([0.8, 0.3], top_p=0.75) == [1, 0]
+    assert pick([0.99, 0.99], top_p=0.5) == [2, 0]
+    # frequencies: 20,000 draws of a 4-token distribution at temperature 2
+    torch.manual_seed(0)
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    toks = draw(probs.log().expand(20000, 4), 2.0, 1.0, torch.rand(20000))
+    want = torch.softmax(probs.log() / 2, 0)
+    assert torch.allclose(torch.bincount(toks, minlength=4) / 20000, want, atol=0.015)
 
 
 @pytest.mark.unit
 def test_prefix_tuning_trains_on_full_rows(gpt2_dir):
     """Prefix tuning's virtual tokens travel as a KV cache of their own: GRPO leaves its prompts in full
     rows there (and shares them otherwise)."""
+    from dist_ft import rollout
     from dist_ft.config import Config
 
     base = {
@@ -188,7 +250,8 @@ def test_prefix_tuning_trains_on_full_rows(gpt2_dir):
     for peft, want in ((None, True), ({"method": "lora"}, True), ({"method": "prefix"}, False)):
         cfg = Config.model_validate({**base, "model": {**base["model"], "peft": peft}})
         task = grpo.configure(grpo.TASK, cfg)
-        assert task.rollout.keywords["shared"] is want and task.rollout.keywords["backend"].shared is want
+        backend = task.rollout.keywords["backend"]
+        assert task.rollout.keywords["shared"] is want and isinstance(backend, rollout.KVSampler) is want
 
 
 @pytest.mark.unit

@@ -292,7 +292,7 @@ def configure(task: Task, cfg: Config) -> Task:
     scorers = rewards.build(s.rewards, s.max_completion_tokens, rewards.reward_model)
     # prefix tuning's virtual tokens travel as a KV cache of their own: full rows there
     shared = s.share_prompts and not (cfg.model.peft is not None and cfg.model.peft.method == "prefix")
-    backend = sampling.HFGenerate(tok, shared)
+    backend = sampling.KVSampler(tok) if shared else sampling.HFGenerate(tok)
     return replace(
         task,
         examples=partial(examples, budget=s.max_completion_tokens),
