@@ -5,7 +5,9 @@ repeated to each row that continues it, and the rows run after them with their p
 prefix's end. The numbers are those of one full row per continuation, up to rounding (tests/test_grpo.py);
 the work on the prefix is done once instead of once per row. Any `AutoModelForCausalLM` that takes
 `position_ids` and a cache does this (the cache's `batch_repeat_interleave` is transformers' own); prefix
-tuning, whose virtual tokens travel as a cache of their own, is left on full rows by the caller.
+tuning, whose virtual tokens travel as a cache of their own, and gradient checkpointing, which drops the cache
+in training, are left on full rows by the caller (a forward that kept no cache is an error here, never a
+guess).
 
 `rollout.KVSampler` shares prompts in sampling; `prefixed_logits` here serves the loss (right-padded
 prefixes, so no query position sees only padding, and gradients flow through the shared keys/values back
@@ -64,6 +66,11 @@ def prefixed_logits(engine, batch: Batch, index: torch.Tensor) -> torch.Tensor:
 
     pos = torch.arange(width, device=dev).expand(n_pre, -1)
     head_logits, cache = run(last, input_ids=pids, attention_mask=pmask, position_ids=pos)
+    if cache is None or cache.get_seq_length() != width:  # (gradient checkpointing drops it): never guess
+        raise RuntimeError(
+            f"{type(model).__name__} kept no KV cache of the shared prefixes (gradient checkpointing?); "
+            "set grpo.share_prompts=false"
+        )
     cache.batch_repeat_interleave(group)
     rest_logits, _ = run(
         rest,

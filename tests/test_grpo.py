@@ -236,9 +236,10 @@ def test_a_draw_is_the_inverse_cdf_of_its_uniform():
 
 
 @pytest.mark.unit
-def test_prefix_tuning_trains_on_full_rows(gpt2_dir):
+def test_prefix_tuning_and_gradient_checkpointing_train_on_full_rows(gpt2_dir, policy):
     """Prefix tuning's virtual tokens travel as a KV cache of their own: GRPO leaves its prompts in full
-    rows there (and shares them otherwise)."""
+    rows there (sampling with `generate`); gradient checkpointing drops the cache in training: full rows in
+    the loss, and a shared-prefix batch under it is an error, never a silently wrong loss."""
     from dist_ft import rollout
     from dist_ft.config import Config
 
@@ -247,11 +248,28 @@ def test_prefix_tuning_trains_on_full_rows(gpt2_dir):
         "data": {"train": "x.jsonl", "task": "grpo", "packing": False},
         "grpo": {"rewards": [{"kind": "length"}]},
     }
-    for peft, want in ((None, True), ({"method": "lora"}, True), ({"method": "prefix"}, False)):
-        cfg = Config.model_validate({**base, "model": {**base["model"], "peft": peft}})
+    cases = (
+        ({"peft": None}, True, True),
+        ({"peft": {"method": "lora"}}, True, True),
+        ({"peft": {"method": "prefix"}}, False, False),
+        ({"gradient_checkpointing": True}, True, False),  # (it drops the cache in training)
+    )
+    for model_keys, sample_shared, loss_shared in cases:
+        cfg = Config.model_validate({**base, "model": {**base["model"], **model_keys}})
         task = grpo.configure(grpo.TASK, cfg)
         backend = task.rollout.keywords["backend"]
-        assert task.rollout.keywords["shared"] is want and isinstance(backend, rollout.KVSampler) is want
+        assert isinstance(backend, rollout.KVSampler) is sample_shared
+        assert task.rollout.keywords["shared"] is loss_shared
+    model, tok = policy
+    b = _batch(tok.pad_token_id, True, shared=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        with pytest.raises(RuntimeError, match="kept no KV cache"):
+            grpo.target_logps(model, b)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
 
 
 @pytest.mark.unit

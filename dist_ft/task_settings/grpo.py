@@ -90,7 +90,8 @@ class GrpoConfig(Section):
         True,
         description="Compute each group's prompt once, in sampling and in training (its keys/values serve "
         "the G completions: the numbers of a full row per completion, up to rounding); False: a full row per "
-        "completion. Prefix tuning always uses full rows.",
+        "completion. Prefix tuning uses full rows; so does training under model.gradient_checkpointing (it "
+        "drops the cache).",
     )
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="The rewards, summed with their weights (at least one)."

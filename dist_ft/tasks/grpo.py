@@ -290,13 +290,17 @@ def configure(task: Task, cfg: Config) -> Task:
         raise UserError("data.task grpo needs at least one reward in grpo.rewards (e.g. [{kind: numeric}])")
     tok = load_tokenizer(cfg.model)
     scorers = rewards.build(s.rewards, s.max_completion_tokens, rewards.reward_model)
-    # prefix tuning's virtual tokens travel as a KV cache of their own: full rows there
+    # prefix tuning's virtual tokens travel as a KV cache of their own: full rows and `generate` there;
+    # gradient checkpointing drops the cache in training: the loss takes full rows there
     shared = s.share_prompts and not (cfg.model.peft is not None and cfg.model.peft.method == "prefix")
     backend = sampling.KVSampler(tok) if shared else sampling.HFGenerate(tok)
+    shared_loss = shared and not cfg.model.gradient_checkpointing
     return replace(
         task,
         examples=partial(examples, budget=s.max_completion_tokens),
-        rollout=partial(rollout, s=s, scorers=scorers, backend=backend, seed=cfg.train.seed, shared=shared),
+        rollout=partial(
+            rollout, s=s, scorers=scorers, backend=backend, seed=cfg.train.seed, shared=shared_loss
+        ),
         loss=partial(loss, s=s, adapters=cfg.model.peft is not None),
         live_reference=s.beta > 0 and cfg.model.peft is None,
         passes=s.num_iterations,
