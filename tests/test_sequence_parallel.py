@@ -170,11 +170,10 @@ def runs(request, tmp_path_factory, gpt2_dir, llama_dir):
             ("sp2-z2", 2, (*sp2, "engine.zero_stage=2")),
             ("sp2-z3-tiled", 2, (*sp2, "engine.zero_stage=3", "model.tiled_mlp=3", *offload)),
         ]
-    else:  # ZeRO 0, 1 and 3, LoRA, and packed rows (several examples each: Ulysses' kernel attends per example)
+    else:  # ZeRO 0 and 3, LoRA, and packed rows (several examples each: Ulysses' kernel attends per example)
         lora = ("model.peft.method=lora", "model.peft.r=4", "model.peft.alpha=8", "model.peft.dropout=0")
         todo += [
             ("sp2-z0", 2, sp2),
-            ("sp2-z1", 2, (*sp2, "engine.zero_stage=1")),
             ("sp2-z3", 2, (*sp2, "engine.zero_stage=3")),
             ("sp1-lora", 1, lora),
             ("sp2-lora", 2, (*lora, *sp2)),
@@ -196,11 +195,12 @@ def _weights_close(a, b) -> bool:
     return True
 
 
-@pytest.mark.parametrize("run", ["sp2-z0", "sp2-z1", "sp2-z2", "sp2-z3", "sp2-z3-tiled"])
+# (ZeRO-1 partitions what ZeRO-2 does less the gradients; ZeRO-2 stands for both, to keep the suite short)
+@pytest.mark.parametrize("run", ["sp2-z0", "sp2-z2", "sp2-z3", "sp2-z3-tiled"])
 def test_sp2_trains_like_one_rank(runs, run):
     _, _, out, stdout = runs
     if run not in out:
-        pytest.skip("ZeRO 0, 1 and 3 run on GPT-2, ZeRO-2 and ZeRO-3 with tiling on Llama")
+        pytest.skip("ZeRO 0 and 3 run on GPT-2, ZeRO-2 and ZeRO-3 with tiling on Llama")
     ref, got = out["sp1"], out[run]
     lr, lg = tiny.losses(ref), tiny.losses(got)
     assert len(lg) == STEPS and max(abs(a - b) for a, b in zip(lr, lg, strict=True)) < TOL, (lr, lg)
