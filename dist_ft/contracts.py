@@ -33,7 +33,7 @@ class Batch:
     )
     max_length: int = 0  # the longest of those segments (a Python int: no device sync)
     # shared prefixes (GRPO's prompts): rows continue prefix row r // (rows / prefixes), computed once
-    # (`prefix.py`); a row's targets are its own tokens, the first predicted from the prefix's end
+    # (`loss.prefixed_logits`); a row's targets are its own tokens, the first predicted from the prefix's end
     prefix_ids: torch.Tensor | None = None  # [prefixes, width], right-padded
     prefix_mask: torch.Tensor | None = None
 

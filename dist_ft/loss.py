@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .contracts import Batch
-from .prefix import prefixed_logits
+from .prefix import cache_kw, cache_of
 
 
 def _chunked(h, weight, bias, targets, chunk: int, need_h: bool, need_w: bool, need_b: bool):
@@ -158,7 +158,7 @@ def target_logps(engine, batch: Batch, entropy: bool = False) -> tuple[torch.Ten
     fp32), and with `entropy` each position's predictive entropy (no gradient). The output layer runs on
     those positions only (a pre-hook selects them, so ZeRO-3's hooks still gather its weight); logits of
     them are kept for backward (n x vocab fp32: completions of the pairwise and RL tasks are short). A batch
-    of shared prefixes (`Batch.prefix_ids`) computes each prefix once (`prefix.py`)."""
+    of shared prefixes (`Batch.prefix_ids`) computes each prefix once (`prefixed_logits`)."""
     model = getattr(engine, "module", engine)
     dev = engine.device
     index = batch.loss_index.to(dev, non_blocking=True)
@@ -166,20 +166,67 @@ def target_logps(engine, batch: Batch, entropy: bool = False) -> tuple[torch.Ten
     if batch.prefix_ids is not None:  # rows continuing shared prefixes, each computed once
         logits = prefixed_logits(engine, batch, index)
     else:
-        head = model.get_output_embeddings()
-        handle = head.register_forward_pre_hook(
-            lambda _, args: (args[0].flatten(0, -2).index_select(0, index),)
-        )
-        try:
-            logits = engine(**batch.model_inputs(dev, attn_implementation(model)), use_cache=False).logits
-        finally:
-            handle.remove()
+        inputs = batch.model_inputs(dev, attn_implementation(model))
+        logits = _logits_at(engine, index, **inputs, use_cache=False).logits
     logp_all = torch.log_softmax(logits.float(), dim=-1)
     ent = None
     if entropy:
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp_all.gather(1, targets[:, None]).squeeze(1), ent
+
+
+def _logits_at(engine, select: torch.Tensor, **inputs):
+    """The model's output for `inputs` with the output layer run only on the flat positions `select` (a
+    pre-hook selects them inside the forward, so ZeRO-3's hooks still gather its weight)."""
+    head = getattr(engine, "module", engine).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0].flatten(0, -2).index_select(0, select),))
+    try:
+        return engine(**inputs)
+    finally:
+        handle.remove()
+
+
+def prefixed_logits(engine, batch: Batch, index: torch.Tensor) -> torch.Tensor:
+    """Logits of a prefix batch's loss positions `index` (flat into `batch.input_ids`), in that order. Row r
+    continues prefix r // (rows / prefixes); its target at column j is predicted from column j - 1, and
+    from the prefix's last real position at j = 0 (the prefixes run once, the rows after their keys/values
+    repeated: `prefix.py`). The output layer runs on those positions only (`_logits_at`)."""
+    model = getattr(engine, "module", engine)
+    dev = engine.device
+    assert batch.prefix_ids is not None and batch.prefix_mask is not None and batch.attention_mask is not None
+    pids, pmask = batch.prefix_ids.to(dev), batch.prefix_mask.to(dev)
+    ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
+    n_pre, width = pids.shape
+    rows, cols = ids.shape
+    group = rows // n_pre
+    plen = pmask.sum(1)
+    last = torch.arange(n_pre, device=dev) * width + plen - 1
+    col = index % cols
+    first = col == 0
+    rest = index[~first] - 1
+
+    pos = torch.arange(width, device=dev).expand(n_pre, -1)
+    out = _logits_at(engine, last, input_ids=pids, attention_mask=pmask, position_ids=pos, use_cache=True)
+    head_logits, cache = out.logits, cache_of(out)
+    if cache is None or cache.get_seq_length() != width:  # (gradient checkpointing drops it): never guess
+        raise RuntimeError(
+            f"{type(model).__name__} kept no KV cache of the shared prefixes (gradient checkpointing?); "
+            "set grpo.share_prompts=false"
+        )
+    cache.batch_repeat_interleave(group)
+    rest_logits = _logits_at(
+        engine,
+        rest,
+        input_ids=ids,
+        attention_mask=torch.cat([pmask.repeat_interleave(group, 0), mask], 1),
+        position_ids=plen.repeat_interleave(group)[:, None] + torch.arange(cols, device=dev),
+        use_cache=True,
+        **{cache_kw(engine): cache},
+    ).logits
+    # in loss order: a row's first target from its prefix's last position, the others from the row
+    src = torch.where(first, index // cols // group, n_pre + torch.cumsum((~first).long(), 0) - 1)
+    return torch.cat([head_logits, rest_logits]).index_select(0, src)
 
 
 def sequence_logps(engine, batch: Batch, seq_of_loss: torch.Tensor, n_seq: int) -> torch.Tensor:

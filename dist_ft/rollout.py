@@ -87,6 +87,7 @@ class _Sampling:
 class KVSampler(_Sampling):
     def sample(self, model, input_ids, attention_mask, n, s, seed: int) -> list[list[int]]:
         def run(module, dev, zero3: bool) -> list[list[int]]:
+            cache_name = cache_kw(module)
             att = attention_mask.to(dev, torch.long)
             pos = (att.cumsum(1) - 1).clamp(min=0)
             out = module(input_ids=input_ids.to(dev), attention_mask=att, position_ids=pos, use_cache=True)
@@ -123,7 +124,7 @@ class KVSampler(_Sampling):
                     attention_mask=mask,
                     position_ids=nxt[:, None],
                     use_cache=True,
-                    **{cache_kw(module): cache},
+                    **{cache_name: cache},
                 )
                 cache, logits, nxt = cache_of(out), out.logits[:, -1], nxt + 1
             return comps

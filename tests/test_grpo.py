@@ -13,8 +13,10 @@ import pytest
 import tiny
 import torch
 from helpers import (
+    REPO,
     assert_clean_failure,
     assert_identical_runs,
+    free_port,
     metric_records,
     run_cli,
     run_cmd,
@@ -189,9 +191,7 @@ def test_at_zero3_a_rank_whose_rows_ended_steps_on_with_the_others(gpt2_dir, tmp
     import subprocess
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
     import sampler_probe as probe
-    from helpers import REPO, free_port
 
     cfg = ModelConfig(path=str(gpt2_dir))
     tok = load_tokenizer(cfg)

@@ -116,8 +116,8 @@ def _batch(
 
 def collate_prefixed(prefixes: list[list[int]], rows: list[list[int]], pad_id: int) -> Batch:
     """Shared prefixes, each continued by len(rows) / len(prefixes) consecutive rows (`Batch.prefix_ids`,
-    computed once by `prefix.py`), both right-padded; every real token of a row is a target (the first
-    predicted from its prefix's end)."""
+    computed once by `loss.prefixed_logits`), both right-padded; every real token of a row is a target (the
+    first predicted from its prefix's end)."""
     group = len(rows) // len(prefixes)
     ids, tgt = [], []
     width = max(len(r) for r in rows)
